@@ -1,0 +1,88 @@
+"""Input checks shared by the public functions and layers.
+
+Everything a kernel receives passes through here first: kernels do not check bounds, so a bad
+index or shape that reached one could corrupt memory silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.ndarray:
+    """``x`` as a C-contiguous float32/float64 array, or TypeError/ValueError naming ``name``.
+
+    Non-contiguous and negative-stride views are copied; the values are unchanged.
+    """
+    if not isinstance(x, np.ndarray):
+        if isinstance(x, (list, tuple)) or np.isscalar(x):
+            x = np.asarray(x)
+        else:
+            raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dimensions, got shape {x.shape}")
+    if finite and x.size and not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return np.ascontiguousarray(x)
+
+
+def same_dtype(arrays: dict) -> np.dtype:
+    """The one dtype of all named arrays, or TypeError listing the dtypes."""
+    dtypes = {n: a.dtype for n, a in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        got = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+        raise TypeError(f"arrays must share one dtype (float32 or float64), got {got}")
+    return next(iter(dtypes.values()))
+
+
+def shape_is(x: np.ndarray, shape: tuple, name: str) -> None:
+    """ValueError unless ``x.shape == shape``."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def token_ids(x, V: int, name: str = "xs", *, ndim: int | None = 2) -> np.ndarray:
+    """``x`` as a C-contiguous int64 array of ids in [0, V), or TypeError/ValueError."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype == bool or not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D token ids, got shape {x.shape}")
+    if x.size:
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {V})")
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def bool_mask(mask, shape: tuple, name: str = "mask") -> np.ndarray:
+    """A boolean mask broadcastable to ``shape`` = (..., Tq, Tk), in the compact 3-D form the
+    kernels take: (1 or B, 1 or Tq, Tk), C-contiguous, where B is the product of the leading
+    dimensions of ``shape``.
+    """
+    if not isinstance(mask, np.ndarray):
+        mask = np.asarray(mask)
+    if mask.dtype != bool:
+        raise TypeError(f"{name} must be a boolean array (True where attention is allowed), "
+                        f"got dtype {mask.dtype}")
+    try:
+        full = np.broadcast_to(mask, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {mask.shape} does not broadcast to {tuple(shape)}") from None
+    lead, (Tq, Tk) = shape[:-2], shape[-2:]
+    B = int(np.prod(lead, dtype=np.int64))
+    m = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)  # same ndim as shape
+    varies_lead = any(s != 1 for s in m.shape[:-2])
+    Bm = B if varies_lead else 1
+    Tqm = Tq if m.shape[-2] != 1 else 1
+    if varies_lead:
+        compact = full[..., :Tqm, :].reshape(Bm, Tqm, Tk)
+    else:
+        compact = np.broadcast_to(m.reshape(m.shape[-2:]), (Tqm, Tk)).reshape(1, Tqm, Tk)
+    return np.ascontiguousarray(compact)

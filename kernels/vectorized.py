@@ -1,0 +1,117 @@
+"""The kernels in vectorized NumPy: batched matmuls and ufuncs, no Python loops over data.
+
+Same names, signatures, intermediate values and masking rule as ``kernels.loop``. The fused
+attention kernels here materialise the (B, Tq, Tk) score matrix; that is the point of the
+comparison with the Numba flash kernels, which do not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax_forward(x):
+    """y[b, i, :] = softmax(x[b, i, :]). x (B, Tq, Tk) -> y (B, Tq, Tk); an all -inf row gives zeros."""
+    m = x.max(axis=-1, keepdims=True)  # (B, Tq, 1)
+    m = np.where(np.isfinite(m), m, 0).astype(x.dtype, copy=False)
+    e = np.exp(x - m)  # (B, Tq, Tk)
+    total = e.sum(axis=-1, keepdims=True)  # (B, Tq, 1)
+    total[total == 0] = 1
+    e /= total
+    return e
+
+
+def softmax_backward(dy, y):
+    """dx = y * (dy - sum(y * dy, last axis)). dy, y (B, Tq, Tk) -> dx (B, Tq, Tk)."""
+    dx = y * dy
+    dx -= y * dx.sum(axis=-1, keepdims=True)
+    return dx
+
+
+def weighted_sum_forward(score, value):
+    """z = score @ value. score (B, Tq, Tk), value (B, Tk, d) -> z (B, Tq, d)."""
+    return np.matmul(score, value)
+
+
+def weighted_sum_backward(dz, score, value):
+    """dscore = dz @ value^T (B, Tq, Tk), dvalue = score^T @ dz (B, Tk, d)."""
+    dscore = np.matmul(dz, value.transpose(0, 2, 1))
+    dvalue = np.matmul(score.transpose(0, 2, 1), dz)
+    return dscore, dvalue
+
+
+def scores_forward(q, k, scale):
+    """s = scale * q @ k^T. q (B, Tq, d), k (B, Tk, d) -> s (B, Tq, Tk)."""
+    s = np.matmul(q, k.transpose(0, 2, 1))
+    s *= q.dtype.type(scale)
+    return s
+
+
+def scores_backward(ds, q, k, scale):
+    """dq = scale * ds @ k (B, Tq, d), dk = scale * ds^T @ q (B, Tk, d)."""
+    sc = q.dtype.type(scale)
+    dq = np.matmul(ds, k)
+    dq *= sc
+    dk = np.matmul(ds.transpose(0, 2, 1), q)
+    dk *= sc
+    return dq, dk
+
+
+def _allowed(B, Tq, Tk, causal, mask):
+    """Boolean (B|1, Tq|1, Tk) array of allowed entries, or None when everything is allowed."""
+    allowed = None
+    if causal:
+        allowed = np.tril(np.ones((Tq, Tk), dtype=bool))[None]  # (1, Tq, Tk): j <= i
+    if mask is not None:
+        allowed = mask if allowed is None else (allowed & mask)
+    return allowed
+
+
+def attention_forward(q, k, v, scale, causal, mask):
+    """out = softmax(scale q k^T, masked) v (B, Tq, dv), lse (B, Tq); see kernels.loop."""
+    B, Tq, _ = q.shape
+    Tk = k.shape[1]
+    s = scores_forward(q, k, scale)  # (B, Tq, Tk)
+    allowed = _allowed(B, Tq, Tk, causal, mask)
+    if allowed is not None:
+        s = np.where(allowed, s, -np.inf).astype(q.dtype, copy=False)
+    m = s.max(axis=-1, keepdims=True)  # (B, Tq, 1)
+    empty = ~np.isfinite(m)  # rows with nothing allowed
+    m[empty] = 0
+    p = np.exp(s - m)  # (B, Tq, Tk), masked entries are exp(-inf) = 0
+    total = p.sum(axis=-1, keepdims=True)  # (B, Tq, 1)
+    total[empty] = 1
+    out = np.matmul(p, v)
+    out /= total
+    lse = (m + np.log(total))[..., 0]  # (B, Tq)
+    lse[empty[..., 0]] = -np.inf
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, scale, causal, mask):
+    """Gradients of attention_forward -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv); see kernels.loop."""
+    B, Tq, _ = q.shape
+    Tk = k.shape[1]
+    s = scores_forward(q, k, scale)  # (B, Tq, Tk)
+    empty = np.isneginf(lse)[..., None]  # (B, Tq, 1)
+    row_lse = np.where(empty, 0, lse[..., None]).astype(q.dtype, copy=False)
+    p = np.exp(s - row_lse)  # (B, Tq, Tk)
+    allowed = _allowed(B, Tq, Tk, causal, mask)
+    if allowed is not None:
+        p = np.where(allowed, p, 0).astype(q.dtype, copy=False)
+    p = np.where(empty, 0, p).astype(q.dtype, copy=False)
+    dv = np.matmul(p.transpose(0, 2, 1), dout)  # (B, Tk, dv)
+    dp = np.matmul(dout, v.transpose(0, 2, 1))  # (B, Tq, Tk)
+    D = np.sum(dout * out, axis=-1, keepdims=True)  # (B, Tq, 1)
+    ds = p * (dp - D)  # (B, Tq, Tk)
+    dq, dk = scores_backward(ds, q, k, scale)
+    return dq, dk, dv
+
+
+def embedding_backward(idx, dout, V):
+    """Scatter-add dW[idx[n, t]] += dout[n, t] -> dW (V, D), as one weighted bincount."""
+    D = dout.shape[2]
+    flat = idx.reshape(-1).astype(np.intp, copy=False)  # (N*T,)
+    keys = (flat[:, None] * D + np.arange(D)).reshape(-1)  # (N*T*D,) flat index into dW
+    dW = np.bincount(keys, weights=dout.reshape(-1), minlength=V * D)  # float64 sums
+    return dW.reshape(V, D).astype(dout.dtype)
