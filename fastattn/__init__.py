@@ -2,12 +2,46 @@
 
 Book-style layers (``params``/``grads`` lists, explicit ``forward``/``backward``) whose hot
 loops run as Numba kernels, with a looped reference and a NumPy version of every kernel.
+Layers, models and tools are imported on first use, so ``import fastattn`` stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from fastattn._backend import get_backend, set_backend, use_backend
 from fastattn.functional import attention_backward, attention_forward, softmax
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    # the book's base layers
+    **dict.fromkeys(
+        ["Affine", "Embedding", "Softmax", "SoftmaxWithLoss", "TimeAffine", "TimeDropout",
+         "TimeEmbedding", "TimeSoftmaxWithLoss"],
+        "fastattn.layers",
+    ),
+    # the seed notebook's self-attention layers
+    **dict.fromkeys(
+        ["TimeKeyLayer", "TimeQueryLayer", "TimeValueLayer", "CompatibilityFunction",
+         "WeightedValue"],
+        "fastattn.self_attention",
+    ),
+    # the book's chapter 8 attention
+    **dict.fromkeys(["WeightSum", "AttentionWeight", "Attention", "TimeAttention"],
+                    "fastattn.book_attention"),
+    # the Transformer
+    **dict.fromkeys(
+        ["LayerNorm", "PositionalEncoding", "MultiHeadAttention", "FeedForward",
+         "EncoderBlock", "DecoderBlock", "TransformerSeq2seq"],
+        "fastattn.transformer",
+    ),
+    **dict.fromkeys(["SGD", "Adam", "clip_grads"], "fastattn.optim"),
+    **dict.fromkeys(["Trainer", "eval_seq2seq"], "fastattn.trainer"),
+    **dict.fromkeys(["load_model", "save_model"], "fastattn.checkpoint"),
+    "profile": "fastattn.profiling",
+}
 
 __all__ = [
     "__version__",
@@ -17,4 +51,18 @@ __all__ = [
     "set_backend",
     "softmax",
     "use_backend",
+    *_LAZY,
 ]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
