@@ -125,7 +125,7 @@ def _check_lines(lines, source):
     return q_len
 
 
-def _to_ids(lines, q_len):
+def _to_ids(lines):
     """Map equal-length lines to ids in order of first appearance.
 
     A line's question followed by its answer is the line itself, so reading questions and
@@ -162,7 +162,7 @@ def load_data(file_name="addition.txt", seed=1984):
     global char_to_id, id_to_char
     lines, source = _lines_and_source(file_name)
     q_len = _check_lines(lines, source)
-    ids, c2i, i2c = _to_ids(lines, q_len)
+    ids, c2i, i2c = _to_ids(lines)
     x = ids[:, :q_len]  # (N, Tq)
     t = ids[:, q_len:]  # (N, Ta)
     char_to_id, id_to_char = c2i, i2c
