@@ -24,6 +24,7 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 _numba_error: str | None = None  # why numba could not be imported, once known
 _numba_checked = False
+_profiler = None  # a fastattn.profiling.Profile while one is active
 
 
 def numba_available() -> bool:
@@ -96,5 +97,17 @@ def kernel(name: str, backend: str | None = None):
     """The kernel ``name`` of the resolved backend."""
     b = resolve(backend)
     if b == "numba" and not numba_available():
-        raise ImportError(f"the 'numba' backend needs numba, which cannot be imported: {_numba_error}")
-    return kernels.get(name, b)
+        raise ImportError(
+            f"the 'numba' backend needs numba, which cannot be imported: {_numba_error}"
+        )
+    fn = kernels.get(name, b)
+    if _profiler is not None:
+        fn = _profiler.wrap_kernel(name, b, fn)
+    return fn
+
+
+def set_profiler(profiler):
+    """Install ``profiler`` (or None) to time kernels; returns the previous one."""
+    global _profiler
+    previous, _profiler = _profiler, profiler
+    return previous

@@ -74,7 +74,9 @@ def bool_mask(mask, shape: tuple, name: str = "mask") -> np.ndarray:
     try:
         full = np.broadcast_to(mask, shape)
     except ValueError:
-        raise ValueError(f"{name} of shape {mask.shape} does not broadcast to {tuple(shape)}") from None
+        raise ValueError(
+            f"{name} of shape {mask.shape} does not broadcast to {tuple(shape)}"
+        ) from None
     lead, (Tq, Tk) = shape[:-2], shape[-2:]
     B = int(np.prod(lead, dtype=np.int64))
     m = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)  # same ndim as shape

@@ -15,7 +15,9 @@ def _scale(scale, d: int) -> float:
     try:
         s = float(scale)
     except (TypeError, ValueError):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}") from None
+        raise TypeError(
+            f"scale must be a real number or None, got {type(scale).__name__}"
+        ) from None
     if not math.isfinite(s):
         raise ValueError(f"scale must be finite, got {scale!r}")
     return s

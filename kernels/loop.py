@@ -55,7 +55,10 @@ def softmax_backward(dy, y):
 
 
 def weighted_sum_forward(score, value):
-    """z[b, i] = sum_j score[b, i, j] * value[b, j]. score (B, Tq, Tk), value (B, Tk, d) -> z (B, Tq, d)."""
+    """z[b, i] = sum_j score[b, i, j] * value[b, j].
+
+    score (B, Tq, Tk), value (B, Tk, d) -> z (B, Tq, d).
+    """
     B, Tq, Tk = score.shape
     d = value.shape[2]
     z = np.zeros((B, Tq, d), dtype=value.dtype)
@@ -186,7 +189,9 @@ def attention_forward(q, k, v, scale, causal, mask):
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    """Gradients of attention_forward. dout (B, Tq, dv) -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv).
+    """Gradients of attention_forward.
+
+    dout (B, Tq, dv) -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv).
 
     The probabilities are recomputed from lse: p[i, j] = exp(s[i, j] - lse[i]).
     In the forward pass this was ``out[i, c] += p[i, j] * v[j, c]``, so now

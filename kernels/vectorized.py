@@ -11,7 +11,7 @@ import numpy as np
 
 
 def softmax_forward(x):
-    """y[b, i, :] = softmax(x[b, i, :]). x (B, Tq, Tk) -> y (B, Tq, Tk); an all -inf row gives zeros."""
+    """y[b, i, :] = softmax(x[b, i, :]). x (B, Tq, Tk) -> y; an all -inf row gives zeros."""
     m = x.max(axis=-1, keepdims=True)  # (B, Tq, 1)
     m = np.where(np.isfinite(m), m, 0).astype(x.dtype, copy=False)
     e = np.exp(x - m)  # (B, Tq, Tk)
@@ -89,7 +89,10 @@ def attention_forward(q, k, v, scale, causal, mask):
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    """Gradients of attention_forward -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv); see kernels.loop."""
+    """Gradients of attention_forward -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv).
+
+    See kernels.loop for the derivation.
+    """
     B, Tq, _ = q.shape
     Tk = k.shape[1]
     s = scores_forward(q, k, scale)  # (B, Tq, Tk)
