@@ -1,0 +1,412 @@
+"""The book's base layers (``common.layers`` and ``common.time_layers``), on fastattn's kernels.
+
+Same class names, constructors, ``forward``/``backward`` signatures, return values and
+attributes as the book, so that changing an import is all a user of the book's code does:
+``Affine``, ``Softmax``, ``SoftmaxWithLoss``, ``Embedding``, ``TimeEmbedding``, ``TimeAffine``,
+``TimeSoftmaxWithLoss``, ``TimeDropout``.
+
+Conventions (as in the book):
+
+* ``self.params`` and ``self.grads`` are flat lists of arrays of the same shapes; the weights
+  passed to a constructor are kept by reference (an optimizer updates them in place), and
+  ``backward`` writes each gradient in place (``self.grads[0][...] = dW``).
+* The weights fix the dtype (float32 or float64; anything else is a ``TypeError``); float
+  inputs of the other float dtype are cast to it.
+* ``backend=None`` runs the kernels of the backend in force at call time
+  (see :func:`fastattn.use_backend`); a name fixes it for this layer.
+
+Checks the book does not make: token ids must be integers in [0, V) (``ValueError`` /
+``TypeError`` before any kernel runs), ``dout`` must have the shape of the forward output
+(``ValueError``), and ``backward`` before ``forward`` raises ``RuntimeError``.
+
+Differences from the book, on paths where the book misbehaves or that it leaves open:
+
+* the losses take ``log`` of the softmax probability clipped at the dtype's smallest normal
+  number instead of giving ``inf`` (the book's ``TimeSoftmaxWithLoss``); ``SoftmaxWithLoss``
+  does not add the book's ``1e-7`` inside the log, so its loss is the exact cross-entropy whose
+  gradient ``backward`` returns;
+* ``TimeSoftmaxWithLoss`` with every target ignored gives loss 0 and a zero gradient (the book
+  divided by zero);
+* ``TimeDropout`` in evaluation mode (``train_flg = False``) passes ``dout`` through in
+  ``backward`` (the book reused a stale mask, or failed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import kernels
+from fastattn import _backend, _checks
+
+__all__ = [
+    "Affine",
+    "Embedding",
+    "Softmax",
+    "SoftmaxWithLoss",
+    "TimeAffine",
+    "TimeDropout",
+    "TimeEmbedding",
+    "TimeSoftmaxWithLoss",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_backend(backend):
+    """None, or a valid backend name (ValueError listing the valid ones)."""
+    return None if backend is None else kernels.check_backend(backend)
+
+
+def _param(x, name: str, ndim: int) -> np.ndarray:
+    """A weight array, kept by reference: float32/float64 numpy array of ``ndim`` dims."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+    return x
+
+
+def _affine_params(W, b):
+    """Check an affine layer's W (D, H) and b (H,): one dtype, matching sizes."""
+    W = _param(W, "W", 2)
+    b = _param(b, "b", 1)
+    _checks.same_dtype({"W": W, "b": b})
+    if b.shape[0] != W.shape[1]:
+        raise ValueError(f"b must have shape ({W.shape[1]},) to match W {W.shape}, got {b.shape}")
+    return W, b
+
+
+def _float_input(x, name: str, dtype, *, ndim_min: int = 1) -> np.ndarray:
+    """A float input as a C-contiguous array of the layer's dtype."""
+    x = _checks.float_array(x, name, ndim_min=ndim_min, finite=False)
+    return x.astype(dtype, copy=False)
+
+
+def _dout(dout, shape, dtype, name: str = "dout") -> np.ndarray:
+    """``dout`` checked against the forward output's shape, as a C-contiguous ``dtype`` array."""
+    dout = _checks.float_array(dout, name, ndim_min=0, finite=False)
+    _checks.shape_is(dout, shape, name)
+    return dout.astype(dtype, copy=False)
+
+
+def _not_yet(layer) -> RuntimeError:
+    return RuntimeError(f"{type(layer).__name__}.backward called before forward")
+
+
+def _softmax_rows(x2, backend) -> np.ndarray:
+    """Softmax over the last axis of a 2-D array, by the ``softmax_forward`` kernel."""
+    x3 = np.ascontiguousarray(x2).reshape(1, x2.shape[0], x2.shape[1])  # (1, N, C)
+    return _backend.kernel("softmax_forward", backend)(x3).reshape(x2.shape)
+
+
+def _labels(t, N: int, C: int, name: str, *, ignore_label=None):
+    """Targets as int64 ids (N,), from ids (N,) or one-hot (N, C) (argmax, as the book does).
+
+    Ids must be in [0, C), or equal to ``ignore_label`` when one is given.
+    Returns (ids with ignored entries set to 0, keep mask (N,) bool or None).
+    """
+    if not isinstance(t, np.ndarray):
+        t = np.asarray(t)
+    if t.ndim == 2 and t.shape == (N, C):
+        t = t.argmax(axis=1)  # one-hot targets
+    if t.shape != (N,):
+        raise ValueError(f"{name} must be ids of shape {(N,)} or one-hot of shape {(N, C)}, "
+                         f"got shape {t.shape}")
+    if t.dtype == bool or not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer class ids, got dtype {t.dtype}")
+    keep = None
+    if ignore_label is not None:
+        keep = t != ignore_label
+        t = np.where(keep, t, 0)
+    t = _checks.token_ids(t, C, name, ndim=1)
+    return t, keep
+
+
+def _cross_entropy(y, t, keep):
+    """-mean(log y[n, t[n]]) over the kept rows; y (N, C) probabilities, t (N,) ids."""
+    N = y.shape[0]
+    p = y[np.arange(N), t]  # (N,)
+    logp = np.log(np.maximum(p, np.finfo(y.dtype).tiny))
+    if keep is None:
+        return float(-logp.sum() / max(N, 1))
+    n = int(keep.sum())
+    return float(-(logp * keep).sum() / n) if n else 0.0
+
+
+# --------------------------------------------------------------------------- common.layers
+
+
+class Affine:
+    """out = x W + b. W (D, H), b (H,); x (N, D) -> (N, H); backward(dout) -> dx (N, D)."""
+
+    def __init__(self, W, b, backend=None):
+        W, b = _affine_params(W, b)
+        self.params = [W, b]
+        self.grads = [np.zeros_like(W), np.zeros_like(b)]
+        self.backend = _check_backend(backend)
+        self.x = None
+
+    def forward(self, x):
+        W, b = self.params
+        x = _float_input(x, "x", W.dtype, ndim_min=2)
+        if x.ndim != 2 or x.shape[1] != W.shape[0]:
+            raise ValueError(f"x must have shape (N, {W.shape[0]}), got {x.shape}")
+        self.x = x
+        return x @ W + b  # (N, H)
+
+    def backward(self, dout):
+        if self.x is None:
+            raise _not_yet(self)
+        W, _ = self.params
+        dout = _dout(dout, (self.x.shape[0], W.shape[1]), W.dtype)
+        self.grads[0][...] = self.x.T @ dout  # (D, H)
+        self.grads[1][...] = dout.sum(axis=0)  # (H,)
+        return dout @ W.T  # (N, D)
+
+
+class Softmax:
+    """Softmax over the last axis; x any shape -> same shape; backward(dout) -> dx."""
+
+    def __init__(self, backend=None):
+        self.params, self.grads = [], []
+        self.backend = _check_backend(backend)
+        self.out = None
+
+    def forward(self, x):
+        x = _checks.float_array(x, "x", ndim_min=1, finite=False)
+        if x.shape[-1] == 0:
+            raise ValueError(f"x must have a last axis of at least 1, got shape {x.shape}")
+        x2 = x.reshape(-1, x.shape[-1])  # (rows, C)
+        self.out = _softmax_rows(x2, self.backend).reshape(x.shape)
+        return self.out
+
+    def backward(self, dout):
+        if self.out is None:
+            raise _not_yet(self)
+        y = self.out
+        dout = _dout(dout, y.shape, y.dtype)
+        C = y.shape[-1]
+        dx = _backend.kernel("softmax_backward", self.backend)(
+            dout.reshape(1, -1, C), y.reshape(1, -1, C)
+        )
+        return dx.reshape(y.shape)
+
+
+class SoftmaxWithLoss:
+    """Softmax then mean cross-entropy. forward(x (N, C), t ids (N,) or one-hot (N, C)) -> loss.
+
+    backward(dout=1) -> dx (N, C) = (softmax(x) - onehot(t)) * dout / N.
+    """
+
+    def __init__(self, backend=None):
+        self.params, self.grads = [], []
+        self.backend = _check_backend(backend)
+        self.y = None  # softmax output (N, C)
+        self.t = None  # target ids (N,)
+
+    def forward(self, x, t):
+        x = _checks.float_array(x, "x", ndim_min=2, finite=False)
+        if x.ndim != 2:
+            raise ValueError(f"x must be 2-D scores (N, C), got shape {x.shape}")
+        N, C = x.shape
+        t, _ = _labels(t, N, C, "t")
+        self.t = t
+        self.y = _softmax_rows(x, self.backend)
+        return _cross_entropy(self.y, t, None)
+
+    def backward(self, dout=1):
+        if self.y is None:
+            raise _not_yet(self)
+        N = self.y.shape[0]
+        dx = self.y.copy()
+        dx[np.arange(N), self.t] -= 1
+        dx *= dx.dtype.type(dout) / dx.dtype.type(max(N, 1))
+        return dx
+
+
+class Embedding:
+    """Row lookup out = W[idx]. W (V, D); idx int ids of any shape -> idx.shape + (D,).
+
+    backward(dout) -> None; dW is the scatter-add of dout's rows at idx (repeated ids sum),
+    by the ``embedding_backward`` kernel.
+    """
+
+    def __init__(self, W, backend=None):
+        W = _param(W, "W", 2)
+        self.params = [W]
+        self.grads = [np.zeros_like(W)]
+        self.backend = _check_backend(backend)
+        self.idx = None
+
+    def forward(self, idx):
+        W, = self.params
+        self.idx = _checks.token_ids(idx, W.shape[0], "idx", ndim=None)
+        return W[self.idx]
+
+    def backward(self, dout):
+        if self.idx is None:
+            raise _not_yet(self)
+        W, = self.params
+        V, D = W.shape
+        dout = _dout(dout, self.idx.shape + (D,), W.dtype)
+        dW = _backend.kernel("embedding_backward", self.backend)(
+            self.idx.reshape(1, -1), dout.reshape(1, -1, D), V
+        )
+        self.grads[0][...] = dW
+        return None
+
+
+# --------------------------------------------------------------------------- common.time_layers
+
+
+class TimeEmbedding:
+    """Embedding of a batch of sequences. W (V, D); xs (N, T) ids -> (N, T, D).
+
+    backward(dout (N, T, D)) -> None, dW by the ``embedding_backward`` scatter-add kernel.
+    """
+
+    def __init__(self, W, backend=None):
+        W = _param(W, "W", 2)
+        self.params = [W]
+        self.grads = [np.zeros_like(W)]
+        self.backend = _check_backend(backend)
+        self.W = W
+        self.layers = None  # the book kept one Embedding per time step; this layer needs none
+        self.idx = None
+
+    def forward(self, xs):
+        W, = self.params
+        self.idx = _checks.token_ids(xs, W.shape[0], "xs", ndim=2)
+        return W[self.idx]  # (N, T, D)
+
+    def backward(self, dout):
+        if self.idx is None:
+            raise _not_yet(self)
+        W, = self.params
+        V, D = W.shape
+        dout = _dout(dout, self.idx.shape + (D,), W.dtype)
+        self.grads[0][...] = _backend.kernel("embedding_backward", self.backend)(self.idx, dout, V)
+        return None
+
+
+class TimeAffine:
+    """The affine map at every time step. W (D, H), b (H,); x (N, T, D) -> (N, T, H).
+
+    Any number of leading dimensions works: x (..., D) -> (..., H).
+    backward(dout) -> dx shaped like x.
+    """
+
+    def __init__(self, W, b, backend=None):
+        W, b = _affine_params(W, b)
+        self.params = [W, b]
+        self.grads = [np.zeros_like(W), np.zeros_like(b)]
+        self.backend = _check_backend(backend)
+        self.x = None
+
+    def forward(self, x):
+        W, b = self.params
+        x = _float_input(x, "x", W.dtype, ndim_min=2)
+        if x.shape[-1] != W.shape[0]:
+            raise ValueError(f"x must have last dimension {W.shape[0]} (W is {W.shape}), "
+                             f"got shape {x.shape}")
+        self.x = x
+        out = x.reshape(-1, W.shape[0]) @ W + b  # (N*T, H)
+        return out.reshape(x.shape[:-1] + (W.shape[1],))
+
+    def backward(self, dout):
+        if self.x is None:
+            raise _not_yet(self)
+        W, _ = self.params
+        x = self.x
+        dout = _dout(dout, x.shape[:-1] + (W.shape[1],), W.dtype)
+        rd = dout.reshape(-1, W.shape[1])  # (N*T, H)
+        rx = x.reshape(-1, W.shape[0])  # (N*T, D)
+        self.grads[0][...] = rx.T @ rd  # (D, H)
+        self.grads[1][...] = rd.sum(axis=0)  # (H,)
+        return (rd @ W.T).reshape(x.shape)
+
+
+class TimeSoftmaxWithLoss:
+    """Softmax and mean cross-entropy at every time step, with ignored targets.
+
+    forward(xs (N, T, V), ts ids (N, T) or one-hot (N, T, V)) -> loss, the mean over the
+    targets not equal to ``ignore_label`` (-1). backward(dout=1) -> dxs (N, T, V).
+    """
+
+    def __init__(self, backend=None):
+        self.params, self.grads = [], []
+        self.backend = _check_backend(backend)
+        self.cache = None  # (ts (N*T,), ys (N*T, V), keep mask (N*T,), (N, T, V))
+        self.ignore_label = -1
+
+    def forward(self, xs, ts):
+        xs = _checks.float_array(xs, "xs", ndim_min=3, finite=False)
+        if xs.ndim != 3:
+            raise ValueError(f"xs must be 3-D scores (N, T, V), got shape {xs.shape}")
+        N, T, V = xs.shape
+        if not isinstance(ts, np.ndarray):
+            ts = np.asarray(ts)
+        if ts.ndim == 3 and ts.shape == (N, T, V):
+            ts = ts.argmax(axis=2)  # one-hot targets
+        if ts.shape != (N, T):
+            raise ValueError(f"ts must be ids of shape {(N, T)} or one-hot of shape "
+                             f"{(N, T, V)}, got shape {ts.shape}")
+        t, keep = _labels(ts.reshape(N * T), N * T, V, "ts", ignore_label=self.ignore_label)
+        ys = _backend.kernel("softmax_forward", self.backend)(xs).reshape(N * T, V)
+        self.cache = (t, ys, keep, (N, T, V))
+        return _cross_entropy(ys, t, keep)
+
+    def backward(self, dout=1):
+        if self.cache is None:
+            raise _not_yet(self)
+        t, ys, keep, (N, T, V) = self.cache
+        dx = ys.copy()  # (N*T, V)
+        dx[np.arange(N * T), t] -= 1
+        n = int(keep.sum())
+        dx *= dx.dtype.type(dout) / dx.dtype.type(max(n, 1))
+        dx *= keep[:, None]
+        return dx.reshape(N, T, V)
+
+
+class TimeDropout:
+    """Inverted dropout: in training (``train_flg = True``) each element is kept with
+    probability 1 - dropout_ratio and scaled by 1 / (1 - dropout_ratio); in evaluation
+    (``train_flg = False``) forward and backward pass their input through.
+
+    The mask comes from ``np.random.rand`` (so ``np.random.seed`` repeats it, as in the book),
+    or from ``np.random.default_rng(seed)`` when a ``seed`` is given.
+    """
+
+    def __init__(self, dropout_ratio=0.5, seed=None):
+        ratio = float(dropout_ratio)
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"dropout_ratio must be in [0, 1), got {dropout_ratio!r}")
+        self.params, self.grads = [], []
+        self.dropout_ratio = ratio
+        self.mask = None
+        self.train_flg = True
+        self._rng = None if seed is None else np.random.default_rng(seed)
+        self._shape = None
+
+    def forward(self, xs):
+        xs = _checks.float_array(xs, "xs", ndim_min=1, finite=False)
+        self._shape = xs.shape
+        if not self.train_flg:
+            self.mask = None
+            return xs
+        u = np.random.rand(*xs.shape) if self._rng is None else self._rng.random(xs.shape)
+        scale = 1.0 / (1.0 - self.dropout_ratio)
+        self.mask = ((u > self.dropout_ratio) * scale).astype(xs.dtype)
+        return xs * self.mask
+
+    def backward(self, dout):
+        if self._shape is None:
+            raise _not_yet(self)
+        dout = _checks.float_array(dout, "dout", ndim_min=1, finite=False)
+        _checks.shape_is(dout, self._shape, "dout")
+        if self.mask is None:
+            return dout
+        return dout * self.mask
