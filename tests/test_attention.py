@@ -1,0 +1,231 @@
+"""The fused Numba attention kernels (kernels._flash) against the loop reference and PyTorch.
+
+Each case runs forward and backward on both implementations from the same inputs and compares
+out, lse, dq, dk and dv. Tolerances: float64 rtol 1e-9 / atol 1e-10, float32 rtol 2e-4 /
+atol 2e-5 (inputs are O(1); the loop reference accumulates in float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastattn
+import kernels
+from kernels import _flash, loop
+
+TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-9, atol=1e-10)}
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture
+def numba_flash(monkeypatch):
+    """Make the numba backend's fused kernels the ones under test, for the public functions."""
+    mod = kernels.module("numba")
+    monkeypatch.setattr(mod, "attention_forward", _flash.attention_forward, raising=False)
+    monkeypatch.setattr(mod, "attention_backward", _flash.attention_backward, raising=False)
+    return mod
+
+
+def _inputs(rng, B, Tq, Tk, d, dv, dtype):
+    q = rng.standard_normal((B, Tq, d)).astype(dtype)
+    k = rng.standard_normal((B, Tk, d)).astype(dtype)
+    v = rng.standard_normal((B, Tk, dv)).astype(dtype)
+    dout = rng.standard_normal((B, Tq, dv)).astype(dtype)
+    return q, k, v, dout
+
+
+def _run(mod, q, k, v, dout, scale, causal, mask):
+    out, lse = mod.attention_forward(q, k, v, scale, causal, mask)
+    dq, dk, dv = mod.attention_backward(dout, q, k, v, out, lse, scale, causal, mask)
+    return out, lse, dq, dk, dv
+
+
+def _assert_matches_loop(q, k, v, dout, causal, mask, scale=None):
+    dtype = q.dtype.type
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    got = _run(_flash, q, k, v, dout, scale, causal, mask)
+    want = _run(loop, q, k, v, dout, scale, causal, mask)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        assert g.dtype == q.dtype, name
+        assert g.shape == w.shape, name
+        assert not np.isnan(g).any(), name
+        np.testing.assert_allclose(g, w, err_msg=name, **TOL[dtype])
+    return got
+
+
+# (B, Tq, Tk, d, dv): T=1, Tq != Tk both ways, odd sizes, sizes that cross q- and kv-tile edges
+SHAPES = [
+    (2, 1, 1, 4, 4),
+    (3, 5, 5, 8, 8),
+    (2, 7, 13, 5, 3),
+    (2, 13, 7, 6, 9),
+    (1, 1, 40, 8, 8),
+    (2, 29, 29, 16, 16),
+    (1, 70, 67, 8, 5),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernel_matches_loop_without_mask(shape, causal, dtype):
+    rng = np.random.default_rng(0)
+    q, k, v, dout = _inputs(rng, *shape, dtype)
+    _assert_matches_loop(q, k, v, dout, causal, None)
+
+
+def test_kernel_matches_loop_across_long_key_tiles():
+    """Tk larger than any key/value tile, Tq across query tiles, with a padding mask."""
+    rng = np.random.default_rng(1)
+    B, Tq, Tk, d = 1, 37, 1100, 4
+    q, k, v, dout = _inputs(rng, B, Tq, Tk, d, d, np.float64)
+    mask = rng.random((B, 1, Tk)) < 0.9
+    _assert_matches_loop(q, k, v, dout, False, mask)
+    _assert_matches_loop(q, k, v, dout, True, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", ["key_padding", "full", "shared", "row"])
+def test_kernel_matches_loop_with_mask(kind, causal, dtype):
+    rng = np.random.default_rng(2)
+    B, Tq, Tk, d = 3, 11, 9, 8
+    q, k, v, dout = _inputs(rng, B, Tq, Tk, d, d, dtype)
+    shape = {"key_padding": (B, 1, Tk), "full": (B, Tq, Tk), "shared": (1, Tq, Tk),
+             "row": (1, 1, Tk)}[kind]
+    mask = rng.random(shape) < 0.6
+    mask[..., 0] = True  # keep most rows alive; dead rows are tested below
+    _assert_matches_loop(q, k, v, dout, causal, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_rows_give_zeros_and_minus_inf(dtype):
+    rng = np.random.default_rng(3)
+    B, Tq, Tk, d = 2, 6, 5, 4
+    q, k, v, dout = _inputs(rng, B, Tq, Tk, d, d, dtype)
+    mask = rng.random((B, Tq, Tk)) < 0.7
+    mask[0, 2] = False
+    mask[1, 4] = False
+    mask[1, 0] = False
+    out, lse, dq, dk, dv = _assert_matches_loop(q, k, v, dout, False, mask)
+    for b, i in [(0, 2), (1, 4), (1, 0)]:
+        assert np.all(out[b, i] == 0)
+        assert lse[b, i] == -np.inf
+        assert np.all(dq[b, i] == 0)
+    # the whole of batch entry 1 masked: every gradient of it is zero
+    mask[1] = False
+    out, lse, dq, dk, dv = _assert_matches_loop(q, k, v, dout, True, mask)
+    assert np.all(lse[1] == -np.inf) and not np.any(out[1])
+    assert not np.any(dq[1]) and not np.any(dk[1]) and not np.any(dv[1])
+
+
+def test_causal_with_fewer_keys_than_queries_kills_no_row():
+    """Causal with Tq > Tk: rows i >= Tk see every key; row 0 sees key 0 only."""
+    rng = np.random.default_rng(4)
+    q, k, v, dout = _inputs(rng, 2, 9, 4, 3, 3, np.float64)
+    out, lse, *_ = _assert_matches_loop(q, k, v, dout, True, None)
+    np.testing.assert_allclose(out[:, 0], v[:, 0], rtol=1e-12)
+
+
+def test_kernel_accepts_non_contiguous_inputs():
+    rng = np.random.default_rng(5)
+    q, k, v, dout = _inputs(rng, 2, 8, 8, 4, 4, np.float64)
+    want = _run(_flash, q, k, v, dout, 0.5, False, None)
+    got = _run(_flash, q[:, ::-1].copy()[:, ::-1], k[:, ::-1].copy()[:, ::-1],
+               v[:, ::-1].copy()[:, ::-1], dout, 0.5, False, None)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_scale_is_applied():
+    rng = np.random.default_rng(6)
+    q, k, v, dout = _inputs(rng, 2, 6, 7, 4, 4, np.float64)
+    _assert_matches_loop(q, k, v, dout, False, None, scale=0.1)
+    _assert_matches_loop(q, k, v, dout, True, None, scale=2.0)
+
+
+# ---- through the public functions ------------------------------------------------------------
+
+def _public(q, k, v, dout, backend, **kw):
+    out, lse = fastattn.attention_forward(q, k, v, backend=backend, **kw)
+    grads = fastattn.attention_backward(dout, q, k, v, out, lse, backend=backend, **kw)
+    return (out, lse, *grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_public_functions_with_leading_dims_and_mask(numba_flash, causal, dtype):
+    rng = np.random.default_rng(7)
+    lead, Tq, Tk, d = (2, 3), 6, 7, 8
+    q = rng.standard_normal(lead + (Tq, d)).astype(dtype)
+    k = rng.standard_normal(lead + (Tk, d)).astype(dtype)
+    v = rng.standard_normal(lead + (Tk, 5)).astype(dtype)
+    dout = rng.standard_normal(lead + (Tq, 5)).astype(dtype)
+    mask = rng.random((2, 1, 1, Tk)) < 0.7  # key padding per first leading dim
+    mask[..., 0] = True
+    got = _public(q, k, v, dout, "numba", causal=causal, mask=mask)
+    want = _public(q, k, v, dout, "loop", causal=causal, mask=mask)
+    shapes = [lead + (Tq, 5), lead + (Tq,), q.shape, k.shape, v.shape]
+    for g, w, shape in zip(got, want, shapes, strict=True):
+        assert g.shape == shape
+        np.testing.assert_allclose(g, w, **TOL[dtype])
+
+
+def test_public_functions_accept_reversed_views(numba_flash):
+    """The book reverses inputs with x[:, ::-1]; a view gives what a contiguous copy gives."""
+    rng = np.random.default_rng(8)
+    q, k, v, dout = _inputs(rng, 3, 9, 9, 8, 8, np.float32)
+    views = [a[:, ::-1] for a in (q, k, v, dout)]
+    copies = [np.ascontiguousarray(a) for a in views]
+    got = _public(*views, "numba", causal=True)
+    want = _public(*copies, "numba", causal=True)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    ref = _public(*copies, "loop", causal=True)
+    for g, w in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g, w, **TOL[np.float32])
+
+
+# ---- against PyTorch -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+def test_matches_torch_sdpa(numba_flash, causal, with_mask):
+    """Against torch's scaled_dot_product_attention (float64), forward and backward.
+
+    torch's boolean attn_mask means True = attend, as here. torch gives NaN for fully masked
+    rows, so those rows are excluded from the comparison (and their dout set to zero).
+    """
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    B, H, Tq, Tk, d = 2, 3, 10, 12, 8
+    q = rng.standard_normal((B, H, Tq, d))
+    k = rng.standard_normal((B, H, Tk, d))
+    v = rng.standard_normal((B, H, Tk, d))
+    dout = rng.standard_normal((B, H, Tq, d))
+    mask = None
+    if with_mask:
+        mask = rng.random((B, 1, Tq, Tk)) < 0.5
+        mask[0, 0, 3] = False  # one dead row
+    allowed = np.ones((B, H, Tq, Tk), bool)
+    if mask is not None:
+        allowed = allowed & mask
+    if causal:
+        allowed = allowed & np.tril(np.ones((Tq, Tk), bool))
+    live = allowed.any(-1)  # (B, H, Tq)
+    dout = dout * live[..., None]
+    out, lse, dq, dk, dv = _public(q, k, v, dout, "numba", causal=causal, mask=mask)
+
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    # dead rows get everything allowed in torch (no NaN) and zero dout: they add nothing to
+    # dk and dv, and their out and dq are left out of the comparison
+    tmask = torch.tensor(allowed | ~live[..., None])
+    tout = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask)
+    tout.backward(torch.tensor(dout))
+    tol = dict(rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(out[live], tout.detach().numpy()[live], **tol)
+    np.testing.assert_allclose(dq[live], tq.grad.numpy()[live], **tol)
+    np.testing.assert_allclose(dk, tk.grad.numpy(), **tol)
+    np.testing.assert_allclose(dv, tv.grad.numpy(), **tol)
+    assert np.all(out[~live] == 0) and np.all(lse[~live] == -np.inf)
