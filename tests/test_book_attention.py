@@ -1,0 +1,368 @@
+"""Tests of the book's chapter 8 attention layers: WeightSum, AttentionWeight, Attention and
+TimeAttention.
+
+The "loop" backend (the book's per-step algorithm) is the reference. The fast backends must
+match it for the outputs and every gradient, within these tolerances (|x - ref| <= atol +
+rtol |ref|, values of order 1):
+
+* float32: rtol 1e-5, atol 1e-6 (a few float32 roundings of sums over at most 32 terms);
+* float64: rtol 1e-12, atol 1e-12.
+
+Every backend is also checked against float64 central differences (eps 1e-6: rtol 1e-6,
+atol 1e-8) and against an independent einsum formula of the forward pass.
+"""
+
+import numpy as np
+import pytest
+
+import fastattn
+import kernels
+from fastattn import Attention, AttentionWeight, TimeAttention, WeightSum, book_attention
+
+BACKENDS = ("loop", "vectorized", "numba")
+FAST = ("vectorized", "numba")
+DTYPES = (np.float32, np.float64)
+TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+# (N, T_enc, T_dec, H): odd sizes, a single encoder step, a single decoder step
+SHAPES = [(3, 7, 5, 6), (2, 1, 4, 3), (4, 9, 1, 8), (1, 5, 3, 1)]
+
+
+def _rand(rng, shape, dtype, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+# Each case builds the layer's inputs and the upstream gradient for a shape.
+def _case(name, shape, dtype, seed=0, scale=1.0):
+    N, T_enc, T_dec, H = shape
+    rng = np.random.default_rng(seed)
+    hs = _rand(rng, (N, T_enc, H), dtype, scale)
+    if name == "WeightSum":
+        a = rng.random((N, T_enc)).astype(dtype)
+        a /= a.sum(axis=1, keepdims=True)
+        return WeightSum, (hs, a), _rand(rng, (N, H), dtype)
+    if name == "AttentionWeight":
+        h = _rand(rng, (N, H), dtype, scale)
+        return AttentionWeight, (hs, h), _rand(rng, (N, T_enc), dtype)
+    if name == "Attention":
+        return Attention, (hs, _rand(rng, (N, H), dtype, scale)), _rand(rng, (N, H), dtype)
+    hs_dec = _rand(rng, (N, T_dec, H), dtype, scale)
+    return TimeAttention, (hs, hs_dec), _rand(rng, (N, T_dec, H), dtype)
+
+
+LAYERS = ("WeightSum", "AttentionWeight", "Attention", "TimeAttention")
+
+
+def _run(cls, backend, inputs, dout):
+    layer = cls(backend=backend)
+    out = layer.forward(*inputs)
+    grads = layer.backward(dout)
+    return layer, out, grads
+
+
+def _assert_close(got, ref, dtype, what):
+    assert got.dtype == ref.dtype == dtype, what
+    assert got.shape == ref.shape, what
+    np.testing.assert_allclose(got, ref, **TOL[dtype], err_msg=what)
+
+
+# --- equality with the loop reference -----------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("name", LAYERS)
+def test_fast_backends_match_loop_reference(name, backend, dtype, shape):
+    cls, inputs, dout = _case(name, shape, dtype)
+    _, ref_out, ref_grads = _run(cls, "loop", inputs, dout)
+    _, out, grads = _run(cls, backend, inputs, dout)
+    _assert_close(out, ref_out, dtype, f"{name} output")
+    assert len(grads) == len(ref_grads) == 2
+    for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
+        _assert_close(g, r, dtype, f"{name} gradient {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", FAST)
+def test_time_attention_matches_loop_with_large_logits(backend, dtype):
+    # scores of several hundred: softmax must subtract the row maximum on every backend
+    cls, inputs, dout = _case("TimeAttention", (2, 6, 4, 5), dtype, scale=8.0)
+    _, ref_out, ref_grads = _run(cls, "loop", inputs, dout)
+    _, out, grads = _run(cls, backend, inputs, dout)
+    assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
+    # weights near one-hot: outputs are of order `scale`, compare relative to that
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(out, ref_out, **tol)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, **tol)
+
+
+def test_all_decoder_steps_at_once_with_the_loop_kernels_match_the_per_step_reference(
+        monkeypatch):
+    # The fast path run on the scalar loop kernels (the package's source of truth) agrees
+    # with the per-step book algorithm: the reference and the kernels say the same thing.
+    cls, inputs, dout = _case("TimeAttention", (2, 5, 3, 4), np.float64)
+    _, ref_out, ref_grads = _run(cls, "loop", inputs, dout)
+    monkeypatch.setattr(book_attention._backend, "kernel",
+                        lambda name, backend=None: kernels.get(name, "loop"))
+    _, out, grads = _run(cls, "vectorized", inputs, dout)
+    np.testing.assert_allclose(out, ref_out, **TOL[np.float64])
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, **TOL[np.float64])
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_time_attention_runs_three_kernels_each_way_whatever_t_dec(backend, monkeypatch):
+    calls = []
+    real = book_attention._backend.kernel
+
+    def counting(name, b=None):
+        calls.append(name)
+        return real(name, b)
+
+    monkeypatch.setattr(book_attention._backend, "kernel", counting)
+    for T_dec in (1, 6):
+        calls.clear()
+        layer = TimeAttention(backend=backend)
+        _, (hs_enc, hs_dec), dout = _case("TimeAttention", (2, 5, T_dec, 4), np.float32)
+        layer.forward(hs_enc, hs_dec)
+        assert calls == ["scores_forward", "softmax_forward", "weighted_sum_forward"]
+        calls.clear()
+        layer.backward(dout)
+        assert calls == ["weighted_sum_backward", "softmax_backward", "scores_backward"]
+        assert layer.layers is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_an_independent_formula(backend, dtype):
+    N, T_enc, T_dec, H = 3, 6, 4, 5
+    rng = np.random.default_rng(1)
+    hs_enc = _rand(rng, (N, T_enc, H), dtype)
+    hs_dec = _rand(rng, (N, T_dec, H), dtype)
+    e, d = hs_enc.astype(np.float64), hs_dec.astype(np.float64)
+    s = np.einsum("nth,nsh->nts", d, e)  # (N, T_dec, T_enc)
+    w = np.exp(s - s.max(axis=2, keepdims=True))
+    w /= w.sum(axis=2, keepdims=True)
+    ref = np.einsum("nts,nsh->nth", w, e)  # (N, T_dec, H)
+    tol = TOL[dtype]
+    layer = TimeAttention(backend=backend)
+    np.testing.assert_allclose(layer.forward(hs_enc, hs_dec), ref, **tol)
+    np.testing.assert_allclose(np.array(layer.attention_weights), w.transpose(1, 0, 2), **tol)
+    # the single-step layers, on decoder step 2
+    h = hs_dec[:, 2]
+    np.testing.assert_allclose(AttentionWeight(backend).forward(hs_enc, h), w[:, 2], **tol)
+    np.testing.assert_allclose(Attention(backend).forward(hs_enc, h), ref[:, 2], **tol)
+    np.testing.assert_allclose(WeightSum(backend).forward(hs_enc, w[:, 2].astype(dtype)),
+                               ref[:, 2], **tol)
+
+
+# --- gradients against central differences ------------------------------------------------
+
+def _numerical_grad(f, x, eps=1e-6):
+    """d f / d x by central differences; f() reads x, which is perturbed in place."""
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + eps
+        fp = f()
+        x[i] = old - eps
+        fm = f()
+        x[i] = old
+        g[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_match_central_differences(name, backend):
+    cls, inputs, dout = _case(name, (2, 4, 3, 3), np.float64, seed=3)
+    layer = cls(backend=backend)
+    layer.forward(*inputs)
+    grads = layer.backward(dout)
+
+    def loss():  # a scalar whose gradient w.r.t. the output is dout
+        return float(np.sum(cls(backend=backend).forward(*inputs) * dout))
+
+    for x, g in zip(inputs, grads, strict=True):
+        num = _numerical_grad(loss, x)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8)
+
+
+# --- attention weights ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_weights_are_one_distribution_per_decoder_step(backend, dtype):
+    N, T_enc, T_dec, H = 3, 7, 5, 4
+    _, (hs_enc, hs_dec), _ = _case("TimeAttention", (N, T_enc, T_dec, H), dtype)
+    layer = TimeAttention(backend=backend)
+    layer.forward(hs_enc, hs_dec)
+    w = layer.attention_weights
+    assert isinstance(w, list) and len(w) == T_dec
+    for a in w:
+        assert a.shape == (N, T_enc) and a.dtype == dtype
+        assert (a >= 0).all()
+        np.testing.assert_allclose(a.sum(axis=1), 1.0, rtol=0, atol=1e-6)
+    # what the book's attention plot does with them
+    assert np.array(w).shape == (T_dec, N, T_enc)
+    # a second forward gives a new list and leaves the old one alone
+    old = [a.copy() for a in w]
+    layer.forward(hs_enc[:, ::-1], hs_dec)
+    for a, b in zip(w, old, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert layer.attention_weights is not w
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_attention_weights_equal_the_reference(backend):
+    _, (hs_enc, hs_dec), _ = _case("TimeAttention", (3, 7, 5, 4), np.float32)
+    ref = TimeAttention(backend="loop")
+    ref.forward(hs_enc, hs_dec)
+    layer = TimeAttention(backend=backend)
+    layer.forward(hs_enc, hs_dec)
+    for a, r in zip(layer.attention_weights, ref.attention_weights, strict=True):
+        np.testing.assert_allclose(a, r, **TOL[np.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_keeps_the_last_weights(backend):
+    _, (hs, h), _ = _case("Attention", (3, 7, 1, 4), np.float64)
+    layer = Attention(backend=backend)
+    assert layer.attention_weight is None
+    layer.forward(hs, h)
+    assert layer.attention_weight.shape == (3, 7)
+    np.testing.assert_allclose(layer.attention_weight.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+
+
+def test_the_loop_backend_keeps_one_attention_layer_per_decoder_step():
+    _, (hs_enc, hs_dec), _ = _case("TimeAttention", (2, 4, 3, 5), np.float64)
+    layer = TimeAttention(backend="loop")
+    layer.forward(hs_enc, hs_dec)
+    assert len(layer.layers) == 3 and all(isinstance(x, Attention) for x in layer.layers)
+    for x, a in zip(layer.layers, layer.attention_weights, strict=True):
+        assert x.attention_weight is a
+
+
+# --- the book's API ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layers_have_no_weights_and_are_public(name):
+    cls = getattr(fastattn, name)
+    layer = cls()
+    assert layer.params == [] and layer.grads == []
+    assert cls is getattr(book_attention, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_backward_before_forward_raises(name, backend):
+    cls, _, dout = _case(name, (2, 3, 2, 4), np.float64)
+    with pytest.raises(RuntimeError, match="before .*forward"):
+        cls(backend=backend).backward(dout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_the_cache_is_kept_between_forward_and_backward(name, backend):
+    cls, inputs, dout = _case(name, (2, 3, 2, 4), np.float64)
+    layer = cls(backend=backend)
+    layer.forward(*inputs)
+    first = layer.backward(dout)
+    second = layer.backward(dout)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_backend_none_is_resolved_when_forward_runs_and_kept_for_backward():
+    _, (hs_enc, hs_dec), dout = _case("TimeAttention", (2, 4, 3, 5), np.float64)
+    layer = TimeAttention()
+    with fastattn.use_backend("loop"):
+        layer.forward(hs_enc, hs_dec)
+    assert layer.layers is not None  # ran the per-step algorithm
+    with fastattn.use_backend("vectorized"):
+        ref = TimeAttention(backend="loop")
+        ref.forward(hs_enc, hs_dec)
+        for g, r in zip(layer.backward(dout), ref.backward(dout), strict=True):
+            np.testing.assert_array_equal(g, r)
+        layer.forward(hs_enc, hs_dec)
+    assert layer.layers is None  # ran all steps at once
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_give_the_same_result_as_contiguous_copies(backend):
+    _, (hs_enc, hs_dec), dout = _case("TimeAttention", (3, 6, 4, 5), np.float64)
+    rev_enc, rev_dec = hs_enc[:, ::-1], hs_dec[:, ::2]  # reversed, strided
+    dout = dout[:, ::-2]
+    _, out, grads = _run(TimeAttention, backend, (rev_enc, rev_dec), dout)
+    _, ref, ref_grads = _run(TimeAttention, backend,
+                             (rev_enc.copy(), np.ascontiguousarray(rev_dec)), dout.copy())
+    np.testing.assert_array_equal(out, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_array_equal(g, r)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "enc_shape, dec_shape, match",
+    [
+        ((2, 4, 5), (3, 2, 5), "hs_dec"),  # N differs
+        ((2, 4, 5), (2, 2, 6), "hs_dec"),  # H differs
+        ((2, 4, 5), (2, 5), "hs_dec"),  # 2-D decoder states
+        ((4, 5), (2, 2, 5), "hs_enc"),  # 2-D encoder states
+        ((2, 0, 5), (2, 2, 5), "hs_enc"),  # no encoder step
+    ],
+)
+def test_time_attention_rejects_bad_shapes(backend, enc_shape, dec_shape, match):
+    with pytest.raises(ValueError, match=match):
+        TimeAttention(backend=backend).forward(np.zeros(enc_shape), np.zeros(dec_shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_backward_rejects_a_dout_of_the_wrong_shape(name, backend):
+    cls, inputs, dout = _case(name, (2, 3, 2, 4), np.float64)
+    layer = cls(backend=backend)
+    layer.forward(*inputs)
+    with pytest.raises(ValueError, match="must have shape"):
+        layer.backward(dout[:1])
+    with pytest.raises(ValueError, match="must have shape"):
+        layer.backward(np.concatenate([dout, dout], axis=-1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_layers_reject_bad_shapes(backend):
+    hs = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match="a must have shape"):
+        WeightSum(backend).forward(hs, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="h must have shape"):
+        AttentionWeight(backend).forward(hs, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="h must have shape"):
+        Attention(backend).forward(hs, np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="hs must have 3 dimensions"):
+        Attention(backend).forward(np.zeros((2, 4)), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_dtypes_raise_type_error(backend):
+    enc, dec = np.zeros((2, 3, 4)), np.zeros((2, 2, 4))
+    with pytest.raises(TypeError, match="hs_enc"):
+        TimeAttention(backend).forward(enc.astype(np.int64), dec)
+    with pytest.raises(TypeError, match="hs_dec"):
+        TimeAttention(backend).forward(enc, dec.astype(np.float16))
+    with pytest.raises(TypeError, match="one dtype"):
+        TimeAttention(backend).forward(enc, dec.astype(np.float32))
+    layer = TimeAttention(backend)
+    layer.forward(enc, dec)
+    with pytest.raises(TypeError, match="dout"):
+        layer.backward(np.zeros((2, 2, 4), np.float32))
+
+
+def test_an_unknown_backend_raises_value_error_listing_the_names():
+    layer = TimeAttention(backend="gpu")
+    with pytest.raises(ValueError, match="valid backends"):
+        layer.forward(np.zeros((1, 2, 3)), np.zeros((1, 2, 3)))
