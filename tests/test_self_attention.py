@@ -375,3 +375,17 @@ def test_unsupported_dtype_raises_type_error(bad):
 def test_bad_sizes_raise_value_error(size):
     with pytest.raises(ValueError):
         TimeKeyLayer(5, size, 3)
+
+
+def test_seed_demo_example_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "seed_demo.py"
+    spec = importlib.util.spec_from_file_location("seed_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.main(["--backend", "vectorized", "--D", "16", "--d", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "score shape: (10, 29, 29)" in out and "dvalue shape: (10, 29, 8)" in out
+    assert "rows of score sum to 1: True" in out
