@@ -12,6 +12,7 @@ Every backend is also checked against float64 central differences (``gradcheck``
 rtol 1e-6, atol 1e-8) and against an independent einsum formula of the forward pass.
 """
 
+import book_lstm
 import numpy as np
 import pytest
 from gradcheck import check_layer_grads
@@ -345,3 +346,102 @@ def test_an_unknown_backend_raises_value_error_listing_the_names():
     layer = TimeAttention(backend="gpu")
     with pytest.raises(ValueError, match="valid backends"):
         layer.forward(np.zeros((1, 2, 3)), np.zeros((1, 2, 3)))
+
+
+# --- an attention seq2seq built from these layers (tests/book_lstm.py) ---------------------
+
+def _date_slice(n):
+    """The first n training questions (reversed, as the book feeds them) and answers."""
+    sequence = pytest.importorskip("dataset.sequence")
+    (x, t), _ = sequence.load_data("date.txt")
+    return x[:n, ::-1], t[:n], len(sequence.get_vocab()[0])
+
+
+def test_lstm_gradients_match_central_differences():
+    rng = np.random.default_rng(4)
+    N, T, D, H = 2, 3, 3, 4
+    Wx, Wh = rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H))
+    b = rng.standard_normal(4 * H)
+    xs = rng.standard_normal((N, T, D))
+    lstm = book_lstm.TimeLSTM(Wx, Wh, b)
+    check_layer_grads(lstm, lstm.forward, [xs], rtol=1e-6, atol=1e-8)
+    h0, c0 = rng.standard_normal((N, H)), rng.standard_normal((N, H))
+    step = book_lstm.LSTM(Wx, Wh, b)
+    check_layer_grads(step, lambda x, h, c: np.concatenate(step.forward(x, h, c), axis=1),
+                      [xs[:, 0], h0, c0],
+                      backward_fn=lambda d: step.backward(d[:, :H], d[:, H:]),
+                      rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seq2seq_loss_gradients_match_central_differences(backend):
+    # the whole model, float64, tiny: the attention layer inside a real network
+    rng = np.random.default_rng(5)
+    V = 7
+    xs = rng.integers(0, V, size=(2, 4))
+    ts = rng.integers(0, V, size=(2, 4))
+    model = book_lstm.AttentionSeq2seq(V, 3, 4, backend=backend, dtype=np.float64, seed=1)
+    check_layer_grads(model, model.forward, [xs, ts], backward_fn=model.backward,
+                      rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_seq2seq_training_with_fast_layers_follows_the_loop_reference(backend):
+    # 25 Adam steps on the date task, same seed, weights and batches; float32 throughout.
+    # Losses agree to rtol 1e-5, the trained weights to atol 1e-6 (they move by up to
+    # 25 lr = 0.025; differences come from float32 rounding only).
+    N, steps = 16, 25
+    xs, ts, V = _date_slice(N * steps)
+    ref = book_lstm.AttentionSeq2seq(V, 16, 32, backend="loop", seed=0)
+    fast = book_lstm.AttentionSeq2seq(V, 16, 32, backend=backend, seed=0)
+    assert fast.decoder.attention.backend == backend
+    for p, q in zip(ref.params, fast.params, strict=True):
+        np.testing.assert_array_equal(p, q)
+    ref_losses = book_lstm.train_steps(ref, xs, ts, N, steps, book_lstm.adam(1e-3))
+    losses = book_lstm.train_steps(fast, xs, ts, N, steps, book_lstm.adam(1e-3))
+    assert ref.decoder.attention.layers is not None  # the per-step reference ran
+    assert fast.decoder.attention.layers is None  # all steps at once
+    assert ref_losses[-1] < ref_losses[0]  # it learns
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=0)
+    for p, q in zip(ref.params, fast.params, strict=True):
+        assert p.dtype == q.dtype == np.float32
+        np.testing.assert_allclose(q, p, rtol=0, atol=1e-6)
+
+
+def test_seq2seq_with_the_books_baseline_layers_matches_the_fast_layers():
+    # the benchmark's baseline (per-step attention, np.add.at embedding, NumPy elsewhere)
+    N, steps = 16, 5
+    xs, ts, V = _date_slice(N * steps)
+    base = book_lstm.AttentionSeq2seq(V, 16, 32, backend="vectorized",
+                                      attention_backend="loop", embedding="add.at")
+    fast = book_lstm.AttentionSeq2seq(V, 16, 32, backend="numba")
+    base_losses = book_lstm.train_steps(base, xs, ts, N, steps, book_lstm.adam(1e-3))
+    losses = book_lstm.train_steps(fast, xs, ts, N, steps, book_lstm.adam(1e-3))
+    np.testing.assert_allclose(losses, base_losses, rtol=1e-5, atol=0)
+
+
+def test_seq2seq_generate_and_attention_plot_inputs():
+    xs, ts, V = _date_slice(4)
+    model = book_lstm.AttentionSeq2seq(V, 16, 32, backend="vectorized")
+    ids = model.generate(xs[:1], int(ts[0, 0]), 10)
+    assert isinstance(ids, list) and len(ids) == 10 and all(0 <= i < V for i in ids)
+    model.forward(xs, ts)  # the book's attention plot reads the weights of the last forward
+    w = np.array(model.decoder.attention.attention_weights)
+    assert w.shape == (ts.shape[1] - 1, 4, xs.shape[1])
+    np.testing.assert_allclose(w.sum(axis=2), 1.0, rtol=0, atol=1e-5)
+
+
+def test_books_trainer_and_eval_seq2seq_run_the_attention_seq2seq():
+    trainer = pytest.importorskip("fastattn.trainer")
+    optim = pytest.importorskip("fastattn.optim")
+    sequence = pytest.importorskip("dataset.sequence")
+    xs, ts, V = _date_slice(64)
+    char_to_id, id_to_char = sequence.get_vocab()
+    model = book_lstm.AttentionSeq2seq(V, 16, 32, backend="numba")
+    tr = trainer.Trainer(model, optim.Adam())
+    tr.fit(xs, ts, max_epoch=1, batch_size=16, max_grad=5.0, eval_interval=1)
+    assert len(tr.loss_list) >= 1 and np.isfinite(tr.loss_list).all()
+    for i in range(3):
+        ok = trainer.eval_seq2seq(model, xs[[i]], ts[[i]], id_to_char, verbose=False,
+                                  is_reverse=True)
+        assert ok in (0, 1)
