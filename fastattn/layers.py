@@ -377,14 +377,16 @@ class TimeDropout:
     (``train_flg = False``) forward and backward pass their input through.
 
     The mask comes from ``np.random.rand`` (so ``np.random.seed`` repeats it, as in the book),
-    or from ``np.random.default_rng(seed)`` when a ``seed`` is given.
+    or from ``np.random.default_rng(seed)`` when a ``seed`` is given. It runs no kernel;
+    ``backend`` is accepted (and checked) for the same signature as the other layers.
     """
 
-    def __init__(self, dropout_ratio=0.5, seed=None):
+    def __init__(self, dropout_ratio=0.5, seed=None, backend=None):
         ratio = float(dropout_ratio)
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"dropout_ratio must be in [0, 1), got {dropout_ratio!r}")
         self.params, self.grads = [], []
+        self.backend = _check_backend(backend)
         self.dropout_ratio = ratio
         self.mask = None
         self.train_flg = True
