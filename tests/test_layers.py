@@ -329,3 +329,54 @@ def test_unknown_backend_raises_value_error_listing_valid_names():
 def test_dropout_ratio_out_of_range_raises():
     with pytest.raises(ValueError, match="dropout_ratio"):
         TimeDropout(1.0)
+
+
+# --------------------------------------------------------------------------- the helper itself
+
+
+class _Scale:
+    """y = w * x, with a deliberately adjustable backward, to test the gradient checker."""
+
+    def __init__(self, factor=1.0, rebind=False):
+        self.params = [np.array([2.0])]
+        self.grads = [np.zeros(1)]
+        self.factor, self.rebind = factor, rebind
+
+    def forward(self, x):
+        self.x = x
+        return self.params[0] * x
+
+    def backward(self, dout):
+        dw = self.factor * np.array([np.sum(dout * self.x)])
+        if self.rebind:
+            self.grads[0] = dw
+        else:
+            self.grads[0][...] = dw
+        return dout * self.params[0]
+
+
+def test_gradcheck_accepts_right_and_rejects_wrong_gradients():
+    x = rng(1).standard_normal(4)
+    layer = _Scale()
+    errors = check_layer_grads(layer, layer.forward, [x])
+    assert set(errors) == {"params[0]", "inputs[0]"} and max(errors.values()) < 1e-8
+    layer = _Scale(factor=1.001)
+    with pytest.raises(AssertionError, match=r"params\[0\]"):
+        check_layer_grads(layer, layer.forward, [x])
+    layer = _Scale(rebind=True)
+    with pytest.raises(AssertionError, match="in place"):
+        check_layer_grads(layer, layer.forward, [x])
+
+
+def test_gradcheck_sums_the_grads_of_tied_params():
+    layer = _Scale()
+    layer.params = layer.params * 2  # the same array twice: its gradient is split in halves
+    layer.grads = [np.zeros(1), np.zeros(1)]
+
+    def backward(dout):
+        dw = np.sum(dout * layer.x) / 2
+        layer.grads[0][...] = dw
+        layer.grads[1][...] = dw
+        return None
+
+    check_layer_grads(layer, layer.forward, [rng(1).standard_normal(3)], backward_fn=backward)
