@@ -24,6 +24,7 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 _numba_error: str | None = None  # why numba could not be imported, once known
 _numba_checked = False
+_fallback_warned = False  # the fallback warning is given once per process
 _profiler = None  # a fastattn.profiling.Profile while one is active
 
 
@@ -40,14 +41,17 @@ def numba_available() -> bool:
 
 
 def _default_backend() -> str:
+    global _fallback_warned
     if numba_available():
         return "numba"
-    warnings.warn(
-        f"numba cannot be imported ({_numba_error}); fastattn falls back to the "
-        "'vectorized' backend",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            f"numba cannot be imported ({_numba_error}); fastattn falls back to the "
+            "'vectorized' backend",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return "vectorized"
 
 

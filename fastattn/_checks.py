@@ -14,13 +14,17 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.ndarray:
     """``x`` as a C-contiguous float32/float64 array, or TypeError/ValueError naming ``name``.
 
-    Non-contiguous and negative-stride views are copied; the values are unchanged.
+    Non-contiguous and negative-stride views, and non-native byte orders, are copied; the values
+    are unchanged. There is no dtype promotion: integer, float16, complex and object arrays raise
+    TypeError.
     """
     if not isinstance(x, np.ndarray):
         if isinstance(x, (list, tuple)) or np.isscalar(x):
             x = np.asarray(x)
         else:
             raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype.kind == "f" and not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))  # e.g. big-endian '>f8': same values
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < ndim_min:

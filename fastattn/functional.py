@@ -12,6 +12,8 @@ from fastattn import _backend, _checks
 def _scale(scale, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
+    if isinstance(scale, (str, bytes)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     try:
         s = float(scale)
     except (TypeError, ValueError):
@@ -21,6 +23,47 @@ def _scale(scale, d: int) -> float:
     if not math.isfinite(s):
         raise ValueError(f"scale must be finite, got {scale!r}")
     return s
+
+
+def _causal(causal) -> bool:
+    if isinstance(causal, (bool, np.bool_)):
+        return bool(causal)
+    if isinstance(causal, (int, np.integer)) and causal in (0, 1):
+        return bool(causal)
+    raise TypeError(f"causal must be True or False, got {causal!r}")
+
+
+def _overflow(what: str, dtype) -> ValueError:
+    hint = ("" if what == "attention_forward"
+            else " (or out and lse are not what attention_forward gave for these inputs)")
+    return ValueError(
+        f"{what}: the logits scale * q k^T overflow {np.dtype(dtype).name}; "
+        f"scale q, k or scale down, or use float64{hint}"
+    )
+
+
+def _run_kernel(fn, what: str, dtype, *args):
+    """Call a kernel; a logit overflow that shows as a Python OverflowError (the loop kernels)
+    becomes the ValueError that the callers also raise for inf/NaN in the results.
+    """
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return fn(*args)
+    except OverflowError:
+        raise _overflow(what, dtype) from None
+
+
+def _rows_with_keys(mask, causal: bool, Tq: int):
+    """Which query rows have at least one allowed key: bool (1 or B, Tq) from the compact
+    mask (1 or B, 1 or Tq, Tk), or None when every row has one (no mask: key 0 is always
+    allowed, causal or not).
+    """
+    if mask is None:
+        return None
+    if not causal:
+        return np.broadcast_to(mask.any(axis=-1), mask.shape[:1] + (Tq,))
+    first = np.where(mask.any(axis=-1), mask.argmax(axis=-1), mask.shape[-1])  # (Bm, Tqm)
+    return first <= np.arange(Tq)  # (Bm, Tq): the first allowed key j <= i
 
 
 def _check_qkv(q, k, v):
@@ -65,19 +108,31 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, backend=N
     key j > query i. ``scale`` defaults to 1/sqrt(d).
     Returns out (..., Tq, dv) and lse (..., Tq), the row log-sum-exp needed by the backward
     (-inf for a row with nothing to attend to, whose out is zero).
+
+    Raises TypeError for a dtype other than float32/float64 or for mixed dtypes (there is no
+    promotion), ValueError for shapes that do not fit, NaN/inf in the inputs, or logits that
+    overflow the dtype. An empty batch (a leading dimension of 0) gives empty results.
     """
     q, k, v, dtype = _check_qkv(q, k, v)
     lead, Tq, d = q.shape[:-2], q.shape[-2], q.shape[-1]
     Tk, dv = v.shape[-2:]
     s = _scale(scale, d)
-    causal = bool(causal)
+    causal = _causal(causal)
     B = int(np.prod(lead, dtype=np.int64))
     if mask is not None:
         mask = _checks.bool_mask(mask, lead + (Tq, Tk))
     fn = _backend.kernel("attention_forward", backend)
     if B == 0:
-        return np.zeros(lead + (Tq, dv), dtype), np.zeros(lead + (Tq,), dtype)
-    out, lse = fn(_flat3(q, B), _flat3(k, B), _flat3(v, B), s, causal, mask)
+        return np.zeros(lead + (Tq, dv), dtype), np.full(lead + (Tq,), -np.inf, dtype)
+    out, lse = _run_kernel(fn, "attention_forward", dtype, _flat3(q, B), _flat3(k, B),
+                           _flat3(v, B), s, causal, mask)
+    if not np.isfinite(out).all() or np.isnan(lse).any() or np.isposinf(lse).any():
+        raise _overflow("attention_forward", dtype)
+    empty = np.isneginf(lse)  # (B, Tq): rows the kernel found nothing to attend to
+    if empty.any():
+        has_key = _rows_with_keys(mask, causal, Tq)
+        if has_key is None or (empty & has_key).any():
+            raise _overflow("attention_forward", dtype)
     return out.reshape(lead + (Tq, dv)), lse.reshape(lead + (Tq,))
 
 
@@ -86,7 +141,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     """Gradients of :func:`attention_forward`: (dq, dk, dv), shaped like (q, k, v).
 
     ``out`` and ``lse`` are what attention_forward returned for the same q, k, v, mask, causal
-    and scale; dout is shaped like out.
+    and scale; dout is shaped like out. Errors as for :func:`attention_forward`.
     """
     q, k, v, dtype = _check_qkv(q, k, v)
     lead, Tq, d = q.shape[:-2], q.shape[-2], q.shape[-1]
@@ -101,15 +156,18 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     if np.isnan(lse).any() or np.isposinf(lse).any():
         raise ValueError("lse contains NaN or +inf; pass the lse that attention_forward returned")
     s = _scale(scale, d)
-    causal = bool(causal)
+    causal = _causal(causal)
     B = int(np.prod(lead, dtype=np.int64))
     if mask is not None:
         mask = _checks.bool_mask(mask, lead + (Tq, Tk))
     fn = _backend.kernel("attention_backward", backend)
     if B == 0:
         return np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-    dq, dk, dvv = fn(_flat3(dout, B), _flat3(q, B), _flat3(k, B), _flat3(v, B),
-                     _flat3(out, B), lse.reshape(B, Tq), s, causal, mask)
+    dq, dk, dvv = _run_kernel(
+        fn, "attention_backward", dtype, _flat3(dout, B), _flat3(q, B), _flat3(k, B),
+        _flat3(v, B), _flat3(out, B), lse.reshape(B, Tq), s, causal, mask)
+    if not (np.isfinite(dq).all() and np.isfinite(dk).all() and np.isfinite(dvv).all()):
+        raise _overflow("attention_backward", dtype)
     return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape)
 
 
