@@ -1,0 +1,186 @@
+"""Checkpoints: a model's configuration, vocabulary and weights in one ``.npz`` file.
+
+``save_model(model, path)`` writes to a temporary file in the same directory, then renames it
+over ``path`` (``os.replace``), so a crash never leaves a half-written checkpoint.
+``load_model(path)`` reads it back with ``allow_pickle=False``: the configuration and the
+vocabulary are JSON text in NumPy unicode arrays, never pickled objects.
+
+Layout of the archive: ``format`` ("fastattn-checkpoint"), ``version`` (1), ``config`` (JSON:
+the model's constructor arguments and its class), ``vocab`` (JSON: the characters in id order,
+the question width and the answer width; empty when the model has none), ``names`` (JSON: one
+name per weight), ``meta`` (JSON, free-form), and the weights ``w000``, ``w001``, ... in the
+order of ``model.params``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+
+import numpy as np
+
+__all__ = ["load_model", "save_model"]
+
+FORMAT = "fastattn-checkpoint"
+VERSION = 1
+
+
+def _text(obj) -> np.ndarray:
+    return np.array(json.dumps(obj))  # a 0-d unicode array, loadable without pickle
+
+
+def save_model(model, path, *, meta=None):
+    """Write ``model`` (a :class:`~fastattn.TransformerSeq2seq`) to ``path`` atomically.
+
+    The checkpoint holds ``model.config``, the vocabulary attached with ``model.set_vocab``
+    (if any), the weights, and ``meta`` (a JSON-serialisable dict, e.g. metrics).
+    Returns the path written.
+    """
+    path = os.fspath(path)
+    if not hasattr(model, "config") or not hasattr(model, "params"):
+        raise TypeError(f"model must have config and params, got {type(model).__name__}")
+    vocab = {}
+    if getattr(model, "char_to_id", None) is not None:
+        chars = [model.id_to_char[i] for i in range(len(model.id_to_char))]
+        vocab = {"chars": chars, "question_width": model.question_width,
+                 "answer_width": model.answer_width}
+    config = dict(model.config, model=type(model).__name__)
+    arrays = {
+        "format": np.array(FORMAT),
+        "version": np.array(VERSION),
+        "config": _text(config),
+        "vocab": _text(vocab),
+        "names": _text(list(getattr(model, "param_names", [f"w{i}" for i in
+                                                            range(len(model.params))]))),
+        "meta": _text(meta or {}),
+    }
+    for i, p in enumerate(model.params):
+        arrays[f"w{i:03d}"] = np.asarray(p)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _read(path):
+    """All arrays of the archive, or ValueError naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
+            return {key: z[key] for key in z.files}
+    except AttributeError:
+        # np.load returned a plain array (a .npy file), which has no context manager in
+        # older NumPy versions
+        raise ValueError(f"{path} is not a fastattn checkpoint (not an .npz archive)") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path} is not a readable fastattn checkpoint "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _json(data, key, path):
+    if key not in data:
+        raise ValueError(f"{path} is not a fastattn checkpoint: it has no {key!r} entry")
+    arr = data[key]
+    if arr.dtype.kind != "U" or arr.ndim != 0:
+        raise ValueError(f"{path}: entry {key!r} must be JSON text, got {arr.dtype} {arr.shape}")
+    try:
+        return json.loads(str(arr))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: entry {key!r} is not valid JSON ({exc})") from None
+
+
+def load_model(path, model=None, *, backend=None):
+    """Load a checkpoint written by :func:`save_model`.
+
+    Without ``model``: builds the model from the stored configuration (``backend`` passed to
+    it) and returns it with its weights, ``char_to_id``, ``id_to_char`` and ``translate``.
+    With ``model``: copies the weights into that model (which must have the same
+    configuration and shapes) and returns it.
+
+    Raises FileNotFoundError for a missing file, ValueError naming the file for a corrupt,
+    truncated or foreign file, or for weights whose shapes do not fit the model.
+    """
+    from fastattn.transformer import TransformerSeq2seq
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file {path!r}")
+    data = _read(path)
+    if "format" not in data or str(data["format"]) != FORMAT:
+        raise ValueError(f"{path} is not a fastattn checkpoint (no 'format' marker)")
+    version = int(data["version"]) if "version" in data else None
+    if version != VERSION:
+        raise ValueError(f"{path}: checkpoint version {version} is not supported "
+                         f"(this fastattn reads version {VERSION})")
+    config = _json(data, "config", path)
+    vocab = _json(data, "vocab", path)
+    names = _json(data, "names", path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the configuration must be a JSON object")
+    config = dict(config)
+    kind = config.pop("model", "TransformerSeq2seq")
+    if kind != "TransformerSeq2seq":
+        raise ValueError(f"{path}: unknown model class {kind!r}")
+    dtype = config.pop("dtype", "float32")
+
+    if model is None:
+        try:
+            model = TransformerSeq2seq(**config, dtype=dtype, backend=backend)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: the stored configuration does not build a model "
+                             f"({exc})") from None
+    else:
+        mine = {k: v for k, v in model.config.items() if k != "dtype"}
+        if mine != config:
+            diff = sorted(k for k in set(mine) | set(config) if mine.get(k) != config.get(k))
+            detail = ", ".join(f"{k}: checkpoint {config.get(k)!r}, model {mine.get(k)!r}"
+                               for k in diff)
+            raise ValueError(f"{path}: the checkpoint does not fit the model ({detail})")
+
+    n = len(model.params)
+    stored = sorted(k for k in data if k.startswith("w") and k[1:].isdigit())
+    if len(stored) != n:
+        raise ValueError(f"{path}: the checkpoint holds {len(stored)} weight arrays, the model "
+                         f"has {n}")
+    model_names = getattr(model, "param_names", [f"w{i}" for i in range(n)])
+    arrays = []
+    for i, p in enumerate(model.params):
+        key = f"w{i:03d}"
+        if key not in data:
+            raise ValueError(f"{path}: weight {key} is missing")
+        w = data[key]
+        name = names[i] if isinstance(names, list) and i < len(names) else model_names[i]
+        if w.dtype.kind != "f":
+            raise ValueError(f"{path}: weight {name} has dtype {w.dtype}, expected floats")
+        if w.shape != p.shape:
+            raise ValueError(f"{path}: the checkpoint does not fit the model: weight {name} "
+                             f"has shape {w.shape} in the checkpoint, {p.shape} in the model")
+        if not np.isfinite(w).all():
+            raise ValueError(f"{path}: weight {name} contains NaN or inf")
+        arrays.append(w)
+    for p, w in zip(model.params, arrays, strict=True):
+        p[...] = w
+
+    if vocab:
+        try:
+            chars = vocab["chars"]
+            model.set_vocab({c: i for i, c in enumerate(chars)}, vocab["question_width"],
+                            vocab["answer_width"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: the stored vocabulary is invalid ({exc})") from None
+    return model

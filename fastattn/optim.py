@@ -1,0 +1,149 @@
+"""Optimizers with the book's interface, ``update(params, grads)`` in place, and gradient clipping.
+
+``SGD`` and ``Adam`` behave as the book's ``common.optimizer`` (Adam with the book's bias
+correction folded into the step size and ``1e-7`` added to ``sqrt(v)``). ``Adam`` also takes
+an optional learning-rate schedule: a linear warm-up over ``warmup_steps`` updates, then a
+cosine (or linear) decay to ``min_lr`` at update ``total_steps``.
+
+>>> opt = Adam(lr=2e-3, warmup_steps=100, total_steps=2000)
+>>> opt.update(model.params, model.grads)   # params change in place
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["SGD", "Adam", "clip_grads", "lr_schedule"]
+
+
+def _nonneg_float(value, name: str, *, positive: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        need = "positive" if positive else "non-negative"
+        raise ValueError(f"{name} must be a finite {need} number, got {value!r}")
+    return v
+
+
+def _check_lists(params, grads):
+    if len(params) != len(grads):
+        raise ValueError(f"params and grads must have the same length, got {len(params)} and "
+                         f"{len(grads)}")
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if p.shape != g.shape:
+            raise ValueError(f"grads[{i}] has shape {g.shape}, params[{i}] has {p.shape}")
+
+
+def clip_grads(grads, max_norm):
+    """Scale all ``grads`` in place so that their joint L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping (the book's ``clip_grads``, which returned nothing).
+    """
+    max_norm = _nonneg_float(max_norm, "max_norm", positive=True)
+    total = 0.0
+    for g in grads:
+        flat = g.reshape(-1)
+        total += float(np.dot(flat, flat))
+    total_norm = math.sqrt(total)
+    rate = max_norm / (total_norm + 1e-6)
+    if rate < 1:
+        for g in grads:
+            g *= g.dtype.type(rate)
+    return total_norm
+
+
+def lr_schedule(step: int, lr: float, warmup_steps: int = 0, total_steps: int | None = None,
+                min_lr: float = 0.0, decay: str = "cosine") -> float:
+    """The learning rate of update number ``step`` (1-based): linear warm-up from lr/warmup to
+    lr over ``warmup_steps``, then (when ``total_steps`` is given) a cosine or linear decay
+    reaching ``min_lr`` at ``total_steps`` and staying there."""
+    factor = 1.0
+    if warmup_steps and step < warmup_steps:
+        factor = step / warmup_steps
+    if total_steps is None or step <= warmup_steps:
+        return lr * factor
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_lr + (lr - min_lr) * shape
+
+
+class SGD:
+    """Stochastic gradient descent: ``param -= lr * grad`` for each pair."""
+
+    def __init__(self, lr=0.01):
+        self.lr = _nonneg_float(lr, "lr")
+
+    def update(self, params, grads):
+        _check_lists(params, grads)
+        for p, g in zip(params, grads, strict=True):
+            p -= p.dtype.type(self.lr) * g
+
+
+class Adam:
+    """Adam (Kingma and Ba), the book's version, with an optional warm-up/decay schedule.
+
+    Adam(lr=0.001, beta1=0.9, beta2=0.999, *, warmup_steps=0, total_steps=None, min_lr=0.0,
+    decay="cosine", eps=1e-7). Without ``warmup_steps``/``total_steps`` the learning rate is
+    constant, as in the book. ``current_lr`` is the scheduled rate of the last update; ``iter``
+    counts updates.
+    """
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, *, warmup_steps=0, total_steps=None,
+                 min_lr=0.0, decay="cosine", eps=1e-7):
+        self.lr = _nonneg_float(lr, "lr")
+        self.beta1 = _nonneg_float(beta1, "beta1")
+        self.beta2 = _nonneg_float(beta2, "beta2")
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1!r}, {beta2!r}")
+        self.warmup_steps = int(warmup_steps)
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+        self.total_steps = None if total_steps is None else int(total_steps)
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1 or None, got {total_steps!r}")
+        self.min_lr = _nonneg_float(min_lr, "min_lr")
+        if decay not in ("cosine", "linear"):
+            raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
+        self.decay = decay
+        self.eps = _nonneg_float(eps, "eps")
+        self.iter = 0
+        self.m = None
+        self.v = None
+        self.current_lr = lr_schedule(1, self.lr, self.warmup_steps, self.total_steps,
+                                      self.min_lr, self.decay)
+        self._tmp = None
+
+    def update(self, params, grads):
+        _check_lists(params, grads)
+        if self.m is None:
+            self.m = [np.zeros_like(p) for p in params]
+            self.v = [np.zeros_like(p) for p in params]
+            self._tmp = [np.empty_like(p) for p in params]
+        elif len(self.m) != len(params):
+            raise ValueError(f"Adam was used with {len(self.m)} params, now {len(params)}")
+        self.iter += 1
+        lr = lr_schedule(self.iter, self.lr, self.warmup_steps, self.total_steps, self.min_lr,
+                         self.decay)
+        self.current_lr = lr
+        lr_t = lr * math.sqrt(1.0 - self.beta2 ** self.iter) / (1.0 - self.beta1 ** self.iter)
+        for p, g, m, v, tmp in zip(params, grads, self.m, self.v, self._tmp, strict=True):
+            t = p.dtype.type
+            # m += (1 - beta1) (g - m); v += (1 - beta2) (g^2 - v)
+            np.subtract(g, m, out=tmp)
+            tmp *= t(1.0 - self.beta1)
+            m += tmp
+            np.multiply(g, g, out=tmp)
+            tmp -= v
+            tmp *= t(1.0 - self.beta2)
+            v += tmp
+            # p -= lr_t m / (sqrt(v) + eps)
+            np.sqrt(v, out=tmp)
+            tmp += t(self.eps)
+            np.divide(m, tmp, out=tmp)
+            tmp *= t(lr_t)
+            p -= tmp

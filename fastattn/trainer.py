@@ -1,0 +1,204 @@
+"""Training and evaluation with the book's interface, plus batched exact-match evaluation.
+
+``Trainer(model, optimizer).fit(x, t, max_epoch=10, batch_size=32, max_grad=None,
+eval_interval=20)`` works for any model with the book's ``forward(x, t) -> loss``,
+``backward()``, ``params`` and ``grads`` (the Transformer, or a seq2seq model of the book's).
+It shows a progress bar (tqdm) with the running loss and the steps per second.
+
+``eval_seq2seq`` is the book's one-question evaluator; ``exact_match`` scores a whole split
+with batched greedy decoding (``model.generate_batch``), the way to evaluate thousands of
+questions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from fastattn.optim import clip_grads
+
+__all__ = ["Trainer", "eval_seq2seq", "exact_match", "remove_duplicate"]
+
+
+def remove_duplicate(params, grads):
+    """Params listed more than once (shared weights) kept once, their grads summed.
+
+    Returns new lists (the inputs are not changed); the grads of a shared param are summed
+    into the grad array of its first occurrence.
+    """
+    seen = {}
+    out_p, out_g = [], []
+    for p, g in zip(params, grads, strict=True):
+        j = seen.get(id(p))
+        if j is None:
+            seen[id(p)] = len(out_p)
+            out_p.append(p)
+            out_g.append(g)
+        else:
+            out_g[j] += g
+    return out_p, out_g
+
+
+class Trainer:
+    """The book's ``Trainer``: mini-batch training with a progress bar.
+
+    Attributes after ``fit``: ``loss_list`` (the mean loss of every ``eval_interval`` steps,
+    as in the book), ``history`` (one dict per epoch: ``epoch``, ``loss`` (mean over the
+    epoch), ``seconds``, plus what the ``callback`` returned), ``train_seconds`` (time in
+    training steps, callbacks excluded), ``current_epoch``.
+
+    ``seed``: None shuffles with ``np.random.permutation`` (NumPy's global state, as the
+    book); an int uses a private generator.
+    """
+
+    def __init__(self, model, optimizer, *, seed=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_list = []
+        self.eval_interval = None
+        self.current_epoch = 0
+        self.history = []
+        self.train_seconds = 0.0
+        self._rng = None if seed is None else np.random.default_rng(seed)
+
+    def _permutation(self, n):
+        return np.random.permutation(n) if self._rng is None else self._rng.permutation(n)
+
+    def fit(self, x, t, max_epoch=10, batch_size=32, max_grad=None, eval_interval=20, *,
+            callback=None, progress=True):
+        """Train on (x, t) for ``max_epoch`` epochs of ``len(x) // batch_size`` steps.
+
+        max_grad: clip the joint gradient norm to this (None: no clipping).
+        eval_interval: steps between loss reports (None: no reports).
+        callback(trainer, epoch) -> dict or None, called after each epoch; a dict is merged
+        into that epoch's ``history`` entry (and shown in the progress bar).
+        progress: show a tqdm progress bar.
+        """
+        from tqdm.auto import tqdm
+
+        x = np.asarray(x)
+        t = np.asarray(t)
+        if len(x) != len(t):
+            raise ValueError(f"x and t must have the same length, got {len(x)} and {len(t)}")
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        data_size = len(x)
+        max_iters = data_size // batch_size
+        if max_iters == 0:
+            raise ValueError(f"batch_size {batch_size} is larger than the data ({data_size})")
+        self.eval_interval = eval_interval
+        model, optimizer = self.model, self.optimizer
+        params, grads = model.params, model.grads
+        shared = len({id(p) for p in params}) != len(params)
+
+        for _ in range(int(max_epoch)):
+            epoch = self.current_epoch + 1
+            idx = self._permutation(data_size)
+            xe, te = x[idx], t[idx]
+            total_loss, loss_count, epoch_loss = 0.0, 0, 0.0
+            bar = tqdm(total=max_iters, desc=f"epoch {epoch}", unit="step", disable=not progress,
+                       dynamic_ncols=True, leave=True)
+            start = time.perf_counter()
+            for iters in range(max_iters):
+                batch_x = xe[iters * batch_size:(iters + 1) * batch_size]
+                batch_t = te[iters * batch_size:(iters + 1) * batch_size]
+                loss = model.forward(batch_x, batch_t)
+                model.backward()
+                p, g = remove_duplicate(params, grads) if shared else (params, grads)
+                if max_grad is not None:
+                    clip_grads(g, max_grad)
+                optimizer.update(p, g)
+                total_loss += loss
+                loss_count += 1
+                epoch_loss += loss
+                if eval_interval is not None and iters % eval_interval == 0:
+                    avg_loss = total_loss / loss_count
+                    self.loss_list.append(float(avg_loss))
+                    total_loss, loss_count = 0.0, 0
+                    bar.set_postfix(loss=f"{avg_loss:.4f}", refresh=False)
+                bar.update(1)
+            seconds = time.perf_counter() - start
+            self.train_seconds += seconds
+            self.current_epoch = epoch
+            entry = {"epoch": epoch, "loss": epoch_loss / max_iters, "seconds": seconds}
+            if callback is not None:
+                extra = callback(self, epoch)
+                if extra:
+                    entry.update(extra)
+                    bar.set_postfix({"loss": f"{entry['loss']:.4f}",
+                                     **{k: (f"{v:.4f}" if isinstance(v, float) else v)
+                                        for k, v in extra.items()}})
+            bar.close()
+            self.history.append(entry)
+        return self
+
+    def plot(self, ylim=None):
+        """Plot ``loss_list`` with matplotlib's pyplot (the book's ``plot``)."""
+        import matplotlib.pyplot as plt
+
+        x = np.arange(len(self.loss_list))
+        if ylim is not None:
+            plt.ylim(*ylim)
+        plt.plot(x, self.loss_list, label="train")
+        plt.xlabel(f"iterations (x{self.eval_interval})")
+        plt.ylabel("loss")
+        plt.show()
+
+
+def exact_match(model, x, t, batch_size=1000):
+    """The share of rows whose greedy answer equals ``t[:, 1:]`` exactly, 0..1.
+
+    x (N, S) question ids, t (N, T+1) answers with their start symbol in column 0. Decodes
+    ``batch_size`` rows at a time with ``model.generate_batch``.
+    """
+    x = np.asarray(x)
+    t = np.asarray(t)
+    if len(x) != len(t):
+        raise ValueError(f"x and t must have the same length, got {len(x)} and {len(t)}")
+    if t.ndim != 2 or t.shape[1] < 2:
+        raise ValueError(f"t must be (N, T+1) answers with a start symbol, got {t.shape}")
+    if len(x) == 0:
+        raise ValueError("exact_match needs at least one example")
+    correct = 0
+    for i in range(0, len(x), int(batch_size)):
+        xb, tb = x[i:i + batch_size], t[i:i + batch_size]
+        guess = model.generate_batch(xb, tb[:, 0], tb.shape[1] - 1)
+        correct += int((guess == tb[:, 1:]).all(axis=1).sum())
+    return correct / len(x)
+
+
+def eval_seq2seq(model, question, correct, id_to_char, verbose=False, is_reverse=False, *,
+                 verbos=None):
+    """The book's ``eval_seq2seq``: 1 when the model's greedy answer to one question is right.
+
+    question (1, S) ids, correct (1, T+1) ids starting with the start symbol. ``verbose``
+    prints the question, the right answer and the guess (``verbos`` is the book's spelling).
+    """
+    if verbos is not None:
+        verbose = verbos
+    correct = np.asarray(correct).flatten()
+    start_id = int(correct[0])
+    correct = correct[1:]
+    guess = model.generate(question, start_id, len(correct))
+
+    q_text = "".join(id_to_char[int(c)] for c in np.asarray(question).flatten())
+    c_text = "".join(id_to_char[int(c)] for c in correct)
+    g_text = "".join(id_to_char[int(c)] for c in guess)
+
+    if verbose:
+        if is_reverse:
+            q_text = q_text[::-1]
+        ok, fail, close = "\033[92m", "\033[91m", "\033[0m"
+        print("Q", q_text)
+        print("T", c_text)
+        windows = os.name == "nt"
+        if c_text == g_text:
+            mark = "O" if windows else ok + "☑" + close
+        else:
+            mark = "X" if windows else fail + "☒" + close
+        print(mark + " " + g_text)
+        print("---")
+    return 1 if g_text == c_text else 0

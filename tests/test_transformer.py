@@ -1,0 +1,358 @@
+"""The Transformer layers and model: float64 gradient checks on every backend, agreement with
+a plain NumPy reference, causality, greedy decoding with cached keys/values, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradcheck import check_layer_grads
+
+from fastattn.transformer import (
+    DecoderBlock,
+    EncoderBlock,
+    FeedForward,
+    LayerNorm,
+    MultiHeadAttention,
+    PositionalEncoding,
+    TransformerSeq2seq,
+    sinusoidal_table,
+)
+from kernels import BACKENDS
+
+F64 = np.float64
+# float64 gradient checks: |analytic - numeric| <= 1e-7 + 1e-5 |numeric| (gradcheck defaults)
+# float64 comparisons with the NumPy reference: rtol 1e-10, atol 1e-12
+
+
+def rand(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def perturb_params(layer, seed=1, scale=0.3):
+    """Non-trivial values for params initialised to constants (LayerNorm gains, biases)."""
+    rng = np.random.default_rng(seed)
+    for p in layer.params:
+        p += scale * rng.standard_normal(p.shape)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def ref_layernorm(x, g, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * g + b
+
+
+def ref_mha(layer, x_q, x_kv=None, mask=None):
+    """Multi-head attention written out with an explicit softmax (float64)."""
+    W_in, b_in, W_out, b_out = layer.params
+    C, H = layer.d_model, layer.n_heads
+    dh = C // H
+    x_kv = x_q if x_kv is None else x_kv
+    q = x_q @ W_in[:, :C] + b_in[:C]
+    k = x_kv @ W_in[:, C:2 * C] + b_in[C:2 * C]
+    v = x_kv @ W_in[:, 2 * C:] + b_in[2 * C:]
+    B, Tq, Tk = x_q.shape[0], x_q.shape[1], x_kv.shape[1]
+    out = np.zeros((B, Tq, C))
+    allowed = np.ones((B, Tq, Tk), bool)
+    if mask is not None:
+        allowed &= np.broadcast_to(mask, (B, Tq, Tk))
+    if layer.causal:
+        allowed &= np.tri(Tq, Tk, dtype=bool)
+    for h in range(H):
+        sl = slice(h * dh, (h + 1) * dh)
+        s = q[:, :, sl] @ k[:, :, sl].transpose(0, 2, 1) / np.sqrt(dh)
+        s = np.where(allowed, s, -np.inf)
+        m = s.max(-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0)
+        e = np.exp(s - m)
+        tot = e.sum(-1, keepdims=True)
+        p = np.where(tot > 0, e / np.where(tot > 0, tot, 1), 0)
+        out[:, :, sl] = p @ v[:, :, sl]
+    return out @ W_out + b_out
+
+
+# --------------------------------------------------------------------------- gradient checks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layernorm_gradients(backend):
+    layer = LayerNorm(5, backend=backend, dtype=F64)
+    perturb_params(layer)
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 5))])
+
+
+@pytest.mark.parametrize("kind", PositionalEncoding.KINDS)
+def test_positional_encoding_gradients(kind):
+    layer = PositionalEncoding(6, 4, kind, dtype=F64, seed=0)
+    perturb_params(layer)
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))])
+    check_layer_grads(layer, lambda x: layer.forward(x, offset=2), [rand((2, 3, 4))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_gradients(backend, causal):
+    layer = MultiHeadAttention(4, 2, causal=causal, backend=backend, dtype=F64, seed=0)
+    perturb_params(layer)
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_attention_with_mask_gradients(backend):
+    layer = MultiHeadAttention(4, 2, backend=backend, dtype=F64, seed=0)
+    perturb_params(layer)
+    keep = np.array([[True, True, False], [True, False, True]])  # key padding (B, Tk)
+    check_layer_grads(layer, lambda x: layer.forward(x, mask=keep[:, None, :]),
+                      [rand((2, 3, 4))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_attention_gradients(backend):
+    layer = MultiHeadAttention(4, 2, backend=backend, dtype=F64, seed=0)
+    perturb_params(layer)
+    mask = rand((2, 2, 3), seed=5) > -0.5  # some entries masked
+    check_layer_grads(layer, lambda xq, xkv: layer.forward(xq, xkv, mask=mask),
+                      [rand((2, 2, 4), seed=1), rand((2, 3, 4), seed=2)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feed_forward_gradients(backend):
+    layer = FeedForward(4, 6, backend=backend, dtype=F64, seed=0)
+    perturb_params(layer)
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_block_gradients(backend):
+    layer = EncoderBlock(4, 2, 6, backend=backend, dtype=F64, seed=0)
+    perturb_params(layer, scale=0.2)
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoder_block_gradients(backend):
+    layer = DecoderBlock(4, 2, 6, backend=backend, dtype=F64, seed=0)
+    perturb_params(layer, scale=0.2)
+    check_layer_grads(layer, layer.forward, [rand((2, 2, 4), seed=1), rand((2, 3, 4), seed=2)])
+
+
+def tiny_model(backend=None, dtype=F64, seed=0, **kw):
+    cfg = dict(vocab_size=7, d_model=4, n_heads=2, n_layers=1, d_ff=6, max_len=5)
+    cfg.update(kw)
+    return TransformerSeq2seq(**cfg, backend=backend, dtype=dtype, seed=seed)
+
+
+def tiny_batch(seed=0, N=2, S=4, T=4, V=7):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, V, (N, S)), rng.integers(0, V, (N, T))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_loss_gradients(backend):
+    model = tiny_model(backend)
+    for p in model.params:  # lift LayerNorm gains/biases off their constant start
+        p += 0.1 * np.random.default_rng(3).standard_normal(p.shape)
+    xs, ts = tiny_batch()
+    check_layer_grads(model, model.forward, [xs, ts],
+                      backward_fn=lambda dout: model.backward(dout),
+                      max_per_array=None if backend != "loop" else 12)
+
+
+def test_model_with_two_layers_loss_gradients():
+    model = tiny_model("vectorized", n_layers=2, pos="both")
+    for p in model.params:
+        p += 0.1 * np.random.default_rng(4).standard_normal(p.shape)
+    xs, ts = tiny_batch(seed=1)
+    check_layer_grads(model, model.forward, [xs, ts], max_per_array=20)
+
+
+# --------------------------------------------------------------------------- forward values
+
+
+def test_layernorm_matches_reference():
+    layer = LayerNorm(6, dtype=F64)
+    perturb_params(layer)
+    x = rand((3, 4, 6))
+    g, b = layer.params
+    np.testing.assert_allclose(layer.forward(x), ref_layernorm(x, g, b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_matches_reference(backend, causal):
+    layer = MultiHeadAttention(6, 3, causal=causal, backend=backend, dtype=F64, seed=2)
+    perturb_params(layer, scale=0.1)
+    x = rand((2, 4, 6))
+    np.testing.assert_allclose(layer.forward(x), ref_mha(layer, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_attention_with_mask_matches_reference(backend):
+    layer = MultiHeadAttention(6, 2, backend=backend, dtype=F64, seed=2)
+    xq, xkv = rand((2, 3, 6), 1), rand((2, 5, 6), 2)
+    mask = rand((2, 1, 5), 3) > 0  # key padding, broadcast over queries
+    mask[1, 0, :] = False  # a sequence with nothing to attend to: zeros before W_out
+    got = layer.forward(xq, xkv, mask=mask)
+    np.testing.assert_allclose(got, ref_mha(layer, xq, xkv, mask), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[1], np.broadcast_to(layer.params[3], (3, 6)), atol=1e-15)
+
+
+def test_float32_attention_matches_float64():
+    l64 = MultiHeadAttention(8, 2, dtype=F64, seed=0)
+    l32 = MultiHeadAttention(8, 2, dtype=np.float32, seed=0)
+    x = rand((3, 5, 8))
+    y32 = l32.forward(x.astype(np.float32))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, l64.forward(x), rtol=1e-4, atol=1e-5)
+
+
+def test_causal_attention_ignores_the_future():
+    layer = MultiHeadAttention(4, 2, causal=True, dtype=F64, seed=0)
+    x = rand((1, 5, 4))
+    y = layer.forward(x)
+    x2 = x.copy()
+    x2[:, 3:] += 10.0
+    y2 = layer.forward(x2)
+    np.testing.assert_allclose(y2[:, :3], y[:, :3], rtol=1e-12, atol=1e-12)
+    assert not np.allclose(y2[:, 3:], y[:, 3:])
+
+
+def test_sinusoidal_table_values():
+    P = sinusoidal_table(4, 6, dtype=F64)
+    pos = 3  # column 4 = 2*2 is a sin, column 5 a cos, both of frequency 10000^(-4/6)
+    np.testing.assert_allclose(P[pos, 4], np.sin(pos / 10000 ** (4 / 6)), rtol=1e-12)
+    np.testing.assert_allclose(P[pos, 5], np.cos(pos / 10000 ** (4 / 6)), rtol=1e-12)
+    assert P.shape == (4, 6)
+
+
+def test_attention_weights_are_distributions():
+    layer = MultiHeadAttention(4, 2, causal=True, dtype=F64, seed=0)
+    layer.keep_weights = True
+    layer.forward(rand((2, 3, 4)))
+    w = layer.attention_weights
+    assert w.shape == (2, 2, 3, 3)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)
+    assert np.all(w[..., 0, 1:] == 0)  # causal: the first query sees only the first key
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def test_model_params_and_grads_are_parallel_lists():
+    model = tiny_model()
+    assert len(model.params) == len(model.grads) == len(model.param_names)
+    for p, g in zip(model.params, model.grads, strict=True):
+        assert p.shape == g.shape and p.dtype == g.dtype == np.float64
+    assert len({id(p) for p in model.params}) == len(model.params)
+
+
+def test_model_float32_by_default_and_seeded():
+    m1 = TransformerSeq2seq(7, d_model=8, n_heads=2, d_ff=8, max_len=6, seed=3)
+    m2 = TransformerSeq2seq(7, d_model=8, n_heads=2, d_ff=8, max_len=6, seed=3)
+    assert all(p.dtype == np.float32 for p in m1.params)
+    for a, b in zip(m1.params, m2.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+    xs, ts = tiny_batch(S=5, T=5)
+    assert m1.forward(xs, ts) == m2.forward(xs, ts)
+
+
+def test_teacher_forcing_uses_shifted_targets():
+    """The loss on (xs, ts) is the mean cross-entropy of ts[:, 1:] given ts[:, :-1]."""
+    model = tiny_model()
+    xs, ts = tiny_batch(T=5)
+    loss = model.forward(xs, ts)
+    memory = model.encode(xs)
+    score = model._decode(ts[:, :-1], memory)  # (N, T-1, V)
+    logp = score - np.log(np.exp(score).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, ts[:, 1:, None], axis=2).mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["vectorized", "numba"])
+def test_generate_batch_equals_full_recomputation(backend):
+    """Greedy decoding with cached keys/values gives the ids that re-running the whole
+    decoder on the prefix gives."""
+    model = tiny_model(backend, dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=5)
+    xs, _ = tiny_batch(N=6, S=6)
+    got = model.generate_batch(xs, 1, 6)
+    ys = np.ones((6, 1), dtype=np.int64)
+    memory = model.encode(xs)
+    for _ in range(6):
+        score = model._decode(ys, memory)
+        ys = np.concatenate([ys, score[:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(got, ys[:, 1:])
+    assert got.shape == (6, 6) and got.dtype == np.int64
+
+
+def test_generate_follows_the_book():
+    model = tiny_model(dtype=np.float32)
+    xs, _ = tiny_batch(N=3)
+    batch = model.generate_batch(xs, 2, 3)
+    for i in range(3):
+        one = model.generate(xs[i:i + 1], 2, 3)
+        assert isinstance(one, list) and all(isinstance(v, int) for v in one)
+        assert one == batch[i].tolist()
+    with pytest.raises(ValueError, match="generate_batch"):
+        model.generate(xs, 2, 3)
+
+
+def test_cross_attention_map_shape():
+    model = tiny_model()
+    xs, ts = tiny_batch(N=3, S=4, T=3)
+    w = model.cross_attention(xs, ts)
+    assert w.shape == (3, 3, 4)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_backward_before_forward_raises():
+    for layer in [LayerNorm(4), PositionalEncoding(4, 4), MultiHeadAttention(4, 2),
+                  FeedForward(4, 4), EncoderBlock(4, 2, 4), DecoderBlock(4, 2, 4),
+                  tiny_model()]:
+        with pytest.raises(RuntimeError, match="before forward"):
+            layer.backward(np.ones((1, 1, 4), np.float32))
+
+
+@pytest.mark.parametrize("bad, err", [
+    (np.array([[0, 7, 1, 2]]), ValueError),  # id == V
+    (np.array([[0, -1, 1, 2]]), ValueError),  # negative
+    (np.array([[0.0, 1.0, 1.0, 2.0]]), TypeError),  # not integer
+    (np.array([0, 1, 2]), ValueError),  # not 2-D
+    (np.zeros((1, 6), np.int64), ValueError),  # longer than max_len
+])
+def test_model_rejects_bad_token_ids(bad, err):
+    model = tiny_model()
+    xs, ts = tiny_batch(N=1)
+    with pytest.raises(err):
+        model.forward(bad, ts)
+    with pytest.raises(err):
+        model.forward(xs, bad)
+    with pytest.raises(err):
+        model.generate_batch(bad, 0, 2)
+
+
+def test_layer_input_errors():
+    layer = MultiHeadAttention(4, 2)
+    with pytest.raises(ValueError, match="x_q"):
+        layer.forward(np.zeros((2, 3, 5), np.float32))
+    with pytest.raises(TypeError, match="x_q"):
+        layer.forward(np.zeros((2, 3, 4), np.int64))
+    with pytest.raises(ValueError, match="batch"):
+        layer.forward(np.zeros((2, 3, 4), np.float32), np.zeros((1, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="mask"):
+        layer.forward(np.zeros((2, 3, 4), np.float32), mask=np.ones((2, 4, 3), bool))
+    with pytest.raises(TypeError, match="mask"):
+        layer.forward(np.zeros((2, 3, 4), np.float32), mask=np.ones((2, 3, 3)))
+    layer.forward(np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="dout"):
+        layer.backward(np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="multiple"):
+        MultiHeadAttention(6, 4)
+    with pytest.raises(TypeError, match="dtype"):
+        LayerNorm(4, dtype=np.int32)
+    with pytest.raises(ValueError, match="backend"):
+        FeedForward(4, 4, backend="cuda")
