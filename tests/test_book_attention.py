@@ -12,6 +12,11 @@ Every backend is also checked against float64 central differences (``gradcheck``
 rtol 1e-6, atol 1e-8) and against an independent einsum formula of the forward pass.
 """
 
+import os
+import re
+import sys
+import types
+
 import book_lstm
 import numpy as np
 import pytest
@@ -445,3 +450,46 @@ def test_books_trainer_and_eval_seq2seq_run_the_attention_seq2seq():
         ok = trainer.eval_seq2seq(model, xs[[i]], ts[[i]], id_to_char, verbose=False,
                                   is_reverse=True)
         assert ok in (0, 1)
+
+
+def _migration_example():
+    """The model code of docs/migration.md's example, run with the book's TimeLSTM stood in
+    by the test one (same API)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "migration.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    code = next(b for b in blocks if b.startswith("# attention_seq2seq.py"))
+    common = types.ModuleType("common")
+    time_layers = types.ModuleType("common.time_layers")
+    time_layers.TimeLSTM = book_lstm.TimeLSTM
+    common.time_layers = time_layers
+    saved = {k: sys.modules.get(k) for k in ("common", "common.time_layers")}
+    sys.modules.update({"common": common, "common.time_layers": time_layers})
+    try:
+        namespace = {}
+        exec(compile(code, path, "exec"), namespace)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return namespace
+
+
+def test_the_migration_guides_example_model_trains_the_same_on_every_backend():
+    example = _migration_example()
+    N, steps = 8, 4
+    xs, ts, V = _date_slice(N * steps)
+    losses = {}
+    for backend in BACKENDS:
+        with fastattn.use_backend(backend):
+            model = example["AttentionSeq2seq"](V, 8, 16, seed=0)
+            losses[backend] = book_lstm.train_steps(model, xs, ts, N, steps,
+                                                    book_lstm.adam(1e-2))
+            ids = model.generate(xs[:1], int(ts[0, 0]), ts.shape[1] - 1)
+        assert len(ids) == ts.shape[1] - 1 and all(0 <= i < V for i in ids)
+    assert losses["loop"][-1] < losses["loop"][0]
+    for backend in FAST:
+        np.testing.assert_allclose(losses[backend], losses["loop"], rtol=1e-5, atol=0)
