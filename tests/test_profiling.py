@@ -1,0 +1,96 @@
+"""fastattn.profile: per-layer and per-kernel timing, and the ``fastattn profile`` command."""
+
+import json
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import _backend
+from fastattn.profiling import find_layers
+from fastattn.transformer import TransformerSeq2seq
+
+
+def _tiny_model(backend="vectorized"):
+    return TransformerSeq2seq(7, d_model=8, n_heads=2, n_layers=1, d_ff=16, max_len=6,
+                              backend=backend, seed=0)
+
+
+def _batch(rng):
+    xs = rng.integers(0, 7, (3, 5))
+    ts = rng.integers(0, 7, (3, 4))
+    return xs, ts
+
+
+def test_profile_times_every_layer_forward_and_backward_and_the_kernels():
+    model = _tiny_model()
+    xs, ts = _batch(np.random.default_rng(0))
+    with fastattn.profile(model) as prof:
+        model.forward(xs, ts)
+        model.backward()
+    layers = {(e.name.split(" ")[0], e.phase) for e in prof.rows("layer")}
+    for path in ("model.encoder[0].attn", "model.decoder[0].cross_attn", "model.out"):
+        assert (path, "forward") in layers
+        assert (path, "backward") in layers
+    kernels = {e.name for e in prof.rows("kernel")}
+    assert "vectorized:attention_forward" in kernels
+    assert "vectorized:attention_backward" in kernels
+    for e in prof.rows():
+        assert e.calls >= 1
+        assert 0.0 <= e.self_time <= e.total + 1e-9
+    # the model is the outermost layer: its total covers everything timed inside it
+    top = [e for e in prof.rows("layer") if e.name.startswith("model (")]
+    assert sum(e.total for e in top) <= prof.wall + 1e-9
+
+
+def test_profile_leaves_the_model_and_kernels_unpatched():
+    model = _tiny_model()
+    before = {path: dict(vars(layer)) for path, layer in find_layers(model)}
+    with fastattn.profile(model):
+        assert "forward" in vars(model)  # patched inside the block
+    for path, layer in find_layers(model):
+        assert set(vars(layer)) == set(before[path]), path
+    assert _backend._profiler is None
+    fn = _backend.kernel("softmax_forward", "vectorized")
+    assert not hasattr(fn, "__wrapped__")
+
+
+def test_profiled_results_equal_unprofiled_results():
+    rng = np.random.default_rng(1)
+    xs, ts = _batch(rng)
+    a, b = _tiny_model(), _tiny_model()
+    loss_a = a.forward(xs, ts)
+    a.backward()
+    with fastattn.profile(b):
+        loss_b = b.forward(xs, ts)
+        b.backward()
+    assert loss_a == loss_b
+    for ga, gb in zip(a.grads, b.grads, strict=True):
+        np.testing.assert_array_equal(ga, gb)
+
+
+def test_profile_command_prints_tables_and_writes_files(tmp_path, capsys):
+    from fastattn.cli import main
+
+    prof_file = tmp_path / "step.prof"
+    json_file = tmp_path / "step.json"
+    code = main(["profile", "--steps", "1", "--batch-size", "4", "--backend", "vectorized",
+                 "--cprofile", str(prof_file), "--json", str(json_file)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "MultiHeadAttention" in out and "attention_backward" in out
+    import pstats
+
+    stats = pstats.Stats(str(prof_file))
+    assert stats.total_calls > 0
+    data = json.loads(json_file.read_text())
+    assert data["steps"] == 1 and data["entries"]
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--sort", "nope"]])
+def test_profile_command_rejects_bad_flags(bad):
+    from fastattn.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", *bad])
+    assert exc.value.code == 2
