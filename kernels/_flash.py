@@ -1,95 +1,328 @@
-"""Fused attention kernels in Numba: ``attention_forward`` and ``attention_backward``.
+"""Fused flash-attention kernels in Numba: ``attention_forward`` and ``attention_backward``.
 
 Same signatures, results and masking rule as ``kernels.loop``: entry (b, i, j) is allowed when
 ``mask`` (None, or the compact bool array (1 or B, 1 or Tq, Tk)) is True there and, with
 ``causal``, j <= i; a row with nothing allowed gives out 0, lse -inf and zero gradients.
+
+How it is built (flash attention, as in Dao et al.):
+
+* Forward, parallel over (batch, query block): for each key/value block, the score tile
+  ``S = scale Q_i K_j^T`` (bq, bk), masked with -inf, an online softmax (running row maximum
+  and row sum, the output rescaled when the maximum grows) and ``O_i += P V_j``. The row
+  log-sum-exp ``lse = m + log(l)`` is kept for the backward.
+* Backward, parallel over batch entries (each owns its dq, dk, dv rows, so no races), or over
+  (batch, share of the key blocks) when there are fewer batch entries than threads, with a
+  private dq per share summed at the end. Per key block and query block, P is recomputed
+  from lse, then ``dV_j += P^T dO_i``, ``dP = dO_i V_j^T``, ``dS = P (dP - D_i)`` with
+  ``D_i = rowsum(dO_i * O_i)``, ``dQ_i += scale dS K_j`` and ``dK_j += scale dS^T Q_i``.
+* Tile products go to single-threaded BLAS sgemm/dgemm (SciPy's, through Numba), with the
+  BLAS thread pool set to one thread for the duration of the call; without SciPy, plain
+  loops. Exponentials use a polynomial exp that LLVM vectorises (``kernels._flash_exp``).
+
+Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs is
+O(threads * bq * bk), plus O(threads * Tq * d) when the backward splits a batch entry.
 """
 
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, types
+from numba.extending import overload
 
-_NO_MASK = np.ones((1, 1, 1), dtype=np.bool_)
+from kernels._flash_exp import FASTMATH, vexp
+
+_FM = set(FASTMATH)
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
+
+# ---- tile products ----------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
-def _forward_rows(q, k, v, scale, causal, mask, has_mask):
-    B, Tq, d = q.shape
-    Tk, dv = v.shape[1], v.shape[2]
-    zero = q.dtype.type(0)
-    ninf = q.dtype.type(-np.inf)
-    out = np.zeros((B, Tq, dv), dtype=q.dtype)
-    lse = np.empty((B, Tq), dtype=q.dtype)
-    for b in prange(B):
-        s = np.empty(Tk, dtype=q.dtype)
-        mb = min(np.intp(b), mask.shape[0] - 1)  # the mask has 1 or B entries
-        for i in range(Tq):
-            mi = min(i, mask.shape[1] - 1)  # and 1 or Tq rows
-            m = ninf
-            for j in range(Tk):
-                if (causal and j > i) or (has_mask and not mask[mb, mi, j]):
-                    s[j] = ninf
+def _blas_sig(dt):
+    p = types.CPointer(dt)
+    return types.intc(types.char, types.char, types.char, types.intp, types.intp, types.intp,
+                      p, p, types.intp, p, types.intp, p, p, types.intp)
+
+
+# Numba's own BLAS entry point (column-major ?gemm of the BLAS that SciPy links); it is what
+# np.dot calls inside @njit, and it is resolved by name, so cached kernels stay valid.
+_SGEMM = types.ExternalFunction("numba_xxgemm", _blas_sig(types.float32))
+_DGEMM = types.ExternalFunction("numba_xxgemm", _blas_sig(types.float64))
+
+
+def _xgemm(ta, tb, m, n, kk, coef, a, lda, b, ldb, c, ldc):
+    """Column-major C = coef[0] op(A) op(B) + coef[1] C (stub: the Numba overload below)."""
+    raise NotImplementedError
+
+
+@overload(_xgemm, inline="always")
+def _xgemm_overload(ta, tb, m, n, kk, coef, a, lda, b, ldb, c, ldc):
+    if coef.dtype == types.float32:
+        fn, kind = _SGEMM, ord("s")
+    elif coef.dtype == types.float64:
+        fn, kind = _DGEMM, ord("d")
+    else:
+        return None
+
+    def impl(ta, tb, m, n, kk, coef, a, lda, b, ldb, c, ldc):
+        return fn(kind, ta, tb, m, n, kk, coef.ctypes, a.ctypes, lda, b.ctypes, ldb,
+                  coef[1:].ctypes, c.ctypes, ldc)
+
+    return impl
+
+
+@njit(fastmath=_FM, cache=True)
+def _blas(ta, tb, a, b, c, alpha, beta, coef):
+    """c = alpha op(a) op(b) + beta c by BLAS; row-major C = op(A) op(B) is column-major
+    C^T = op(B)^T op(A)^T, so the operands swap."""
+    m, n = c.shape
+    kk = a.shape[0] if ta == ord("T") else a.shape[1]
+    coef[0] = alpha
+    coef[1] = beta
+    _xgemm(tb, ta, n, m, kk, coef, b, b.shape[1], a, a.shape[1], c, n)
+
+
+@njit(fastmath=_FM, cache=True)
+def _mm_nt(a, b, c, alpha, coef, use_blas):
+    """c = alpha a b^T. a (m, k), b (n, k), c (m, n), all C-contiguous."""
+    if use_blas:
+        _blas(ord("N"), ord("T"), a, b, c, alpha, c.dtype.type(0), coef)
+        return
+    for i in range(c.shape[0]):
+        for j in range(c.shape[1]):
+            acc = c.dtype.type(0)
+            for p in range(a.shape[1]):
+                acc += a[i, p] * b[j, p]
+            c[i, j] = alpha * acc
+
+
+@njit(fastmath=_FM, cache=True)
+def _mm_nn_acc(a, b, c, alpha, coef, use_blas):
+    """c += alpha a b. a (m, k), b (k, n), c (m, n), all C-contiguous."""
+    if use_blas:
+        _blas(ord("N"), ord("N"), a, b, c, alpha, c.dtype.type(1), coef)
+        return
+    for i in range(c.shape[0]):
+        for p in range(a.shape[1]):
+            f = alpha * a[i, p]
+            for j in range(c.shape[1]):
+                c[i, j] += f * b[p, j]
+
+
+@njit(fastmath=_FM, cache=True)
+def _mm_tn_acc(a, b, c, alpha, coef, use_blas):
+    """c += alpha a^T b. a (k, m), b (k, n), c (m, n), all C-contiguous."""
+    if use_blas:
+        _blas(ord("T"), ord("N"), a, b, c, alpha, c.dtype.type(1), coef)
+        return
+    for p in range(a.shape[0]):
+        for i in range(c.shape[0]):
+            f = alpha * a[p, i]
+            for j in range(c.shape[1]):
+                c[i, j] += f * b[p, j]
+
+
+# ---- the pieces of a tile ---------------------------------------------------------------------
+
+
+@njit(fastmath=_FM, cache=True)
+def _mask_tile(s, i0, j0, causal, maskb, has_mask):
+    """Set the forbidden entries of the score tile s (rows i0.., keys j0..) to -inf.
+
+    maskb is the batch entry's (1 or Tq, Tk) mask.
+    """
+    nq, nk = s.shape
+    ninf = s.dtype.type(-np.inf)
+    for r in range(nq):
+        i = i0 + r
+        if has_mask:
+            mrow = maskb[min(i, maskb.shape[0] - 1)]
+            for c in range(nk):
+                if not mrow[j0 + c]:
+                    s[r, c] = ninf
+        if causal:
+            for c in range(max(i - j0 + 1, 0), nk):  # keys j = j0 + c > i
+                s[r, c] = ninf
+
+
+@njit(nogil=True, fastmath=_FM, cache=True)
+def _forward_units(first, step, q, k, v, out, lse, scale, causal, mask, has_mask, bq, bk,
+                   use_blas):
+    """Work units first, first + step, ...; unit u is batch entry u // nqb, query block
+    u % nqb: fills those rows of out (B, Tq, dv) and lse (B, Tq)."""
+    B, Tq, _ = q.shape
+    Tk = k.shape[1]
+    dv = v.shape[2]
+    nqb = (Tq + bq - 1) // bq
+    dt = q.dtype.type
+    ninf = dt(-np.inf)
+    zero, one = dt(0), dt(1)
+    coef = np.empty(2, dtype=q.dtype)
+    sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
+    m = np.empty(bq, dtype=q.dtype)  # running row maximum
+    lsum = np.empty(bq, dtype=q.dtype)  # running row sum of exp(s - m)
+    for u in range(first, B * nqb, step):
+        b = u // nqb
+        i0 = (u % nqb) * bq
+        i1 = min(i0 + bq, Tq)
+        nq = i1 - i0
+        qb, kb, vb = q[b, i0:i1], k[b], v[b]  # (nq, d), (Tk, d), (Tk, dv)
+        ob = out[b, i0:i1]  # (nq, dv)
+        maskb = mask[min(b, mask.shape[0] - 1)]  # (1 or Tq, Tk)
+        m[:] = ninf
+        lsum[:] = zero
+        ob[:, :] = zero
+        jend = min(Tk, i1) if causal else Tk  # causal: no row here sees a key j >= i1
+        for j0 in range(0, jend, bk):
+            j1 = min(j0 + bk, jend)
+            nk = j1 - j0
+            s = sbuf[: nq * nk].reshape((nq, nk))
+            _mm_nt(qb, kb[j0:j1], s, scale, coef, use_blas)  # S = scale Q_i K_j^T (nq, nk)
+            if has_mask or (causal and j1 - 1 > i0):
+                _mask_tile(s, i0, j0, causal, maskb, has_mask)
+            for r in range(nq):  # online softmax: P = exp(S - m_new), rescale what came before
+                row = s[r]
+                mx = ninf
+                for c in range(nk):
+                    mx = max(mx, row[c])
+                m_new = max(m[r], mx)
+                if m_new == ninf:  # nothing allowed in this row so far
+                    row[:] = zero
                     continue
-                acc = zero
-                for c in range(d):
-                    acc += q[b, i, c] * k[b, j, c]
-                s[j] = acc * scale
-                m = max(m, s[j])
-            if m == ninf:
-                lse[b, i] = ninf  # nothing to attend to: out stays 0
-                continue
-            total = zero
-            for j in range(Tk):
-                e = np.exp(s[j] - m) if s[j] != ninf else zero
-                s[j] = e
-                total += e
-            for j in range(Tk):
-                if s[j] != zero:
+                alpha = vexp(m[r] - m_new)  # 0 when m[r] is -inf
+                total = zero
+                for c in range(nk):
+                    p = vexp(row[c] - m_new)
+                    row[c] = p
+                    total += p
+                lsum[r] = lsum[r] * alpha + total
+                if alpha != one:
                     for c in range(dv):
-                        out[b, i, c] += s[j] * v[b, j, c]
-            inv = q.dtype.type(1) / total
-            for c in range(dv):
-                out[b, i, c] *= inv
-            lse[b, i] = m + np.log(total)
-    return out, lse
+                        ob[r, c] *= alpha
+                m[r] = m_new
+            _mm_nn_acc(s, vb[j0:j1], ob, one, coef, use_blas)  # O_i += P V_j
+        for r in range(nq):
+            if lsum[r] > zero:
+                inv = one / lsum[r]
+                for c in range(dv):
+                    ob[r, c] *= inv
+                lse[b, i0 + r] = m[r] + np.log(lsum[r])
+            else:
+                lse[b, i0 + r] = ninf  # nothing to attend to: out stays 0
 
 
-@njit(parallel=True, cache=True)
-def _backward_rows(dout, q, k, v, out, lse, scale, causal, mask, has_mask):
-    B, Tq, d = q.shape
-    Tk, dvd = v.shape[1], v.shape[2]
-    zero = q.dtype.type(0)
-    ninf = q.dtype.type(-np.inf)
-    dq = np.zeros_like(q)
-    dk = np.zeros_like(k)
-    dv = np.zeros_like(v)
-    for b in prange(B):  # each batch entry owns dq[b], dk[b], dv[b]: no races
-        mb = min(np.intp(b), mask.shape[0] - 1)  # the mask has 1 or B entries
-        for i in range(Tq):
-            row_lse = lse[b, i]
-            if row_lse == ninf:
-                continue  # a row with nothing to attend to has no gradient
-            mi = min(i, mask.shape[1] - 1)  # and 1 or Tq rows
-            D = zero
-            for c in range(dvd):
-                D += dout[b, i, c] * out[b, i, c]
-            for j in range(Tk):
-                if (causal and j > i) or (has_mask and not mask[mb, mi, j]):
-                    continue
-                acc = zero
-                for c in range(d):
-                    acc += q[b, i, c] * k[b, j, c]
-                p = np.exp(acc * scale - row_lse)
-                dp = zero
-                for c in range(dvd):
-                    dv[b, j, c] += p * dout[b, i, c]
-                    dp += v[b, j, c] * dout[b, i, c]
-                ds = p * (dp - D) * scale
-                for c in range(d):
-                    dq[b, i, c] += ds * k[b, j, c]
-                    dk[b, j, c] += ds * q[b, i, c]
-    return dq, dk, dv
+@njit(nogil=True, fastmath=_FM, cache=True)
+def _backward_units(first, step, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale, causal,
+                    mask, has_mask, bq, bk, nsplit, use_blas):
+    """Work units first, first + step, ...; unit u is batch entry u // nsplit and its key
+    blocks share, share + nsplit, ... (share = u % nsplit). Accumulates into dk, dv (those key
+    rows) and into dq, or dq_part[u] when nsplit > 1; all zeroed by the caller."""
+    B, Tq, _ = q.shape
+    Tk = k.shape[1]
+    dt = q.dtype.type
+    ninf = dt(-np.inf)
+    zero, one = dt(0), dt(1)
+    coef = np.empty(2, dtype=q.dtype)
+    sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
+    pbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
+    D = np.empty(Tq, dtype=q.dtype)
+    for u in range(first, B * nsplit, step):
+        b = u // nsplit
+        share = u % nsplit
+        dob, qb, kb, vb, lseb = dout[b], q[b], k[b], v[b], lse[b]
+        maskb = mask[min(b, mask.shape[0] - 1)]  # (1 or Tq, Tk)
+        dqb = dq[b] if nsplit == 1 else dq_part[u]  # (Tq, d)
+        for i in range(Tq):  # D[i] = dout[b, i] . out[b, i] = sum_j P[i, j] dP[i, j]
+            acc = zero
+            for c in range(dout.shape[2]):
+                acc += dob[i, c] * out[b, i, c]
+            D[i] = acc
+        for j0 in range(share * bk, Tk, nsplit * bk):  # this unit's key blocks
+            j1 = min(j0 + bk, Tk)
+            nk = j1 - j0
+            kj, vj = kb[j0:j1], vb[j0:j1]  # (nk, d), (nk, dv)
+            dkj, dvj = dk[b, j0:j1], dv[b, j0:j1]
+            istart = (j0 // bq) * bq if causal else 0  # causal: rows i < j0 see none of these
+            for i0 in range(istart, Tq, bq):
+                i1 = min(i0 + bq, Tq)
+                nq = i1 - i0
+                s = sbuf[: nq * nk].reshape((nq, nk))
+                dp = pbuf[: nq * nk].reshape((nq, nk))
+                qi, doi = qb[i0:i1], dob[i0:i1]  # (nq, d), (nq, dv)
+                _mm_nt(qi, kj, s, scale, coef, use_blas)  # S = scale Q_i K_j^T
+                if has_mask or (causal and j1 - 1 > i0):
+                    _mask_tile(s, i0, j0, causal, maskb, has_mask)
+                for r in range(nq):  # P = exp(S - lse): 0 where masked and on dead rows
+                    row = s[r]
+                    lr = lseb[i0 + r]
+                    if lr == ninf:
+                        row[:] = zero
+                    else:
+                        for c in range(nk):
+                            row[c] = vexp(row[c] - lr)
+                _mm_tn_acc(s, doi, dvj, one, coef, use_blas)  # dV_j += P^T dO_i
+                _mm_nt(doi, vj, dp, one, coef, use_blas)  # dP = dO_i V_j^T
+                for r in range(nq):  # dS = P (dP - D_i), in place of dP
+                    d_r = D[i0 + r]
+                    for c in range(nk):
+                        dp[r, c] = s[r, c] * (dp[r, c] - d_r)
+                _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef, use_blas)  # dQ_i += sc dS K_j
+                _mm_tn_acc(dp, qi, dkj, scale, coef, use_blas)  # dK_j += sc dS^T Q_i
+
+
+# ---- Python side ------------------------------------------------------------------------------
+
+_blas_state = {}
+
+
+def _use_blas() -> bool:
+    """True when Numba can call BLAS (SciPy installed); then also find the BLAS thread pools."""
+    if "ok" not in _blas_state:
+        try:
+            from numba.np.linalg import ensure_blas
+
+            ensure_blas()  # imports scipy.linalg.cython_blas, so its BLAS is loaded
+            _blas_state["ok"] = True
+        except Exception:  # no SciPy: tile products by loops
+            _blas_state["ok"] = False
+        _blas_state["pools"] = []
+        if _blas_state["ok"]:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                _blas_state["pools"] = list(
+                    ThreadpoolController().select(user_api="blas").lib_controllers)
+            except Exception:  # no threadpoolctl: BLAS threads are left as they are
+                pass
+    return _blas_state["ok"]
+
+
+class _OneBlasThread:
+    """Within the block, BLAS runs one thread (the kernels' own threads call it in parallel);
+    the previous setting is restored on exit. Other thread pools (OpenMP, ...) are untouched."""
+
+    def __enter__(self):
+        self.saved = []
+        for lib in _blas_state.get("pools", []) or []:
+            n = lib.num_threads
+            if n != 1:
+                lib.set_num_threads(1)
+                self.saved.append((lib, n))
+        return self
+
+    def __exit__(self, *exc):
+        for lib, n in self.saved:
+            lib.set_num_threads(n)
+        return False
+
+
+def _tiles(Tq, Tk):
+    """Query and key block sizes (bq, bk) for these lengths."""
+    bq = 64 if Tq > 64 else Tq
+    bk = 512 if Tk > 512 else Tk
+    return max(bq, 1), max(bk, 1)
 
 
 def _prepare(arrays, scale, mask):
@@ -102,13 +335,64 @@ def _prepare(arrays, scale, mask):
     return arrays, dtype.type(scale), mask, has_mask
 
 
-def attention_forward(q, k, v, scale, causal, mask):
-    """out = softmax(scale q k^T, masked) v (B, Tq, dv), lse (B, Tq); see kernels.loop."""
+_pool = {}
+
+
+def _in_parallel(fn, n_units, *args):
+    """Run fn(first, step, *args) for first = 0 .. step - 1 on step = min(threads, n_units)
+    threads: the calling one and a pool's (fn is a nogil kernel that takes every step-th unit
+    from first on)."""
+    step = max(1, min(get_num_threads(), n_units))
+    if step == 1:
+        fn(0, 1, *args)
+        return
+    pool = _pool.get(step - 1)
+    if pool is None:
+        pool = _pool[step - 1] = ThreadPoolExecutor(step - 1, thread_name_prefix="fastattn")
+    futures = [pool.submit(fn, first, step, *args) for first in range(1, step)]
+    try:
+        fn(0, step, *args)
+    finally:
+        for f in futures:
+            f.result()
+
+
+def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
+    """out = softmax(scale q k^T, masked) v (B, Tq, dv), lse (B, Tq); see kernels.loop.
+
+    ``tiles`` (bq, bk) overrides the block sizes (for tests).
+    """
     (q, k, v), scale, mask, has_mask = _prepare((q, k, v), scale, mask)
-    return _forward_rows(q, k, v, scale, bool(causal), mask, has_mask)
+    B, Tq, _ = q.shape
+    bq, bk = tiles or _tiles(Tq, k.shape[1])
+    out = np.empty((B, Tq, v.shape[2]), dtype=q.dtype)
+    lse = np.empty((B, Tq), dtype=q.dtype)
+    use_blas = _use_blas()
+    with _OneBlasThread():
+        _in_parallel(_forward_units, B * math.ceil(Tq / bq), q, k, v, out, lse, scale,
+                     bool(causal), mask, has_mask, bq, bk, use_blas)
+    return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    """Gradients of attention_forward -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv)."""
+def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=None):
+    """Gradients of attention_forward -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv).
+
+    ``tiles`` (bq, bk) overrides the block sizes (for tests).
+    """
     arrays, scale, mask, has_mask = _prepare((dout, q, k, v, out, lse), scale, mask)
-    return _backward_rows(*arrays, scale, bool(causal), mask, has_mask)
+    B, Tq, d = arrays[1].shape
+    Tk = arrays[2].shape[1]
+    bq, bk = tiles or _tiles(Tq, Tk)
+    threads = get_num_threads()
+    nsplit = 1
+    if B < threads:  # too few batch entries: split each one's key blocks, dq privately
+        nsplit = min(math.ceil(Tk / bk), math.ceil(threads / B))
+    dq, dk, dv = (np.zeros_like(a) for a in arrays[1:4])
+    dq_part = np.zeros((B * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
+    use_blas = _use_blas()
+    with _OneBlasThread():
+        _in_parallel(_backward_units, B * nsplit, *arrays, dq, dk, dv, dq_part, scale,
+                     bool(causal), mask, has_mask, bq, bk, nsplit, use_blas)
+    if nsplit > 1:
+        dq += dq_part.reshape(B, nsplit, Tq, d).sum(axis=1)
+    return dq, dk, dv

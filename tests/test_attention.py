@@ -35,22 +35,28 @@ def _inputs(rng, B, Tq, Tk, d, dv, dtype):
     return q, k, v, dout
 
 
-def _run(mod, q, k, v, dout, scale, causal, mask):
-    out, lse = mod.attention_forward(q, k, v, scale, causal, mask)
-    dq, dk, dv = mod.attention_backward(dout, q, k, v, out, lse, scale, causal, mask)
+def _run(mod, q, k, v, dout, scale, causal, mask, **kw):
+    out, lse = mod.attention_forward(q, k, v, scale, causal, mask, **kw)
+    dq, dk, dv = mod.attention_backward(dout, q, k, v, out, lse, scale, causal, mask, **kw)
     return out, lse, dq, dk, dv
 
 
-def _assert_matches_loop(q, k, v, dout, causal, mask, scale=None):
+# tile sizes (bq, bk) besides the kernels' own choice: small and odd ones put tile edges
+# (partial tiles, causal diagonals crossing tiles) inside small test shapes
+TILES = [None, (4, 8), (3, 5), (1, 1)]
+
+
+def _assert_matches_loop(q, k, v, dout, causal, mask, scale=None, tiles=TILES):
     dtype = q.dtype.type
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    got = _run(_flash, q, k, v, dout, scale, causal, mask)
     want = _run(loop, q, k, v, dout, scale, causal, mask)
-    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
-        assert g.dtype == q.dtype, name
-        assert g.shape == w.shape, name
-        assert not np.isnan(g).any(), name
-        np.testing.assert_allclose(g, w, err_msg=name, **TOL[dtype])
+    for t in tiles:
+        got = _run(_flash, q, k, v, dout, scale, causal, mask, tiles=t)
+        for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+            assert g.dtype == q.dtype, name
+            assert g.shape == w.shape, name
+            assert not np.isnan(g).any(), name
+            np.testing.assert_allclose(g, w, err_msg=f"{name}, tiles {t}", **TOL[dtype])
     return got
 
 
