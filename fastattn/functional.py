@@ -62,8 +62,8 @@ def _rows_with_keys(mask, causal: bool, Tq: int):
         return None
     if not causal:
         return np.broadcast_to(mask.any(axis=-1), mask.shape[:1] + (Tq,))
-    first = np.where(mask.any(axis=-1), mask.argmax(axis=-1), mask.shape[-1])  # (Bm, Tqm)
-    return first <= np.arange(Tq)  # (Bm, Tq): the first allowed key j <= i
+    first = mask.argmax(axis=-1)  # (Bm, Tqm): the first allowed key, 0 if none
+    return mask.any(axis=-1) & (first <= np.arange(Tq))  # (Bm, Tq): it exists and j <= i
 
 
 def _check_qkv(q, k, v):

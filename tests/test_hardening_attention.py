@@ -449,6 +449,22 @@ def test_causal_row_whose_only_keys_come_later_is_fully_masked(backend):
         assert np.all(got[:, :2] == -np.inf) and np.isfinite(got[:, 2:]).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_with_more_queries_than_keys_and_a_fully_masked_row(backend):
+    """Rows i >= Tk see every key under causal; a mask that removes all of row 4 still makes
+    it fully masked (not an overflow), and row 5 is unaffected."""
+    q, k, v, dout = _qkv(B=2, Tq=6, Tk=2, seed=14)
+    mask = np.ones((6, 2), dtype=bool)
+    mask[4] = False
+    out, lse, dq, dk, dv = _both(q, k, v, dout, backend, mask=mask, causal=True)
+    assert np.all(lse[:, 4] == -np.inf) and not out[:, 4].any() and not dq[:, 4].any()
+    assert np.isfinite(np.delete(lse, 4, axis=1)).all()
+    want = _both(q, k, v, dout, "loop", mask=mask, causal=True)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), want,
+                          strict=True):
+        np.testing.assert_allclose(g, w, err_msg=name, **TOL[np.float64])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_row_gives_zeros_and_zero_gradients(backend, dtype):
