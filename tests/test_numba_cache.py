@@ -151,11 +151,10 @@ def test_works_when_numba_cache_dir_and_home_are_unwritable(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "kernels/_flash.py, kernels/_fastexp.py/_flash_exp.py and kernels/numba_backend.py "
-    "decorate with @njit(cache=True) at import; with no writable cache location Numba raises "
-    "RuntimeError('cannot cache function ...: no locator available') and `kernels.numba_backend` "
-    "cannot be imported. Needs a fallback (e.g. cache only when a locator exists, else a temp "
-    "NUMBA_CACHE_DIR or cache=False) in the kernel modules."))
+    "temporary: kernels/_flash.py (and kernels/numba_backend.py, which imports it) decorate "
+    "with @njit(cache=True) at import; with no writable cache location Numba raises "
+    "RuntimeError('cannot cache function ...: no locator available'), so the numba backend "
+    "cannot be imported. The kernel modules need a fallback to cache=False there."))
 def test_works_when_no_cache_location_is_writable(tmp_path):
     """A read-only install with a read-only HOME: NUMBA_CACHE_DIR, HOME and every package's
     __pycache__ are unwritable. Numba itself then refuses cache=True (the probe shows it), and
