@@ -1,2 +1,332 @@
-"""TEMPORARY placeholder until the Numba kernels land: re-exports the vectorized kernels."""
-from kernels.vectorized import *  # noqa: F401,F403
+"""The kernels as Numba JIT code: parallel over the batch, vectorisable inner loops.
+
+Same names, signatures and results as ``kernels.loop`` (the source of truth). Each public name
+is a thin Python function that takes exactly the loop signature, converts ``scale`` to the
+arrays' dtype and calls a private ``@njit(cache=True)`` kernel compiled for float32 and float64
+C-contiguous arrays only. Results come back in the input dtype; float32 inputs accumulate in
+float32.
+
+How the kernels are built:
+
+* ``softmax_*``: one task per batch element. The row maxima are subtracted in one pass, the
+  exponentials are taken in one long pass over the whole contiguous (Tq, Tk) block with
+  :func:`kernels._fastexp.fast_exp` (which LLVM vectorises; ``np.exp`` inside ``@njit`` is a
+  scalar libm call), then each row is normalised. An all ``-inf`` row gives zeros.
+* ``weighted_sum_*`` and ``scores_*`` are small matrix products per batch element. With SciPy
+  installed they call BLAS through ``np.dot`` inside ``prange`` (one single-threaded gemm per
+  batch element and per thread for these small shapes); without SciPy they fall back to a
+  register-blocked loop kernel, which is about half as fast.
+* ``embedding_backward``: threads own disjoint column blocks of dW, so the scatter-add has no
+  races, needs no partial copies, and sums in the same order whatever the thread count.
+* ``attention_forward``/``attention_backward`` come from ``kernels._flash``.
+
+Every kernel writes each output element from one thread in a fixed order, so results are
+bitwise identical from call to call and do not depend on the number of threads.
+
+The fastmath flags live in one place, :data:`kernels._fastexp.FASTMATH`; they never include
+``nnan``/``ninf``, so ``-inf`` masking stays exact.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+from numba import njit, prange, types
+
+from kernels._fastexp import FASTMATH, fast_exp
+from kernels._flash import attention_backward, attention_forward
+
+__all__ = [
+    "softmax_forward",
+    "softmax_backward",
+    "weighted_sum_forward",
+    "weighted_sum_backward",
+    "scores_forward",
+    "scores_backward",
+    "attention_forward",
+    "attention_backward",
+    "embedding_backward",
+]
+
+#: Whether the matrix-product kernels can use BLAS: ``np.dot`` inside ``@njit`` reaches BLAS
+#: through SciPy, and threadpoolctl is needed to hold BLAS at one thread during the call (BLAS
+#: threads started from inside the kernels' own parallel loop make every call take
+#: milliseconds).
+HAVE_BLAS = all(importlib.util.find_spec(m) is not None for m in ("scipy", "threadpoolctl"))
+
+#: Use BLAS for the matrix-product kernels when it is there. Tests set this to False to check
+#: the loop fallback.
+use_blas = HAVE_BLAS
+
+_blas_pools = None  # threadpoolctl controllers of the loaded BLAS libraries, found on first use
+
+
+class _OneBlasThread:
+    """Within the block every BLAS library runs one thread (the kernels' own threads call it in
+    parallel); the previous settings come back on exit. OpenMP and other pools are untouched."""
+
+    def __enter__(self):
+        global _blas_pools
+        if _blas_pools is None:
+            from numba.np.linalg import ensure_blas
+            from threadpoolctl import ThreadpoolController
+
+            ensure_blas()  # imports scipy.linalg.cython_blas: its BLAS is loaded from here on
+            _blas_pools = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        self.saved = []
+        for lib in _blas_pools:
+            n = lib.num_threads
+            if n != 1:
+                lib.set_num_threads(1)
+                self.saved.append((lib, n))
+        return self
+
+    def __exit__(self, *exc):
+        for lib, n in self.saved:
+            lib.set_num_threads(n)
+        return False
+
+_JIT = {"cache": True, "fastmath": FASTMATH, "nogil": True}
+_PJIT = {**_JIT, "parallel": True}
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+
+
+@njit(**_PJIT)
+def _softmax_forward(x):
+    B, Tq, Tk = x.shape
+    y = np.empty_like(x)  # (B, Tq, Tk)
+    zero = x.dtype.type(0.0)
+    one = x.dtype.type(1.0)
+    ninf = x.dtype.type(-np.inf)
+    for b in prange(B):
+        for i in range(Tq):  # y = x - row max (an all -inf row keeps -inf, its exp is 0)
+            xr = x[b, i]
+            yr = y[b, i]
+            m = ninf
+            for j in range(Tk):
+                m = max(m, xr[j])
+            if m == ninf:
+                m = zero
+            for j in range(Tk):
+                yr[j] = xr[j] - m
+        yb = y[b].reshape(-1)  # (Tq*Tk,): one long vectorised pass of exponentials
+        for j in range(yb.size):
+            yb[j] = fast_exp(yb[j])
+        for i in range(Tq):  # normalise each row; a row of zeros stays zeros
+            yr = y[b, i]
+            total = zero
+            for j in range(Tk):
+                total += yr[j]
+            inv = one / total if total > zero else zero
+            for j in range(Tk):
+                yr[j] *= inv
+    return y
+
+
+@njit(**_PJIT)
+def _softmax_backward(dy, y):
+    B, Tq, Tk = y.shape
+    dx = np.empty_like(y)  # (B, Tq, Tk)
+    zero = y.dtype.type(0.0)
+    for b in prange(B):
+        yb = y[b].reshape(-1)
+        dyb = dy[b].reshape(-1)
+        dxb = dx[b].reshape(-1)
+        for j in range(yb.size):  # dx = y * dy
+            dxb[j] = yb[j] * dyb[j]
+        for i in range(Tq):  # dx -= y * sum(y * dy)
+            yr = y[b, i]
+            dxr = dx[b, i]
+            dot = zero
+            for j in range(Tk):
+                dot += dxr[j]
+            for j in range(Tk):
+                dxr[j] -= yr[j] * dot
+    return dx
+
+
+def softmax_forward(x):
+    """y[b, i, :] = softmax(x[b, i, :]). x (B, Tq, Tk) -> y (B, Tq, Tk).
+
+    An all -inf row gives zeros.
+    """
+    return _softmax_forward(x)
+
+
+def softmax_backward(dy, y):
+    """dx = y * (dy - sum(y * dy, last axis)). dy, y (B, Tq, Tk) -> dx (B, Tq, Tk)."""
+    return _softmax_backward(dy, y)
+
+
+# --------------------------------------------------------------------------------------------
+# matrix products: c[b] = alpha op(a[b]) @ op(m[b]), op(x) = x or x^T, one kernel for all six
+
+# Numba's own entry point to the ?gemm of the BLAS that SciPy links (what np.dot calls inside
+# @njit). It is resolved by name when the kernel is loaded, so cached kernels stay valid.
+_XGEMM = types.ExternalFunction(
+    "numba_xxgemm",
+    types.intc(types.char, types.char, types.char,  # kind 's'/'d', transa, transb
+               types.intp, types.intp, types.intp,  # m, n, k
+               types.voidptr, types.voidptr, types.intp,  # alpha, a, lda
+               types.voidptr, types.intp,  # b, ldb
+               types.voidptr, types.voidptr, types.intp),  # beta, c, ldc
+)
+_N, _T = np.int8(ord("N")), np.int8(ord("T"))
+_KIND = {np.dtype(np.float32): np.int8(ord("s")), np.dtype(np.float64): np.int8(ord("d"))}
+
+
+@njit(**_PJIT)
+def _bmm_blas(a, ta, m, tm, coef, kind, M, N, K):
+    """c (B, M, N) = coef[0] op(a) @ op(m): one single-threaded gemm per batch entry.
+
+    a is (B, M, K), or (B, K, M) when ta == 'T'; m is (B, K, N), or (B, N, K) when tm == 'T';
+    all C-contiguous. BLAS is column-major, so it computes c^T = op(m)^T op(a)^T.
+    """
+    B = a.shape[0]
+    c = np.empty((B, M, N), dtype=a.dtype)
+    lda = a.shape[2]
+    ldm = m.shape[2]
+    beta = coef[1:]  # 0
+    for b in prange(B):
+        _XGEMM(kind, tm, ta, N, M, K, coef.ctypes, m[b].ctypes, ldm, a[b].ctypes, lda,
+               beta.ctypes, c[b].ctypes, N)
+    return c
+
+
+@njit(**_PJIT)
+def _bmm_loops(a, m, scale):
+    """c (B, M, N) = scale * a (B, M, K) @ m (B, K, N), all C-contiguous: the fallback without
+    BLAS.
+
+    Four rows of c at a time take four rows of m at a time; the innermost loop runs along a
+    contiguous row of m and of c, which LLVM vectorises.
+    """
+    B, M, K = a.shape
+    N = m.shape[2]
+    c = np.zeros((B, M, N), dtype=a.dtype)
+    for b in prange(B):
+        ab = a[b]
+        mb = m[b]
+        cb = c[b]
+        i = 0
+        while i < M:
+            if i + 4 <= M:
+                c0, c1, c2, c3 = cb[i], cb[i + 1], cb[i + 2], cb[i + 3]
+                a0, a1, a2, a3 = ab[i], ab[i + 1], ab[i + 2], ab[i + 3]
+                j = 0
+                while j + 4 <= K:
+                    m0, m1, m2, m3 = mb[j], mb[j + 1], mb[j + 2], mb[j + 3]
+                    w00, w01, w02, w03 = a0[j], a0[j + 1], a0[j + 2], a0[j + 3]
+                    w10, w11, w12, w13 = a1[j], a1[j + 1], a1[j + 2], a1[j + 3]
+                    w20, w21, w22, w23 = a2[j], a2[j + 1], a2[j + 2], a2[j + 3]
+                    w30, w31, w32, w33 = a3[j], a3[j + 1], a3[j + 2], a3[j + 3]
+                    for n in range(N):
+                        x0, x1, x2, x3 = m0[n], m1[n], m2[n], m3[n]
+                        c0[n] += w00 * x0 + w01 * x1 + w02 * x2 + w03 * x3
+                        c1[n] += w10 * x0 + w11 * x1 + w12 * x2 + w13 * x3
+                        c2[n] += w20 * x0 + w21 * x1 + w22 * x2 + w23 * x3
+                        c3[n] += w30 * x0 + w31 * x1 + w32 * x2 + w33 * x3
+                    j += 4
+                while j < K:
+                    mj = mb[j]
+                    w0, w1, w2, w3 = a0[j], a1[j], a2[j], a3[j]
+                    for n in range(N):
+                        x = mj[n]
+                        c0[n] += w0 * x
+                        c1[n] += w1 * x
+                        c2[n] += w2 * x
+                        c3[n] += w3 * x
+                    j += 1
+                i += 4
+            else:
+                ci = cb[i]
+                for j in range(K):
+                    w = ab[i, j]
+                    mj = mb[j]
+                    for n in range(N):
+                        ci[n] += w * mj[n]
+                i += 1
+        cf = cb.reshape(-1)
+        for n in range(cf.size):
+            cf[n] *= scale
+    return c
+
+
+def _bmm(a, ta, m, tm, alpha=1.0):
+    """alpha op(a) @ op(m) for each batch entry, op(x) = x.T (the last two axes) when the flag
+    is set; BLAS when use_blas, else the loop kernel on contiguous transposed copies."""
+    M = a.shape[2] if ta else a.shape[1]
+    K = a.shape[1] if ta else a.shape[2]
+    N = m.shape[1] if tm else m.shape[2]
+    dtype = a.dtype
+    if M == 0 or N == 0 or K == 0 or a.shape[0] == 0:
+        return np.zeros((a.shape[0], M, N), dtype=dtype)
+    if use_blas:
+        coef = np.array([alpha, 0.0], dtype=dtype)
+        with _OneBlasThread():
+            return _bmm_blas(a, _T if ta else _N, m, _T if tm else _N, coef, _KIND[dtype],
+                             M, N, K)
+    if ta:
+        a = np.ascontiguousarray(a.transpose(0, 2, 1))
+    if tm:
+        m = np.ascontiguousarray(m.transpose(0, 2, 1))
+    return _bmm_loops(a, m, dtype.type(alpha))
+
+
+def weighted_sum_forward(score, value):
+    """z[b, i] = sum_j score[b, i, j] value[b, j].
+
+    score (B, Tq, Tk), value (B, Tk, d) -> z (B, Tq, d).
+    """
+    return _bmm(score, False, value, False)
+
+
+def weighted_sum_backward(dz, score, value):
+    """dscore = dz value^T (B, Tq, Tk), dvalue = score^T dz (B, Tk, d); see kernels.loop."""
+    return _bmm(dz, False, value, True), _bmm(score, True, dz, False)
+
+
+def scores_forward(q, k, scale):
+    """s[b, i, j] = scale * q[b, i] . k[b, j]. q (B, Tq, d), k (B, Tk, d) -> s (B, Tq, Tk)."""
+    return _bmm(q, False, k, True, scale)
+
+
+def scores_backward(ds, q, k, scale):
+    """dq = scale ds k (B, Tq, d), dk = scale ds^T q (B, Tk, d); see kernels.loop."""
+    return _bmm(ds, False, k, False, scale), _bmm(ds, True, q, False, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# embedding scatter-add
+
+_COLUMN_BLOCK = 16  # columns of dW per task: one or two SIMD registers
+
+
+@njit(**_PJIT)
+def _embedding_backward(idx, dout, V):
+    NT = idx.size
+    D = dout.shape[2]
+    rows = idx.reshape(-1)  # (N*T,)
+    src = dout.reshape(NT, D)  # (N*T, D)
+    dW = np.zeros((V, D), dtype=dout.dtype)
+    n_blocks = (D + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK
+    for blk in prange(n_blocks):  # each task owns the columns [c0, c1) of every row of dW
+        c0 = blk * _COLUMN_BLOCK
+        c1 = min(c0 + _COLUMN_BLOCK, D)
+        for r in range(NT):
+            dst = dW[rows[r]]
+            s = src[r]
+            for c in range(c0, c1):
+                dst[c] += s[c]
+    return dW
+
+
+def embedding_backward(idx, dout, V):
+    """Scatter-add: dW[idx[n, t]] += dout[n, t]. idx (N, T) int, dout (N, T, D) -> dW (V, D)."""
+    if idx.dtype != np.intp or not idx.flags.c_contiguous:
+        idx = np.ascontiguousarray(idx, dtype=np.intp)
+    return _embedding_backward(idx, dout, int(V))

@@ -1,0 +1,45 @@
+"""Shared pytest fixtures: a seeded random generator, the backends, the dtypes and their
+comparison tolerances.
+
+A test that parametrizes ``backend`` or ``dtype`` itself overrides the fixture of that name;
+``tol`` then follows the test's own ``dtype``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import BACKENDS
+
+DTYPES = (np.float32, np.float64)
+
+#: Tolerances (rtol, atol) for comparing a result with a float64 reference, per dtype.
+TOLERANCES = {
+    np.dtype(np.float32): {"rtol": 1e-4, "atol": 1e-5},
+    np.dtype(np.float64): {"rtol": 1e-10, "atol": 1e-12},
+}
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator with a fixed seed: each test sees the same numbers on every run."""
+    return np.random.default_rng(20240611)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each backend name in turn: "loop", "vectorized", "numba"."""
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda t: np.dtype(t).name)
+def dtype(request):
+    """float32, then float64."""
+    return request.param
+
+
+@pytest.fixture
+def tol(dtype):
+    """``{"rtol": ..., "atol": ...}`` for ``dtype``, for ``np.testing.assert_allclose(**tol)``."""
+    return TOLERANCES[np.dtype(dtype)]

@@ -1,0 +1,384 @@
+"""Every kernel of every backend against the loop reference, and the loop reference itself
+against independent float64 NumPy formulas and central differences.
+
+Tolerances (``conftest.TOLERANCES``): float64 rtol 1e-10 atol 1e-12, float32 rtol 1e-4
+atol 1e-5. Inputs are drawn in float64 and cast, so the loop reference (which sums in Python
+floats) and the kernel under test see the same numbers. Shapes are tiny: the loop backend is
+slow on purpose.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+import kernels
+from kernels import numba_backend
+from kernels._fastexp import FASTMATH, fast_exp
+
+FAST = ("vectorized", "numba")
+UNFUSED = (
+    "softmax_forward",
+    "softmax_backward",
+    "weighted_sum_forward",
+    "weighted_sum_backward",
+    "scores_forward",
+    "scores_backward",
+    "embedding_backward",
+)
+MATMUL = ("weighted_sum_forward", "weighted_sum_backward", "scores_forward", "scores_backward")
+
+# (B, Tq, Tk, d): T=1 both ways, Tq != Tk, and sizes that are not multiples of 4
+SHAPES = [(1, 1, 1, 1), (2, 1, 6, 3), (3, 4, 7, 5), (2, 9, 9, 2), (2, 5, 1, 4)]
+SCALE = 0.37
+V = 6  # vocabulary of the embedding tests
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _inputs(name, shape, dtype, rng):
+    """Arguments for kernel ``name`` at (B, Tq, Tk, d), float arrays in ``dtype``."""
+    B, Tq, Tk, d = shape
+
+    def a(*s):
+        return rng.standard_normal(s).astype(dtype)
+
+    if name == "softmax_forward":
+        x = 2 * a(B, Tq, Tk)
+        x[0, 0, :] = -np.inf  # a row with nothing to attend to
+        if Tk > 1:
+            x[-1, -1, 0] = -np.inf  # one masked entry
+        return (x,)
+    if name == "softmax_backward":
+        y = rng.random((B, Tq, Tk))
+        return a(B, Tq, Tk), (y / y.sum(-1, keepdims=True)).astype(dtype)
+    if name == "weighted_sum_forward":
+        return a(B, Tq, Tk), a(B, Tk, d)
+    if name == "weighted_sum_backward":
+        return a(B, Tq, d), a(B, Tq, Tk), a(B, Tk, d)
+    if name == "scores_forward":
+        return a(B, Tq, d), a(B, Tk, d), SCALE
+    if name == "scores_backward":
+        return a(B, Tq, Tk), a(B, Tq, d), a(B, Tk, d), SCALE
+    if name == "embedding_backward":
+        D = 40 if d == 5 else d  # 40: more than one 16-column block in the numba kernel
+        return rng.integers(0, V, size=(B, Tq)), a(B, Tq, D), V
+    raise AssertionError(name)
+
+
+def _reference64(name, args):
+    """The kernel's math written independently in float64 NumPy."""
+    f = [np.asarray(x, dtype=np.float64) if isinstance(x, np.ndarray) and x.dtype.kind == "f"
+         else x for x in args]
+    if name == "softmax_forward":
+        (x,) = f
+        m = x.max(-1, keepdims=True)
+        e = np.exp(x - np.where(np.isneginf(m), 0.0, m))
+        s = e.sum(-1, keepdims=True)
+        return (np.divide(e, s, out=np.zeros_like(e), where=s > 0),)
+    if name == "softmax_backward":
+        dy, y = f
+        return (y * dy - y * (y * dy).sum(-1, keepdims=True),)
+    if name == "weighted_sum_forward":
+        score, value = f
+        return (np.einsum("bij,bjc->bic", score, value),)
+    if name == "weighted_sum_backward":
+        dz, score, value = f
+        return np.einsum("bic,bjc->bij", dz, value), np.einsum("bij,bic->bjc", score, dz)
+    if name == "scores_forward":
+        q, k, scale = f
+        return (scale * np.einsum("bic,bjc->bij", q, k),)
+    if name == "scores_backward":
+        ds, q, k, scale = f
+        return scale * np.einsum("bij,bjc->bic", ds, k), scale * np.einsum("bij,bic->bjc", ds, q)
+    if name == "embedding_backward":
+        idx, dout, n_rows = f
+        dW = np.zeros((n_rows, dout.shape[2]))
+        np.add.at(dW, idx, dout)
+        return (dW,)
+    raise AssertionError(name)
+
+
+def _assert_results(got, want, dtype, tol):
+    got, want = _as_tuple(got), _as_tuple(want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert isinstance(g, np.ndarray) and g.dtype == np.dtype(dtype)
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, **tol)
+
+
+# --------------------------------------------------------------------------------------------
+# unfused kernels
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", UNFUSED)
+def test_loop_reference_matches_float64_formula(name, shape, dtype, tol, rng):
+    args = _inputs(name, shape, dtype, rng)
+    _assert_results(kernels.get(name, "loop")(*args), _reference64(name, args), dtype, tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("name", UNFUSED)
+def test_fast_backends_match_loop(name, backend, shape, dtype, tol, rng):
+    args = _inputs(name, shape, dtype, rng)
+    want = kernels.get(name, "loop")(*args)
+    _assert_results(kernels.get(name, backend)(*args), want, dtype, tol)
+
+
+@pytest.mark.parametrize("name", MATMUL)
+def test_numba_loop_fallback_matches_loop(name, dtype, tol, rng, monkeypatch):
+    """The register-blocked loops that replace BLAS when SciPy is missing."""
+    monkeypatch.setattr(numba_backend, "use_blas", False)
+    for shape in [(2, 9, 9, 5), (1, 1, 6, 3), (2, 5, 4, 1)]:
+        args = _inputs(name, shape, dtype, rng)
+        want = kernels.get(name, "loop")(*args)
+        _assert_results(getattr(numba_backend, name)(*args), want, dtype, tol)
+
+
+def test_softmax_of_all_minus_inf_rows_is_zero(rng):
+    x = np.full((2, 3, 4), -np.inf, dtype=np.float32)
+    x[1, 2] = rng.standard_normal(4)
+    for backend in kernels.BACKENDS:
+        y = kernels.get("softmax_forward", backend)(x)
+        assert not np.isnan(y).any()
+        assert np.all(y[0] == 0) and np.all(y[1, :2] == 0), backend
+        np.testing.assert_allclose(y[1, 2].sum(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_embedding_backward_accepts_int32_and_int64_ids(idx_dtype, rng):
+    idx = rng.integers(0, V, size=(3, 5)).astype(idx_dtype)
+    dout = rng.standard_normal((3, 5, 4))
+    want = kernels.get("embedding_backward", "loop")(idx, dout, V)
+    for backend in FAST:
+        got = kernels.get("embedding_backward", backend)(idx, dout, V)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# fused attention
+
+# (B, Tq, Tk, d, dv)
+ATT_SHAPES = [(2, 3, 5, 4, 3), (1, 1, 1, 2, 2), (3, 6, 6, 2, 5), (2, 7, 4, 3, 1)]
+
+
+def _mask(kind, B, Tq, Tk, rng):
+    """A compact boolean mask as fastattn._checks.bool_mask gives it, or None."""
+    if kind is None:
+        return None
+    shapes = {"keys": (B, 1, Tk), "full": (B, Tq, Tk), "shared": (1, Tq, Tk), "keys1": (1, 1, Tk)}
+    m = rng.random(shapes[kind]) < 0.7
+    m[..., 0] = True  # every row (also causal ones) keeps key 0 ...
+    if kind == "full" and Tq > 1:
+        m[-1, -1, :] = False  # ... but one row of the full mask has nothing to attend to
+    return m
+
+
+def _attention64(q, k, v, dout, scale, causal, mask):
+    """out, lse and dq, dk, dv by the textbook formulas, in float64, with an explicit P."""
+    q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
+    B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
+    allowed = np.ones((B, Tq, Tk), dtype=bool)
+    if causal:
+        allowed &= np.arange(Tk)[None, None, :] <= np.arange(Tq)[None, :, None]
+    if mask is not None:
+        allowed &= np.broadcast_to(mask, (B, Tq, Tk))
+    s = np.where(allowed, scale * np.einsum("bic,bjc->bij", q, k), -np.inf)
+    m = s.max(-1, keepdims=True)
+    empty = np.isneginf(m)
+    e = np.exp(s - np.where(empty, 0.0, m))
+    total = e.sum(-1, keepdims=True)
+    p = np.where(empty, 0.0, e / np.where(empty, 1.0, total))
+    out = p @ v
+    with np.errstate(divide="ignore"):
+        lse = np.where(empty, -np.inf, m + np.log(total))[..., 0]
+    dp = dout @ v.transpose(0, 2, 1)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+    dq = scale * ds @ k
+    dk = scale * ds.transpose(0, 2, 1) @ q
+    dv = p.transpose(0, 2, 1) @ dout
+    return out, lse, dq, dk, dv
+
+
+def _attention_case(shape, dtype, rng, kind, causal):
+    B, Tq, Tk, d, dv = shape
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((B, Tq, d), (B, Tk, d), (B, Tk, dv)))
+    dout = rng.standard_normal((B, Tq, dv)).astype(dtype)
+    return q, k, v, dout, 1.0 / np.sqrt(d), causal, _mask(kind, B, Tq, Tk, rng)
+
+
+def _assert_lse(got, want, tol):
+    assert np.array_equal(np.isneginf(got), np.isneginf(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], **tol)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", [None, "keys", "full", "shared", "keys1"])
+@pytest.mark.parametrize("shape", ATT_SHAPES, ids=str)
+def test_loop_attention_matches_float64_formula(shape, kind, causal, dtype, tol, rng):
+    q, k, v, dout, scale, causal, mask = _attention_case(shape, dtype, rng, kind, causal)
+    out, lse = kernels.get("attention_forward", "loop")(q, k, v, scale, causal, mask)
+    grads = kernels.get("attention_backward", "loop")(dout, q, k, v, out, lse, scale, causal, mask)
+    w_out, w_lse, *w_grads = _attention64(q, k, v, dout, scale, causal, mask)
+    _assert_results(out, w_out, dtype, tol)
+    assert lse.dtype == np.dtype(dtype)
+    _assert_lse(lse, w_lse, tol)
+    _assert_results(grads, tuple(w_grads), dtype, tol)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", [None, "keys", "full", "shared", "keys1"])
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", ATT_SHAPES, ids=str)
+def test_fast_attention_matches_loop(shape, backend, kind, causal, dtype, tol, rng):
+    q, k, v, dout, scale, causal, mask = _attention_case(shape, dtype, rng, kind, causal)
+    out, lse = kernels.get("attention_forward", "loop")(q, k, v, scale, causal, mask)
+    want = kernels.get("attention_backward", "loop")(dout, q, k, v, out, lse, scale, causal, mask)
+    f_out, f_lse = kernels.get("attention_forward", backend)(q, k, v, scale, causal, mask)
+    _assert_results(f_out, out, dtype, tol)
+    assert f_lse.dtype == np.dtype(dtype)
+    _assert_lse(f_lse, lse, tol)
+    # the backward gets the reference's out and lse, so it is checked on its own
+    got = kernels.get("attention_backward", backend)(dout, q, k, v, out, lse, scale, causal, mask)
+    _assert_results(got, want, dtype, tol)
+
+
+def test_fully_masked_rows_give_zeros_minus_inf_and_zero_gradients(backend, dtype, rng):
+    B, Tq, Tk, d = 2, 4, 5, 3
+    q, k, v, dout = (rng.standard_normal(s).astype(dtype)
+                     for s in ((B, Tq, d), (B, Tk, d), (B, Tk, d), (B, Tq, d)))
+    mask = np.ones((B, Tq, Tk), dtype=bool)
+    mask[0, 1, :] = False  # row (0, 1): nothing at all
+    mask[1, :, 0] = False  # with causal, row (1, 0) may only see key 0: nothing either
+    fwd = kernels.get("attention_forward", backend)
+    bwd = kernels.get("attention_backward", backend)
+    out, lse = fwd(q, k, v, 0.5, True, mask)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, 0.5, True, mask)
+    for x in (out, dq, dk, dv):
+        assert not np.isnan(x).any()
+    for b, i in [(0, 1), (1, 0)]:
+        assert np.all(out[b, i] == 0) and lse[b, i] == -np.inf and np.all(dq[b, i] == 0)
+    assert np.isfinite(lse[0, 0]) and np.isfinite(lse[1, 1])
+    # the empty rows contribute nothing to dk, dv: zeroing their dout changes nothing
+    dout2 = dout.copy()
+    dout2[0, 1] = 0
+    dout2[1, 0] = 0
+    _, dk2, dv2 = bwd(dout2, q, k, v, out, lse, 0.5, True, mask)
+    np.testing.assert_array_equal(dk, dk2)
+    np.testing.assert_array_equal(dv, dv2)
+
+
+def test_loop_attention_gradients_match_central_differences(rng):
+    B, Tq, Tk, d, dv = 2, 3, 4, 2, 3
+    q, k, v = (rng.standard_normal(s) for s in ((B, Tq, d), (B, Tk, d), (B, Tk, dv)))
+    w = rng.standard_normal((B, Tq, dv))  # loss = sum(out * w), so dout = w
+    mask = rng.random((B, 1, Tk)) < 0.7
+    mask[..., 0] = True
+    fwd = kernels.get("attention_forward", "loop")
+    scale = 0.6
+
+    def loss():
+        return float(np.sum(fwd(q, k, v, scale, True, mask)[0] * w))
+
+    out, lse = fwd(q, k, v, scale, True, mask)
+    grads = kernels.get("attention_backward", "loop")(w, q, k, v, out, lse, scale, True, mask)
+    h = 1e-6
+    for x, g in zip((q, k, v), grads, strict=True):
+        num = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            old = x[i]
+            x[i] = old + h
+            up = loss()
+            x[i] = old - h
+            down = loss()
+            x[i] = old
+            num[i] = (up - down) / (2 * h)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# the registry, determinism, fast_exp
+
+
+def test_get_raises_value_error_on_unknown_names():
+    with pytest.raises(ValueError, match="softmax_forward"):
+        kernels.get("no_such_kernel", "loop")
+    with pytest.raises(ValueError, match="vectorized"):
+        kernels.get("softmax_forward", "cuda")
+
+
+def test_every_backend_module_defines_every_kernel():
+    for backend in kernels.BACKENDS:
+        for name in kernels.KERNEL_NAMES:
+            assert callable(kernels.get(name, backend))
+
+
+def test_numba_kernels_are_bitwise_deterministic(rng):
+    """Two calls with the same inputs give the same bits (B large enough for every thread)."""
+    shape = (16, 9, 11, 8)
+    for name in UNFUSED:
+        args = _inputs(name, shape, np.float32, rng)
+        first = _as_tuple(kernels.get(name, "numba")(*args))
+        second = _as_tuple(kernels.get(name, "numba")(*args))
+        for a, b in zip(first, second, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    q, k, v, dout, scale, causal, mask = _attention_case((16, 9, 11, 8, 8), np.float32, rng,
+                                                         "keys", True)
+    fwd = kernels.get("attention_forward", "numba")
+    bwd = kernels.get("attention_backward", "numba")
+    runs = []
+    for _ in range(2):
+        out, lse = fwd(q, k, v, scale, causal, mask)
+        runs.append((out, lse, *bwd(dout, q, k, v, out, lse, scale, causal, mask)))
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _fast_exp_array(x):
+    y = np.empty_like(x)
+    for i in range(x.size):
+        y[i] = fast_exp(x[i])
+    return y
+
+
+def _ulp_distance(a, b):
+    """Distance in units in the last place between two arrays of one float dtype."""
+    ints = {4: np.int32, 8: np.int64}[a.dtype.itemsize]
+    ia, ib = a.view(ints).astype(np.int64), b.view(ints).astype(np.int64)
+    ia = np.where(ia < 0, np.iinfo(ints).min - ia, ia)  # sign-magnitude to a monotone scale
+    ib = np.where(ib < 0, np.iinfo(ints).min - ib, ib)
+    return np.abs(ia - ib)
+
+
+@pytest.mark.parametrize("dtype, lo, hi", [(np.float32, -110.0, 90.0), (np.float64, -750.0, 712.0)])
+def test_fast_exp_is_within_one_ulp_of_exp(dtype, lo, hi):
+    x = np.linspace(lo, hi, 400_001).astype(dtype)
+    got = _fast_exp_array(x)
+    with np.errstate(over="ignore"):
+        want = np.exp(x.astype(np.float64)).astype(dtype)  # float32: correctly rounded
+    tiny = np.finfo(dtype).tiny
+    normal = (want >= tiny) & np.isfinite(want)
+    assert _ulp_distance(got[normal], want[normal]).max() <= 1
+    # subnormal results: absolute error within a subnormal step or two
+    sub = want < tiny
+    step = np.finfo(dtype).smallest_subnormal
+    assert np.abs(got[sub].astype(np.float64) - want[sub]).max() <= 2 * step
+    assert np.all(got[np.isinf(want)] == np.inf)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_exp_special_values(dtype):
+    x = np.array([-np.inf, -1e30, -1e4, -0.0, 0.0, np.inf, np.nan, 1e30], dtype=dtype)
+    with np.errstate(over="ignore"):
+        got = _fast_exp_array(x)
+    np.testing.assert_array_equal(got[:3], 0)  # -inf and far below the range: exactly 0
+    np.testing.assert_array_equal(got[3:5], 1)
+    assert got[5] == np.inf and np.isnan(got[6]) and got[7] == np.inf
