@@ -22,8 +22,10 @@ What the backends mean here:
 All backends give the same numbers up to float rounding, for the outputs and all gradients.
 
 Inputs are float32 or float64 (one dtype per layer call); a wrong dtype raises TypeError,
-a wrong shape ValueError naming the argument. ``backward`` before ``forward`` raises
-RuntimeError. These layers have no weights: ``params`` and ``grads`` are empty lists.
+a wrong or empty shape ValueError naming the argument. NaN and inf are not checked for: they
+propagate as in the book (the kernels here never index by value). ``backward`` before
+``forward`` raises RuntimeError. These layers have no weights: ``params`` and ``grads`` are
+empty lists.
 """
 
 from __future__ import annotations
