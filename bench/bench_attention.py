@@ -1,0 +1,240 @@
+"""Benchmarks of the fused attention forward+backward: numba vs vectorized vs PyTorch (vs loop).
+
+One group per shape, so that pytest-benchmark's table compares the contenders on the same
+inputs (float32, q, k, v of shape (B, T, d), Tq = Tk = T, no mask):
+
+* ``numba`` and ``vectorized``: ``kernels.get("attention_forward"/"attention_backward", ...)``;
+* ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` forward, then
+  ``torch.autograd.grad`` for dq, dk, dv (skipped when torch is not installed); torch runs
+  with its default thread count, which is the number of cores, like Numba;
+* ``loop`` (the reference) at a tiny shape only.
+
+Shapes: the date task's (128, 29, 64) and (256, 128, 64), plus (32, 512, 64) and
+(8, 2048, 64) when the environment variable ``FASTATTN_BENCH_FULL=1`` is set, and causal
+variants. ``test_sgemm_peak`` times a large float32 ``np.dot`` in the same run, the machine's
+matrix-product peak to compare GFLOP/s with. ``test_peak_memory`` (full runs only) measures
+the extra memory of forward+backward at B=8, T=8192, d=64 in a fresh process.
+
+Every contender is checked against the vectorized kernel in float64 (on the first batch
+entries) before it is warmed up and timed. ``extra_info`` carries GFLOP/s at the minimum time,
+counting 4 B T^2 d flops for the forward and 10 B T^2 d for the backward (half for causal).
+
+Run::
+
+    python -m pytest bench/bench_attention.py --benchmark-only \
+        --benchmark-columns=min,median --benchmark-sort=name
+    FASTATTN_BENCH_FULL=1 fastattn bench --filter attention   # all shapes, ratios table
+    python bench/bench_attention.py memory 8 8192 64            # peak extra memory, as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import kernels
+
+FULL = os.environ.get("FASTATTN_BENCH_FULL") == "1"
+DTYPE = np.float32
+CHECK = {"rtol": 2e-4, "atol": 2e-5}  # float32 against float64, inputs of order 1
+CHECK_BATCH = 2  # batch entries compared with the float64 reference
+
+# (B, T, d, causal)
+SHAPES = [(128, 29, 64, False), (256, 128, 64, False), (256, 128, 64, True)]
+if FULL:
+    SHAPES += [(32, 512, 64, False), (8, 2048, 64, False), (32, 512, 64, True)]
+TINY = (4, 16, 8, False)  # the only shape the loop reference runs at
+CONTENDERS = ("numba", "vectorized", "torch")
+SLOW_VECTORIZED_T = 2048  # vectorized materialises (B, T, T): a few rounds only from here
+
+
+def _flops(B, T, d, causal):
+    """Forward 4 B T^2 d plus backward 10 B T^2 d; half with causal."""
+    return 14 * B * T * T * d // (2 if causal else 1)
+
+
+def _inputs(B, T, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((B, T, d)).astype(DTYPE) for _ in range(4))  # q k v dout
+
+
+def _kernel_fwd_bwd(backend):
+    fwd = kernels.get("attention_forward", backend)
+    bwd = kernels.get("attention_backward", backend)
+
+    def run(q, k, v, dout, causal):
+        scale = 1.0 / np.sqrt(q.shape[-1])
+        out, lse = fwd(q, k, v, scale, causal, None)
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, scale, causal, None)
+        return out, dq, dk, dv
+
+    return run
+
+
+def _torch_fwd_bwd():
+    torch = pytest.importorskip("torch")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run(q, k, v, dout, causal):
+        tq, tk, tv = (torch.from_numpy(a).requires_grad_(True) for a in (q, k, v))
+        out = sdpa(tq, tk, tv, is_causal=causal)
+        grads = torch.autograd.grad(out, (tq, tk, tv), torch.from_numpy(dout))
+        return (out.detach().numpy(), *(g.numpy() for g in grads))
+
+    return run, torch.get_num_threads()
+
+
+def _contender(name):
+    """(fwd+bwd function of q, k, v, dout, causal -> out, dq, dk, dv; its thread count)."""
+    if name == "torch":
+        return _torch_fwd_bwd()
+    threads = 1
+    if name == "numba":
+        import numba
+
+        threads = numba.get_num_threads()
+    return _kernel_fwd_bwd(name), threads
+
+
+def _check(run, args, causal):
+    """run's results on the first batch entries against the vectorized kernels in float64."""
+    part = [a[:CHECK_BATCH] for a in args]
+    got = run(*part, causal)
+    want = _kernel_fwd_bwd("vectorized")(*(a.astype(np.float64) for a in part), causal)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert g.dtype == DTYPE, name
+        np.testing.assert_allclose(g, w, err_msg=name, **CHECK)
+
+
+def _warm_up(benchmark, fn, args, seconds=0.3):
+    """Run fn untimed for a while (at least once): compiled, caches and thread pools warm."""
+    if benchmark.enabled:
+        end = time.perf_counter() + seconds
+        fn(*args)
+        while time.perf_counter() < end:
+            fn(*args)
+
+
+def _record(benchmark, flops, threads):
+    benchmark.extra_info["flop"] = flops
+    benchmark.extra_info["threads"] = threads
+    if benchmark.enabled and benchmark.stats is not None:
+        benchmark.extra_info["GFLOP/s"] = round(flops / benchmark.stats.stats.min / 1e9, 1)
+
+
+def _group(B, T, d, causal):
+    return f"attention fwd+bwd (B={B}, T={T}, d={d}{', causal' if causal else ''}, float32)"
+
+
+def _cases():
+    for B, T, d, causal in SHAPES:
+        for name in CONTENDERS:
+            yield pytest.param(B, T, d, causal, name,
+                               id=f"B{B}-T{T}-d{d}{'-causal' if causal else ''}-{name}")
+    for name in ("loop", *CONTENDERS):
+        yield pytest.param(*TINY, name, id=f"tiny-{name}")
+
+
+@pytest.mark.parametrize("B, T, d, causal, name", list(_cases()))
+def test_attention_fwd_bwd(benchmark, B, T, d, causal, name):
+    benchmark.group = _group(B, T, d, causal)
+    run, threads = _contender(name)
+    args = _inputs(B, T, d)
+    _check(run, args, causal)
+    call = (*args, causal)
+    if name == "loop" or (name == "vectorized" and T >= SLOW_VECTORIZED_T):
+        benchmark.pedantic(run, call, rounds=3, iterations=1, warmup_rounds=1)
+    else:
+        _warm_up(benchmark, run, call)
+        benchmark(run, *call)
+    _record(benchmark, _flops(B, T, d, causal), threads)
+
+
+def test_sgemm_peak(benchmark):
+    """The machine's float32 matrix-product rate: np.dot of two 2048 x 2048 matrices, all
+    BLAS threads."""
+    benchmark.group = "machine: sgemm peak (float32 np.dot 2048^3)"
+    n = 2048
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(DTYPE) for _ in range(2))
+    np.testing.assert_allclose(np.dot(a[:4], b)[:, :4], a[:4].astype(np.float64) @ b[:, :4],
+                               rtol=1e-4, atol=1e-2)
+    _warm_up(benchmark, np.dot, (a, b))
+    benchmark(np.dot, a, b)
+    from threadpoolctl import threadpool_info
+
+    threads = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
+                  default=1)
+    _record(benchmark, 2 * n**3, threads)
+
+
+# ---- peak memory ------------------------------------------------------------------------------
+
+MEMORY_SHAPE = (8, 8192, 64)
+MEMORY_LIMIT = 64 * 2**20  # extra bytes allowed beyond inputs and outputs
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def measure_memory(B, T, d, backend="numba"):
+    """Peak resident memory of fastattn.attention_forward + attention_backward beyond the
+    inputs and outputs, in a process of its own (Linux: the peak is reset through
+    /proc/self/clear_refs). Returns a dict of byte counts and seconds."""
+    import fastattn
+
+    q, k, v, dout = _inputs(1, 64, d)  # compile / load the kernels and start thread pools
+    out, lse = fastattn.attention_forward(q, k, v, backend=backend)
+    fastattn.attention_backward(dout, q, k, v, out, lse, backend=backend)
+    del q, k, v, dout, out, lse
+    q, k, v, dout = _inputs(B, T, d)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size to the current one
+    base = _status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    out, lse = fastattn.attention_forward(q, k, v, backend=backend)
+    grads = fastattn.attention_backward(dout, q, k, v, out, lse, backend=backend)
+    seconds = time.perf_counter() - t0
+    peak = _status_bytes("VmHWM")
+    outputs = out.nbytes + lse.nbytes + sum(g.nbytes for g in grads)
+    return {"shape": [B, T, d], "backend": backend, "peak_rss_growth": peak - base,
+            "outputs": outputs, "extra": peak - base - outputs, "seconds": round(seconds, 3),
+            "scores_matrix": B * T * T * np.dtype(DTYPE).itemsize}
+
+
+@pytest.mark.skipif(not FULL, reason="set FASTATTN_BENCH_FULL=1 (runs B=8, T=8192)")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def test_peak_memory(benchmark):
+    """At B=8, T=8192, d=64 the fused kernels need <= 64 MiB beyond inputs and outputs (the
+    score matrix alone would be 2 GiB)."""
+    benchmark.group = "memory: attention fwd+bwd (B=8, T=8192, d=64)"
+    cmd = [sys.executable, os.path.abspath(__file__), "memory", *map(str, MEMORY_SHAPE)]
+
+    def measure():
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    result = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    benchmark.extra_info["extra_MiB"] = round(result["extra"] / 2**20, 1)
+    assert result["extra"] <= MEMORY_LIMIT, result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "memory":
+        shape = tuple(int(x) for x in sys.argv[2:5]) or MEMORY_SHAPE
+        print(json.dumps(measure_memory(*shape)))
+    else:
+        print("usage: python bench/bench_attention.py memory [B T d]", file=sys.stderr)
+        sys.exit(2)
