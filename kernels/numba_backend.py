@@ -12,12 +12,14 @@ How the kernels are built:
   exponentials are taken in one long pass over the whole contiguous (Tq, Tk) block with
   :func:`kernels._fastexp.fast_exp` (which LLVM vectorises; ``np.exp`` inside ``@njit`` is a
   scalar libm call), then each row is normalised. An all ``-inf`` row gives zeros.
-* ``weighted_sum_*`` and ``scores_*`` are small matrix products per batch element. With SciPy
-  installed they call BLAS through ``np.dot`` inside ``prange`` (one single-threaded gemm per
-  batch element and per thread for these small shapes); without SciPy they fall back to a
-  register-blocked loop kernel, which is about half as fast.
-* ``embedding_backward``: threads own disjoint column blocks of dW, so the scatter-add has no
-  races, needs no partial copies, and sums in the same order whatever the thread count.
+* ``weighted_sum_*`` and ``scores_*`` are small matrix products per batch element, all six
+  done by one kernel: with SciPy and threadpoolctl installed, one BLAS gemm per batch entry
+  inside ``prange`` (Numba's own gemm entry point, the one ``np.dot`` uses, with the
+  transposes and the scale folded in), BLAS held at one thread meanwhile; without them a
+  register-blocked loop kernel, about half as fast.
+* ``embedding_backward``: small scatter-adds run on one thread; large ones split the rows of
+  dW (token ids) between threads, each scanning all ids, so there are no races, no partial
+  copies of dW, and every row sums in the same order whatever the thread count.
 * ``attention_forward``/``attention_backward`` come from ``kernels._flash``.
 
 Every kernel writes each output element from one thread in a fixed order, so results are
@@ -32,7 +34,7 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 
 from kernels._fastexp import FASTMATH, fast_exp
 from kernels._flash import attention_backward, attention_forward
@@ -59,22 +61,41 @@ HAVE_BLAS = all(importlib.util.find_spec(m) is not None for m in ("scipy", "thre
 #: the loop fallback.
 use_blas = HAVE_BLAS
 
-_blas_pools = None  # threadpoolctl controllers of the loaded BLAS libraries, found on first use
+_blas_pools = None  # threadpoolctl controllers of the BLAS that np.dot in @njit calls
+
+
+def _find_blas_pools():
+    """The BLAS libraries to hold at one thread: SciPy's own when it ships one, else all."""
+    import os
+
+    import scipy
+    from numba.np.linalg import ensure_blas
+    from threadpoolctl import ThreadpoolController
+
+    ensure_blas()  # imports scipy.linalg.cython_blas: its BLAS is loaded from here on
+    libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    here = os.path.realpath(os.path.dirname(scipy.__file__))
+    own = [lib for lib in libs if os.path.realpath(lib.filepath).startswith(here)]
+    return own or list(libs)
 
 
 class _OneBlasThread:
-    """Within the block every BLAS library runs one thread (the kernels' own threads call it in
-    parallel); the previous settings come back on exit. OpenMP and other pools are untouched."""
+    """Within the block BLAS runs one thread (the kernels' own threads call it in parallel;
+    BLAS threads started from inside that parallel loop make each call take milliseconds);
+    the previous setting comes back on exit. OpenMP and other pools are untouched. A no-op
+    when the kernels do not use BLAS or when there are fewer batch entries than threads
+    (then ``_bmm`` leaves the threads to BLAS)."""
+
+    def __init__(self, batch):
+        self.batch = batch
 
     def __enter__(self):
         global _blas_pools
-        if _blas_pools is None:
-            from numba.np.linalg import ensure_blas
-            from threadpoolctl import ThreadpoolController
-
-            ensure_blas()  # imports scipy.linalg.cython_blas: its BLAS is loaded from here on
-            _blas_pools = list(ThreadpoolController().select(user_api="blas").lib_controllers)
         self.saved = []
+        if not use_blas or self.batch < get_num_threads():
+            return self
+        if _blas_pools is None:
+            _blas_pools = _find_blas_pools()
         for lib in _blas_pools:
             n = lib.num_threads
             if n != 1:
@@ -86,6 +107,7 @@ class _OneBlasThread:
         for lib, n in self.saved:
             lib.set_num_threads(n)
         return False
+
 
 _JIT = {"cache": True, "fastmath": FASTMATH, "nogil": True}
 _PJIT = {**_JIT, "parallel": True}
@@ -258,18 +280,24 @@ def _bmm_loops(a, m, scale):
 
 def _bmm(a, ta, m, tm, alpha=1.0):
     """alpha op(a) @ op(m) for each batch entry, op(x) = x.T (the last two axes) when the flag
-    is set; BLAS when use_blas, else the loop kernel on contiguous transposed copies."""
+    is set. BLAS when use_blas (call inside ``_OneBlasThread``): one gemm per batch entry in
+    parallel, or with fewer batch entries than threads, NumPy's matmul (whose BLAS threads
+    then share each product); else the loop kernel on contiguous transposed copies."""
     M = a.shape[2] if ta else a.shape[1]
     K = a.shape[1] if ta else a.shape[2]
     N = m.shape[1] if tm else m.shape[2]
     dtype = a.dtype
     if M == 0 or N == 0 or K == 0 or a.shape[0] == 0:
         return np.zeros((a.shape[0], M, N), dtype=dtype)
+    if use_blas and a.shape[0] < get_num_threads():
+        # too few batch entries to share between threads: one multithreaded gemm at a time
+        c = np.matmul(a.transpose(0, 2, 1) if ta else a, m.transpose(0, 2, 1) if tm else m)
+        if alpha != 1.0:
+            c *= dtype.type(alpha)
+        return c
     if use_blas:
         coef = np.array([alpha, 0.0], dtype=dtype)
-        with _OneBlasThread():
-            return _bmm_blas(a, _T if ta else _N, m, _T if tm else _N, coef, _KIND[dtype],
-                             M, N, K)
+        return _bmm_blas(a, _T if ta else _N, m, _T if tm else _N, coef, _KIND[dtype], M, N, K)
     if ta:
         a = np.ascontiguousarray(a.transpose(0, 2, 1))
     if tm:
@@ -282,51 +310,68 @@ def weighted_sum_forward(score, value):
 
     score (B, Tq, Tk), value (B, Tk, d) -> z (B, Tq, d).
     """
-    return _bmm(score, False, value, False)
+    with _OneBlasThread(len(score)):
+        return _bmm(score, False, value, False)
 
 
 def weighted_sum_backward(dz, score, value):
     """dscore = dz value^T (B, Tq, Tk), dvalue = score^T dz (B, Tk, d); see kernels.loop."""
-    return _bmm(dz, False, value, True), _bmm(score, True, dz, False)
+    with _OneBlasThread(len(score)):
+        return _bmm(dz, False, value, True), _bmm(score, True, dz, False)
 
 
 def scores_forward(q, k, scale):
     """s[b, i, j] = scale * q[b, i] . k[b, j]. q (B, Tq, d), k (B, Tk, d) -> s (B, Tq, Tk)."""
-    return _bmm(q, False, k, True, scale)
+    with _OneBlasThread(len(q)):
+        return _bmm(q, False, k, True, scale)
 
 
 def scores_backward(ds, q, k, scale):
     """dq = scale ds k (B, Tq, d), dk = scale ds^T q (B, Tk, d); see kernels.loop."""
-    return _bmm(ds, False, k, False, scale), _bmm(ds, True, q, False, scale)
+    with _OneBlasThread(len(q)):
+        return _bmm(ds, False, k, False, scale), _bmm(ds, True, q, False, scale)
 
 
 # --------------------------------------------------------------------------------------------
 # embedding scatter-add
 
-_COLUMN_BLOCK = 16  # columns of dW per task: one or two SIMD registers
+_PARALLEL_MIN = 1 << 18  # elements of dout below which one thread is faster
+
+
+@njit(**_JIT)
+def _scatter_add_rows(rows, src, dW, v0, v1):
+    """dW[rows[r]] += src[r] for each r (in order) whose id rows[r] is in [v0, v1).
+
+    rows (N*T,) intp, src (N*T, D), dW (V, D).
+    """
+    D = src.shape[1]
+    for r in range(rows.size):
+        row = rows[r]
+        if v0 <= row < v1:
+            for c in range(D):
+                dW[row, c] += src[r, c]
 
 
 @njit(**_PJIT)
-def _embedding_backward(idx, dout, V):
-    NT = idx.size
-    D = dout.shape[2]
-    rows = idx.reshape(-1)  # (N*T,)
-    src = dout.reshape(NT, D)  # (N*T, D)
-    dW = np.zeros((V, D), dtype=dout.dtype)
-    n_blocks = (D + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK
-    for blk in prange(n_blocks):  # each task owns the columns [c0, c1) of every row of dW
-        c0 = blk * _COLUMN_BLOCK
-        c1 = min(c0 + _COLUMN_BLOCK, D)
-        for r in range(NT):
-            dst = dW[rows[r]]
-            s = src[r]
-            for c in range(c0, c1):
-                dst[c] += s[c]
-    return dW
+def _scatter_add_parallel(rows, src, dW, n_blocks):
+    """Each task owns a range of rows of dW (token ids) and scans all ids: no races."""
+    V = dW.shape[0]
+    for t in prange(n_blocks):
+        _scatter_add_rows(rows, src, dW, t * V // n_blocks, (t + 1) * V // n_blocks)
 
 
 def embedding_backward(idx, dout, V):
-    """Scatter-add: dW[idx[n, t]] += dout[n, t]. idx (N, T) int, dout (N, T, D) -> dW (V, D)."""
-    if idx.dtype != np.intp or not idx.flags.c_contiguous:
-        idx = np.ascontiguousarray(idx, dtype=np.intp)
-    return _embedding_backward(idx, dout, int(V))
+    """Scatter-add: dW[idx[n, t]] += dout[n, t]. idx (N, T) int, dout (N, T, D) -> dW (V, D).
+
+    Each dW row is summed in the order of (n, t), whatever the number of threads.
+    """
+    D = dout.shape[2]
+    rows = np.ascontiguousarray(idx, dtype=np.intp).reshape(-1)  # (N*T,)
+    src = dout.reshape(rows.size, D)  # (N*T, D)
+    dW = np.zeros((int(V), D), dtype=dout.dtype)
+    threads = get_num_threads()
+    if src.size >= _PARALLEL_MIN and threads > 1 and V > 1:
+        _scatter_add_parallel(rows, src, dW, min(threads, int(V)))
+    else:
+        _scatter_add_rows(rows, src, dW, 0, int(V))
+    return dW

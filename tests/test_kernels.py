@@ -64,8 +64,7 @@ def _inputs(name, shape, dtype, rng):
     if name == "scores_backward":
         return a(B, Tq, Tk), a(B, Tq, d), a(B, Tk, d), SCALE
     if name == "embedding_backward":
-        D = 40 if d == 5 else d  # 40: more than one 16-column block in the numba kernel
-        return rng.integers(0, V, size=(B, Tq)), a(B, Tq, D), V
+        return rng.integers(0, V, size=(B, Tq)), a(B, Tq, d), V
     raise AssertionError(name)
 
 
@@ -131,6 +130,18 @@ def test_fast_backends_match_loop(name, backend, shape, dtype, tol, rng):
     _assert_results(kernels.get(name, backend)(*args), want, dtype, tol)
 
 
+@pytest.mark.skipif(not numba_backend.HAVE_BLAS, reason="needs SciPy and threadpoolctl")
+@pytest.mark.parametrize("name", MATMUL)
+def test_numba_blas_kernel_matches_loop_for_any_batch(name, dtype, tol, rng, monkeypatch):
+    """The per-batch-entry gemm kernel even for B=1 (which otherwise goes to NumPy's matmul
+    when there are more threads than batch entries)."""
+    monkeypatch.setattr(numba_backend, "get_num_threads", lambda: 1)
+    for shape in [(1, 3, 4, 2), (2, 9, 9, 5), (3, 1, 6, 3)]:
+        args = _inputs(name, shape, dtype, rng)
+        want = kernels.get(name, "loop")(*args)
+        _assert_results(getattr(numba_backend, name)(*args), want, dtype, tol)
+
+
 @pytest.mark.parametrize("name", MATMUL)
 def test_numba_loop_fallback_matches_loop(name, dtype, tol, rng, monkeypatch):
     """The register-blocked loops that replace BLAS when SciPy is missing."""
@@ -149,6 +160,17 @@ def test_softmax_of_all_minus_inf_rows_is_zero(rng):
         assert not np.isnan(y).any()
         assert np.all(y[0] == 0) and np.all(y[1, :2] == 0), backend
         np.testing.assert_allclose(y[1, 2].sum(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2, 4])
+def test_numba_parallel_scatter_add_matches_loop(n_blocks, dtype, tol, rng):
+    """The parallel path (each task owns a range of token ids) on shapes too small to take it."""
+    idx, dout, n_rows = _inputs("embedding_backward", (3, 7, 1, 5), dtype, rng)
+    want = kernels.get("embedding_backward", "loop")(idx, dout, n_rows)
+    dW = np.zeros_like(want)
+    numba_backend._scatter_add_parallel(idx.astype(np.intp).reshape(-1), dout.reshape(21, 5),
+                                        dW, n_blocks)
+    _assert_results(dW, want, dtype, tol)
 
 
 @pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
