@@ -342,11 +342,16 @@ def _prepare(arrays, scale, mask):
 _pool = {}
 
 
-def _in_parallel(fn, n_units, *args):
+_SERIAL_FLOPS = 4e6  # below this much work, handing out to threads costs more than it saves
+
+
+def _in_parallel(fn, n_units, flops, *args):
     """Run fn(first, step, *args) for first = 0 .. step - 1 on step = min(threads, n_units)
     threads: the calling one and a pool's (fn is a nogil kernel that takes every step-th unit
-    from first on)."""
+    from first on). Small work (``flops``) runs on the calling thread alone."""
     step = max(1, min(get_num_threads(), n_units))
+    if flops < _SERIAL_FLOPS:
+        step = 1
     if step == 1:
         fn(0, 1, *args)
         return
@@ -373,8 +378,8 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     lse = np.empty((B, Tq), dtype=q.dtype)
     use_blas = _use_blas()
     with _OneBlasThread():
-        _in_parallel(_forward_units, B * math.ceil(Tq / bq), q, k, v, out, lse, scale,
-                     bool(causal), mask, has_mask, bq, bk, use_blas)
+        _in_parallel(_forward_units, B * math.ceil(Tq / bq), 4 * q.size * k.shape[1], q, k, v,
+                     out, lse, scale, bool(causal), mask, has_mask, bq, bk, use_blas)
     return out, lse
 
 
@@ -389,14 +394,15 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     bq, bk = tiles or _tiles(Tq, Tk, causal)
     threads = get_num_threads()
     nsplit = 1
-    if B < threads:  # too few batch entries: split each one's key blocks, dq privately
+    if B < threads and 10 * B * Tq * Tk * d >= _SERIAL_FLOPS:
+        # too few batch entries for the threads: split each one's key blocks, dq privately
         nsplit = min(math.ceil(Tk / bk), math.ceil(threads / B))
     dq, dk, dv = (np.zeros_like(a) for a in arrays[1:4])
     dq_part = np.zeros((B * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
     use_blas = _use_blas()
     with _OneBlasThread():
-        _in_parallel(_backward_units, B * nsplit, *arrays, dq, dk, dv, dq_part, scale,
-                     bool(causal), mask, has_mask, bq, bk, nsplit, use_blas)
+        _in_parallel(_backward_units, B * nsplit, 10 * B * Tq * Tk * d, *arrays, dq, dk, dv,
+                     dq_part, scale, bool(causal), mask, has_mask, bq, bk, nsplit, use_blas)
     if nsplit > 1:
         dq += dq_part.reshape(B, nsplit, Tq, d).sum(axis=1)
     return dq, dk, dv

@@ -1,0 +1,147 @@
+"""``fastattn info``: what fastattn runs on.
+
+Versions (fastattn, NumPy, Numba, llvmlite, SciPy, threadpoolctl, PyTorch when installed;
+read from the package metadata, so nothing slow is imported), the current backend, the CPU as
+LLVM sees it, Numba's thread count and threading layer (after a tiny parallel kernel, since
+Numba picks its layer on first use), where Numba caches the compiled kernels, and the BLAS
+libraries loaded with their thread counts (through threadpoolctl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+HELP = "versions, backend, Numba threads and threading layer, cache directory, BLAS"
+
+PACKAGES = ("fastattn", "numpy", "numba", "llvmlite", "scipy", "threadpoolctl", "torch")
+
+
+def configure(parser):
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+
+def _version(name):
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _numba_facts():
+    import numba
+    import numpy as np
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def _touch(x):  # a tiny parallel kernel: Numba chooses its threading layer on first use
+        for i in prange(x.shape[0]):
+            x[i] += 1.0
+
+    facts = {"numba_threads": numba.get_num_threads(),
+             "numba_max_threads": numba.config.NUMBA_NUM_THREADS}
+    try:
+        _touch(np.zeros(4))
+        facts["threading_layer"] = numba.threading_layer()
+    except Exception as exc:  # no usable threading layer
+        facts["threading_layer"] = f"unavailable ({type(exc).__name__}: {exc})"
+    facts["numba_cache_dir"] = _cache_dir()
+    return facts
+
+
+def _cache_dir():
+    """Where the kernels' compiled code is cached (NUMBA_CACHE_DIR, next to the sources, or a
+    user-wide folder when the sources' folder is not writable)."""
+    try:
+        from kernels import _flash
+
+        return _flash._forward_units._cache.cache_path
+    except Exception:  # a Numba without this internal: say what the configuration says
+        import numba
+
+        return numba.config.CACHE_DIR or "__pycache__ next to each kernel module"
+
+
+def _cpu():
+    try:
+        import llvmlite.binding as llvm
+
+        return llvm.get_host_cpu_name()
+    except Exception:
+        return "unknown"
+
+
+def _blas_facts():
+    """BLAS libraries loaded in this process, including the one Numba's kernels call."""
+    try:
+        from kernels import _flash
+
+        numba_blas = _flash._use_blas()  # loads SciPy's BLAS, the one Numba calls
+    except Exception:
+        numba_blas = False
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return numba_blas, None
+    libs = [{"library": i.get("internal_api"), "version": i.get("version"),
+             "threads": i.get("num_threads"), "architecture": i.get("architecture"),
+             "file": os.path.basename(i.get("filepath") or "")}
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    return numba_blas, libs
+
+
+def collect() -> dict:
+    """All facts as a dict (what ``fastattn info --json`` prints)."""
+    from fastattn import _backend
+
+    facts = {"versions": {p: _version(p) for p in PACKAGES},
+             "python": sys.version.split()[0]}
+    try:
+        facts["backend"] = _backend.get_backend()
+    except ValueError as exc:  # a bad FASTATTN_BACKEND
+        facts["backend"] = f"invalid ({exc})"
+    facts["cpu"] = _cpu()
+    facts["cpu_count"] = os.cpu_count()
+    facts.update(_numba_facts())
+    numba_blas, libs = _blas_facts()
+    facts["numba_blas_tile_products"] = numba_blas
+    facts["blas"] = libs
+    return facts
+
+
+def format_facts(facts: dict) -> str:
+    lines = ["versions:"]
+    for name, ver in facts["versions"].items():
+        lines.append(f"  {name:<14}{ver or 'not installed'}")
+    lines.append(f"  {'python':<14}{facts['python']}")
+    rows = [
+        ("backend", facts["backend"]),
+        ("cpu", f"{facts['cpu']} ({facts['cpu_count']} logical cores)"),
+        ("numba threads", f"{facts['numba_threads']} (max {facts['numba_max_threads']})"),
+        ("threading layer", facts["threading_layer"]),
+        ("numba cache dir", facts["numba_cache_dir"]),
+        ("attention tile products",
+         "BLAS (SciPy)" if facts["numba_blas_tile_products"] else "loops (no SciPy)"),
+    ]
+    lines += [f"{k + ':':<26}{v}" for k, v in rows]
+    libs = facts["blas"]
+    if libs is None:
+        lines.append(f"{'blas:':<26}unknown (threadpoolctl not installed)")
+    else:
+        lines.append("blas:" if libs else f"{'blas:':<26}none loaded")
+        for lib in libs:
+            lines.append(f"  {lib['library']} {lib['version']} ({lib['architecture']}), "
+                         f"{lib['threads']} threads, {lib['file']}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    facts = collect()
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        print(format_facts(facts), end="")
+    return 0

@@ -1,0 +1,77 @@
+"""``fastattn info`` and ``fastattn bench``: the facts they print and the ratio table."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+
+import pytest
+
+from fastattn import cli
+from fastattn.commands import bench
+
+
+def test_info_prints_versions_threads_and_cache(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    for name in ("numpy", "numba", "llvmlite"):
+        assert f"{name}" in text and metadata.version(name) in text
+    for key in ("backend:", "numba threads:", "threading layer:", "numba cache dir:", "blas"):
+        assert key in text
+
+
+def test_info_json_names_a_threading_layer_and_the_backend(capsys, monkeypatch):
+    monkeypatch.setenv("FASTATTN_BACKEND", "vectorized")
+    assert cli.main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["backend"] == "vectorized"
+    assert facts["versions"]["numba"] == metadata.version("numba")
+    assert facts["threading_layer"] in ("tbb", "omp", "workqueue")
+    assert facts["numba_threads"] >= 1
+    assert facts["numba_cache_dir"]
+
+
+def test_bench_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--full", "--filter", "--save", "--compare", "--json"):
+        assert opt in text
+
+
+def test_bench_rejects_an_unknown_suite(capsys):
+    assert cli.main(["bench", "no_such_suite"]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+
+
+def _bench(group, param, minimum, median, rate=None):
+    info_ = {} if rate is None else {"GFLOP/s": rate}
+    return {"group": group, "name": f"test_x[{param}]", "param": param,
+            "stats": {"min": minimum, "median": median}, "extra_info": info_}
+
+
+def test_ratio_table_divides_by_the_fastest_of_each_group():
+    g = "attention fwd+bwd (B=2)"
+    report = {"benchmarks": [
+        _bench(g, "B2-numba", 0.002, 0.0025, 50.0),
+        _bench(g, "B2-torch", 0.004, 0.005, 25.0),
+        _bench("machine: sgemm peak", "", 0.1, 0.1, 200.0),
+    ]}
+    lines = bench.ratio_table(report).splitlines()
+    numba = next(line for line in lines if line.strip().startswith("numba"))
+    torch = next(line for line in lines if line.strip().startswith("torch"))
+    assert numba.split()[1:4] == ["2.000", "2.500", "1.00"]
+    assert torch.split()[1:4] == ["4.000", "5.000", "2.00"]
+    assert numba.split()[-1] == "25%" and torch.split()[-1] == "12%"
+    assert "200.0 GFLOP/s" in lines[-1]
+
+
+def test_bench_runs_a_suite_and_prints_ratios(capsys):
+    """A real run, filtered to the tiny attention shape of two backends."""
+    code = cli.main(["bench", "attention", "--filter", "tiny-numba or tiny-vectorized", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "attention fwd+bwd (B=4, T=16, d=8, float32)" in out
+    assert any(line.strip().startswith("numba") for line in out.splitlines())
+    assert any(line.strip().startswith("vectorized") for line in out.splitlines())
