@@ -235,3 +235,25 @@ def test_matches_torch_sdpa(numba_flash, causal, with_mask):
     np.testing.assert_allclose(dk, tk.grad.numpy(), **tol)
     np.testing.assert_allclose(dv, tv.grad.numpy(), **tol)
     assert np.all(out[~live] == 0) and np.all(lse[~live] == -np.inf)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loop_tile_products_without_blas_match_loop(monkeypatch, dtype):
+    """Without SciPy the tile products run as plain loops: same results."""
+    monkeypatch.setattr(_flash, "_use_blas", lambda: False)
+    rng = np.random.default_rng(10)
+    q, k, v, dout = _inputs(rng, 2, 13, 11, 6, 5, dtype)
+    mask = rng.random((2, 1, 11)) < 0.8
+    mask[..., 0] = True
+    _assert_matches_loop(q, k, v, dout, False, mask, tiles=[None, (4, 3)])
+    _assert_matches_loop(q, k, v, dout, True, None, tiles=[None, (5, 4)])
+
+
+def test_backward_splits_key_blocks_when_batch_is_smaller_than_threads(monkeypatch):
+    """B = 1 with 2+ threads: key blocks shared out, dq summed from private copies."""
+    monkeypatch.setattr(_flash, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(_flash, "_SERIAL_FLOPS", 0)
+    rng = np.random.default_rng(11)
+    q, k, v, dout = _inputs(rng, 1, 30, 40, 8, 8, np.float64)
+    _assert_matches_loop(q, k, v, dout, False, None, tiles=[(8, 8), (7, 16)])
+    _assert_matches_loop(q, k, v, dout, True, None, tiles=[(8, 8)])
