@@ -105,6 +105,30 @@ def _dout(dout, shape, dtype, name: str = "dout") -> np.ndarray:
     return np.ascontiguousarray(dout, dtype=dtype)
 
 
+_ONES = {}
+
+
+def _ones(n: int, dtype) -> np.ndarray:
+    """A read-only vector of ``n`` ones (cached): sums as matrix-vector products."""
+    dt = np.dtype(dtype)
+    v = _ONES.get(dt)
+    if v is None or v.shape[0] < n:
+        v = np.ones(max(n, 1024), dt)
+        v.flags.writeable = False
+        _ONES[dt] = v
+    return v[:n]
+
+
+def _colsum(a2, out=None):
+    """Column sums of a 2-D array (N, C) -> (C,), as ones (N,) @ a2 (one BLAS call)."""
+    return np.matmul(_ones(a2.shape[0], a2.dtype), a2, out=out)
+
+
+def _rowsum(a2):
+    """Row sums of a 2-D array (N, C) -> (N,), as a2 @ ones (C,)."""
+    return a2 @ _ones(a2.shape[1], a2.dtype)
+
+
 def _layers_params(layers):
     params, grads = [], []
     for layer in layers:
@@ -139,14 +163,17 @@ class LayerNorm:
             raise ValueError(f"x must be an array with last dimension {C}, got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
         x = np.ascontiguousarray(x, dtype=g.dtype)
+        t = g.dtype.type
         x2 = x.reshape(-1, C)  # (N, C)
-        xc = x2 - x2.mean(axis=1, keepdims=True)  # (N, C)
-        var = np.einsum("ij,ij->i", xc, xc)[:, None]  # (N, 1), sum of squares
-        var *= g.dtype.type(1.0 / C)
-        var += g.dtype.type(self.eps)
-        rstd = np.sqrt(var, out=var)
-        np.reciprocal(rstd, out=rstd)  # (N, 1)
-        xhat = np.multiply(xc, rstd, out=xc)  # (N, C)
+        mu = _rowsum(x2)  # (N,)
+        mu *= t(1.0 / C)
+        xc = x2 - mu[:, None]  # (N, C)
+        rstd = np.einsum("ij,ij->i", xc, xc)  # (N,), sum of squares
+        rstd *= t(1.0 / C)
+        rstd += t(self.eps)
+        np.sqrt(rstd, out=rstd)
+        np.reciprocal(rstd, out=rstd)  # 1 / sqrt(var + eps)
+        xhat = np.multiply(xc, rstd[:, None], out=xc)  # (N, C)
         y = xhat * g
         y += b
         self.cache = (xhat, rstd, x.shape)
@@ -158,16 +185,19 @@ class LayerNorm:
         xhat, rstd, shape = self.cache
         g = self.params[0]
         C = g.shape[0]
+        t = g.dtype.type
         dy = _dout(dout, shape, g.dtype).reshape(-1, C)  # (N, C)
         self.grads[0][...] = np.einsum("ij,ij->j", dy, xhat)  # (C,)
-        self.grads[1][...] = dy.sum(axis=0)  # (C,)
+        _colsum(dy, out=self.grads[1])  # (C,)
         dxhat = dy * g  # (N, C)
-        a = dxhat.mean(axis=1, keepdims=True)  # (N, 1)
-        c = np.einsum("ij,ij->i", dxhat, xhat)[:, None]  # (N, 1)
-        c *= g.dtype.type(1.0 / C)
-        dxhat -= a
-        dxhat -= xhat * c
-        dxhat *= rstd
+        a = _rowsum(dxhat)  # (N,)
+        a *= t(1.0 / C)
+        c = np.einsum("ij,ij->i", dxhat, xhat)  # (N,)
+        c *= t(1.0 / C)
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        dxhat -= a[:, None]
+        dxhat -= xhat * c[:, None]
+        dxhat *= rstd[:, None]
         return dxhat.reshape(shape)
 
 
@@ -378,31 +408,33 @@ class MultiHeadAttention:
         C = self.d_model
         dy = _dout(dout, (B, Tq, C), self.dtype).reshape(B * Tq, C)
         np.matmul(a2.T, dy, out=dW_out)  # (C, C)
-        np.sum(dy, axis=0, out=db_out)
+        _colsum(dy, out=db_out)
         da = self._split(dy @ W_out.T, B, Tq, 1)[0]  # (B*H, Tq, dh)
         dq, dk, dv = _backend.kernel("attention_backward", self.backend)(
             da, q, k, v, att, lse, self.scale, self.causal, mask3)
         if xkv2 is None:
-            dqkv = np.stack([dq, dk, dv])  # (3, B*H, T, dh)
-            dqkv = self._merge_n(dqkv, B, Tq, 3)  # (B*T, 3C)
+            dqkv = self._merge_n((dq, dk, dv), B, Tq)  # (B*T, 3C)
             np.matmul(xq2.T, dqkv, out=dW_in)
-            np.sum(dqkv, axis=0, out=db_in)
+            _colsum(dqkv, out=db_in)
             return (dqkv @ W_in.T).reshape(B, Tq, C)
         dq2 = self._merge(dq, B, Tq)  # (B*Tq, C)
-        dkv = self._merge_n(np.stack([dk, dv]), B, Tk, 2)  # (B*Tk, 2C)
+        dkv = self._merge_n((dk, dv), B, Tk)  # (B*Tk, 2C)
         np.matmul(xq2.T, dq2, out=dW_in[:, :C])
         np.matmul(xkv2.T, dkv, out=dW_in[:, C:])
-        np.sum(dq2, axis=0, out=db_in[:C])
-        np.sum(dkv, axis=0, out=db_in[C:])
+        _colsum(dq2, out=db_in[:C])
+        _colsum(dkv, out=db_in[C:])
         dx_q = (dq2 @ W_in[:, :C].T).reshape(B, Tq, C)
         dx_kv = (dkv @ W_in[:, C:].T).reshape(B, Tk, C)
         return dx_q, dx_kv
 
-    def _merge_n(self, a, B, T, n):
-        """(n, B*H, T, dh) -> (B*T, n*C), the inverse of _split."""
+    def _merge_n(self, parts, B, T):
+        """n arrays (B*H, T, dh) -> (B*T, n*C), the inverse of _split."""
         H, dh = self.n_heads, self.d_head
-        a = a.reshape(n, B, H, T, dh).transpose(1, 3, 0, 2, 4)  # (B, T, n, H, dh)
-        return np.ascontiguousarray(a).reshape(B * T, n * H * dh)
+        n = len(parts)
+        out = np.empty((B, T, n, H, dh), parts[0].dtype)
+        for i, a in enumerate(parts):
+            out[:, :, i] = a.reshape(B, H, T, dh).transpose(0, 2, 1, 3)
+        return out.reshape(B * T, n * H * dh)
 
     # -- inference without a backward: cached keys and values
     def project_kv(self, x_kv):
@@ -492,11 +524,11 @@ class FeedForward:
         dW1, db1, dW2, db2 = self.grads
         dy = _dout(dout, shape, self.dtype).reshape(-1, self.d_model)  # (N, C)
         np.matmul(h.T, dy, out=dW2)  # (F, C)
-        np.sum(dy, axis=0, out=db2)
+        _colsum(dy, out=db2)
         dh = dy @ W2.T  # (N, F)
         dh *= h > 0
         np.matmul(x2.T, dh, out=dW1)  # (C, F)
-        np.sum(dh, axis=0, out=db1)
+        _colsum(dh, out=db1)
         return (dh @ W1.T).reshape(shape)
 
 

@@ -1,0 +1,214 @@
+"""Checkpoints: round trip, atomic writes, no pickles, clear errors; translate's plumbing."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastattn
+from dataset import sequence
+from fastattn.checkpoint import load_model, save_model
+from fastattn.transformer import TransformerSeq2seq
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    sequence.load_data("date.txt")
+    c2i, i2c = sequence.get_vocab()
+    return c2i, i2c
+
+
+def make_model(V, seed=0, **kw):
+    cfg = dict(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=29)
+    cfg.update(kw)
+    return TransformerSeq2seq(V, **cfg, seed=seed)
+
+
+def date_questions():
+    return ["September 27, 1994", "2/10/93", "thursday, may 8, 1997", "OCT 25, 1999"]
+
+
+def test_round_trip_gives_identical_outputs(tmp_path, vocab):
+    c2i, _ = vocab
+    model = make_model(len(c2i))
+    model.set_vocab(c2i, 29, 11)
+    path = save_model(model, tmp_path / "m.npz")
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    for a, b in zip(model.params, loaded.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    xs = sequence.encode(date_questions(), c2i, 29)
+    ts = np.random.default_rng(0).integers(0, len(c2i), (4, 11))
+    assert model.forward(xs, ts) == loaded.forward(xs, ts)
+    np.testing.assert_array_equal(model.generate_batch(xs, c2i["_"], 10),
+                                  loaded.generate_batch(xs, c2i["_"], 10))
+    assert loaded.translate(date_questions()) == model.translate(date_questions())
+
+
+def test_load_model_is_exported_and_carries_the_vocabulary(tmp_path, vocab):
+    c2i, i2c = vocab
+    model = make_model(len(c2i))
+    model.set_vocab(c2i, 29, 11)
+    save_model(model, tmp_path / "m.npz")
+    loaded = fastattn.load_model(tmp_path / "m.npz")
+    assert loaded.char_to_id == c2i
+    assert loaded.id_to_char == i2c
+
+
+def test_translate_returns_what_generate_batch_decodes(vocab):
+    c2i, i2c = vocab
+    model = make_model(len(c2i), seed=3)
+    model.set_vocab(c2i, 29, 11)
+    qs = date_questions()
+    ids = model.generate_batch(sequence.encode(qs, c2i, 29), c2i["_"], 10)
+    expected = [sequence.decode(row, i2c).rstrip(" ") for row in ids]
+    assert model.translate(qs) == expected
+    assert all(isinstance(a, str) and len(a) <= 10 for a in expected)
+    assert model.translate([]) == []
+
+
+def test_translate_errors(vocab):
+    c2i, _ = vocab
+    model = make_model(len(c2i))
+    with pytest.raises(RuntimeError, match="vocabulary"):
+        model.translate(["2/10/93"])
+    model.set_vocab(c2i, 29, 11)
+    with pytest.raises(ValueError, match="'#'"):
+        model.translate(["2/10/93#"])
+    with pytest.raises(ValueError, match="empty"):
+        model.translate([""])
+    with pytest.raises(ValueError, match="width"):
+        model.translate(["x" * 30])
+    with pytest.raises(TypeError, match="list"):
+        model.translate("2/10/93")
+
+
+def test_save_is_atomic_and_leaves_no_temporary(tmp_path, vocab, monkeypatch):
+    c2i, _ = vocab
+    model = make_model(len(c2i))
+    path = tmp_path / "m.npz"
+    save_model(model, path)
+    before = path.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+
+    # a crash while writing: the old file is untouched and no temporary is left
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_model(make_model(len(c2i), seed=9), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+
+
+def test_save_writes_a_temporary_then_renames(tmp_path, vocab, monkeypatch):
+    c2i, _ = vocab
+    seen = []
+    real = os.replace
+
+    def spy(src, dst):
+        seen.append((os.path.basename(src), os.path.basename(dst), os.path.exists(src)))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    save_model(make_model(len(c2i)), tmp_path / "m.npz")
+    assert len(seen) == 1
+    src, dst, existed = seen[0]
+    assert dst == "m.npz" and src != "m.npz" and existed
+
+
+def test_checkpoint_holds_no_pickles(tmp_path, vocab):
+    c2i, _ = vocab
+    model = make_model(len(c2i))
+    model.set_vocab(c2i, 29, 11)
+    save_model(model, tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as z:
+        for key in z.files:
+            assert z[key].dtype != object
+        assert json.loads(str(z["config"]))["d_model"] == 16
+
+
+def test_checkpoint_that_does_not_fit_the_model(tmp_path, vocab):
+    c2i, _ = vocab
+    save_model(make_model(len(c2i), d_model=16), tmp_path / "m.npz")
+    other = make_model(len(c2i), d_model=32, n_heads=2)
+    with pytest.raises(ValueError, match="does not fit.*d_model"):
+        load_model(tmp_path / "m.npz", other)
+    # same configuration, but a weight of another shape in the file
+    model = make_model(len(c2i))
+    save_model(model, tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["w005"] = np.zeros((3, 3), np.float32)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=r"bad\.npz.*does not fit.*shape \(3, 3\)"):
+        load_model(tmp_path / "bad.npz")
+    # same configuration, a weight missing
+    del arrays["w005"]
+    np.savez(tmp_path / "short.npz", **arrays)
+    with pytest.raises(ValueError, match="short.npz"):
+        load_model(tmp_path / "short.npz")
+
+
+def test_load_into_a_fitting_model(tmp_path, vocab):
+    c2i, _ = vocab
+    src = make_model(len(c2i), seed=1)
+    save_model(src, tmp_path / "m.npz")
+    dst = make_model(len(c2i), seed=2)
+    refs = list(dst.params)
+    assert load_model(tmp_path / "m.npz", dst) is dst
+    for a, b, r in zip(src.params, dst.params, refs, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert b is r  # loaded in place: an optimizer's references stay valid
+
+
+def test_corrupt_truncated_and_foreign_files(tmp_path, vocab):
+    c2i, _ = vocab
+    good = tmp_path / "m.npz"
+    save_model(make_model(len(c2i)), good)
+    data = good.read_bytes()
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.npz"):
+        load_model(truncated)
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="garbage.npz"):
+        load_model(garbage)
+
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.npz"):
+        load_model(empty)
+
+    flipped = bytearray(data)
+    # corrupt the middle of the first stored weight array (CRC mismatch on read)
+    with zipfile.ZipFile(good) as zf:
+        info = zf.getinfo("w000.npy")
+    mid = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    flipped[mid] ^= 0xFF
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupt.npz"):
+        load_model(corrupt)
+
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, config=np.array([{"d_model": 16}], dtype=object))
+    with pytest.raises(ValueError, match="pickled.npz"):
+        load_model(pickled)
+
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, a=np.zeros(3))
+    with pytest.raises(ValueError, match="foreign.npz.*not a fastattn checkpoint"):
+        load_model(foreign)
+
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.npz")

@@ -1,0 +1,201 @@
+"""Optimizers, gradient clipping, the Trainer, evaluation: behaviour and a training smoke test."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dataset import sequence
+from fastattn.optim import SGD, Adam, clip_grads, lr_schedule
+from fastattn.trainer import Trainer, eval_seq2seq, exact_match, remove_duplicate
+from fastattn.transformer import TransformerSeq2seq
+
+# comparisons of float64 arithmetic: rtol 1e-12
+
+
+def adam_reference(p, grads, lr, beta1=0.9, beta2=0.999, eps=1e-7):
+    """Adam written out as the book writes it, for a list of gradient steps."""
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    p = p.copy()
+    for it, g in enumerate(grads, start=1):
+        lr_t = lr * np.sqrt(1 - beta2 ** it) / (1 - beta1 ** it)
+        m += (1 - beta1) * (g - m)
+        v += (1 - beta2) * (g ** 2 - v)
+        p -= lr_t * m / (np.sqrt(v) + eps)
+    return p
+
+
+def test_adam_matches_the_book_without_schedule():
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal((3, 4))
+    gs = [rng.standard_normal((3, 4)) for _ in range(5)]
+    p = p0.copy()
+    opt = Adam(lr=0.01)
+    g = np.zeros_like(p)
+    for step in gs:
+        g[...] = step
+        opt.update([p], [g])
+    np.testing.assert_allclose(p, adam_reference(p0, gs, 0.01), rtol=1e-12)
+
+
+def test_adam_updates_in_place_and_float32_stays_float32():
+    p = np.ones(5, np.float32)
+    ref = p
+    Adam(lr=0.1).update([p], [np.ones(5, np.float32)])
+    assert p is ref and p.dtype == np.float32
+    assert np.all(p < 1)
+
+
+def test_sgd_step():
+    p = np.array([1.0, 2.0])
+    SGD(lr=0.5).update([p], [np.array([2.0, -2.0])])
+    np.testing.assert_allclose(p, [0.0, 3.0], rtol=1e-12)
+
+
+def test_lr_schedule_warmup_then_cosine_decay():
+    lr = 1.0
+    assert lr_schedule(1, lr, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_schedule(5, lr, warmup_steps=10) == pytest.approx(0.5)
+    assert lr_schedule(10, lr, warmup_steps=10, total_steps=110) == pytest.approx(1.0)
+    assert lr_schedule(60, lr, warmup_steps=10, total_steps=110) == pytest.approx(0.5)
+    assert lr_schedule(110, lr, warmup_steps=10, total_steps=110) == pytest.approx(0.0, abs=1e-12)
+    assert lr_schedule(500, lr, warmup_steps=10, total_steps=110, min_lr=0.1) == pytest.approx(0.1)
+    lin = lr_schedule(35, lr, warmup_steps=10, total_steps=110, decay="linear")
+    assert lin == pytest.approx(0.75)
+    # the optimizer follows the schedule
+    opt = Adam(lr=2.0, warmup_steps=4, total_steps=8)
+    p, g = np.zeros(1), np.ones(1)
+    seen = []
+    for _ in range(8):
+        opt.update([p], [g])
+        seen.append(opt.current_lr)
+    expected = [lr_schedule(s, 2.0, 4, 8) for s in range(1, 9)]
+    np.testing.assert_allclose(seen, expected, rtol=1e-12)
+
+
+def test_clip_grads_scales_to_max_norm():
+    g1, g2 = np.array([3.0, 0.0]), np.array([[4.0]])
+    norm = clip_grads([g1, g2], 1.0)
+    assert norm == pytest.approx(5.0)
+    total = math.sqrt(float((g1 ** 2).sum() + (g2 ** 2).sum()))
+    assert total == pytest.approx(1.0, rel=1e-5)
+    small = np.array([0.1, 0.1])
+    clip_grads([small], 10.0)
+    np.testing.assert_array_equal(small, [0.1, 0.1])
+
+
+def test_optimizer_errors():
+    with pytest.raises(ValueError, match="lr"):
+        Adam(lr=-1)
+    with pytest.raises(ValueError, match="beta"):
+        Adam(beta1=1.0)
+    with pytest.raises(ValueError, match="same length"):
+        Adam().update([np.zeros(2)], [])
+    with pytest.raises(ValueError, match="shape"):
+        Adam().update([np.zeros(2)], [np.zeros(3)])
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_grads([np.zeros(2)], 0)
+
+
+def test_remove_duplicate_sums_shared_grads():
+    a, b = np.zeros(2), np.zeros(3)
+    ga1, gb, ga2 = np.ones(2), np.ones(3), 2 * np.ones(2)
+    p, g = remove_duplicate([a, b, a], [ga1, gb, ga2])
+    assert len(p) == 2 and p[0] is a and p[1] is b
+    np.testing.assert_array_equal(g[0], [3.0, 3.0])
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def date_subset():
+    (x_train, t_train), (x_test, t_test) = sequence.load_data("date.txt")
+    c2i, i2c = sequence.get_vocab()
+    return x_train[:2048], t_train[:2048], x_test[:200], t_test[:200], c2i, i2c
+
+
+def small_model(V, seed=0, backend=None):
+    return TransformerSeq2seq(V, d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=29,
+                              backend=backend, seed=seed)
+
+
+def test_training_smoke_loss_falls(date_subset):
+    """48 steps on 2048 date examples with a small model: the running loss falls by more
+    than half (it starts near log(V) ~ 4)."""
+    x, t, *_ , c2i, _ = date_subset
+    model = small_model(len(c2i))
+    trainer = Trainer(model, Adam(lr=3e-3, warmup_steps=10), seed=0)
+    first = model.forward(x[:64], t[:64])
+    trainer.fit(x, t, max_epoch=3, batch_size=128, max_grad=1.0, eval_interval=4,
+                progress=False)
+    last = model.forward(x[:64], t[:64])
+    assert len(trainer.loss_list) == 3 * 16 // 4
+    assert first > 3.0
+    assert last < 0.5 * first, (first, last)
+    assert len(trainer.history) == 3 and trainer.history[-1]["epoch"] == 3
+    assert trainer.loss_list[-1] < trainer.loss_list[0]
+    assert trainer.train_seconds > 0
+
+
+def test_trainer_callback_goes_into_history(date_subset):
+    x, t, *_ , c2i, _ = date_subset
+    model = small_model(len(c2i))
+    calls = []
+
+    def cb(tr, epoch):
+        calls.append(epoch)
+        return {"marker": epoch * 10}
+
+    tr = Trainer(model, SGD(lr=0.0), seed=0)
+    tr.fit(x[:256], t[:256], max_epoch=2, batch_size=128, eval_interval=None, callback=cb,
+           progress=False)
+    assert calls == [1, 2]
+    assert [h["marker"] for h in tr.history] == [10, 20]
+    assert tr.loss_list == []
+
+
+def test_exact_match_counts_whole_answers():
+    class Fixed:
+        """A model whose greedy answers are fixed rows."""
+
+        def __init__(self, answers):
+            self.answers = answers
+            self.calls = 0
+
+        def generate_batch(self, xs, start_id, sample_size):
+            self.calls += 1
+            return self.answers[xs[:, 0]]
+
+    t = np.array([[9, 1, 2], [9, 3, 4], [9, 5, 6], [9, 7, 8]])
+    x = np.arange(4)[:, None]
+    answers = t[:, 1:].copy()
+    answers[1, 1] = 0  # one wrong character -> the whole answer is wrong
+    model = Fixed(answers)
+    assert exact_match(model, x, t, batch_size=3) == pytest.approx(0.75)
+    assert model.calls == 2  # batched: two calls for four questions
+
+
+def test_exact_match_agrees_with_eval_seq2seq(date_subset):
+    """The batched evaluator and the book's one-question evaluator agree on every question."""
+    x, t, x_test, t_test, c2i, i2c = date_subset
+    model = small_model(len(c2i), seed=1)
+    Trainer(model, Adam(lr=3e-3), seed=0).fit(x[:1024], t[:1024], max_epoch=1,
+                                                batch_size=128, progress=False)
+    xs, ts = x_test[:20], t_test[:20]
+    one_by_one = [eval_seq2seq(model, xs[i:i + 1], ts[i:i + 1], i2c) for i in range(20)]
+    assert exact_match(model, xs, ts) == pytest.approx(sum(one_by_one) / 20)
+
+
+def test_eval_seq2seq_verbose_prints(capsys, date_subset):
+    x, t, x_test, t_test, c2i, i2c = date_subset
+    model = small_model(len(c2i))
+    ok = eval_seq2seq(model, x_test[:1], t_test[:1], i2c, verbose=True)
+    out = capsys.readouterr().out
+    question = "".join(i2c[int(c)] for c in x_test[0])
+    assert ok in (0, 1)
+    assert "Q " + question in out
+    assert "T " + "".join(i2c[int(c)] for c in t_test[0, 1:]) in out
