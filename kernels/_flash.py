@@ -17,7 +17,7 @@ How it is built (flash attention, as in Dao et al.):
   ``D_i = rowsum(dO_i * O_i)``, ``dQ_i += scale dS K_j`` and ``dK_j += scale dS^T Q_i``.
 * Tile products go to single-threaded BLAS sgemm/dgemm (SciPy's, through Numba), with the
   BLAS thread pool set to one thread for the duration of the call; without SciPy, plain
-  loops. Exponentials use a polynomial exp that LLVM vectorises (``kernels._flash_exp``).
+  loops. Exponentials use a polynomial exp that LLVM vectorises (``kernels._flash_math``).
 
 Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs is
 O(threads * bq * bk), plus O(threads * Tq * d) when the backward splits a batch entry.
@@ -32,7 +32,7 @@ import numpy as np
 from numba import get_num_threads, njit, types
 from numba.extending import overload
 
-from kernels._flash_exp import FASTMATH, vexp
+from kernels._flash_math import FASTMATH, fmax, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
@@ -186,7 +186,7 @@ def _forward_units(first, step, q, k, v, out, lse, scale, causal, mask, has_mask
                 row = s[r]
                 mx = ninf
                 for c in range(nk):
-                    mx = max(mx, row[c])
+                    mx = fmax(mx, row[c])
                 m_new = max(m[r], mx)
                 if m_new == ninf:  # nothing allowed in this row so far
                     row[:] = zero

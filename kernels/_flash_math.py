@@ -1,4 +1,4 @@
-"""A vectorisable exp for the flash-attention kernels.
+"""Vectorisable exp and max for the flash-attention kernels.
 
 ``np.exp`` inside ``@njit`` is a scalar libm call that stops LLVM's loop vectoriser. ``vexp``
 uses float arithmetic and one bit cast only, so a loop over it compiles to SIMD code:
@@ -10,6 +10,10 @@ The attention kernels only take exp of values <= a few ulp above 0 (scores minus
 maximum or minus the row's log-sum-exp), so the input range is clamped from below only:
 ``x < LO`` (including ``-inf``) gives exactly 0; ``x > 80`` (float32) / ``700`` (float64) is
 out of contract. Relative error against ``np.exp``: under 4e-7 (float32), 2e-16 (float64).
+
+``fmax(a, b)`` is LLVM's ``maxnum`` with the no-NaN flag on that one call: a row maximum
+written with it vectorises (Numba's ``max`` handles NaN and stays scalar). Scores are never NaN
+(the public functions reject NaN inputs); ``-inf`` is an ordinary value for it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 #: fastmath flags of the flash kernels: never nnan/ninf, which would break -inf masking.
@@ -109,3 +114,19 @@ def _vexp_overload(x):
     if x == types.float64:
         return _exp64
     return None
+
+
+@intrinsic
+def fmax(typingctx, a, b):
+    """max(a, b) of two floats of one type, as llvm.maxnum with nnan/nsz on the call."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lltype = context.get_value_type(signature.return_type)
+        name = "llvm.maxnum.f32" if lltype == ir.FloatType() else "llvm.maxnum.f64"
+        fn = cgutils.get_or_insert_function(builder.module,
+                                            ir.FunctionType(lltype, [lltype, lltype]), name)
+        return builder.call(fn, args, fastmath=("nnan", "nsz"))
+
+    return a(a, b), codegen
