@@ -8,22 +8,25 @@ float32.
 
 How the kernels are built:
 
-* ``softmax_*``: one task per batch element. The row maxima are subtracted in one pass, the
+* Each kernel runs on the calling thread when the work is small (waking threads costs more
+  than it saves there, and on a busy machine a parallel region can wait a whole scheduler
+  time slice for a thread), and in parallel over the batch (``prange``) above that.
+* ``softmax_*``: per batch entry, the row maxima are subtracted in one pass, the
   exponentials are taken in one long pass over the whole contiguous (Tq, Tk) block with
   :func:`kernels._fastexp.fast_exp` (which LLVM vectorises; ``np.exp`` inside ``@njit`` is a
   scalar libm call), then each row is normalised. An all ``-inf`` row gives zeros.
-* ``weighted_sum_*`` and ``scores_*`` are small matrix products per batch element, all six
-  done by one kernel: with SciPy and threadpoolctl installed, one BLAS gemm per batch entry
-  inside ``prange`` (Numba's own gemm entry point, the one ``np.dot`` uses, with the
-  transposes and the scale folded in), BLAS held at one thread meanwhile; without them a
-  register-blocked loop kernel, about half as fast.
-* ``embedding_backward``: small scatter-adds run on one thread; large ones split the rows of
-  dW (token ids) between threads, each scanning all ids, so there are no races, no partial
-  copies of dW, and every row sums in the same order whatever the thread count.
+* ``weighted_sum_*`` and ``scores_*`` are small matrix products per batch entry, all six done
+  by one kernel: with SciPy and threadpoolctl installed, one BLAS gemm per batch entry
+  (Numba's own gemm entry point, the one ``np.dot`` uses, with the transposes and the scale
+  folded in), BLAS held at one thread while the batch is shared between threads; with fewer
+  batch entries than threads, NumPy's matmul, whose BLAS threads then share each product.
+  Without SciPy or threadpoolctl, a register-blocked loop kernel, about half as fast.
+* ``embedding_backward``: large scatter-adds split the rows of dW (token ids) between
+  threads, each scanning all ids, so there are no races and no partial copies of dW.
 * ``attention_forward``/``attention_backward`` come from ``kernels._flash``.
 
-Every kernel writes each output element from one thread in a fixed order, so results are
-bitwise identical from call to call and do not depend on the number of threads.
+Every output element is written by one thread in a fixed order, so results are bitwise
+identical from call to call and do not depend on the number of threads.
 
 The fastmath flags live in one place, :data:`kernels._fastexp.FASTMATH`; they never include
 ``nnan``/``ninf``, so ``-inf`` masking stays exact.
@@ -82,18 +85,11 @@ def _find_blas_pools():
 class _OneBlasThread:
     """Within the block BLAS runs one thread (the kernels' own threads call it in parallel;
     BLAS threads started from inside that parallel loop make each call take milliseconds);
-    the previous setting comes back on exit. OpenMP and other pools are untouched. A no-op
-    when the kernels do not use BLAS or when there are fewer batch entries than threads
-    (then ``_bmm`` leaves the threads to BLAS)."""
-
-    def __init__(self, batch):
-        self.batch = batch
+    the previous setting comes back on exit. OpenMP and other pools are untouched."""
 
     def __enter__(self):
         global _blas_pools
         self.saved = []
-        if not use_blas or self.batch < get_num_threads():
-            return self
         if _blas_pools is None:
             _blas_pools = _find_blas_pools()
         for lib in _blas_pools:
@@ -112,19 +108,30 @@ class _OneBlasThread:
 _JIT = {"cache": True, "fastmath": FASTMATH, "nogil": True}
 _PJIT = {**_JIT, "parallel": True}
 
+# Below these sizes a kernel runs on the calling thread: waking the other threads costs more
+# than it saves, and on a busy machine a parallel region can wait a whole scheduler time
+# slice for a thread.
+_PARALLEL_MIN_ELEMENTS = 1 << 15  # softmax: B * Tq * Tk
+_PARALLEL_MIN_MACS = 1 << 20  # matrix products: B * M * N * K
+_PARALLEL_MIN_SCATTER = 1 << 21  # scatter-add: N * T * D (memory-bound: threads gain little)
+
+
+def _parallel(work, threshold, batch):
+    return work >= threshold and batch > 1 and get_num_threads() > 1
+
 
 # --------------------------------------------------------------------------------------------
-# softmax
+# softmax: a serial kernel over a range of batch entries, and a parallel one over all of them
 
 
-@njit(**_PJIT)
-def _softmax_forward(x):
-    B, Tq, Tk = x.shape
-    y = np.empty_like(x)  # (B, Tq, Tk)
+@njit(**_JIT)
+def _softmax_forward_range(x, y, b0, b1):
+    """y[b] = softmax(x[b]) for b in [b0, b1). x, y (B, Tq, Tk)."""
+    _, Tq, Tk = x.shape
     zero = x.dtype.type(0.0)
     one = x.dtype.type(1.0)
     ninf = x.dtype.type(-np.inf)
-    for b in prange(B):
+    for b in range(b0, b1):
         for i in range(Tq):  # y = x - row max (an all -inf row keeps -inf, its exp is 0)
             xr = x[b, i]
             yr = y[b, i]
@@ -146,19 +153,24 @@ def _softmax_forward(x):
             inv = one / total if total > zero else zero
             for j in range(Tk):
                 yr[j] *= inv
-    return y
 
 
 @njit(**_PJIT)
-def _softmax_backward(dy, y):
-    B, Tq, Tk = y.shape
-    dx = np.empty_like(y)  # (B, Tq, Tk)
+def _softmax_forward_parallel(x, y):
+    for b in prange(x.shape[0]):
+        _softmax_forward_range(x, y, b, b + 1)
+
+
+@njit(**_JIT)
+def _softmax_backward_range(dy, y, dx, b0, b1):
+    """dx[b] = y[b] * (dy[b] - rowsum(y[b] * dy[b])) for b in [b0, b1). (B, Tq, Tk) each."""
+    _, Tq, Tk = y.shape
     zero = y.dtype.type(0.0)
-    for b in prange(B):
+    for b in range(b0, b1):
         yb = y[b].reshape(-1)
         dyb = dy[b].reshape(-1)
         dxb = dx[b].reshape(-1)
-        for j in range(yb.size):  # dx = y * dy
+        for j in range(yb.size):  # dx = y * dy, one long pass
             dxb[j] = yb[j] * dyb[j]
         for i in range(Tq):  # dx -= y * sum(y * dy)
             yr = y[b, i]
@@ -168,7 +180,12 @@ def _softmax_backward(dy, y):
                 dot += dxr[j]
             for j in range(Tk):
                 dxr[j] -= yr[j] * dot
-    return dx
+
+
+@njit(**_PJIT)
+def _softmax_backward_parallel(dy, y, dx):
+    for b in prange(y.shape[0]):
+        _softmax_backward_range(dy, y, dx, b, b + 1)
 
 
 def softmax_forward(x):
@@ -176,12 +193,22 @@ def softmax_forward(x):
 
     An all -inf row gives zeros.
     """
-    return _softmax_forward(x)
+    y = np.empty_like(x)
+    if _parallel(x.size, _PARALLEL_MIN_ELEMENTS, x.shape[0]):
+        _softmax_forward_parallel(x, y)
+    else:
+        _softmax_forward_range(x, y, 0, x.shape[0])
+    return y
 
 
 def softmax_backward(dy, y):
     """dx = y * (dy - sum(y * dy, last axis)). dy, y (B, Tq, Tk) -> dx (B, Tq, Tk)."""
-    return _softmax_backward(dy, y)
+    dx = np.empty_like(y)
+    if _parallel(y.size, _PARALLEL_MIN_ELEMENTS, y.shape[0]):
+        _softmax_backward_parallel(dy, y, dx)
+    else:
+        _softmax_backward_range(dy, y, dx, 0, y.shape[0])
+    return dx
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,22 +228,28 @@ _N, _T = np.int8(ord("N")), np.int8(ord("T"))
 _KIND = {np.dtype(np.float32): np.int8(ord("s")), np.dtype(np.float64): np.int8(ord("d"))}
 
 
-@njit(**_PJIT)
-def _bmm_blas(a, ta, m, tm, coef, kind, M, N, K):
-    """c (B, M, N) = coef[0] op(a) @ op(m): one single-threaded gemm per batch entry.
+@njit(**_JIT)
+def _bmm_blas_range(a, ta, m, tm, coef, kind, c, b0, b1):
+    """c[b] = coef[0] op(a[b]) @ op(m[b]) for b in [b0, b1): one gemm per batch entry.
 
     a is (B, M, K), or (B, K, M) when ta == 'T'; m is (B, K, N), or (B, N, K) when tm == 'T';
-    all C-contiguous. BLAS is column-major, so it computes c^T = op(m)^T op(a)^T.
+    c is (B, M, N); all C-contiguous. BLAS is column-major, so it computes
+    c^T = op(m)^T op(a)^T.
     """
-    B = a.shape[0]
-    c = np.empty((B, M, N), dtype=a.dtype)
+    _, M, N = c.shape
+    K = a.shape[1] if ta == _T else a.shape[2]
     lda = a.shape[2]
     ldm = m.shape[2]
     beta = coef[1:]  # 0
-    for b in prange(B):
+    for b in range(b0, b1):
         _XGEMM(kind, tm, ta, N, M, K, coef.ctypes, m[b].ctypes, ldm, a[b].ctypes, lda,
                beta.ctypes, c[b].ctypes, N)
-    return c
+
+
+@njit(**_PJIT)
+def _bmm_blas_parallel(a, ta, m, tm, coef, kind, c):
+    for b in prange(c.shape[0]):
+        _bmm_blas_range(a, ta, m, tm, coef, kind, c, b, b + 1)
 
 
 @njit(**_PJIT)
@@ -280,29 +313,41 @@ def _bmm_loops(a, m, scale):
 
 def _bmm(a, ta, m, tm, alpha=1.0):
     """alpha op(a) @ op(m) for each batch entry, op(x) = x.T (the last two axes) when the flag
-    is set. BLAS when use_blas (call inside ``_OneBlasThread``): one gemm per batch entry in
-    parallel, or with fewer batch entries than threads, NumPy's matmul (whose BLAS threads
-    then share each product); else the loop kernel on contiguous transposed copies."""
+    is set.
+
+    With BLAS: small products one gemm after the other on this thread; larger ones one gemm
+    per batch entry in parallel, BLAS held at one thread meanwhile; with fewer batch entries
+    than threads, NumPy's matmul (whose BLAS threads then share each product). Without BLAS,
+    the loop kernel on contiguous transposed copies.
+    """
+    B = a.shape[0]
     M = a.shape[2] if ta else a.shape[1]
     K = a.shape[1] if ta else a.shape[2]
     N = m.shape[1] if tm else m.shape[2]
     dtype = a.dtype
-    if M == 0 or N == 0 or K == 0 or a.shape[0] == 0:
-        return np.zeros((a.shape[0], M, N), dtype=dtype)
-    if use_blas and a.shape[0] < get_num_threads():
-        # too few batch entries to share between threads: one multithreaded gemm at a time
+    if M == 0 or N == 0 or K == 0 or B == 0:
+        return np.zeros((B, M, N), dtype=dtype)
+    if not use_blas:
+        if ta:
+            a = np.ascontiguousarray(a.transpose(0, 2, 1))
+        if tm:
+            m = np.ascontiguousarray(m.transpose(0, 2, 1))
+        return _bmm_loops(a, m, dtype.type(alpha))
+    parallel = _parallel(B * M * N * K, _PARALLEL_MIN_MACS, B)
+    if parallel and B < get_num_threads():
         c = np.matmul(a.transpose(0, 2, 1) if ta else a, m.transpose(0, 2, 1) if tm else m)
         if alpha != 1.0:
             c *= dtype.type(alpha)
         return c
-    if use_blas:
-        coef = np.array([alpha, 0.0], dtype=dtype)
-        return _bmm_blas(a, _T if ta else _N, m, _T if tm else _N, coef, _KIND[dtype], M, N, K)
-    if ta:
-        a = np.ascontiguousarray(a.transpose(0, 2, 1))
-    if tm:
-        m = np.ascontiguousarray(m.transpose(0, 2, 1))
-    return _bmm_loops(a, m, dtype.type(alpha))
+    c = np.empty((B, M, N), dtype=dtype)
+    args = (a, _T if ta else _N, m, _T if tm else _N, np.array([alpha, 0.0], dtype=dtype),
+            _KIND[dtype], c)
+    if parallel:
+        with _OneBlasThread():
+            _bmm_blas_parallel(*args)
+    else:
+        _bmm_blas_range(*args, 0, B)
+    return c
 
 
 def weighted_sum_forward(score, value):
@@ -310,33 +355,26 @@ def weighted_sum_forward(score, value):
 
     score (B, Tq, Tk), value (B, Tk, d) -> z (B, Tq, d).
     """
-    with _OneBlasThread(len(score)):
-        return _bmm(score, False, value, False)
+    return _bmm(score, False, value, False)
 
 
 def weighted_sum_backward(dz, score, value):
     """dscore = dz value^T (B, Tq, Tk), dvalue = score^T dz (B, Tk, d); see kernels.loop."""
-    with _OneBlasThread(len(score)):
-        return _bmm(dz, False, value, True), _bmm(score, True, dz, False)
+    return _bmm(dz, False, value, True), _bmm(score, True, dz, False)
 
 
 def scores_forward(q, k, scale):
     """s[b, i, j] = scale * q[b, i] . k[b, j]. q (B, Tq, d), k (B, Tk, d) -> s (B, Tq, Tk)."""
-    with _OneBlasThread(len(q)):
-        return _bmm(q, False, k, True, scale)
+    return _bmm(q, False, k, True, scale)
 
 
 def scores_backward(ds, q, k, scale):
     """dq = scale ds k (B, Tq, d), dk = scale ds^T q (B, Tk, d); see kernels.loop."""
-    with _OneBlasThread(len(q)):
-        return _bmm(ds, False, k, False, scale), _bmm(ds, True, q, False, scale)
+    return _bmm(ds, False, k, False, scale), _bmm(ds, True, q, False, scale)
 
 
 # --------------------------------------------------------------------------------------------
 # embedding scatter-add
-
-_PARALLEL_MIN = 1 << 18  # elements of dout below which one thread is faster
-
 
 @njit(**_JIT)
 def _scatter_add_rows(rows, src, dW, v0, v1):
@@ -369,9 +407,8 @@ def embedding_backward(idx, dout, V):
     rows = np.ascontiguousarray(idx, dtype=np.intp).reshape(-1)  # (N*T,)
     src = dout.reshape(rows.size, D)  # (N*T, D)
     dW = np.zeros((int(V), D), dtype=dout.dtype)
-    threads = get_num_threads()
-    if src.size >= _PARALLEL_MIN and threads > 1 and V > 1:
-        _scatter_add_parallel(rows, src, dW, min(threads, int(V)))
+    if _parallel(src.size, _PARALLEL_MIN_SCATTER, int(V)):
+        _scatter_add_parallel(rows, src, dW, min(get_num_threads(), int(V)))
     else:
         _scatter_add_rows(rows, src, dW, 0, int(V))
     return dW

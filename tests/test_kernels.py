@@ -130,16 +130,25 @@ def test_fast_backends_match_loop(name, backend, shape, dtype, tol, rng):
     _assert_results(kernels.get(name, backend)(*args), want, dtype, tol)
 
 
-@pytest.mark.skipif(not numba_backend.HAVE_BLAS, reason="needs SciPy and threadpoolctl")
-@pytest.mark.parametrize("name", MATMUL)
-def test_numba_blas_kernel_matches_loop_for_any_batch(name, dtype, tol, rng, monkeypatch):
-    """The per-batch-entry gemm kernel even for B=1 (which otherwise goes to NumPy's matmul
-    when there are more threads than batch entries)."""
-    monkeypatch.setattr(numba_backend, "get_num_threads", lambda: 1)
-    for shape in [(1, 3, 4, 2), (2, 9, 9, 5), (3, 1, 6, 3)]:
-        args = _inputs(name, shape, dtype, rng)
-        want = kernels.get(name, "loop")(*args)
-        _assert_results(getattr(numba_backend, name)(*args), want, dtype, tol)
+@pytest.fixture(params=["serial", "parallel", "few-batch"])
+def numba_path(request, monkeypatch):
+    """Force one of the numba backend's paths whatever the shape and the thread count:
+    everything on the calling thread; parallel over the batch (BLAS per batch entry);
+    more threads than batch entries (products by NumPy's matmul)."""
+    threshold = 1 << 62 if request.param == "serial" else 0
+    for name in ("_PARALLEL_MIN_ELEMENTS", "_PARALLEL_MIN_MACS", "_PARALLEL_MIN_SCATTER"):
+        monkeypatch.setattr(numba_backend, name, threshold)
+    threads = {"serial": 1, "parallel": 2, "few-batch": 64}[request.param]
+    monkeypatch.setattr(numba_backend, "get_num_threads", lambda: threads)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", UNFUSED)
+def test_numba_paths_match_loop(name, shape, numba_path, dtype, tol, rng):
+    args = _inputs(name, shape, dtype, rng)
+    want = kernels.get(name, "loop")(*args)
+    _assert_results(getattr(numba_backend, name)(*args), want, dtype, tol)
 
 
 @pytest.mark.parametrize("name", MATMUL)
