@@ -128,6 +128,13 @@ def _mm_tn_acc(a, b, c, alpha, coef, use_blas):
 
 
 @njit(fastmath=_FM, cache=True)
+def _exp_inplace(x):
+    """x = exp(x) for a 1-D array, in one loop that LLVM vectorises."""
+    for i in range(x.shape[0]):
+        x[i] = vexp(x[i])
+
+
+@njit(fastmath=_FM, cache=True)
 def _mask_tile(s, i0, j0, causal, maskb, has_mask):
     """Set the forbidden entries of the score tile s (rows i0.., keys j0..) to -inf.
 
@@ -163,6 +170,7 @@ def _forward_units(first, step, q, k, v, out, lse, scale, causal, mask, has_mask
     sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
     m = np.empty(bq, dtype=q.dtype)  # running row maximum
     lsum = np.empty(bq, dtype=q.dtype)  # running row sum of exp(s - m)
+    rescale = np.empty(bq, dtype=q.dtype)  # exp(old m - new m) of the current tile
     for u in range(first, B * nqb, step):
         b = u // nqb
         i0 = (u % nqb) * bq
@@ -182,26 +190,29 @@ def _forward_units(first, step, q, k, v, out, lse, scale, causal, mask, has_mask
             _mm_nt(qb, kb[j0:j1], s, scale, coef, use_blas)  # S = scale Q_i K_j^T (nq, nk)
             if has_mask or (causal and j1 - 1 > i0):
                 _mask_tile(s, i0, j0, causal, maskb, has_mask)
-            for r in range(nq):  # online softmax: P = exp(S - m_new), rescale what came before
+            for r in range(nq):  # online softmax: new row maxima, S - m_new
                 row = s[r]
                 mx = ninf
                 for c in range(nk):
                     mx = fmax(mx, row[c])
                 m_new = max(m[r], mx)
-                if m_new == ninf:  # nothing allowed in this row so far
-                    row[:] = zero
+                if m_new == ninf:  # nothing allowed in this row so far: S stays -inf, P 0
+                    rescale[r] = one
                     continue
-                alpha = vexp(m[r] - m_new)  # 0 when m[r] is -inf
+                rescale[r] = vexp(m[r] - m_new)  # 0 when m[r] is -inf
+                m[r] = m_new
+                for c in range(nk):
+                    row[c] -= m_new
+            _exp_inplace(sbuf[: nq * nk])  # P = exp(S - m_new), one long vectorised loop
+            for r in range(nq):  # row sums; what came before is rescaled to the new maximum
+                row = s[r]
                 total = zero
                 for c in range(nk):
-                    p = vexp(row[c] - m_new)
-                    row[c] = p
-                    total += p
-                lsum[r] = lsum[r] * alpha + total
-                if alpha != one:
+                    total += row[c]
+                lsum[r] = lsum[r] * rescale[r] + total
+                if rescale[r] != one:
                     for c in range(dv):
-                        ob[r, c] *= alpha
-                m[r] = m_new
+                        ob[r, c] *= rescale[r]
             _mm_nn_acc(s, vb[j0:j1], ob, one, coef, use_blas)  # O_i += P V_j
         for r in range(nq):
             if lsum[r] > zero:
@@ -258,10 +269,11 @@ def _backward_units(first, step, dout, q, k, v, out, lse, dq, dk, dv, dq_part, s
                     row = s[r]
                     lr = lseb[i0 + r]
                     if lr == ninf:
-                        row[:] = zero
+                        row[:] = ninf
                     else:
                         for c in range(nk):
-                            row[c] = vexp(row[c] - lr)
+                            row[c] -= lr
+                _exp_inplace(sbuf[: nq * nk])
                 _mm_tn_acc(s, doi, dvj, one, coef, use_blas)  # dV_j += P^T dO_i
                 _mm_nt(doi, vj, dp, one, coef, use_blas)  # dP = dO_i V_j^T
                 for r in range(nq):  # dS = P (dP - D_i), in place of dP
