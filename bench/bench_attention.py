@@ -13,7 +13,8 @@ Shapes: the date task's (128, 29, 64) and (256, 128, 64), plus (32, 512, 64) and
 (8, 2048, 64) when the environment variable ``FASTATTN_BENCH_FULL=1`` is set, and causal
 variants. ``test_sgemm_peak`` times a large float32 ``np.dot`` in the same run, the machine's
 matrix-product peak to compare GFLOP/s with. ``test_peak_memory`` (full runs only) measures
-the extra memory of forward+backward at B=8, T=8192, d=64 in a fresh process.
+the extra memory of forward+backward at B=8, T=8192, d=64 in a fresh process, and
+``test_compile_time`` (full runs only) the cold and warm import + first call.
 
 Every contender is checked against the vectorized kernel in float64 (on the first batch
 entries) before it is warmed up and timed. ``extra_info`` carries GFLOP/s at the minimum time,
@@ -25,6 +26,7 @@ Run::
         --benchmark-columns=min,median --benchmark-sort=name
     FASTATTN_BENCH_FULL=1 fastattn bench --filter attention   # all shapes, ratios table
     python bench/bench_attention.py memory 8 8192 64            # peak extra memory, as JSON
+    python bench/bench_attention.py first-call                  # import + first call, seconds
 """
 
 from __future__ import annotations
@@ -231,10 +233,47 @@ def test_peak_memory(benchmark):
     assert result["extra"] <= MEMORY_LIMIT, result
 
 
+# ---- compile time ----------------------------------------------------------------------------
+
+
+def measure_first_call():
+    """Seconds to import fastattn and run the numba fused forward+backward once in float32 and
+    once in float64 (compiling them, or loading them from Numba's cache)."""
+    t0 = time.perf_counter()
+    import fastattn
+
+    for dtype in (np.float32, np.float64):
+        q, k, v, dout = (a.astype(dtype) for a in _inputs(2, 5, 4))
+        out, lse = fastattn.attention_forward(q, k, v, causal=True, backend="numba")
+        fastattn.attention_backward(dout, q, k, v, out, lse, causal=True, backend="numba")
+    return {"seconds": round(time.perf_counter() - t0, 2)}
+
+
+@pytest.mark.skipif(not FULL, reason="set FASTATTN_BENCH_FULL=1 (compiles from scratch)")
+def test_compile_time(benchmark, tmp_path):
+    """Cold: a fresh Numba cache, so the fused kernels compile (float32 and float64). Warm: the
+    same cache again, so import + first call only load them."""
+    benchmark.group = "compile: import + first numba fwd+bwd (float32 and float64)"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    cmd = [sys.executable, os.path.abspath(__file__), "first-call"]
+
+    def first_call():
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        return json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
+
+    cold = first_call()
+    warm = benchmark.pedantic(first_call, rounds=3, iterations=1)
+    benchmark.extra_info.update({"cold_seconds": cold, "warm_seconds": warm})
+    assert warm < cold
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "memory":
         shape = tuple(int(x) for x in sys.argv[2:5]) or MEMORY_SHAPE
         print(json.dumps(measure_memory(*shape)))
+    elif len(sys.argv) == 2 and sys.argv[1] == "first-call":
+        print(json.dumps(measure_first_call()))
     else:
-        print("usage: python bench/bench_attention.py memory [B T d]", file=sys.stderr)
+        print("usage: python bench/bench_attention.py memory [B T d] | first-call",
+              file=sys.stderr)
         sys.exit(2)
