@@ -11,8 +11,8 @@ How it is built (flash attention, as in Dao et al.):
   and row sum, the output rescaled when the maximum grows) and ``O_i += P V_j``. The row
   log-sum-exp ``lse = m + log(l)`` is kept for the backward.
 * Backward, parallel over batch entries (each owns its dq, dk, dv rows, so no races), or over
-  (batch, share of the key blocks) when there are fewer batch entries than threads, with a
-  private dq per share summed at the end. Per key block and query block, P is recomputed
+  (batch, share of the key blocks) when there are few batch entries, with a private dq per
+  share summed at the end. Per key block and query block, P is recomputed
   from lse, then ``dV_j += P^T dO_i``, ``dP = dO_i V_j^T``, ``dS = P (dP - D_i)`` with
   ``D_i = rowsum(dO_i * O_i)``, ``dQ_i += scale dS K_j`` and ``dK_j += scale dS^T Q_i``.
 * Tile products go to single-threaded BLAS sgemm/dgemm (SciPy's, through Numba), with the
@@ -20,7 +20,10 @@ How it is built (flash attention, as in Dao et al.):
   loops. Exponentials use a polynomial exp that LLVM vectorises (``kernels._flash_math``).
 
 Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs is
-O(threads * bq * bk), plus O(threads * Tq * d) when the backward splits a batch entry.
+O(threads * bq * bk), plus at most 8 Tq d when the backward splits few batch entries.
+
+Threads: the work units go to ``numba.get_num_threads()`` threads (the caller's and a small
+pool's) running ``nogil`` kernels; a unit's result never depends on the thread count.
 """
 
 from __future__ import annotations
@@ -330,15 +333,33 @@ class _OneBlasThread:
         return False
 
 
-def _tiles(Tq, Tk, causal):
+_SERIAL_FLOPS = 4e6  # below this much work, handing out to threads costs more than it saves
+_MIN_UNITS = 8  # work units wanted per call, so that a few threads share it evenly
+
+
+def _tiles(B, Tq, Tk, causal):
     """Query and key block sizes (bq, bk), measured best on a 2-core AVX-512 machine with
     d = 64: (128, 64) without causal; causal wastes the masked half of the tiles on the
-    diagonal, so it takes smaller ones."""
+    diagonal, so it takes smaller ones. Few long sequences get smaller query blocks, so that
+    the forward has _MIN_UNITS (batch entry, query block) units to share out. The choice
+    depends on the shapes only, never on the thread count, so results do not either."""
     if causal:
         bq, bk = (32, 32) if max(Tq, Tk) <= 256 else (64, 64)
     else:
         bq, bk = 128, 64
+    if B * math.ceil(Tq / bq) < _MIN_UNITS:
+        bq = min(bq, max(16, math.ceil(Tq / math.ceil(_MIN_UNITS / B))))
     return max(1, min(bq, Tq)), max(1, min(bk, Tk))
+
+
+def _key_shares(B, Tq, Tk, d, bk):
+    """Into how many shares the backward splits each batch entry's key blocks: 1 when there
+    are _MIN_UNITS batch entries or the work is small, else enough for _MIN_UNITS units (each
+    share then sums into a private dq; shapes only decide, so dq does not depend on the
+    thread count)."""
+    if B >= _MIN_UNITS or 10 * B * Tq * Tk * d < _SERIAL_FLOPS:
+        return 1
+    return min(math.ceil(Tk / bk), math.ceil(_MIN_UNITS / B))
 
 
 def _prepare(arrays, scale, mask):
@@ -352,9 +373,6 @@ def _prepare(arrays, scale, mask):
 
 
 _pool = {}
-
-
-_SERIAL_FLOPS = 4e6  # below this much work, handing out to threads costs more than it saves
 
 
 def _in_parallel(fn, n_units, flops, *args):
@@ -385,7 +403,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     """
     (q, k, v), scale, mask, has_mask = _prepare((q, k, v), scale, mask)
     B, Tq, _ = q.shape
-    bq, bk = tiles or _tiles(Tq, k.shape[1], causal)
+    bq, bk = tiles or _tiles(B, Tq, k.shape[1], causal)
     out = np.empty((B, Tq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((B, Tq), dtype=q.dtype)
     use_blas = _use_blas()
@@ -403,12 +421,8 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     arrays, scale, mask, has_mask = _prepare((dout, q, k, v, out, lse), scale, mask)
     B, Tq, d = arrays[1].shape
     Tk = arrays[2].shape[1]
-    bq, bk = tiles or _tiles(Tq, Tk, causal)
-    threads = get_num_threads()
-    nsplit = 1
-    if B < threads and 10 * B * Tq * Tk * d >= _SERIAL_FLOPS:
-        # too few batch entries for the threads: split each one's key blocks, dq privately
-        nsplit = min(math.ceil(Tk / bk), math.ceil(threads / B))
+    bq, bk = tiles or _tiles(B, Tq, Tk, causal)
+    nsplit = _key_shares(B, Tq, Tk, d, bk)
     dq, dk, dv = (np.zeros_like(a) for a in arrays[1:4])
     dq_part = np.zeros((B * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
     use_blas = _use_blas()
