@@ -22,8 +22,9 @@ How it is built (flash attention, as in Dao et al.):
 Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs is
 O(threads * bq * bk), plus at most 8 Tq d when the backward splits few batch entries.
 
-Threads: the work units go to ``numba.get_num_threads()`` threads (the caller's and a small
-pool's) running ``nogil`` kernels; a unit's result never depends on the thread count.
+Threads: ``numba.get_num_threads()`` threads (the caller's and a small pool's) run ``nogil``
+kernels that take work units from a shared atomic counter; a unit's result never depends on
+the thread count or on which thread ran it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from numba import get_num_threads, njit, types
 from numba.extending import overload
 
-from kernels._flash_math import FASTMATH, fmax, vexp
+from kernels._flash_math import FASTMATH, fmax, take_unit, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
@@ -158,10 +159,10 @@ def _mask_tile(s, i0, j0, causal, maskb, has_mask):
 
 
 @njit(nogil=True, fastmath=_FM, cache=True)
-def _forward_units(first, step, q, k, v, out, lse, scale, causal, mask, has_mask, bq, bk,
+def _forward_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, bq, bk,
                    use_blas):
-    """Work units first, first + step, ...; unit u is batch entry u // nqb, query block
-    u % nqb: fills those rows of out (B, Tq, dv) and lse (B, Tq)."""
+    """Takes work units from counter until none are left; unit u is batch entry u // nqb,
+    query block u % nqb: fills those rows of out (B, Tq, dv) and lse (B, Tq)."""
     B, Tq, _ = q.shape
     Tk = k.shape[1]
     dv = v.shape[2]
@@ -174,7 +175,10 @@ def _forward_units(first, step, q, k, v, out, lse, scale, causal, mask, has_mask
     m = np.empty(bq, dtype=q.dtype)  # running row maximum
     lsum = np.empty(bq, dtype=q.dtype)  # running row sum of exp(s - m)
     rescale = np.empty(bq, dtype=q.dtype)  # exp(old m - new m) of the current tile
-    for u in range(first, B * nqb, step):
+    while True:
+        u = take_unit(counter)
+        if u >= B * nqb:
+            break
         b = u // nqb
         i0 = (u % nqb) * bq
         i1 = min(i0 + bq, Tq)
@@ -228,11 +232,11 @@ def _forward_units(first, step, q, k, v, out, lse, scale, causal, mask, has_mask
 
 
 @njit(nogil=True, fastmath=_FM, cache=True)
-def _backward_units(first, step, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale, causal,
+def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale, causal,
                     mask, has_mask, bq, bk, nsplit, use_blas):
-    """Work units first, first + step, ...; unit u is batch entry u // nsplit and its key
-    blocks share, share + nsplit, ... (share = u % nsplit). Accumulates into dk, dv (those key
-    rows) and into dq, or dq_part[u] when nsplit > 1; all zeroed by the caller."""
+    """Takes work units from counter until none are left; unit u is batch entry u // nsplit
+    and its key blocks share, share + nsplit, ... (share = u % nsplit). Accumulates into dk,
+    dv (those key rows) and into dq, or dq_part[u] when nsplit > 1; all zeroed by the caller."""
     B, Tq, _ = q.shape
     Tk = k.shape[1]
     dt = q.dtype.type
@@ -242,7 +246,10 @@ def _backward_units(first, step, dout, q, k, v, out, lse, dq, dk, dv, dq_part, s
     sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
     pbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
     D = np.empty(Tq, dtype=q.dtype)
-    for u in range(first, B * nsplit, step):
+    while True:
+        u = take_unit(counter)
+        if u >= B * nsplit:
+            break
         b = u // nsplit
         share = u % nsplit
         dob, qb, kb, vb, lseb = dout[b], q[b], k[b], v[b], lse[b]
@@ -376,21 +383,21 @@ _pool = {}
 
 
 def _in_parallel(fn, n_units, flops, *args):
-    """Run fn(first, step, *args) for first = 0 .. step - 1 on step = min(threads, n_units)
-    threads: the calling one and a pool's (fn is a nogil kernel that takes every step-th unit
-    from first on). Small work (``flops``) runs on the calling thread alone."""
-    step = max(1, min(get_num_threads(), n_units))
-    if flops < _SERIAL_FLOPS:
-        step = 1
-    if step == 1:
-        fn(0, 1, *args)
+    """Run fn(counter, *args) on min(threads, n_units) threads, the calling one and a pool's:
+    fn is a nogil kernel that takes units from the shared counter until none are left, so a
+    thread slowed down by other work on the machine simply takes fewer. Small work
+    (``flops``) runs on the calling thread alone."""
+    counter = np.zeros(1, dtype=np.int64)
+    n = max(1, min(get_num_threads(), n_units))
+    if n == 1 or flops < _SERIAL_FLOPS:
+        fn(counter, *args)
         return
-    pool = _pool.get(step - 1)
+    pool = _pool.get(n - 1)
     if pool is None:
-        pool = _pool[step - 1] = ThreadPoolExecutor(step - 1, thread_name_prefix="fastattn")
-    futures = [pool.submit(fn, first, step, *args) for first in range(1, step)]
+        pool = _pool[n - 1] = ThreadPoolExecutor(n - 1, thread_name_prefix="fastattn")
+    futures = [pool.submit(fn, counter, *args) for _ in range(n - 1)]
     try:
-        fn(0, step, *args)
+        fn(counter, *args)
     finally:
         for f in futures:
             f.result()

@@ -11,6 +11,9 @@ maximum or minus the row's log-sum-exp), so the input range is clamped from belo
 ``x < LO`` (including ``-inf``) gives exactly 0; ``x > 80`` (float32) / ``700`` (float64) is
 out of contract. Relative error against ``np.exp``: under 4e-7 (float32), 2e-16 (float64).
 
+``take_unit(counter)`` hands out work units to threads: an atomic fetch-and-add on
+``counter[0]`` (an int64 array), so each thread takes the next unit when it is free.
+
 ``fmax(a, b)`` is LLVM's ``maxnum`` with the no-NaN flag on that one call: a row maximum
 written with it vectorises (Numba's ``max`` handles NaN and stays scalar). Scores are never NaN
 (the public functions reject NaN inputs); ``-inf`` is an ordinary value for it.
@@ -130,3 +133,18 @@ def fmax(typingctx, a, b):
         return builder.call(fn, args, fastmath=("nnan", "nsz"))
 
     return a(a, b), codegen
+
+
+@intrinsic
+def take_unit(typingctx, counter):
+    """Atomically counter[0] += 1; returns the value before (counter: 1-D int64 array)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64
+            and counter.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        one = ir.Constant(ir.IntType(64), 1)
+        return builder.atomic_rmw("add", ary.data, one, "seq_cst")
+
+    return types.int64(counter), codegen
