@@ -224,31 +224,41 @@ _XGEMM = types.ExternalFunction(
                types.voidptr, types.voidptr, types.intp),  # beta, c, ldc
 )
 _N, _T = np.int8(ord("N")), np.int8(ord("T"))
-_KIND = {np.dtype(np.float32): np.int8(ord("s")), np.dtype(np.float64): np.int8(ord("d"))}
+_S, _D = np.int8(ord("s")), np.int8(ord("d"))
 
 
 @njit(**_JIT)
-def _bmm_blas_range(a, ta, m, tm, coef, kind, c, b0, b1):
-    """c[b] = coef[0] op(a[b]) @ op(m[b]) for b in [b0, b1): one gemm per batch entry.
+def _bmm_blas_range(a, ta, m, tm, alpha, c, b0, b1):
+    """c[b] = alpha op(a[b]) @ op(m[b]) for b in [b0, b1): one gemm per batch entry.
 
-    a is (B, M, K), or (B, K, M) when ta == 'T'; m is (B, K, N), or (B, N, K) when tm == 'T';
-    c is (B, M, N); all C-contiguous. BLAS is column-major, so it computes
+    a is (B, M, K), or (B, K, M) when ta; m is (B, K, N), or (B, N, K) when tm; c is
+    (B, M, N); all C-contiguous, one dtype. BLAS is column-major, so it computes
     c^T = op(m)^T op(a)^T.
     """
     _, M, N = c.shape
-    K = a.shape[1] if ta == _T else a.shape[2]
-    lda = a.shape[2]
-    ldm = m.shape[2]
-    beta = coef[1:]  # 0
+    K = a.shape[1] if ta else a.shape[2]
+    kind = _S if c.itemsize == 4 else _D
+    coef = np.empty(2, dtype=c.dtype)  # alpha, beta
+    coef[0] = alpha
+    coef[1] = 0
+    beta = coef[1:]
     for b in range(b0, b1):
-        _XGEMM(kind, tm, ta, N, M, K, coef.ctypes, m[b].ctypes, ldm, a[b].ctypes, lda,
-               beta.ctypes, c[b].ctypes, N)
+        _XGEMM(kind, _T if tm else _N, _T if ta else _N, N, M, K, coef.ctypes, m[b].ctypes,
+               m.shape[2], a[b].ctypes, a.shape[2], beta.ctypes, c[b].ctypes, N)
 
 
 @njit(**_PJIT)
-def _bmm_blas_parallel(a, ta, m, tm, coef, kind, c):
+def _bmm_blas_parallel(a, ta, m, tm, alpha, c):
     for b in prange(c.shape[0]):
-        _bmm_blas_range(a, ta, m, tm, coef, kind, c, b, b + 1)
+        _bmm_blas_range(a, ta, m, tm, alpha, c, b, b + 1)
+
+
+@njit(**_PJIT)
+def _bmm2_blas_parallel(a, ta, m, tm, alpha, c, a2, ta2, m2, tm2, alpha2, c2):
+    """Two batched products in one parallel loop (a backward's two gradients)."""
+    for b in prange(c.shape[0]):
+        _bmm_blas_range(a, ta, m, tm, alpha, c, b, b + 1)
+        _bmm_blas_range(a2, ta2, m2, tm2, alpha2, c2, b, b + 1)
 
 
 @njit(**_PJIT)
@@ -310,43 +320,61 @@ def _bmm_loops(a, m, scale):
     return c
 
 
-def _bmm(a, ta, m, tm, alpha=1.0):
-    """alpha op(a) @ op(m) for each batch entry, op(x) = x.T (the last two axes) when the flag
-    is set.
-
-    With BLAS: small products one gemm after the other on this thread; larger ones one gemm
-    per batch entry in parallel, BLAS held at one thread meanwhile; with fewer batch entries
-    than threads, NumPy's matmul (whose BLAS threads then share each product). Without BLAS,
-    the loop kernel on contiguous transposed copies.
-    """
-    B = a.shape[0]
-    M = a.shape[2] if ta else a.shape[1]
-    K = a.shape[1] if ta else a.shape[2]
+def _product(a, ta, m, tm, alpha):
+    """The arguments of the gemm kernels for alpha op(a) @ op(m), with c allocated, and the
+    number of multiply-adds."""
+    B, r, s = a.shape
+    M, K = (s, r) if ta else (r, s)
     N = m.shape[1] if tm else m.shape[2]
-    dtype = a.dtype
-    if M == 0 or N == 0 or K == 0 or B == 0:
-        return np.zeros((B, M, N), dtype=dtype)
+    return (a, ta, m, tm, float(alpha), np.empty((B, M, N), dtype=a.dtype)), B * M * N * K
+
+
+def _bmm(*products):
+    """For each (a, ta, m, tm, alpha): alpha op(a) @ op(m) for every batch entry, op(x) = x.T
+    (the last two axes) when the flag is set. One or two products of one batch size.
+
+    With BLAS: small work one gemm after the other on this thread; larger work one gemm per
+    batch entry in parallel (both products in one parallel loop), BLAS held at one thread
+    meanwhile; with fewer batch entries than threads, NumPy's matmul (whose BLAS threads then
+    share each product). Without BLAS, the loop kernel on contiguous transposed copies.
+    """
+    prepared = [_product(*p) for p in products]
+    macs = sum(p[1] for p in prepared)
+    B = products[0][0].shape[0]
+    if macs == 0:  # an empty dimension: nothing to multiply, or sums of nothing
+        for arg, _ in prepared:
+            arg[5][...] = 0
+        return tuple(arg[5] for arg, _ in prepared)
     if not use_blas:
-        if ta:
-            a = np.ascontiguousarray(a.transpose(0, 2, 1))
-        if tm:
-            m = np.ascontiguousarray(m.transpose(0, 2, 1))
-        return _bmm_loops(a, m, dtype.type(alpha))
-    parallel = _parallel(B * M * N * K, _PARALLEL_MIN_MACS, B)
+        return tuple(_loops_product(*p) for p in products)
+    parallel = _parallel(macs, _PARALLEL_MIN_MACS, B)
     if parallel and B < get_num_threads():
-        c = np.matmul(a.transpose(0, 2, 1) if ta else a, m.transpose(0, 2, 1) if tm else m)
-        if alpha != 1.0:
-            c *= dtype.type(alpha)
-        return c
-    c = np.empty((B, M, N), dtype=dtype)
-    args = (a, _T if ta else _N, m, _T if tm else _N, np.array([alpha, 0.0], dtype=dtype),
-            _KIND[dtype], c)
-    if parallel:
-        with _OneBlasThread():
-            _bmm_blas_parallel(*args)
+        return tuple(_numpy_product(*p) for p in products)
+    if not parallel:
+        for arg, _ in prepared:
+            _bmm_blas_range(*arg, 0, B)
     else:
-        _bmm_blas_range(*args, 0, B)
+        with _OneBlasThread():
+            if len(prepared) == 2:
+                _bmm2_blas_parallel(*prepared[0][0], *prepared[1][0])
+            else:
+                _bmm_blas_parallel(*prepared[0][0])
+    return tuple(arg[5] for arg, _ in prepared)
+
+
+def _numpy_product(a, ta, m, tm, alpha):
+    c = np.matmul(a.transpose(0, 2, 1) if ta else a, m.transpose(0, 2, 1) if tm else m)
+    if alpha != 1.0:
+        c *= a.dtype.type(alpha)
     return c
+
+
+def _loops_product(a, ta, m, tm, alpha):
+    if ta:
+        a = np.ascontiguousarray(a.transpose(0, 2, 1))
+    if tm:
+        m = np.ascontiguousarray(m.transpose(0, 2, 1))
+    return _bmm_loops(a, m, a.dtype.type(alpha))
 
 
 def weighted_sum_forward(score, value):
@@ -354,22 +382,22 @@ def weighted_sum_forward(score, value):
 
     score (B, Tq, Tk), value (B, Tk, d) -> z (B, Tq, d).
     """
-    return _bmm(score, False, value, False)
+    return _bmm((score, False, value, False, 1.0))[0]
 
 
 def weighted_sum_backward(dz, score, value):
     """dscore = dz value^T (B, Tq, Tk), dvalue = score^T dz (B, Tk, d); see kernels.loop."""
-    return _bmm(dz, False, value, True), _bmm(score, True, dz, False)
+    return _bmm((dz, False, value, True, 1.0), (score, True, dz, False, 1.0))
 
 
 def scores_forward(q, k, scale):
     """s[b, i, j] = scale * q[b, i] . k[b, j]. q (B, Tq, d), k (B, Tk, d) -> s (B, Tq, Tk)."""
-    return _bmm(q, False, k, True, scale)
+    return _bmm((q, False, k, True, scale))[0]
 
 
 def scores_backward(ds, q, k, scale):
     """dq = scale ds k (B, Tq, d), dk = scale ds^T q (B, Tk, d); see kernels.loop."""
-    return _bmm(ds, False, k, False, scale), _bmm(ds, True, q, False, scale)
+    return _bmm((ds, False, k, False, scale), (ds, True, q, False, scale))
 
 
 # --------------------------------------------------------------------------------------------
