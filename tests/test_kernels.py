@@ -48,6 +48,8 @@ def _inputs(name, shape, dtype, rng):
 
     if name == "softmax_forward":
         x = 2 * a(B, Tq, Tk)
+        if B == 0:
+            return (x,)
         x[0, 0, :] = -np.inf  # a row with nothing to attend to
         if Tk > 1:
             x[-1, -1, 0] = -np.inf  # one masked entry
@@ -149,6 +151,16 @@ def test_numba_paths_match_loop(name, shape, numba_path, dtype, tol, rng):
     args = _inputs(name, shape, dtype, rng)
     want = kernels.get(name, "loop")(*args)
     _assert_results(getattr(numba_backend, name)(*args), want, dtype, tol)
+
+
+@pytest.mark.parametrize("name", UNFUSED)
+def test_numba_kernels_accept_an_empty_batch(name, rng):
+    args = _inputs(name, (0, 3, 4, 2), np.float32, rng)
+    want = _as_tuple(kernels.get(name, "loop")(*args))
+    got = _as_tuple(kernels.get(name, "numba")(*args))
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("name", MATMUL)
