@@ -26,7 +26,9 @@ How the kernels are built:
 * ``attention_forward``/``attention_backward`` come from ``kernels._flash``.
 
 Every output element is written by one thread in a fixed order, so results are bitwise
-identical from call to call and do not depend on the number of threads.
+identical from call to call. The softmax and scatter-add results do not depend on the number
+of threads either; the products can differ in the last bits when the thread count moves a
+call between the per-batch-entry gemms and NumPy's matmul (fewer batch entries than threads).
 
 The fastmath flags live in one place, :data:`kernels._fastexp.FASTMATH`; they never include
 ``nnan``/``ninf``, so ``-inf`` masking stays exact.
