@@ -2,33 +2,38 @@
 
 A step is forward (teacher forcing, mean cross-entropy), backward and an Adam update, on a
 batch of the date task (the default batch size of ``fastattn train``). The PyTorch model below
-is the same architecture, written for this comparison: pre-LN encoder and decoder blocks,
-learned positions, ReLU feed-forward, ``scaled_dot_product_attention``. Before timing, it is
+is the same architecture, written for this comparison: pre-LN encoder and decoder blocks, the
+same position table, ReLU feed-forward, ``scaled_dot_product_attention``. Before timing, it is
 loaded with fastattn's weights and must give the same loss (float32, rtol 1e-4).
 
-Group ``train step``: the fastattn model on the numba and vectorized backends, and PyTorch
-(when installed, with ``torch.set_num_threads(os.cpu_count())``). The fastattn numba test
-also times PyTorch in alternation with itself and puts both medians and their ratio into
-``extra_info`` (``torch_over_fastattn`` > 1 means fastattn is faster per step).
+Group ``train step``: the fastattn model on the numba and vectorized backends, with the thread
+setting of ``fastattn train`` (``--threads``, one BLAS and one Numba thread by default), and
+PyTorch (when installed) with ``torch.set_num_threads(os.cpu_count())``. The fastattn numba
+test also times PyTorch, with as many threads as cores and with one thread, each in a fresh
+process of its own (PyTorch's OpenMP pool and the Numba/BLAS pools slow each other down when
+they share a process on 2 cores), and puts the medians and the ratios into ``extra_info``
+(``torch_over_fastattn`` > 1 means fastattn is faster per step).
 
 Run::
 
     python -m pytest bench/bench_train_step.py                      # timings
     python -m pytest bench/bench_train_step.py --benchmark-disable  # as plain tests
-    python bench/bench_train_step.py                                # ratios, interleaved
+    python bench/bench_train_step.py                                # ratios, in turns
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from dataset import sequence
-from fastattn.commands.train import DEFAULTS
+from fastattn.commands.train import DEFAULTS, limit_threads
 from fastattn.optim import Adam
 from fastattn.transformer import TransformerSeq2seq
 
@@ -176,8 +181,10 @@ def _copy_weights(model, tm):
 
     put(tm.src_emb.weight, model.src_embed.params[0])
     put(tm.tgt_emb.weight, model.tgt_embed.params[0])
-    put(tm.src_pos, model.src_pos.params[0])
-    put(tm.tgt_pos, model.tgt_pos.params[0])
+    # the whole position table (fixed sinusoids plus learned part, if any): a constant added
+    # to a parameter changes neither its gradient nor its Adam updates
+    put(tm.src_pos, model.src_pos.table(model.src_pos.max_len))
+    put(tm.tgt_pos, model.tgt_pos.table(model.tgt_pos.max_len))
     for t, f in zip(tm.enc, model.encoder, strict=True):
         ln(t.ln1, f.ln1)
         mha(t.attn, f.attn)
@@ -196,12 +203,13 @@ def _copy_weights(model, tm):
     put(tm.out.bias, model.out.params[1])
 
 
-def torch_step():
-    """(step function, checked loss pair) for the same model in PyTorch, with fastattn's
-    initial weights; raises AssertionError when the two losses differ."""
+def torch_step(threads=None):
+    """Step function of the same model in PyTorch, with fastattn's initial weights, on
+    ``threads`` threads (default: one per core); raises AssertionError when the two models'
+    losses differ."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     xs, ts, V = _batch()
     model = fastattn_step("vectorized")[1]
     tm = _torch_model_class()(V, DEFAULTS["d_model"], DEFAULTS["heads"], DEFAULTS["layers"],
@@ -214,6 +222,8 @@ def torch_step():
     np.testing.assert_allclose(ours, theirs, rtol=LOSS_RTOL)
     opt = torch.optim.Adam(tm.parameters(), lr=DEFAULTS["lr"])
 
+    n_threads = torch.get_num_threads()
+
     def step():
         opt.zero_grad(set_to_none=True)
         loss = tm(txs, tts)
@@ -221,18 +231,38 @@ def torch_step():
         opt.step()
         return loss.item()
 
+    # PyTorch's thread count is global: set it before a block of this step's calls (setting
+    # it on every call would rebuild the thread pool each time)
+    step.setup = lambda: torch.set_num_threads(n_threads)
     return step
 
 
-def _interleaved_ms(fns, reps):
-    """Median ms of each function, timed in alternation."""
+def _blocked_ms(fns, reps, rounds=3):
+    """Median ms per call of each function, timed in blocks of ``reps`` calls, the functions
+    taking turns for ``rounds`` rounds (a function's ``setup()``, if any, runs before each of
+    its blocks)."""
     times = [[] for _ in fns]
-    for _ in range(reps):
+    for _ in range(rounds):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            getattr(fn, "setup", lambda: None)()
             fn()
-            times[i].append(time.perf_counter() - t0)
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t0)
     return [1e3 * statistics.median(t) for t in times]
+
+
+def torch_ms_in_subprocess(threads, reps):
+    """Median ms of PyTorch's step on ``threads`` threads, timed in a fresh interpreter.
+
+    In the same process as the Numba kernels, PyTorch's OpenMP threads and the other thread
+    pools spin against each other on a 2-core machine, which can slow PyTorch down many
+    times; a process of its own gives PyTorch its best conditions.
+    """
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch", str(threads),
+                          str(reps)], capture_output=True, text=True, timeout=600, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _have_torch():
@@ -248,49 +278,57 @@ def _have_torch():
 
 @pytest.mark.parametrize("backend", ["numba", "vectorized"])
 def test_train_step_fastattn(benchmark, backend):
-    step, model = fastattn_step(backend)
-    first = step()  # compiles the kernels; not timed
-    assert np.isfinite(first)
-    benchmark.group = GROUP
-    benchmark.extra_info["backend"] = backend
-    benchmark.extra_info["n_params"] = int(sum(p.size for p in model.params))
-    if backend == "numba" and _have_torch():
-        tstep = torch_step()
-        tstep()
-        reps = 3 if benchmark.disabled else 30
-        ours, theirs = _interleaved_ms([step, tstep], reps)
-        benchmark.extra_info["fastattn_ms"] = round(ours, 3)
-        benchmark.extra_info["torch_ms"] = round(theirs, 3)
-        benchmark.extra_info["torch_over_fastattn"] = round(theirs / ours, 3)
-    benchmark(step)
+    with limit_threads(DEFAULTS["threads"]):
+        step, model = fastattn_step(backend)
+        first = step()  # compiles the kernels; not timed
+        assert np.isfinite(first)
+        benchmark.group = GROUP
+        benchmark.extra_info["backend"] = backend
+        benchmark.extra_info["threads"] = DEFAULTS["threads"]
+        benchmark.extra_info["n_params"] = int(sum(p.size for p in model.params))
+        if backend == "numba" and _have_torch():
+            reps = 1 if benchmark.disabled else 10
+            ours, = _blocked_ms([step], reps)
+            theirs = torch_ms_in_subprocess(os.cpu_count() or 1, 3 * reps)
+            theirs1 = torch_ms_in_subprocess(1, 3 * reps)
+            benchmark.extra_info["fastattn_ms"] = round(ours, 3)
+            benchmark.extra_info["torch_ms"] = round(theirs, 3)
+            benchmark.extra_info["torch_1thread_ms"] = round(theirs1, 3)
+            benchmark.extra_info["torch_over_fastattn"] = round(theirs / ours, 3)
+            benchmark.extra_info["torch_1thread_over_fastattn"] = round(theirs1 / ours, 3)
+        benchmark(step)
 
 
 def test_train_step_torch(benchmark):
     pytest.importorskip("torch")
     step = torch_step()
+    step.setup()
     step()
     benchmark.group = GROUP
     benchmark.extra_info["backend"] = "torch"
+    benchmark.extra_info["threads"] = os.cpu_count()
     benchmark(step)
 
 
 def main():
-    reps = int(os.environ.get("FASTATTN_BENCH_REPS", "40"))
-    fns, names = [], []
-    for backend in ("numba", "vectorized"):
-        step, _ = fastattn_step(backend)
-        step()
-        fns.append(step)
-        names.append(f"fastattn {backend}")
+    if len(sys.argv) == 4 and sys.argv[1] == "--torch":  # the subprocess of torch_ms_in_subprocess
+        step = torch_step(int(sys.argv[2]))
+        print(_blocked_ms([step], int(sys.argv[3]), rounds=1)[0])
+        return
+    reps = int(os.environ.get("FASTATTN_BENCH_REPS", "15"))
+    with limit_threads(DEFAULTS["threads"]):
+        fns, names = [], []
+        for backend in ("numba", "vectorized"):
+            fns.append(fastattn_step(backend)[0])
+            names.append(f"fastattn {backend} ({DEFAULTS['threads']} thread)")
+        ms = _blocked_ms(fns, reps)
     if _have_torch():
-        tstep = torch_step()
-        tstep()
-        fns.append(tstep)
-        names.append("torch")
-    ms = _interleaved_ms(fns, reps)
+        for threads in (os.cpu_count() or 1, 1):
+            ms.append(torch_ms_in_subprocess(threads, 3 * reps))
+            names.append(f"torch ({threads} thread{'s' if threads > 1 else ''}, own process)")
     print(GROUP)
     for name, m in zip(names, ms, strict=True):
-        print(f"  {name:20s} {m:8.2f} ms/step   {m / ms[0]:5.2f}x fastattn numba")
+        print(f"  {name:36s} {m:8.2f} ms/step   {m / ms[0]:5.2f}x fastattn numba")
 
 
 if __name__ == "__main__":
