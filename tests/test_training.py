@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 
 from dataset import sequence
+from fastattn.commands.train import limit_threads
 from fastattn.optim import SGD, Adam, clip_grads, lr_schedule
 from fastattn.trainer import Trainer, eval_seq2seq, exact_match, remove_duplicate
 from fastattn.transformer import TransformerSeq2seq
 
 # comparisons of float64 arithmetic: rtol 1e-12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train on one BLAS and one Numba thread, as ``fastattn train`` does by default: on a busy
+    2-core machine, spinning thread pools can make a step many times slower."""
+    with limit_threads(1):
+        yield
 
 
 def adam_reference(p, grads, lr, beta1=0.9, beta2=0.999, eps=1e-7):
