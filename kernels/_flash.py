@@ -33,10 +33,10 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import get_num_threads, njit, types
+from numba import get_num_threads, types
 from numba.extending import overload
 
-from kernels._flash_math import FASTMATH, fmax, take_unit, vexp
+from kernels._flash_math import FASTMATH, fmax, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
@@ -77,7 +77,7 @@ def _xgemm_overload(ta, tb, m, n, kk, coef, a, lda, b, ldb, c, ldc):
     return impl
 
 
-@njit(fastmath=_FM, cache=True)
+@njit_cached(fastmath=_FM)
 def _blas(ta, tb, a, b, c, alpha, beta, coef):
     """c = alpha op(a) op(b) + beta c by BLAS; row-major C = op(A) op(B) is column-major
     C^T = op(B)^T op(A)^T, so the operands swap."""
@@ -88,7 +88,7 @@ def _blas(ta, tb, a, b, c, alpha, beta, coef):
     _xgemm(tb, ta, n, m, kk, coef, b, b.shape[1], a, a.shape[1], c, n)
 
 
-@njit(fastmath=_FM, cache=True)
+@njit_cached(fastmath=_FM)
 def _mm_nt(a, b, c, alpha, coef, use_blas):
     """c = alpha a b^T. a (m, k), b (n, k), c (m, n), all C-contiguous."""
     if use_blas:
@@ -102,7 +102,7 @@ def _mm_nt(a, b, c, alpha, coef, use_blas):
             c[i, j] = alpha * acc
 
 
-@njit(fastmath=_FM, cache=True)
+@njit_cached(fastmath=_FM)
 def _mm_nn_acc(a, b, c, alpha, coef, use_blas):
     """c += alpha a b. a (m, k), b (k, n), c (m, n), all C-contiguous."""
     if use_blas:
@@ -115,7 +115,7 @@ def _mm_nn_acc(a, b, c, alpha, coef, use_blas):
                 c[i, j] += f * b[p, j]
 
 
-@njit(fastmath=_FM, cache=True)
+@njit_cached(fastmath=_FM)
 def _mm_tn_acc(a, b, c, alpha, coef, use_blas):
     """c += alpha a^T b. a (k, m), b (k, n), c (m, n), all C-contiguous."""
     if use_blas:
@@ -131,14 +131,14 @@ def _mm_tn_acc(a, b, c, alpha, coef, use_blas):
 # ---- the pieces of a tile ---------------------------------------------------------------------
 
 
-@njit(fastmath=_FM, cache=True)
+@njit_cached(fastmath=_FM)
 def _exp_inplace(x):
     """x = exp(x) for a 1-D array, in one loop that LLVM vectorises."""
     for i in range(x.shape[0]):
         x[i] = vexp(x[i])
 
 
-@njit(fastmath=_FM, cache=True)
+@njit_cached(fastmath=_FM)
 def _mask_tile(s, i0, j0, causal, maskb, has_mask):
     """Set the forbidden entries of the score tile s (rows i0.., keys j0..) to -inf.
 
@@ -158,7 +158,7 @@ def _mask_tile(s, i0, j0, causal, maskb, has_mask):
                 s[r, c] = ninf
 
 
-@njit(nogil=True, fastmath=_FM, cache=True)
+@njit_cached(nogil=True, fastmath=_FM)
 def _forward_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, bq, bk,
                    use_blas):
     """Takes work units from counter until none are left; unit u is batch entry u // nqb,
@@ -231,7 +231,7 @@ def _forward_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, bq
                 lse[b, i0 + r] = ninf  # nothing to attend to: out stays 0
 
 
-@njit(nogil=True, fastmath=_FM, cache=True)
+@njit_cached(nogil=True, fastmath=_FM)
 def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale, causal,
                     mask, has_mask, bq, bk, nsplit, use_blas):
     """Takes work units from counter until none are left; unit u is batch entry u // nsplit

@@ -11,6 +11,10 @@ maximum or minus the row's log-sum-exp), so the input range is clamped from belo
 ``x < LO`` (including ``-inf``) gives exactly 0; ``x > 80`` (float32) / ``700`` (float64) is
 out of contract. Relative error against ``np.exp``: under 4e-7 (float32), 2e-16 (float64).
 
+``njit_cached(**options)`` is ``numba.njit(cache=True, **options)``, or plain ``njit`` where no
+cache location is writable (a read-only install with a read-only home), which Numba refuses
+at decoration time.
+
 ``take_unit(counter)`` hands out work units to threads: an atomic fetch-and-add on
 ``counter[0]`` (an int64 array), so each thread takes the next unit when it is free.
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -50,6 +54,21 @@ _F64 = tuple(np.float64(1.0 / np.prod(np.arange(1, k + 1, dtype=np.float64))) fo
 (_F0, _F1, _F2, _F3, _F4, _F5, _F6, _F7, _F8, _F9, _F10, _F11, _F12, _F13) = _F64
 _HALF64 = np.float64(0.5)
 _ZERO64 = np.float64(0.0)
+
+
+def njit_cached(**options):
+    """Decorator: njit with cache=True, falling back to no cache when Numba finds no writable
+    cache location for the function."""
+
+    def decorate(fn):
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+            if "cannot cache" not in str(exc):
+                raise
+            return njit(**options)(fn)
+
+    return decorate
 
 
 @intrinsic

@@ -58,7 +58,8 @@ def _cache_dir():
     try:
         from kernels import _flash
 
-        return _flash._forward_units._cache.cache_path
+        path = _flash._forward_units._cache.cache_path
+        return path or "none: no writable cache location, kernels compile in every process"
     except Exception:  # a Numba without this internal: say what the configuration says
         import numba
 
