@@ -60,10 +60,13 @@ def plot_history(history, path, *, loss_list=None, eval_interval=None):
         for e, v in acc:
             ax2.annotate(f"{100 * v:.2f}%", (e, 100 * v), textcoords="offset points",
                          xytext=(0, 6), ha="center", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("exact match on the test split (%)")
     ax2.set_title("test accuracy")
-    ax2.set_ylim(0, 102)
+    ax2.set_ylim(0, 108)
     ax2.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.fspath(path))

@@ -620,8 +620,11 @@ class TransformerSeq2seq:
     """An encoder-decoder Transformer with the book's seq2seq interface.
 
     TransformerSeq2seq(vocab_size, d_model=64, n_heads=4, n_layers=1, d_ff=256, max_len=32,
-    pos="learned", backend=None, dtype=np.float32, seed=None); ``n_layers`` encoder and
-    ``n_layers`` decoder blocks.
+    pos="both", backend=None, dtype=np.float32, seed=None); ``n_layers`` encoder and
+    ``n_layers`` decoder blocks. ``pos`` is the kind of :class:`PositionalEncoding`; the
+    default, the sinusoidal table plus a learned correction, generalises to positions that
+    are rare in training (e.g. the last characters of the longest questions) much better than
+    learned positions alone.
 
     * ``forward(xs, ts)`` -> mean cross-entropy loss (a float) with teacher forcing: xs (N, S)
       question ids, ts (N, T+1) answer ids starting with the start symbol; the decoder reads
@@ -639,7 +642,7 @@ class TransformerSeq2seq:
     """
 
     def __init__(self, vocab_size, d_model=64, n_heads=4, n_layers=1, d_ff=256, max_len=32,
-                 pos="learned", *, backend=None, dtype=np.float32, seed=None):
+                 pos="both", *, backend=None, dtype=np.float32, seed=None):
         V = _positive_int(vocab_size, "vocab_size")
         C = _positive_int(d_model, "d_model")
         n_heads = _positive_int(n_heads, "n_heads")

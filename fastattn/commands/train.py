@@ -20,7 +20,7 @@ HELP = "train a Transformer on the date task (or another sequence file) and save
 # The defaults: a model and schedule that reach >= 99.9% exact match on the date task.
 DEFAULTS = dict(
     data="date.txt",
-    epochs=5,
+    epochs=3,
     batch_size=128,
     d_model=64,
     heads=4,
@@ -29,6 +29,8 @@ DEFAULTS = dict(
     lr=3e-3,
     warmup=200,
     max_grad=1.0,
+    pos="both",
+    threads=1,
     seed=0,
     out="runs",
 )
@@ -92,6 +94,10 @@ def configure(parser):
                         help="clip the gradient norm to this (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="kernel backend (default: the current one, normally numba)")
+    parser.add_argument("--threads", type=_nonneg_int, default=d["threads"],
+                        help="threads for BLAS and the Numba kernels; 0 leaves the libraries' "
+                             "own defaults. One thread is the fastest on a busy 2-core machine "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=_nonneg_int, default=d["seed"],
                         help="seed of the weights and the batch order (default: %(default)s)")
     parser.add_argument("--out", default=d["out"],
@@ -100,12 +106,43 @@ def configure(parser):
     parser.set_defaults(_train_parser=parser)
 
 
+def limit_threads(n: int):
+    """A context manager that runs BLAS and the Numba kernels on ``n`` threads (0: as they
+    are). BLAS is limited with threadpoolctl, when it is installed, and only BLAS."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    if n <= 0:
+        return stack
+    try:
+        import numba
+
+        old = numba.get_num_threads()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        stack.callback(numba.set_num_threads, old)
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        warnings.warn("threadpoolctl is not installed: BLAS keeps its own thread count "
+                      "(pip install threadpoolctl)", RuntimeWarning, stacklevel=2)
+    else:
+        stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
+    return stack
+
+
 def _error(msg: str) -> int:
     print(f"fastattn train: error: {msg}", file=sys.stderr)
     return 2
 
 
 def run(args) -> int:
+    with limit_threads(args.threads):
+        return _run(args)
+
+
+def _run(args) -> int:
     import numpy as np
 
     from dataset import sequence
@@ -150,7 +187,7 @@ def run(args) -> int:
     # model, and a first step on two examples that compiles the kernels
     model = TransformerSeq2seq(len(char_to_id), d_model=args.d_model, n_heads=args.heads,
                                n_layers=args.layers, d_ff=args.d_ff, max_len=max(S, T),
-                               backend=backend, seed=args.seed)
+                               pos=DEFAULTS["pos"], backend=backend, seed=args.seed)
     model.set_vocab(char_to_id, S, T)
     n_params = int(sum(p.size for p in model.params))
     t0 = time.perf_counter()
@@ -209,7 +246,7 @@ def run(args) -> int:
         "n_params": n_params,
         "args": {"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "warmup": args.warmup, "max_grad": args.max_grad,
-                 "backend": backend, "seed": args.seed},
+                 "backend": backend, "threads": args.threads, "seed": args.seed},
         "examples": examples,
     }
     model_path = os.path.join(out_dir, "model.npz")
