@@ -140,6 +140,11 @@ class Profile:
     def table(self, sort: str = "self_time", limit: int | None = None) -> str:
         """A text table of layers then kernels, each sorted by ``sort``."""
         lines = [f"wall time inside the profile: {self.wall * 1e3:.1f} ms"]
+        roots = [e for e in self.rows("layer") if e.name.split(" ")[0] in self.names]
+        if roots:
+            outside = self.wall - sum(e.total for e in roots)
+            lines.append(f"outside the model's forward/backward (optimizer, data, glue): "
+                         f"{outside * 1e3:.1f} ms")
         for kind in ("layer", "kernel"):
             rows = self.rows(kind, sort)[:limit]
             if not rows:

@@ -36,6 +36,9 @@ def configure(parser):
                         help="data file (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="kernel backend (default: the current one, normally numba)")
+    parser.add_argument("--threads", type=int, default=DEFAULTS["threads"],
+                        help="BLAS and Numba threads, as in 'fastattn train' (0: as they are; "
+                             "default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help="show at most this many rows of each table")
     parser.add_argument("--sort", choices=("self_time", "total", "calls"), default="self_time",
@@ -47,7 +50,6 @@ def configure(parser):
 
 
 def run(args) -> int:
-    import cProfile
     import json
     import os
 
@@ -55,7 +57,7 @@ def run(args) -> int:
 
     from dataset import sequence
     from fastattn import _backend
-    from fastattn.commands.train import DEFAULTS
+    from fastattn.commands.train import DEFAULTS, limit_threads
     from fastattn.optim import Adam, clip_grads
     from fastattn.profiling import profile
     from fastattn.transformer import TransformerSeq2seq
@@ -70,8 +72,8 @@ def run(args) -> int:
     S, T = x_train.shape[1], t_train.shape[1]
     model = TransformerSeq2seq(len(char_to_id), d_model=DEFAULTS["d_model"],
                                n_heads=DEFAULTS["heads"], n_layers=DEFAULTS["layers"],
-                               d_ff=DEFAULTS["d_ff"], max_len=max(S, T), backend=backend,
-                               seed=DEFAULTS["seed"])
+                               d_ff=DEFAULTS["d_ff"], max_len=max(S, T), pos=DEFAULTS["pos"],
+                               backend=backend, seed=DEFAULTS["seed"])
     optimizer = Adam(lr=DEFAULTS["lr"])
     rng = np.random.default_rng(0)
     B = min(args.batch_size, len(x_train))
@@ -83,18 +85,13 @@ def run(args) -> int:
         clip_grads(model.grads, DEFAULTS["max_grad"])
         optimizer.update(model.params, model.grads)
 
-    step()  # warm-up: compiles (or loads) the kernels
-    profiler = cProfile.Profile() if args.cprofile else None
-    with profile(model) as prof:
-        if profiler is not None:
-            profiler.enable()
-        for _ in range(args.steps):
-            step()
-        if profiler is not None:
-            profiler.disable()
+    threads = limit_threads(args.threads)
+    with threads:
+        prof, profiler = _timed_steps(model, step, args.steps, args.cprofile, profile)
 
     print(f"fastattn profile: {args.steps} training steps of the default model "
-          f"(batch {B}, backend {backend}): {1e3 * prof.wall / args.steps:.1f} ms per step")
+          f"(batch {B}, backend {backend}, threads {args.threads or 'as they are'}): "
+          f"{1e3 * prof.wall / args.steps:.1f} ms per step")
     print(prof.table(sort=args.sort, limit=args.limit))
     if profiler is not None:
         profiler.dump_stats(args.cprofile)
@@ -107,3 +104,19 @@ def run(args) -> int:
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _timed_steps(model, step, n, cprofile_path, profile):
+    """One warm-up step (compiles or loads the kernels), then ``n`` profiled steps."""
+    import cProfile
+
+    step()
+    profiler = cProfile.Profile() if cprofile_path else None
+    with profile(model) as prof:
+        if profiler is not None:
+            profiler.enable()
+        for _ in range(n):
+            step()
+        if profiler is not None:
+            profiler.disable()
+    return prof, profiler
