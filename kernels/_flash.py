@@ -40,6 +40,7 @@ from kernels._flash_math import FASTMATH, fmax, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
+_NO_KT = {np.dtype(t): np.zeros((1, 1, 1), dtype=t) for t in (np.float32, np.float64)}
 
 # ---- tile products ----------------------------------------------------------------------------
 
@@ -79,18 +80,35 @@ def _xgemm_overload(ta, tb, m, n, kk, coef, a, lda, b, ldb, c, ldc):
 
 @njit_cached(fastmath=_FM)
 def _blas(ta, tb, a, b, c, alpha, beta, coef):
-    """c = alpha op(a) op(b) + beta c by BLAS; row-major C = op(A) op(B) is column-major
-    C^T = op(B)^T op(A)^T, so the operands swap."""
+    """c = alpha op(a) op(b) + beta c by BLAS, for 2-D arrays whose rows are contiguous (the
+    row stride may be longer). Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T,
+    so the operands swap."""
     m, n = c.shape
     kk = a.shape[0] if ta == ord("T") else a.shape[1]
     coef[0] = alpha
     coef[1] = beta
-    _xgemm(tb, ta, n, m, kk, coef, b, b.shape[1], a, a.shape[1], c, n)
+    _xgemm(tb, ta, n, m, kk, coef, b, b.strides[0] // b.itemsize, a,
+           a.strides[0] // a.itemsize, c, c.strides[0] // c.itemsize)
+
+
+@njit_cached(fastmath=_FM)
+def _mm_nn(a, b, c, alpha, coef, use_blas):
+    """c = alpha a b. a (m, k), b (k, n), c (m, n); b's rows may be strided."""
+    if use_blas:
+        _blas(ord("N"), ord("N"), a, b, c, alpha, c.dtype.type(0), coef)
+        return
+    c[:, :] = 0
+    for i in range(c.shape[0]):
+        for p in range(a.shape[1]):
+            f = alpha * a[i, p]
+            for j in range(c.shape[1]):
+                c[i, j] += f * b[p, j]
 
 
 @njit_cached(fastmath=_FM)
 def _mm_nt(a, b, c, alpha, coef, use_blas):
-    """c = alpha a b^T. a (m, k), b (n, k), c (m, n), all C-contiguous."""
+    """c = alpha a b^T. a (m, k), b (n, k), c (m, n), all C-contiguous (slower BLAS path than
+    _mm_nn: used when a transposed copy of b would not be reused)."""
     if use_blas:
         _blas(ord("N"), ord("T"), a, b, c, alpha, c.dtype.type(0), coef)
         return
@@ -159,10 +177,12 @@ def _mask_tile(s, i0, j0, causal, maskb, has_mask):
 
 
 @njit_cached(nogil=True, fastmath=_FM)
-def _forward_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, bq, bk,
-                   use_blas):
+def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask, bq, bk,
+                   use_kT, use_blas):
     """Takes work units from counter until none are left; unit u is batch entry u // nqb,
-    query block u % nqb: fills those rows of out (B, Tq, dv) and lse (B, Tq)."""
+    query block u % nqb: fills those rows of out (B, Tq, dv) and lse (B, Tq). With use_kT,
+    kT (B, d, Tk) is k transposed, so that both tile products are plain BLAS products (the
+    fastest kind); worth it for query tiles of _KT_ROWS rows and more."""
     B, Tq, _ = q.shape
     Tk = k.shape[1]
     dv = v.shape[2]
@@ -183,7 +203,7 @@ def _forward_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, bq
         i0 = (u % nqb) * bq
         i1 = min(i0 + bq, Tq)
         nq = i1 - i0
-        qb, kb, vb = q[b, i0:i1], k[b], v[b]  # (nq, d), (Tk, d), (Tk, dv)
+        qb, vb = q[b, i0:i1], v[b]  # (nq, d), (Tk, dv)
         ob = out[b, i0:i1]  # (nq, dv)
         maskb = mask[min(b, mask.shape[0] - 1)]  # (1 or Tq, Tk)
         m[:] = ninf
@@ -194,7 +214,10 @@ def _forward_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, bq
             j1 = min(j0 + bk, jend)
             nk = j1 - j0
             s = sbuf[: nq * nk].reshape((nq, nk))
-            _mm_nt(qb, kb[j0:j1], s, scale, coef, use_blas)  # S = scale Q_i K_j^T (nq, nk)
+            if use_kT:  # S = scale Q_i K_j^T (nq, nk)
+                _mm_nn(qb, kT[b, :, j0:j1], s, scale, coef, use_blas)
+            else:
+                _mm_nt(qb, k[b, j0:j1], s, scale, coef, use_blas)
             if has_mask or (causal and j1 - 1 > i0):
                 _mask_tile(s, i0, j0, causal, maskb, has_mask)
             for r in range(nq):  # online softmax: new row maxima, S - m_new
@@ -233,7 +256,7 @@ def _forward_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, bq
 
 @njit_cached(nogil=True, fastmath=_FM)
 def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale, causal,
-                    mask, has_mask, bq, bk, nsplit, use_blas):
+                    mask, has_mask, bq, bk, nsplit, use_kT, use_blas):
     """Takes work units from counter until none are left; unit u is batch entry u // nsplit
     and its key blocks share, share + nsplit, ... (share = u % nsplit). Accumulates into dk,
     dv (those key rows) and into dq, or dq_part[u] when nsplit > 1; all zeroed by the caller."""
@@ -245,6 +268,8 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
     coef = np.empty(2, dtype=q.dtype)
     sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
     pbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
+    ktbuf = np.empty(q.shape[2] * min(bk, Tk), dtype=q.dtype)
+    vtbuf = np.empty(v.shape[2] * min(bk, Tk), dtype=q.dtype)
     D = np.empty(Tq, dtype=q.dtype)
     while True:
         u = take_unit(counter)
@@ -264,6 +289,14 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
             j1 = min(j0 + bk, Tk)
             nk = j1 - j0
             kj, vj = kb[j0:j1], vb[j0:j1]  # (nk, d), (nk, dv)
+            kTj = ktbuf[: kj.shape[1] * nk].reshape((kj.shape[1], nk))  # K_j^T (d, nk)
+            vTj = vtbuf[: vj.shape[1] * nk].reshape((vj.shape[1], nk))  # V_j^T (dv, nk)
+            if use_kT:
+                for c in range(nk):  # transposed once, used by every query block
+                    for p in range(kj.shape[1]):
+                        kTj[p, c] = kj[c, p]
+                    for p in range(vj.shape[1]):
+                        vTj[p, c] = vj[c, p]
             dkj, dvj = dk[b, j0:j1], dv[b, j0:j1]
             istart = (j0 // bq) * bq if causal else 0  # causal: rows i < j0 see none of these
             for i0 in range(istart, Tq, bq):
@@ -272,7 +305,10 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
                 s = sbuf[: nq * nk].reshape((nq, nk))
                 dp = pbuf[: nq * nk].reshape((nq, nk))
                 qi, doi = qb[i0:i1], dob[i0:i1]  # (nq, d), (nq, dv)
-                _mm_nt(qi, kj, s, scale, coef, use_blas)  # S = scale Q_i K_j^T
+                if use_kT:  # S = scale Q_i K_j^T
+                    _mm_nn(qi, kTj, s, scale, coef, use_blas)
+                else:
+                    _mm_nt(qi, kj, s, scale, coef, use_blas)
                 if has_mask or (causal and j1 - 1 > i0):
                     _mask_tile(s, i0, j0, causal, maskb, has_mask)
                 for r in range(nq):  # P = exp(S - lse): 0 where masked and on dead rows
@@ -285,7 +321,10 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
                             row[c] -= lr
                 _exp_inplace(sbuf[: nq * nk])
                 _mm_tn_acc(s, doi, dvj, one, coef, use_blas)  # dV_j += P^T dO_i
-                _mm_nt(doi, vj, dp, one, coef, use_blas)  # dP = dO_i V_j^T
+                if use_kT:  # dP = dO_i V_j^T
+                    _mm_nn(doi, vTj, dp, one, coef, use_blas)
+                else:
+                    _mm_nt(doi, vj, dp, one, coef, use_blas)
                 for r in range(nq):  # dS = P (dP - D_i), in place of dP
                     d_r = D[i0 + r]
                     for c in range(nk):
@@ -341,6 +380,10 @@ class _OneBlasThread:
 
 
 _SERIAL_FLOPS = 4e6  # below this much work, handing out to threads costs more than it saves
+# from this many query rows per tile on, S and dP as plain products with transposed key and
+# value tiles beat the transposed-operand BLAS products (by 10% at bq = 128); below, the
+# transposes cost more than they save
+_KT_ROWS = 64
 _MIN_UNITS = 8  # work units wanted per call, so that a few threads share it evenly
 
 
@@ -415,8 +458,11 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     lse = np.empty((B, Tq), dtype=q.dtype)
     use_blas = _use_blas()
     with _OneBlasThread():
-        _in_parallel(_forward_units, B * math.ceil(Tq / bq), 4 * q.size * k.shape[1], q, k, v,
-                     out, lse, scale, bool(causal), mask, has_mask, bq, bk, use_blas)
+        use_kT = min(Tq, bq) >= _KT_ROWS
+        kT = np.ascontiguousarray(k.transpose(0, 2, 1)) if use_kT else _NO_KT[q.dtype]
+        _in_parallel(_forward_units, B * math.ceil(Tq / bq), 4 * q.size * k.shape[1], q, k,
+                     kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk, use_kT,
+                     use_blas)
     return out, lse
 
 
@@ -435,7 +481,8 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     use_blas = _use_blas()
     with _OneBlasThread():
         _in_parallel(_backward_units, B * nsplit, 10 * B * Tq * Tk * d, *arrays, dq, dk, dv,
-                     dq_part, scale, bool(causal), mask, has_mask, bq, bk, nsplit, use_blas)
+                     dq_part, scale, bool(causal), mask, has_mask, bq, bk, nsplit,
+                     min(Tq, bq) >= _KT_ROWS, use_blas)
     if nsplit > 1:
         dq += dq_part.reshape(B, nsplit, Tq, d).sum(axis=1)
     return dq, dk, dv

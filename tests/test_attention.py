@@ -42,8 +42,9 @@ def _run(mod, q, k, v, dout, scale, causal, mask, **kw):
 
 
 # tile sizes (bq, bk) besides the kernels' own choice: small and odd ones put tile edges
-# (partial tiles, causal diagonals crossing tiles) inside small test shapes
-TILES = [None, (4, 8), (3, 5), (1, 1)]
+# (partial tiles, causal diagonals crossing tiles) inside small test shapes; query tiles of
+# 64 rows and more take the kernels' other path (transposed key and value tiles)
+TILES = [None, (4, 8), (3, 5), (1, 1), (64, 16)]
 
 
 def _assert_matches_loop(q, k, v, dout, causal, mask, scale=None, tiles=TILES):
@@ -124,6 +125,18 @@ def test_fully_masked_rows_give_zeros_and_minus_inf(dtype):
     out, lse, dq, dk, dv = _assert_matches_loop(q, k, v, dout, True, mask)
     assert np.all(lse[1] == -np.inf) and not np.any(out[1])
     assert not np.any(dq[1]) and not np.any(dk[1]) and not np.any(dv[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transposed_key_tiles_path_with_mask_and_causal(dtype):
+    """Query tiles of >= 64 rows: S and dP from transposed key/value tiles, partial tiles."""
+    rng = np.random.default_rng(12)
+    q, k, v, dout = _inputs(rng, 2, 100, 90, 8, 6, dtype)
+    mask = rng.random((2, 100, 90)) < 0.8
+    mask[1, 7] = False  # a dead row
+    tiles = [(64, 24), (70, 90), (100, 7)]
+    _assert_matches_loop(q, k, v, dout, False, mask, tiles=tiles)
+    _assert_matches_loop(q, k, v, dout, True, mask, tiles=tiles)
 
 
 def test_causal_with_fewer_keys_than_queries_kills_no_row():
