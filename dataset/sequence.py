@@ -101,7 +101,8 @@ def get_lines(file_name="addition.txt"):
 
 
 def _check_lines(lines, source):
-    """Check that every line is ``question_answer`` with the first line's lengths.
+    """Check that every line is ``question_answer`` with the first line's lengths, and that
+    neither the question nor the answer after the ``_`` is empty.
 
     Returns the question length. Errors name ``source`` and the 1-based line number.
     """
@@ -116,6 +117,9 @@ def _check_lines(lines, source):
             )
         if q_len is None:
             q_len, a_len = idx, len(line) - idx
+            if q_len == 0 or a_len < 2:
+                part = "question" if q_len == 0 else "answer after the '_'"
+                raise ValueError(f"{source}: line {line_no}: the {part} is empty: {line!r}")
         elif idx != q_len or len(line) - idx != a_len:
             raise ValueError(
                 f"{source}: line {line_no}: question and answer have lengths "

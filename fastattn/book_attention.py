@@ -202,6 +202,8 @@ class Attention:
     def backward(self, dout):
         if self.weight_sum_layer.cache is None:
             raise _not_yet(self)
+        _, hs, _ = self.weight_sum_layer.cache
+        dout = _grad(dout, "dout", (hs.shape[0], hs.shape[2]), hs.dtype)  # (N, H)
         dhs0, da = self.weight_sum_layer.backward(dout)
         dhs1, dh = self.attention_weight_layer.backward(da)
         return dhs0 + dhs1, dh

@@ -1,7 +1,10 @@
 """Checkpoints: a model's configuration, vocabulary and weights in one ``.npz`` file.
 
 ``save_model(model, path)`` writes to a temporary file in the same directory, then renames it
-over ``path`` (``os.replace``), so a crash never leaves a half-written checkpoint.
+over ``path`` (``os.replace``), so a crash never leaves a half-written checkpoint. The temporary
+is hidden and does not end in ``.npz`` (``.tmp-<name>.<random>.part``), so one left behind by a
+killed process is not mistaken for a checkpoint; the checkpoint gets the permissions of any new
+file (``0o666`` less the umask).
 ``load_model(path)`` reads it back with ``allow_pickle=False``: the configuration and the
 vocabulary are JSON text in NumPy unicode arrays, never pickled objects.
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 import zlib
 
@@ -30,6 +33,21 @@ VERSION = 1
 
 def _text(obj) -> np.ndarray:
     return np.array(json.dumps(obj))  # a 0-d unicode array, loadable without pickle
+
+
+def _temporary(directory, base):
+    """A new hidden file in ``directory``, opened for writing: (path, file descriptor).
+
+    Created with mode 0o666 less the umask, as ``open`` would (``tempfile.mkstemp`` gives
+    0o600, which a rename would carry over to the checkpoint).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(directory, f".tmp-{base}.{secrets.token_hex(6)}.part")
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
 
 
 def save_model(model, path, *, meta=None):
@@ -60,7 +78,7 @@ def save_model(model, path, *, meta=None):
     for i, p in enumerate(model.params):
         arrays[f"w{i:03d}"] = np.asarray(p)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    tmp, fd = _temporary(directory, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -123,7 +141,10 @@ def load_model(path, model=None, *, backend=None):
     data = _read(path)
     if "format" not in data or str(data["format"]) != FORMAT:
         raise ValueError(f"{path} is not a fastattn checkpoint (no 'format' marker)")
-    version = int(data["version"]) if "version" in data else None
+    try:
+        version = int(data["version"]) if "version" in data else None
+    except (TypeError, ValueError):
+        version = repr(data["version"])
     if version != VERSION:
         raise ValueError(f"{path}: checkpoint version {version} is not supported "
                          f"(this fastattn reads version {VERSION})")

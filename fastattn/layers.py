@@ -17,7 +17,8 @@ Conventions (as in the book):
 
 Checks the book does not make: token ids must be integers in [0, V) (``ValueError`` /
 ``TypeError`` before any kernel runs), ``dout`` must have the shape of the forward output
-(``ValueError``), and ``backward`` before ``forward`` raises ``RuntimeError``.
+(``ValueError``; for the losses, one real number), and ``backward`` before ``forward`` raises
+``RuntimeError``.
 
 Differences from the book, on paths where the book misbehaves or that it leaves open:
 
@@ -90,6 +91,17 @@ def _dout(dout, shape, dtype, name: str = "dout") -> np.ndarray:
     dout = _checks.float_array(dout, name, ndim_min=0, finite=False)
     _checks.shape_is(dout, shape, name)
     return dout.astype(dtype, copy=False)
+
+
+def _scalar_dout(dout, dtype):
+    """The upstream gradient of a loss: one real number, as a scalar of ``dtype``."""
+    if np.ndim(dout) != 0:
+        raise ValueError(f"dout must be a scalar (the gradient of the loss), got shape "
+                         f"{np.shape(dout)}")
+    kind = np.asarray(dout).dtype.kind
+    if kind not in "iuf":
+        raise TypeError(f"dout must be a real number, got {type(dout).__name__}")
+    return dtype.type(dout)
 
 
 def _not_yet(layer) -> RuntimeError:
@@ -221,9 +233,10 @@ class SoftmaxWithLoss:
         if self.y is None:
             raise _not_yet(self)
         N = self.y.shape[0]
+        dout = _scalar_dout(dout, self.y.dtype)
         dx = self.y.copy()
         dx[np.arange(N), self.t] -= 1
-        dx *= dx.dtype.type(dout) / dx.dtype.type(max(N, 1))
+        dx *= dout / dx.dtype.type(max(N, 1))
         return dx
 
 
@@ -363,10 +376,11 @@ class TimeSoftmaxWithLoss:
         if self.cache is None:
             raise _not_yet(self)
         t, ys, keep, (N, T, V) = self.cache
+        dout = _scalar_dout(dout, ys.dtype)
         dx = ys.copy()  # (N*T, V)
         dx[np.arange(N * T), t] -= 1
         n = int(keep.sum())
-        dx *= dx.dtype.type(dout) / dx.dtype.type(max(n, 1))
+        dx *= dout / dx.dtype.type(max(n, 1))
         dx *= keep[:, None]
         return dx.reshape(N, T, V)
 

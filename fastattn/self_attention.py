@@ -122,9 +122,13 @@ class TimeQueryLayer:
 
     def forward(self, xs):
         W, b = self.params
-        if isinstance(xs, np.ndarray) and xs.dtype.kind == "f" and xs.ndim == 3:
+        if isinstance(xs, np.ndarray) and xs.ndim == 3:
+            if xs.dtype.kind != "f":
+                raise TypeError(f"xs of shape (B, T, V) must hold float one-hot rows, got "
+                                f"dtype {xs.dtype}")
+            y = self.layers.forward(xs)  # (B, T, d)
             self.idx, self._forwarded = None, True
-            return self.layers.forward(xs)  # (B, T, d)
+            return y
         self.idx = _checks.token_ids(xs, self.V, "xs", ndim=2)  # (B, T)
         self._forwarded = True
         return W[self.idx] + b  # (B, T, d)

@@ -159,9 +159,12 @@ class LayerNorm:
     def forward(self, x):
         g, b = self.params
         C = g.shape[0]
-        if not isinstance(x, np.ndarray) or x.ndim < 1 or x.shape[-1] != C:
-            raise ValueError(f"x must be an array with last dimension {C}, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy array, got {type(x).__name__}")
+        if x.dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"x must have dtype float32 or float64, got {x.dtype}")
+        if x.ndim < 1 or x.shape[-1] != C:
+            raise ValueError(f"x must be an array with last dimension {C}, got {x.shape}")
         x = np.ascontiguousarray(x, dtype=g.dtype)
         t = g.dtype.type
         x2 = x.reshape(-1, C)  # (N, C)
@@ -249,6 +252,9 @@ class PositionalEncoding:
 
     def table(self, T: int, offset: int = 0) -> np.ndarray:
         """The position vectors (T, C) added at positions offset .. offset+T-1."""
+        if (isinstance(offset, bool) or not isinstance(offset, (int, np.integer))
+                or offset < 0):
+            raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
         if offset + T > self.max_len:
             raise ValueError(f"sequence of length {offset + T} is longer than max_len "
                              f"{self.max_len}")
@@ -756,6 +762,8 @@ class TransformerSeq2seq:
         with cached keys and values (nothing is kept for backward).
         """
         xs = self._ids(xs, "xs")
+        if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)):
+            raise TypeError(f"sample_size must be an int, got {type(sample_size).__name__}")
         sample_size = int(sample_size)
         if sample_size < 0 or sample_size > self.config["max_len"]:
             raise ValueError(f"sample_size must be in [0, max_len={self.config['max_len']}], "
@@ -788,7 +796,7 @@ class TransformerSeq2seq:
         if arr.ndim != 2 or arr.shape[0] != 1:
             raise ValueError(f"generate takes one question of shape (1, S); use generate_batch "
                              f"for many, got shape {arr.shape}")
-        return [int(i) for i in self.generate_batch(arr, int(start_id), sample_size)[0]]
+        return [int(i) for i in self.generate_batch(arr, start_id, sample_size)[0]]
 
     def cross_attention(self, xs, ys, layer=-1):
         """Cross-attention probabilities of decoder block ``layer``, averaged over heads:
@@ -816,12 +824,21 @@ class TransformerSeq2seq:
         V = self.config["vocab_size"]
         if len(c2i) != V or sorted(c2i.values()) != list(range(V)):
             raise ValueError(f"char_to_id must map {V} characters to the ids 0..{V - 1}")
+        long = [c for c in c2i if len(c) != 1]
+        if long:
+            raise ValueError(f"char_to_id must map single characters, got {long[0]!r}")
         if "_" not in c2i:
             raise ValueError("char_to_id must contain the start symbol '_'")
+        question_width = _positive_int(int(question_width), "question_width")
+        answer_width = _positive_int(int(answer_width), "answer_width")
+        max_len = self.config["max_len"]
+        if question_width > max_len or answer_width - 1 > max_len:
+            raise ValueError(f"question_width {question_width} and answer_width - 1 "
+                             f"{answer_width - 1} must be at most max_len {max_len}")
         self.char_to_id = c2i
         self.id_to_char = {i: c for c, i in c2i.items()}
-        self.question_width = _positive_int(int(question_width), "question_width")
-        self.answer_width = _positive_int(int(answer_width), "answer_width")
+        self.question_width = question_width
+        self.answer_width = answer_width
 
     def translate(self, questions):
         """Answers for questions given as plain text (unpadded, not reversed): list[str] ->

@@ -161,13 +161,8 @@ def _run(args) -> int:
 
     t_start = time.perf_counter()
     backend = _backend.resolve(args.backend)
-    out_dir = args.out
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        return _error(f"cannot create the output directory {out_dir!r}: {exc}")
 
-    # data
+    # data (before the output directory: a bad --data leaves nothing behind)
     t0 = time.perf_counter()
     try:
         (x_train, t_train), (x_test, t_test) = sequence.load_data(args.data)
@@ -179,9 +174,17 @@ def _run(args) -> int:
     if "_" not in char_to_id:
         return _error(f"{args.data} has no start symbol '_'")
     if args.batch_size > len(x_train):
-        return _error(f"--batch-size {args.batch_size} is larger than the training split "
-                      f"({len(x_train)} examples)")
+        msg = (f"--batch-size {args.batch_size} is larger than the training split "
+               f"({len(x_train)} examples)")
+        if parser is not None:
+            parser.error(msg)
+        return _error(msg)
     data_seconds = time.perf_counter() - t0
+    out_dir = args.out
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        return _error(f"cannot create the output directory {out_dir!r}: {exc}")
     S, T = x_train.shape[1], t_train.shape[1]
 
     # model, and a first step on two examples that compiles the kernels

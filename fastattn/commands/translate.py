@@ -51,7 +51,10 @@ def run(args) -> int:
     if args.text:
         questions = [q.strip() for q in args.text]
     else:
-        questions = [line.rstrip("\r\n").strip() for line in sys.stdin]
+        try:
+            questions = [line.rstrip("\r\n").strip() for line in sys.stdin]
+        except UnicodeDecodeError as exc:
+            return _error(f"standard input is not valid {exc.encoding} text ({exc.reason})")
         if not questions:
             return _error("no questions: give them as arguments or on standard input")
     try:

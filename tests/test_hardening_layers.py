@@ -1,0 +1,463 @@
+"""Bad input to every public layer and to the Transformer model.
+
+* Token ids (the embeddings, the one-hot query/value layers, the seed's self-attention layers
+  and the model's forward/generate/generate_batch/cross_attention/translate): negative ids,
+  ids >= V, float, bool, complex, object and string ids raise before any kernel runs.
+  Decision: a dtype that is not an integer raises TypeError, even when the values are whole
+  numbers (``[[0.0, 1.0]]``): ids are never rounded or cast; an integer id outside [0, V)
+  raises ValueError.
+* Every public class with forward/backward (one table, checked against ``fastattn._LAZY``):
+  backward before forward raises RuntimeError; a forward that raised leaves the layer as if it
+  had not run; a dout of the wrong shape raises ValueError before any kernel runs; weights
+  (passed in, or made from ``dtype=``) of an unsupported dtype raise TypeError, and so do float
+  inputs of one.
+
+A "tripwire" replaces ``fastattn._backend.kernel`` and ``kernels.get`` with functions whose
+kernels fail the test if they are ever called.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import fastattn
+import kernels
+from fastattn import _backend, _checks
+from fastattn.book_attention import Attention, AttentionWeight, TimeAttention, WeightSum
+from fastattn.layers import (
+    Affine,
+    Embedding,
+    Softmax,
+    SoftmaxWithLoss,
+    TimeAffine,
+    TimeDropout,
+    TimeEmbedding,
+    TimeSoftmaxWithLoss,
+)
+from fastattn.self_attention import (
+    CompatibilityFunction,
+    TimeKeyLayer,
+    TimeQueryLayer,
+    TimeValueLayer,
+    WeightedValue,
+)
+from fastattn.transformer import (
+    DecoderBlock,
+    EncoderBlock,
+    FeedForward,
+    LayerNorm,
+    MultiHeadAttention,
+    PositionalEncoding,
+    TransformerSeq2seq,
+)
+
+F64 = np.float64
+V = 6  # the vocabulary size of every id-taking layer here
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    """Make every kernel fail the test if it runs; returns the list of kernels that ran."""
+    ran = []
+
+    def kernel(name, backend=None):
+        def run(*args, **kwargs):
+            ran.append(name)
+            raise AssertionError(f"kernel {name} ran on bad input")
+        return run
+
+    monkeypatch.setattr(_backend, "kernel", kernel)
+    monkeypatch.setattr(kernels, "get", kernel)
+    return ran
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def ids(B=2, T=3, seed=0):
+    return np.random.default_rng(seed).integers(0, V, (B, T))
+
+
+def tiny_model(**kw):
+    return TransformerSeq2seq(V, d_model=4, n_heads=2, n_layers=1, d_ff=6, max_len=5,
+                              backend="vectorized", dtype=F64, seed=0, **kw)
+
+
+CHARS = "_ 0123"  # a vocabulary of V characters for translate
+
+
+def model_with_vocab():
+    model = tiny_model()
+    model.set_vocab({c: i for i, c in enumerate(CHARS)}, 4, 3)
+    return model
+
+
+# ============================================================================ token ids
+
+BAD_IDS = [  # (ids, expected error)
+    pytest.param(np.array([[0, -1]]), ValueError, id="negative"),
+    pytest.param(np.array([[0, V]]), ValueError, id="equal-to-V"),
+    pytest.param(np.array([[0, 2**62]]), ValueError, id="huge"),
+    pytest.param(np.array([[0, 2**64 - 1]], np.uint64), ValueError, id="uint64-max"),
+    pytest.param(np.array([[0, -3]], np.int8), ValueError, id="int8-negative"),
+    pytest.param([[0, 99]], ValueError, id="list-out-of-range"),
+    pytest.param(np.array([[0.0, 1.0]]), TypeError, id="float-whole-numbers"),
+    pytest.param(np.array([[0.5, 1.0]]), TypeError, id="float-fraction"),
+    pytest.param(np.array([[0, 1]], np.float32), TypeError, id="float32"),
+    pytest.param(np.array([[True, False]]), TypeError, id="bool"),
+    pytest.param(np.array([[0, 1]], np.complex128), TypeError, id="complex"),
+    pytest.param(np.array([[0, 1]], dtype=object), TypeError, id="object"),
+    pytest.param(np.array([["0", "1"]]), TypeError, id="strings"),
+    pytest.param([[0.0, 1.0]], TypeError, id="list-of-floats"),
+]
+
+
+def _model_call(method):
+    def call(x):
+        model = tiny_model()
+        good = ids(1, 2)
+        if method == "forward-xs":
+            return model.forward(x, ids(1, 3))
+        if method == "forward-ts":
+            return model.forward(good, x)
+        if method == "generate":
+            return model.generate(x, 0, 3)
+        if method == "generate_batch":
+            return model.generate_batch(x, 0, 3)
+        if method == "generate-start_id":
+            return model.generate(good, np.asarray(x).reshape(-1)[-1:], 3)  # (1,), same dtype
+        if method == "cross_attention":
+            return model.cross_attention(good, x)
+        raise AssertionError(method)
+    return call
+
+
+ID_TAKERS = {  # name -> call(ids): builds the layer/model and passes it the ids
+    "Embedding": lambda x: Embedding(rand(V, 3)).forward(x),
+    "TimeEmbedding": lambda x: TimeEmbedding(rand(V, 3)).forward(x),
+    "TimeKeyLayer": lambda x: TimeKeyLayer(V, 4, 3, dtype=F64).forward(x),
+    "TimeQueryLayer": lambda x: TimeQueryLayer(V, 3, dtype=F64).forward(x),
+    "TimeValueLayer": lambda x: TimeValueLayer(V, 3, dtype=F64).forward(x),
+    "CompatibilityFunction": lambda x: CompatibilityFunction(V, 4, 3, dtype=F64).forward(x),
+    "WeightedValue": lambda x: WeightedValue(V, 3, dtype=F64).forward(
+        x, np.full((1, 2, 2), 0.5)),
+    **{f"TransformerSeq2seq.{m}": _model_call(m)
+       for m in ("forward-xs", "forward-ts", "generate", "generate_batch",
+                 "generate-start_id", "cross_attention")},
+}
+
+
+@pytest.mark.parametrize("bad, err", BAD_IDS)
+@pytest.mark.parametrize("taker", sorted(ID_TAKERS))
+def test_bad_token_ids_raise_before_any_kernel(taker, bad, err, tripwire):
+    with pytest.raises(err, match="id|xs|ts|ys|idx"):
+        ID_TAKERS[taker](bad)
+    assert tripwire == []
+
+
+@pytest.mark.parametrize("taker", sorted(ID_TAKERS))
+def test_good_token_ids_of_any_integer_dtype_are_accepted(taker):
+    """The same calls with valid ids of other integer dtypes run (so the errors above come from
+    the ids, not from the call)."""
+    for dt in (np.int64, np.int32, np.uint8):
+        ID_TAKERS[taker](np.array([[1, 2]], dt))
+
+
+@pytest.mark.parametrize("questions, err, match", [
+    (["0 #"], ValueError, "'#'"),
+    (["0" * 5], ValueError, "width"),
+    ([""], ValueError, "empty"),
+    ([3], TypeError, "str"),
+    ("01", TypeError, "list"),
+])
+def test_translate_rejects_bad_questions_before_any_kernel(questions, err, match, tripwire):
+    model = model_with_vocab()
+    with pytest.raises(err, match=match):
+        model.translate(questions)
+    assert tripwire == []
+
+
+@pytest.mark.parametrize("loss, x, t", [
+    (SoftmaxWithLoss, rand(2, V), np.array([0, V])),
+    (SoftmaxWithLoss, rand(2, V), np.array([True, False])),
+    (TimeSoftmaxWithLoss, rand(1, 2, V), np.array([[0, V]])),
+    (TimeSoftmaxWithLoss, rand(1, 2, V), np.array([[True, False]])),
+    (TimeSoftmaxWithLoss, rand(1, 2, V), np.array([[0.0, 1.0]])),
+])
+def test_loss_targets_out_of_range_or_not_integers_raise_before_any_kernel(loss, x, t,
+                                                                           tripwire):
+    with pytest.raises((TypeError, ValueError), match="t"):
+        loss().forward(x, t)
+    assert tripwire == []
+
+
+def test_generate_sample_size_and_start_id_are_checked(tripwire):
+    model = tiny_model()
+    with pytest.raises(TypeError, match="sample_size"):
+        model.generate_batch(ids(1, 2), 0, 2.5)
+    with pytest.raises(ValueError, match="sample_size"):
+        model.generate_batch(ids(1, 2), 0, -1)
+    with pytest.raises(TypeError, match="start_id"):
+        model.generate(ids(1, 2), 1.5, 2)  # was silently truncated to 1
+    with pytest.raises(TypeError, match="start_id"):
+        model.generate(ids(1, 2), True, 2)
+    assert tripwire == []
+
+
+def test_positional_offset_must_be_a_non_negative_int():
+    pe = PositionalEncoding(8, 4, dtype=F64, seed=0)
+    x = rand(1, 3, 4)
+    for offset in (-5, -1, 1.0, True):  # -5 would have read the table's last rows
+        with pytest.raises(ValueError, match="offset"):
+            pe.forward(x, offset)
+    np.testing.assert_array_equal(pe.forward(x, 2), x + pe.params[0][2:5])
+
+
+@pytest.mark.parametrize("loss, args", [
+    (SoftmaxWithLoss, (rand(2, 3), np.array([0, 2]))),
+    (TimeSoftmaxWithLoss, (rand(1, 2, 3), np.array([[0, 2]]))),
+])
+def test_loss_dout_must_be_one_real_number(loss, args):
+    layer = loss()
+    layer.forward(*args)
+    ref = layer.backward(1.0)
+    np.testing.assert_array_equal(layer.backward(np.float32(2.0)), 2 * ref)
+    for bad in (np.ones(3), np.ones(1), [1.0, 2.0]):  # ones(3) used to broadcast over C = 3
+        with pytest.raises(ValueError, match="dout"):
+            layer.backward(bad)
+    for bad in ("1", None, 1j):
+        with pytest.raises(TypeError, match="dout"):
+            layer.backward(bad)
+
+
+# ============================================================================ the layer table
+
+
+@dataclass
+class Case:
+    """How to exercise one public layer class (float64, small shapes)."""
+
+    make: Callable  # () -> layer
+    forward: Callable  # layer -> output (runs forward with valid input)
+    fail: Callable  # layer -> raises from inside forward (bad input)
+    weights: Callable | None = None  # bad dtype -> constructs the layer with such weights
+    float_input: Callable | None = None  # (layer, bad dtype) -> forward with such inputs
+    dout_name: str = "dout"
+
+
+def _x(*shape):
+    return rand(*shape)
+
+
+def _as(x, dt):
+    return np.asarray(x).astype(dt)
+
+
+def _w_affine(cls):
+    return lambda dt: cls(np.zeros((3, 2), dt), np.zeros(2, dt))
+
+
+def _dtype_arg(cls, *args):
+    return lambda dt: cls(*args, dtype=dt)
+
+
+CASES = {
+    # the book's base layers
+    "Affine": Case(
+        lambda: Affine(rand(3, 2), rand(2)), lambda m: m.forward(_x(4, 3)),
+        lambda m: m.forward(_x(4, 5)), _w_affine(Affine),
+        lambda m, dt: m.forward(_as(_x(4, 3), dt))),
+    "TimeAffine": Case(
+        lambda: TimeAffine(rand(3, 2), rand(2)), lambda m: m.forward(_x(2, 4, 3)),
+        lambda m: m.forward(_x(2, 4, 5)), _w_affine(TimeAffine),
+        lambda m, dt: m.forward(_as(_x(2, 4, 3), dt))),
+    "Embedding": Case(
+        lambda: Embedding(rand(V, 3)), lambda m: m.forward(np.array([0, 5, 5, 2])),
+        lambda m: m.forward(np.array([0, V])), lambda dt: Embedding(np.zeros((V, 3), dt))),
+    "TimeEmbedding": Case(
+        lambda: TimeEmbedding(rand(V, 3)), lambda m: m.forward(ids()),
+        lambda m: m.forward(-ids() - 1), lambda dt: TimeEmbedding(np.zeros((V, 3), dt))),
+    "Softmax": Case(
+        Softmax, lambda m: m.forward(_x(2, 3, 4)), lambda m: m.forward(np.zeros((2, 0))),
+        float_input=lambda m, dt: m.forward(_as(_x(2, 3), dt))),
+    "SoftmaxWithLoss": Case(
+        SoftmaxWithLoss, lambda m: m.forward(_x(4, 3), np.array([0, 1, 2, 1])),
+        lambda m: m.forward(_x(4, 3), np.array([0, 1, 2, 3])),
+        float_input=lambda m, dt: m.forward(_as(_x(4, 3), dt), np.array([0, 1, 2, 1]))),
+    "TimeSoftmaxWithLoss": Case(
+        TimeSoftmaxWithLoss, lambda m: m.forward(_x(2, 3, 4), np.array([[0, 1, 2], [3, -1, 0]])),
+        lambda m: m.forward(_x(2, 3, 4), np.array([[0, 1, 2], [3, 4, 0]])),
+        float_input=lambda m, dt: m.forward(_as(_x(2, 3, 4), dt), np.zeros((2, 3), int))),
+    "TimeDropout": Case(
+        lambda: TimeDropout(0.5, seed=0), lambda m: m.forward(_x(2, 3, 4)),
+        lambda m: m.forward(np.zeros((2, 3), np.int64)),
+        float_input=lambda m, dt: m.forward(_as(_x(2, 3), dt))),
+    # the seed notebook's self-attention
+    "TimeKeyLayer": Case(
+        lambda: TimeKeyLayer(V, 4, 3, dtype=F64, seed=0), lambda m: m.forward(ids()),
+        lambda m: m.forward(ids() + V), _dtype_arg(TimeKeyLayer, V, 4, 3)),
+    "TimeQueryLayer": Case(
+        lambda: TimeQueryLayer(V, 3, dtype=F64, seed=0), lambda m: m.forward(ids()),
+        lambda m: m.forward(ids() * 1.0), _dtype_arg(TimeQueryLayer, V, 3),
+        lambda m, dt: m.forward(_as(np.eye(V)[ids()], dt))),
+    "TimeValueLayer": Case(
+        lambda: TimeValueLayer(V, 3, dtype=F64, seed=0), lambda m: m.forward(np.eye(V)[ids()]),
+        lambda m: m.forward(np.eye(V + 1)[ids()]), _dtype_arg(TimeValueLayer, V, 3),
+        lambda m, dt: m.forward(_as(np.eye(V)[ids()], dt))),
+    "CompatibilityFunction": Case(
+        lambda: CompatibilityFunction(V, 4, 3, dtype=F64, seed=0), lambda m: m.forward(ids()),
+        lambda m: m.forward(ids() == 1), _dtype_arg(CompatibilityFunction, V, 4, 3),
+        dout_name="dscore"),
+    "WeightedValue": Case(
+        lambda: WeightedValue(V, 3, dtype=F64, seed=0),
+        lambda m: m.forward(ids(), np.full((2, 4, 3), 1 / 3)),
+        lambda m: m.forward(ids(), np.full((2, 4, 4), 1 / 4)), _dtype_arg(WeightedValue, V, 3),
+        lambda m, dt: m.forward(ids(), _as(np.full((2, 4, 3), 1 / 3), dt)), dout_name="dZ"),
+    # the book's chapter 8 attention
+    "WeightSum": Case(
+        WeightSum, lambda m: m.forward(_x(2, 3, 4), np.full((2, 3), 1 / 3)),
+        lambda m: m.forward(_x(2, 3, 4), np.full((2, 4), 1 / 4)),
+        float_input=lambda m, dt: m.forward(_as(_x(2, 3, 4), dt), _as(_x(2, 3), dt)),
+        dout_name="dc"),
+    "AttentionWeight": Case(
+        AttentionWeight, lambda m: m.forward(_x(2, 3, 4), _x(2, 4)),
+        lambda m: m.forward(_x(2, 3, 4), _x(2, 5)),
+        float_input=lambda m, dt: m.forward(_as(_x(2, 3, 4), dt), _as(_x(2, 4), dt)),
+        dout_name="da"),
+    "Attention": Case(
+        Attention, lambda m: m.forward(_x(2, 3, 4), _x(2, 4)),
+        lambda m: m.forward(_x(2, 3, 4), _x(3, 4)),
+        float_input=lambda m, dt: m.forward(_as(_x(2, 3, 4), dt), _as(_x(2, 4), dt))),
+    "TimeAttention": Case(
+        TimeAttention, lambda m: m.forward(_x(2, 3, 4), _x(2, 5, 4)),
+        lambda m: m.forward(_x(2, 3, 4), _x(2, 5, 3)),
+        float_input=lambda m, dt: m.forward(_as(_x(2, 3, 4), dt), _as(_x(2, 5, 4), dt))),
+    # the Transformer
+    "LayerNorm": Case(
+        lambda: LayerNorm(4, dtype=F64), lambda m: m.forward(_x(2, 3, 4)),
+        lambda m: m.forward(_x(2, 3, 5)), _dtype_arg(LayerNorm, 4),
+        lambda m, dt: m.forward(_as(_x(2, 3, 4), dt))),
+    "PositionalEncoding": Case(
+        lambda: PositionalEncoding(8, 4, dtype=F64, seed=0), lambda m: m.forward(_x(2, 3, 4)),
+        lambda m: m.forward(_x(2, 9, 4)), _dtype_arg(PositionalEncoding, 8, 4),
+        lambda m, dt: m.forward(_as(_x(2, 3, 4), dt))),
+    "MultiHeadAttention": Case(
+        lambda: MultiHeadAttention(4, 2, dtype=F64, seed=0), lambda m: m.forward(_x(2, 3, 4)),
+        lambda m: m.forward(_x(2, 3, 4), mask=np.ones((2, 4, 3), bool)),
+        _dtype_arg(MultiHeadAttention, 4, 2), lambda m, dt: m.forward(_as(_x(2, 3, 4), dt))),
+    "FeedForward": Case(
+        lambda: FeedForward(4, 6, dtype=F64, seed=0), lambda m: m.forward(_x(2, 3, 4)),
+        lambda m: m.forward(_x(2, 3, 6)), _dtype_arg(FeedForward, 4, 6),
+        lambda m, dt: m.forward(_as(_x(2, 3, 4), dt))),
+    "EncoderBlock": Case(
+        lambda: EncoderBlock(4, 2, 6, dtype=F64, seed=0), lambda m: m.forward(_x(2, 3, 4)),
+        lambda m: m.forward(_x(2, 3, 4), mask=np.ones((2, 3, 2), bool)),  # fails in attention
+        _dtype_arg(EncoderBlock, 4, 2, 6), lambda m, dt: m.forward(_as(_x(2, 3, 4), dt))),
+    "DecoderBlock": Case(
+        lambda: DecoderBlock(4, 2, 6, dtype=F64, seed=0),
+        lambda m: m.forward(_x(2, 3, 4), _x(2, 5, 4)),
+        lambda m: m.forward(_x(2, 3, 4), _x(1, 5, 4)),  # fails in cross-attention
+        _dtype_arg(DecoderBlock, 4, 2, 6),
+        lambda m, dt: m.forward(_as(_x(2, 3, 4), dt), _as(_x(2, 5, 4), dt))),
+    "TransformerSeq2seq": Case(
+        tiny_model, lambda m: m.forward(ids(2, 4), ids(2, 3, seed=1)),
+        lambda m: m.forward(ids(2, 4), ids(2, 6)),  # ts longer than max_len
+        _dtype_arg(TransformerSeq2seq, V)),
+}
+
+BAD_DTYPES = [t for t in (np.int32, np.int64, np.uint8, bool, np.float16, np.complex64,
+                          np.complex128, object, np.longdouble, np.dtype(">f8"))
+              if np.dtype(t) not in _checks.FLOAT_DTYPES]
+DTYPE_IDS = [np.dtype(t).str if np.dtype(t).byteorder == ">" else np.dtype(t).name
+             for t in BAD_DTYPES]
+# inputs (unlike weights, which are kept by reference) may be non-native floats: not here
+BAD_INPUT_DTYPES = [t for t in BAD_DTYPES if np.dtype(t).byteorder != ">"]
+
+
+def _public_layer_classes():
+    out = set()
+    for name in fastattn._LAZY:
+        obj = getattr(fastattn, name)
+        if inspect.isclass(obj) and hasattr(obj, "forward") and hasattr(obj, "backward"):
+            out.add(name)
+    return out
+
+
+def test_the_table_covers_every_public_layer_class():
+    assert set(CASES) == _public_layer_classes()
+
+
+def _bad_douts(out):
+    """Arrays of shapes that differ from ``out``'s: one axis longer, one axis fewer or more,
+    transposed; for a loss (a float), non-scalars."""
+    shape = np.shape(out)
+    if shape == ():
+        return [np.ones(3), np.ones((1, 1))]
+    bad = [shape[:-1] + (shape[-1] + 1,), (shape[0] + 1,) + shape[1:], shape[1:],
+           shape + (1,), shape[::-1]]
+    return [np.ones(s, np.asarray(out).dtype) for s in dict.fromkeys(bad) if s != shape]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_backward_before_forward_raises_runtime_error(name):
+    layer = CASES[name].make()
+    with pytest.raises(RuntimeError, match=r"backward.*before.*forward"):
+        layer.backward(np.ones((1, 1, 1)))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_forward_that_raised_leaves_nothing_to_backward(name):
+    case = CASES[name]
+    layer = case.make()
+    with pytest.raises((TypeError, ValueError)):
+        case.fail(layer)
+    with pytest.raises(RuntimeError, match=r"backward.*before.*forward"):
+        layer.backward(np.ones((1, 1, 1)))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dout_of_the_wrong_shape_raises_value_error_before_any_kernel(name, monkeypatch):
+    case = CASES[name]
+    layer = case.make()
+    with fastattn.use_backend("vectorized"):
+        out = case.forward(layer)
+        ran = []
+
+        def kernel(kname, backend=None):
+            def run(*args, **kwargs):
+                ran.append(kname)
+                raise AssertionError(f"kernel {kname} ran on a bad dout")
+            return run
+
+        with monkeypatch.context() as m:
+            m.setattr(_backend, "kernel", kernel)
+            m.setattr(kernels, "get", kernel)
+            for dout in _bad_douts(out):
+                with pytest.raises(ValueError, match=case.dout_name):
+                    layer.backward(dout)
+                assert ran == [], dout.shape
+        # the layer still works with a dout of the right shape
+        good = 1 if np.ndim(out) == 0 else np.ones_like(out)
+        layer.backward(good)
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.weights))
+def test_weights_of_an_unsupported_dtype_raise_type_error(name, dtype):
+    with pytest.raises(TypeError, match=r"W|dtype"):
+        CASES[name].weights(dtype)
+
+
+@pytest.mark.parametrize("dtype", BAD_INPUT_DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.float_input))
+def test_float_inputs_of_an_unsupported_dtype_raise_type_error(name, dtype, tripwire):
+    case = CASES[name]
+    with pytest.raises(TypeError, match="dtype"):
+        case.float_input(case.make(), dtype)
+    assert tripwire == []
