@@ -453,9 +453,9 @@ def test_books_trainer_and_eval_seq2seq_run_the_attention_seq2seq():
 
 
 def _migration_example():
-    """The model code of docs/migration.md's example, run with the book's TimeLSTM stood in
+    """The model code of the README's migration example, run with the book's TimeLSTM stood in
     by the test one (same API)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "migration.md")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
