@@ -8,24 +8,13 @@ usual viewers (``python -m pstats FILE``, snakeviz, ...).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 HELP = "time per layer and per kernel of a training step of the default model, on the CPU"
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def configure(parser):
-    from fastattn.commands.train import DEFAULTS
+    from fastattn.commands.train import DEFAULTS, _nonneg_int, _positive_int
     from kernels import BACKENDS
 
     parser.add_argument("--steps", type=_positive_int, default=5,
@@ -36,7 +25,7 @@ def configure(parser):
                         help="data file (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="kernel backend (default: the current one, normally numba)")
-    parser.add_argument("--threads", type=int, default=DEFAULTS["threads"],
+    parser.add_argument("--threads", type=_nonneg_int, default=DEFAULTS["threads"],
                         help="BLAS and Numba threads, as in 'fastattn train' (0: as they are; "
                              "default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None,
