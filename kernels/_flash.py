@@ -17,7 +17,7 @@ How it is built (flash attention, as in Dao et al.):
   ``D_i = rowsum(dO_i * O_i)``, ``dQ_i += scale dS K_j`` and ``dK_j += scale dS^T Q_i``.
 * Tile products go to single-threaded BLAS sgemm/dgemm (SciPy's, through Numba), with the
   BLAS thread pool set to one thread for the duration of the call; without SciPy, plain
-  loops. Exponentials use a polynomial exp that LLVM vectorises (``kernels._flash_math``).
+  loops. Exponentials use a polynomial exp that LLVM vectorises (``kernels._numba_math``).
 
 Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs is
 O(threads * bq * bk), plus at most 8 Tq d when the backward splits few batch entries.
@@ -36,7 +36,7 @@ import numpy as np
 from numba import get_num_threads, types
 from numba.extending import overload
 
-from kernels._flash_math import FASTMATH, fmax, njit_cached, take_unit, vexp
+from kernels._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None

@@ -2,9 +2,9 @@
 
 Same names, signatures and results as ``kernels.loop`` (the source of truth). Each public name
 is a thin Python function that takes exactly the loop signature, converts ``scale`` to the
-arrays' dtype and calls a private ``@njit(cache=True)`` kernel compiled for float32 and float64
-C-contiguous arrays only. Results come back in the input dtype; float32 inputs accumulate in
-float32.
+arrays' dtype and calls a private Numba kernel (``njit_cached``: ``cache=True`` wherever Numba
+finds a writable cache location) compiled for float32 and float64 C-contiguous arrays only.
+Results come back in the input dtype; float32 inputs accumulate in float32.
 
 How the kernels are built:
 
@@ -12,9 +12,10 @@ How the kernels are built:
   than it saves there, and on a busy machine a parallel region can wait a whole scheduler
   time slice for a thread), and in parallel over the batch (``prange``) above that.
 * ``softmax_*``: per batch entry, the row maxima are subtracted in one pass, the
-  exponentials are taken in one long pass over the whole contiguous (Tq, Tk) block with
-  :func:`kernels._fastexp.fast_exp` (which LLVM vectorises; ``np.exp`` inside ``@njit`` is a
-  scalar libm call), then each row is normalised. An all ``-inf`` row gives zeros.
+  exponentials (of values <= 0 or -inf) are taken in one long pass over the whole contiguous
+  (Tq, Tk) block with :func:`kernels._numba_math.vexp` (which LLVM vectorises; ``np.exp``
+  inside ``@njit`` is a scalar libm call), then each row is normalised. An all ``-inf`` row
+  gives zeros.
 * ``weighted_sum_*`` and ``scores_*`` are small matrix products per batch entry, all six done
   by one kernel: with SciPy and threadpoolctl installed, one BLAS gemm per batch entry
   (Numba's own gemm entry point, the one ``np.dot`` uses, with the transposes and the scale
@@ -30,7 +31,7 @@ identical from call to call. The softmax and scatter-add results do not depend o
 of threads either; the products can differ in the last bits when the thread count moves a
 call between the per-batch-entry gemms and NumPy's matmul (fewer batch entries than threads).
 
-The fastmath flags live in one place, :data:`kernels._fastexp.FASTMATH`; they never include
+The fastmath flags live in one place, :data:`kernels._numba_math.FASTMATH`; they never include
 ``nnan``/``ninf``, so ``-inf`` masking stays exact.
 """
 
@@ -39,10 +40,10 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
-from numba import get_num_threads, njit, prange, types
+from numba import get_num_threads, prange, types
 
-from kernels._fastexp import FASTMATH, fast_exp
 from kernels._flash import attention_backward, attention_forward
+from kernels._numba_math import FASTMATH, njit_cached, vexp
 
 __all__ = [
     "softmax_forward",
@@ -106,7 +107,7 @@ class _OneBlasThread:
         return False
 
 
-_JIT = {"cache": True, "fastmath": FASTMATH, "nogil": True}
+_JIT = {"fastmath": set(FASTMATH), "nogil": True}
 _PJIT = {**_JIT, "parallel": True}
 
 # Below these sizes a kernel runs on the calling thread: waking the other threads costs more
@@ -125,7 +126,7 @@ def _parallel(work, threshold, batch):
 # softmax: a serial kernel over a range of batch entries, and a parallel one over all of them
 
 
-@njit(**_JIT)
+@njit_cached(**_JIT)
 def _softmax_forward_range(x, y, b0, b1):
     """y[b] = softmax(x[b]) for b in [b0, b1). x, y (B, Tq, Tk)."""
     _, Tq, Tk = x.shape
@@ -145,7 +146,7 @@ def _softmax_forward_range(x, y, b0, b1):
                 yr[j] = xr[j] - m
         yb = y[b].reshape(-1)  # (Tq*Tk,): one long vectorised pass of exponentials
         for j in range(yb.size):
-            yb[j] = fast_exp(yb[j])
+            yb[j] = vexp(yb[j])  # yb <= 0 or -inf
         for i in range(Tq):  # normalise each row; a row of zeros stays zeros
             yr = y[b, i]
             total = zero
@@ -156,13 +157,13 @@ def _softmax_forward_range(x, y, b0, b1):
                 yr[j] *= inv
 
 
-@njit(**_PJIT)
+@njit_cached(**_PJIT)
 def _softmax_forward_parallel(x, y):
     for b in prange(x.shape[0]):
         _softmax_forward_range(x, y, b, b + 1)
 
 
-@njit(**_JIT)
+@njit_cached(**_JIT)
 def _softmax_backward_range(dy, y, dx, b0, b1):
     """dx[b] = y[b] * (dy[b] - rowsum(y[b] * dy[b])) for b in [b0, b1). (B, Tq, Tk) each."""
     _, Tq, Tk = y.shape
@@ -183,7 +184,7 @@ def _softmax_backward_range(dy, y, dx, b0, b1):
                 dxr[j] -= yr[j] * dot
 
 
-@njit(**_PJIT)
+@njit_cached(**_PJIT)
 def _softmax_backward_parallel(dy, y, dx):
     for b in prange(y.shape[0]):
         _softmax_backward_range(dy, y, dx, b, b + 1)
@@ -229,7 +230,7 @@ _N, _T = np.int8(ord("N")), np.int8(ord("T"))
 _S, _D = np.int8(ord("s")), np.int8(ord("d"))
 
 
-@njit(**_JIT)
+@njit_cached(**_JIT)
 def _bmm_blas_range(a, ta, m, tm, alpha, c, b0, b1):
     """c[b] = alpha op(a[b]) @ op(m[b]) for b in [b0, b1): one gemm per batch entry.
 
@@ -249,13 +250,13 @@ def _bmm_blas_range(a, ta, m, tm, alpha, c, b0, b1):
                m.shape[2], a[b].ctypes, a.shape[2], beta.ctypes, c[b].ctypes, N)
 
 
-@njit(**_PJIT)
+@njit_cached(**_PJIT)
 def _bmm_blas_parallel(a, ta, m, tm, alpha, c):
     for b in prange(c.shape[0]):
         _bmm_blas_range(a, ta, m, tm, alpha, c, b, b + 1)
 
 
-@njit(**_PJIT)
+@njit_cached(**_PJIT)
 def _bmm2_blas_parallel(a, ta, m, tm, alpha, c, a2, ta2, m2, tm2, alpha2, c2):
     """Two batched products in one parallel loop (a backward's two gradients)."""
     for b in prange(c.shape[0]):
@@ -263,7 +264,7 @@ def _bmm2_blas_parallel(a, ta, m, tm, alpha, c, a2, ta2, m2, tm2, alpha2, c2):
         _bmm_blas_range(a2, ta2, m2, tm2, alpha2, c2, b, b + 1)
 
 
-@njit(**_PJIT)
+@njit_cached(**_PJIT)
 def _bmm_loops(a, m, scale):
     """c (B, M, N) = scale * a (B, M, K) @ m (B, K, N), all C-contiguous: the fallback without
     BLAS.
@@ -405,7 +406,7 @@ def scores_backward(ds, q, k, scale):
 # --------------------------------------------------------------------------------------------
 # embedding scatter-add
 
-@njit(**_JIT)
+@njit_cached(**_JIT)
 def _scatter_add_rows(rows, src, dW, v0, v1):
     """dW[rows[r]] += src[r] for each r (in order) whose id rows[r] is in [v0, v1).
 
@@ -419,7 +420,7 @@ def _scatter_add_rows(rows, src, dW, v0, v1):
                 dW[row, c] += src[r, c]
 
 
-@njit(**_PJIT)
+@njit_cached(**_PJIT)
 def _scatter_add_parallel(rows, src, dW, n_blocks):
     """Each task owns a range of rows of dW (token ids) and scans all ids: no races."""
     V = dW.shape[0]

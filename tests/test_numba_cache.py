@@ -150,15 +150,11 @@ def test_works_when_numba_cache_dir_and_home_are_unwritable(tmp_path):
     assert list((site / "__pycache__").glob("probe.twice-*.nbi")), "fell back to the tree"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "temporary: kernels/_flash.py (and kernels/numba_backend.py, which imports it) decorate "
-    "with @njit(cache=True) at import; with no writable cache location Numba raises "
-    "RuntimeError('cannot cache function ...: no locator available'), so the numba backend "
-    "cannot be imported. The kernel modules need a fallback to cache=False there."))
 def test_works_when_no_cache_location_is_writable(tmp_path):
     """A read-only install with a read-only HOME: NUMBA_CACHE_DIR, HOME and every package's
     __pycache__ are unwritable. Numba itself then refuses cache=True (the probe shows it), and
-    the package must still import and compute."""
+    the package must still import and compute (the kernels are decorated with
+    ``kernels._numba_math.njit_cached``, which falls back to no cache there)."""
     site = _copy_packages(tmp_path)
     blocker = _unwritable(tmp_path)
     for d in [site, *[p for p in site.rglob("*") if (p / "__init__.py").is_file()]]:
