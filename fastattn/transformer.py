@@ -129,6 +129,15 @@ def _rowsum(a2):
     return a2 @ _ones(a2.shape[1], a2.dtype)
 
 
+def _add_to(fresh, x):
+    """``fresh + x``, written into ``fresh`` (an array the caller owns) when the shapes and
+    dtypes allow it (a residual connection without a new array)."""
+    if fresh.shape == np.shape(x) and np.result_type(fresh, x) == fresh.dtype:
+        fresh += x
+        return fresh
+    return fresh + x
+
+
 def _layers_params(layers):
     params, grads = [], []
     for layer in layers:
@@ -516,23 +525,24 @@ class FeedForward:
         x2 = x.reshape(-1, self.d_model)  # (N, C)
         h = x2 @ W1  # (N, F)
         h += b1
-        np.maximum(h, 0, out=h)  # relu
+        on = np.greater(h, 0)  # (N, F) relu's mask, reused by backward
+        np.multiply(h, on, out=h)  # relu (NaN stays NaN)
         y = h @ W2  # (N, C)
         y += b2
-        self.cache = (x2, h, x.shape)
+        self.cache = (x2, h, on, x.shape)
         return y.reshape(x.shape)
 
     def backward(self, dout):
         if self.cache is None:
             raise _not_yet(self)
-        x2, h, shape = self.cache
+        x2, h, on, shape = self.cache
         W1, _, W2, _ = self.params
         dW1, db1, dW2, db2 = self.grads
         dy = _dout(dout, shape, self.dtype).reshape(-1, self.d_model)  # (N, C)
         np.matmul(h.T, dy, out=dW2)  # (F, C)
         _colsum(dy, out=db2)
         dh = dy @ W2.T  # (N, F)
-        dh *= h > 0
+        np.multiply(dh, on, out=dh)
         np.matmul(x2.T, dh, out=dW1)  # (C, F)
         _colsum(dh, out=db1)
         return (dh @ W1.T).reshape(shape)
@@ -559,15 +569,15 @@ class EncoderBlock:
         self._ran = False
 
     def forward(self, x, mask=None):
-        x = x + self.attn.forward(self.ln1.forward(x), mask=mask)
-        x = x + self.ffn.forward(self.ln2.forward(x))
+        x = _add_to(self.attn.forward(self.ln1.forward(x), mask=mask), x)
+        x = _add_to(self.ffn.forward(self.ln2.forward(x)), x)
         self._ran = True
         return x
 
     def backward(self, dout):
         if not self._ran:
             raise _not_yet(self)
-        dx = dout + self.ln2.backward(self.ffn.backward(dout))
+        dx = _add_to(self.ln2.backward(self.ffn.backward(dout)), dout)
         dx += self.ln1.backward(self.attn.backward(dx))
         return dx
 
@@ -595,16 +605,16 @@ class DecoderBlock:
         self._ran = False
 
     def forward(self, x, memory, mask=None):
-        x = x + self.self_attn.forward(self.ln1.forward(x))
-        x = x + self.cross_attn.forward(self.ln2.forward(x), memory, mask=mask)
-        x = x + self.ffn.forward(self.ln3.forward(x))
+        x = _add_to(self.self_attn.forward(self.ln1.forward(x)), x)
+        x = _add_to(self.cross_attn.forward(self.ln2.forward(x), memory, mask=mask), x)
+        x = _add_to(self.ffn.forward(self.ln3.forward(x)), x)
         self._ran = True
         return x
 
     def backward(self, dout):
         if not self._ran:
             raise _not_yet(self)
-        dx = dout + self.ln3.backward(self.ffn.backward(dout))
+        dx = _add_to(self.ln3.backward(self.ffn.backward(dout)), dout)
         dq, dmemory = self.cross_attn.backward(dx)
         dx += self.ln2.backward(dq)
         dx += self.ln1.backward(self.self_attn.backward(dx))
