@@ -7,7 +7,8 @@ same position table, ReLU feed-forward, ``scaled_dot_product_attention``. Before
 loaded with fastattn's weights and must give the same loss (float32, rtol 1e-4).
 
 Group ``train step``: the fastattn model on the numba and vectorized backends, with the thread
-setting of ``fastattn train`` (``--threads``, one BLAS and one Numba thread by default), and
+setting of ``fastattn train`` (``--threads`` for BLAS, all cores by default, and
+``--numba-threads``, one by default), and
 PyTorch (when installed) with ``torch.set_num_threads(os.cpu_count())``. The fastattn numba
 test also times PyTorch, with as many threads as cores and with one thread, each in a fresh
 process of its own (PyTorch's OpenMP pool and the Numba/BLAS pools slow each other down when
@@ -278,13 +279,14 @@ def _have_torch():
 
 @pytest.mark.parametrize("backend", ["numba", "vectorized"])
 def test_train_step_fastattn(benchmark, backend):
-    with limit_threads(DEFAULTS["threads"]):
+    with limit_threads(DEFAULTS["threads"], DEFAULTS["numba_threads"]):
         step, model = fastattn_step(backend)
         first = step()  # compiles the kernels; not timed
         assert np.isfinite(first)
         benchmark.group = GROUP
         benchmark.extra_info["backend"] = backend
-        benchmark.extra_info["threads"] = DEFAULTS["threads"]
+        benchmark.extra_info["blas_threads"] = DEFAULTS["threads"] or os.cpu_count()
+        benchmark.extra_info["numba_threads"] = DEFAULTS["numba_threads"]
         benchmark.extra_info["n_params"] = int(sum(p.size for p in model.params))
         if backend == "numba" and _have_torch():
             reps = 1 if benchmark.disabled else 10
@@ -316,11 +318,11 @@ def main():
         print(_blocked_ms([step], int(sys.argv[3]), rounds=1)[0])
         return
     reps = int(os.environ.get("FASTATTN_BENCH_REPS", "15"))
-    with limit_threads(DEFAULTS["threads"]):
+    with limit_threads(DEFAULTS["threads"], DEFAULTS["numba_threads"]):
         fns, names = [], []
         for backend in ("numba", "vectorized"):
             fns.append(fastattn_step(backend)[0])
-            names.append(f"fastattn {backend} ({DEFAULTS['threads']} thread)")
+            names.append(f"fastattn {backend} (train's threads)")
         ms = _blocked_ms(fns, reps)
     if _have_torch():
         for threads in (os.cpu_count() or 1, 1):

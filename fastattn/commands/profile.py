@@ -26,7 +26,10 @@ def configure(parser):
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="kernel backend (default: the current one, normally numba)")
     parser.add_argument("--threads", type=_nonneg_int, default=DEFAULTS["threads"],
-                        help="BLAS and Numba threads, as in 'fastattn train' (0: as they are; "
+                        help="BLAS threads, as in 'fastattn train' (0: BLAS's own default; "
+                             "default: %(default)s)")
+    parser.add_argument("--numba-threads", type=_nonneg_int, default=DEFAULTS["numba_threads"],
+                        help="Numba threads, as in 'fastattn train' (0: Numba's default; "
                              "default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help="show at most this many rows of each table")
@@ -74,12 +77,13 @@ def run(args) -> int:
         clip_grads(model.grads, DEFAULTS["max_grad"])
         optimizer.update(model.params, model.grads)
 
-    threads = limit_threads(args.threads)
+    threads = limit_threads(args.threads, args.numba_threads)
     with threads:
         prof, profiler = _timed_steps(model, step, args.steps, args.cprofile, profile)
 
     print(f"fastattn profile: {args.steps} training steps of the default model "
-          f"(batch {B}, backend {backend}, threads {args.threads or 'as they are'}): "
+          f"(batch {B}, backend {backend}, BLAS threads {args.threads or 'default'}, "
+          f"Numba threads {args.numba_threads or 'default'}): "
           f"{1e3 * prof.wall / args.steps:.1f} ms per step")
     print(prof.table(sort=args.sort, limit=args.limit))
     if profiler is not None:

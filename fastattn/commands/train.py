@@ -30,7 +30,8 @@ DEFAULTS = dict(
     warmup=200,
     max_grad=1.0,
     pos="both",
-    threads=1,
+    threads=0,  # BLAS: the library's own default (all cores)
+    numba_threads=1,
     seed=0,
     out="runs",
 )
@@ -95,9 +96,12 @@ def configure(parser):
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="kernel backend (default: the current one, normally numba)")
     parser.add_argument("--threads", type=_nonneg_int, default=d["threads"],
-                        help="threads for BLAS and the Numba kernels; 0 leaves the libraries' "
-                             "own defaults. One thread is the fastest on a busy 2-core machine "
-                             "(default: %(default)s)")
+                        help="BLAS threads; 0 leaves BLAS's own default, all cores "
+                             "(default: %(default)s). On a busy machine 1 can be faster")
+    parser.add_argument("--numba-threads", type=_nonneg_int, default=d["numba_threads"],
+                        help="threads of the Numba kernels; 0 leaves Numba's default. At the "
+                             "date model's sizes the kernels are small, and one thread beside "
+                             "multi-threaded BLAS is the fastest (default: %(default)s)")
     parser.add_argument("--seed", type=_nonneg_int, default=d["seed"],
                         help="seed of the weights and the batch order (default: %(default)s)")
     parser.add_argument("--out", default=d["out"],
@@ -106,29 +110,32 @@ def configure(parser):
     parser.set_defaults(_train_parser=parser)
 
 
-def limit_threads(n: int):
-    """A context manager that runs BLAS and the Numba kernels on ``n`` threads (0: as they
-    are). BLAS is limited with threadpoolctl, when it is installed, and only BLAS."""
+def limit_threads(blas: int, numba_threads: int | None = None):
+    """A context manager that runs BLAS on ``blas`` threads and the Numba kernels on
+    ``numba_threads`` (default: the same as ``blas``); 0 leaves a library as it is. BLAS is
+    limited with threadpoolctl, when it is installed, and only BLAS."""
     import contextlib
 
+    if numba_threads is None:
+        numba_threads = blas
     stack = contextlib.ExitStack()
-    if n <= 0:
-        return stack
-    try:
-        import numba
+    if numba_threads > 0:
+        try:
+            import numba
 
-        old = numba.get_num_threads()
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-        stack.callback(numba.set_num_threads, old)
-    except ImportError:
-        pass
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        warnings.warn("threadpoolctl is not installed: BLAS keeps its own thread count "
-                      "(pip install threadpoolctl)", RuntimeWarning, stacklevel=2)
-    else:
-        stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
+            old = numba.get_num_threads()
+            numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
+            stack.callback(numba.set_num_threads, old)
+        except ImportError:
+            pass
+    if blas > 0:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            warnings.warn("threadpoolctl is not installed: BLAS keeps its own thread count "
+                          "(pip install threadpoolctl)", RuntimeWarning, stacklevel=2)
+        else:
+            stack.enter_context(threadpool_limits(limits=blas, user_api="blas"))
     return stack
 
 
@@ -138,7 +145,7 @@ def _error(msg: str) -> int:
 
 
 def run(args) -> int:
-    with limit_threads(args.threads):
+    with limit_threads(args.threads, args.numba_threads):
         return _run(args)
 
 
@@ -249,7 +256,8 @@ def _run(args) -> int:
         "n_params": n_params,
         "args": {"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "warmup": args.warmup, "max_grad": args.max_grad,
-                 "backend": backend, "threads": args.threads, "seed": args.seed},
+                 "backend": backend, "threads": args.threads,
+                 "numba_threads": args.numba_threads, "seed": args.seed},
         "examples": examples,
     }
     model_path = os.path.join(out_dir, "model.npz")
