@@ -36,6 +36,8 @@ import numpy as np
 from numba import get_num_threads, types
 from numba.extending import overload
 
+from kernels._blas import OneThread as _OneBlasThread
+from kernels._blas import available as _blas_available
 from kernels._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
@@ -335,48 +337,10 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
 
 # ---- Python side ------------------------------------------------------------------------------
 
-_blas_state = {}
-
 
 def _use_blas() -> bool:
-    """True when Numba can call BLAS (SciPy installed); then also find the BLAS thread pools."""
-    if "ok" not in _blas_state:
-        try:
-            from numba.np.linalg import ensure_blas
-
-            ensure_blas()  # imports scipy.linalg.cython_blas, so its BLAS is loaded
-            _blas_state["ok"] = True
-        except Exception:  # no SciPy: tile products by loops
-            _blas_state["ok"] = False
-        _blas_state["pools"] = []
-        if _blas_state["ok"]:
-            try:
-                from threadpoolctl import ThreadpoolController
-
-                _blas_state["pools"] = list(
-                    ThreadpoolController().select(user_api="blas").lib_controllers)
-            except Exception:  # no threadpoolctl: BLAS threads are left as they are
-                pass
-    return _blas_state["ok"]
-
-
-class _OneBlasThread:
-    """Within the block, BLAS runs one thread (the kernels' own threads call it in parallel);
-    the previous setting is restored on exit. Other thread pools (OpenMP, ...) are untouched."""
-
-    def __enter__(self):
-        self.saved = []
-        for lib in _blas_state.get("pools", []) or []:
-            n = lib.num_threads
-            if n != 1:
-                lib.set_num_threads(1)
-                self.saved.append((lib, n))
-        return self
-
-    def __exit__(self, *exc):
-        for lib, n in self.saved:
-            lib.set_num_threads(n)
-        return False
+    """True when Numba can call BLAS (SciPy installed); else the tile products are loops."""
+    return _blas_available()
 
 
 _SERIAL_FLOPS = 4e6  # below this much work, handing out to threads costs more than it saves

@@ -42,6 +42,7 @@ import importlib.util
 import numpy as np
 from numba import get_num_threads, prange, types
 
+from kernels._blas import OneThread as _OneBlasThread
 from kernels._flash import attention_backward, attention_forward
 from kernels._numba_math import FASTMATH, njit_cached, vexp
 
@@ -66,46 +67,6 @@ HAVE_BLAS = all(importlib.util.find_spec(m) is not None for m in ("scipy", "thre
 #: Use BLAS for the matrix-product kernels when it is there. Tests set this to False to check
 #: the loop fallback.
 use_blas = HAVE_BLAS
-
-_blas_pools = None  # threadpoolctl controllers of the BLAS that np.dot in @njit calls
-
-
-def _find_blas_pools():
-    """The BLAS libraries to hold at one thread: SciPy's own when it ships one, else all."""
-    import os
-
-    import scipy
-    from numba.np.linalg import ensure_blas
-    from threadpoolctl import ThreadpoolController
-
-    ensure_blas()  # imports scipy.linalg.cython_blas: its BLAS is loaded from here on
-    libs = ThreadpoolController().select(user_api="blas").lib_controllers
-    here = os.path.realpath(os.path.dirname(scipy.__file__))
-    own = [lib for lib in libs if os.path.realpath(lib.filepath).startswith(here)]
-    return own or list(libs)
-
-
-class _OneBlasThread:
-    """Within the block BLAS runs one thread (the kernels' own threads call it in parallel);
-    the previous setting comes back on exit. OpenMP and other pools are untouched."""
-
-    def __enter__(self):
-        global _blas_pools
-        self.saved = []
-        if _blas_pools is None:
-            _blas_pools = _find_blas_pools()
-        for lib in _blas_pools:
-            n = lib.num_threads
-            if n != 1:
-                lib.set_num_threads(1)
-                self.saved.append((lib, n))
-        return self
-
-    def __exit__(self, *exc):
-        for lib, n in self.saved:
-            lib.set_num_threads(n)
-        return False
-
 
 _JIT = {"fastmath": set(FASTMATH), "nogil": True}
 _PJIT = {**_JIT, "parallel": True}
