@@ -38,7 +38,7 @@ _LAZY = {
         "fastattn.transformer",
     ),
     **dict.fromkeys(["SGD", "Adam", "clip_grads"], "fastattn.optim"),
-    **dict.fromkeys(["Trainer", "eval_seq2seq"], "fastattn.trainer"),
+    **dict.fromkeys(["Trainer", "eval_seq2seq", "exact_match"], "fastattn.trainer"),
     **dict.fromkeys(["load_model", "save_model"], "fastattn.checkpoint"),
     "profile": "fastattn.profiling",
 }
