@@ -6,7 +6,7 @@ Five layers, with the seed's constructors, ``forward``/``backward`` signatures a
 layer                       forward                backward
 ==========================  =====================  ========================================
 ``TimeKeyLayer(V, D, d)``   xs (B,T) ids -> K      dK (B,T,d) -> None
-``TimeQueryLayer(V, d)``    xs (B,T) ids -> Q      dQ (B,T,d) -> None for ids, dxs for floats
+``TimeQueryLayer(V, d)``    xs (B,T) ids -> Q      dQ (B,T,d) -> dxs (B,T,V)
                             or (B,T,V) floats
 ``TimeValueLayer(V, d)``    as the query layer     as the query layer
 ``CompatibilityFunction``   xs -> score (B,T,T)    dscore (B,T,T) -> None
@@ -17,9 +17,9 @@ layer                       forward                backward
 
 The key is an embedding V -> D followed by an affine D -> d. The query and the value are
 affine maps of the one-hot encoded ids, computed as a row lookup ``W[xs] + b``: the one-hot
-array is never built. Their ``backward`` for id input returns None (there is no gradient with
-respect to integer ids; the weight gradient is the scatter-add of dout's rows, by the
-``embedding_backward`` kernel); for a float (B,T,V) input it is a real affine and returns dxs.
+array is never built: the weight gradient is the scatter-add of dout's rows at the ids (the
+``embedding_backward`` kernel). Their ``backward`` returns dxs (B,T,V) = dout W^T, the gradient
+with respect to the one-hot input, as the seed did, for id and float input alike.
 
 ``WeightedValue.backward`` also backpropagates ``dvalue`` into its value layer, so the value
 weights get their gradient; it still returns ``dvalue``, the gradient with respect to the value
@@ -103,8 +103,9 @@ class TimeQueryLayer:
 
     forward(xs) -> (B, T, d): for xs (B, T) integer ids, ``W[xs] + b`` (the one-hot array is
     never built); for xs (B, T, V) floats, ``xs @ W + b``.
-    backward(dout (B, T, d)) -> None for id input (the weight gradient is the scatter-add of
-    dout's rows at the ids, by the ``embedding_backward`` kernel), dxs (B, T, V) for float input.
+    backward(dout (B, T, d)) -> dxs (B, T, V) = dout W^T, the gradient with respect to the
+    one-hot input, as the seed returned it. For id input the weight gradient is the scatter-add
+    of dout's rows at the ids (the ``embedding_backward`` kernel); the one-hot is never built.
     """
 
     def __init__(self, V, d, backend=None, dtype=np.float32, seed=None):
@@ -144,7 +145,7 @@ class TimeQueryLayer:
             self.idx, dout, self.V
         )  # (V, d)
         self.grads[1][...] = dout.sum(axis=(0, 1))  # (d,)
-        return None
+        return dout @ W.T  # (B, T, V)
 
 
 class TimeValueLayer(TimeQueryLayer):
@@ -203,8 +204,8 @@ class WeightedValue:
 
     forward(xs (B, T) ids or (B, T, V) floats, score (B, Tq, T)) -> Z (B, Tq, d).
     backward(dZ (B, Tq, d)) -> (dscore (B, Tq, T), dvalue (B, T, d)); dvalue is also
-    backpropagated into the value layer, whose weight gradients land in ``grads``. For float
-    xs the gradient with respect to xs is kept as ``self.dxs``.
+    backpropagated into the value layer, whose weight gradients land in ``grads``; the
+    gradient with respect to the (one-hot) input is kept as ``self.dxs`` (B, T, V).
     """
 
     def __init__(self, V, d, backend=None, dtype=np.float32, seed=None):
