@@ -43,7 +43,7 @@ import time
 import numpy as np
 import pytest
 
-import kernels
+from fastattn import kernels
 
 FULL = os.environ.get("FASTATTN_BENCH_FULL") == "1"
 

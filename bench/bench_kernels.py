@@ -28,7 +28,7 @@ import time
 import numpy as np
 import pytest
 
-import kernels
+from fastattn import kernels
 
 DTYPE = np.float32
 CHECK = {"rtol": 1e-4, "atol": 1e-5}  # float32 backends against each other, values of order 1

@@ -17,7 +17,7 @@ import numpy as np
 import fastattn
 from dataset import sequence
 from fastattn import CompatibilityFunction, WeightedValue
-from kernels import BACKENDS
+from fastattn.kernels import BACKENDS
 
 
 def main(argv=None) -> int:

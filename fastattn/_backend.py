@@ -13,8 +13,8 @@ import contextvars
 import os
 import warnings
 
-import kernels
-from kernels import BACKENDS
+from fastattn import kernels
+from fastattn.kernels import BACKENDS
 
 ENV_VAR = "FASTATTN_BACKEND"
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import kernels
+from fastattn import kernels
 from fastattn import _backend, _checks
 
 __all__ = [

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-import kernels
+from fastattn import kernels
 from fastattn import _backend, _checks
 from fastattn.layers import TimeAffine, TimeEmbedding, TimeSoftmaxWithLoss
 

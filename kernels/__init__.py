@@ -8,7 +8,7 @@ Kernels trust their inputs: arrays are float32 or float64 (all one dtype), 3-D a
 C-contiguous, indices are in range. The public functions and layers of ``fastattn`` check
 inputs before calling a kernel.
 
->>> import kernels
+>>> from fastattn import kernels
 >>> f = kernels.get("softmax_forward", "vectorized")
 """
 
@@ -31,9 +31,9 @@ KERNEL_NAMES = (
 )
 
 _MODULES = {
-    "loop": "kernels.loop",
-    "vectorized": "kernels.vectorized",
-    "numba": "kernels.numba_backend",
+    "loop": ".loop",
+    "vectorized": ".vectorized",
+    "numba": ".numba_backend",
 }
 
 
@@ -48,7 +48,7 @@ def check_backend(name) -> str:
 
 def module(backend: str):
     """The module that implements ``backend`` (imported on first use)."""
-    return importlib.import_module(_MODULES[check_backend(backend)])
+    return importlib.import_module(_MODULES[check_backend(backend)], __name__)
 
 
 def get(kernel_name: str, backend: str):

@@ -36,9 +36,9 @@ import numpy as np
 from numba import get_num_threads, types
 from numba.extending import overload
 
-from kernels._blas import OneThread as _OneBlasThread
-from kernels._blas import available as _blas_available
-from kernels._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
+from ._blas import OneThread as _OneBlasThread
+from ._blas import available as _blas_available
+from ._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None

@@ -42,9 +42,9 @@ import importlib.util
 import numpy as np
 from numba import get_num_threads, prange, types
 
-from kernels._blas import OneThread as _OneBlasThread
-from kernels._flash import attention_backward, attention_forward
-from kernels._numba_math import FASTMATH, njit_cached, vexp
+from ._blas import OneThread as _OneBlasThread
+from ._flash import attention_backward, attention_forward
+from ._numba_math import FASTMATH, njit_cached, vexp
 
 __all__ = [
     "softmax_forward",

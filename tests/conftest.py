@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import BACKENDS
+from fastattn.kernels import BACKENDS
 
 DTYPES = (np.float32, np.float64)
 

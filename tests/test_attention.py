@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import fastattn
-import kernels
-from kernels import _flash, loop
+from fastattn import kernels
+from fastattn.kernels import _flash, loop
 
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-9, atol=1e-10)}
 DTYPES = [np.float32, np.float64]

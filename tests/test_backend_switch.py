@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fastattn
-import kernels
+from fastattn import kernels
 from fastattn import _backend
 
 VALID = r"valid backends are: 'loop', 'vectorized', 'numba'"

@@ -23,7 +23,7 @@ import pytest
 from gradcheck import check_layer_grads
 
 import fastattn
-import kernels
+from fastattn import kernels
 from fastattn import Attention, AttentionWeight, TimeAttention, WeightSum, book_attention
 
 BACKENDS = ("loop", "vectorized", "numba")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import fastattn
-import kernels
+from fastattn import kernels
 
 numba = pytest.importorskip("numba")
 

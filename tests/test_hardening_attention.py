@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import fastattn
-import kernels
+from fastattn import kernels
 from fastattn import _backend
-from kernels import vectorized
+from fastattn.kernels import vectorized
 
 BACKENDS = kernels.BACKENDS
 DTYPES = [np.float32, np.float64]
@@ -30,7 +30,7 @@ def _numba_fused_kernels(monkeypatch):
     attention on the Numba kernels of ``kernels._flash``; a no-op once it provides its own."""
     mod = kernels.module("numba")
     if mod.attention_forward is vectorized.attention_forward:
-        from kernels import _flash
+        from fastattn.kernels import _flash
 
         monkeypatch.setattr(mod, "attention_forward", _flash.attention_forward)
         monkeypatch.setattr(mod, "attention_backward", _flash.attention_backward)

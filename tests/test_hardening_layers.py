@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import fastattn
-import kernels
+from fastattn import kernels
 from fastattn import _backend, _checks
 from fastattn.book_attention import Attention, AttentionWeight, TimeAttention, WeightSum
 from fastattn.layers import (

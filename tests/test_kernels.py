@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from numba import njit
 
-import kernels
-from kernels import numba_backend
-from kernels._numba_math import FASTMATH, vexp
+from fastattn import kernels
+from fastattn.kernels import numba_backend
+from fastattn.kernels._numba_math import FASTMATH, vexp
 
 FAST = ("vectorized", "numba")
 UNFUSED = (

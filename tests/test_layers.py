@@ -16,7 +16,7 @@ from fastattn.layers import (
     TimeEmbedding,
     TimeSoftmaxWithLoss,
 )
-from kernels import BACKENDS
+from fastattn.kernels import BACKENDS
 
 # float64 gradient checks: |analytic - numeric| <= 1e-7 + 1e-5 |numeric| (gradcheck defaults)
 # float32 comparisons between backends and with NumPy: rtol 1e-5, atol 1e-6

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 import fastattn
-import kernels
+from fastattn import kernels
 
-# The script every subprocess runs. It imports every module of the copied `kernels` package
+# The script every subprocess runs. It imports every module of the copied `fastattn.kernels`
 # (so every @njit decorator runs), compiles a probe and the numba softmax kernel, and reports.
 _SCRIPT = textwrap.dedent("""
     import hashlib, importlib, json, os, pkgutil, sys, time
@@ -39,12 +39,13 @@ _SCRIPT = textwrap.dedent("""
         out["probe_hits"] = sum(probe.twice.stats.cache_hits.values())
     except RuntimeError as e:
         out["probe"] = "RuntimeError: " + str(e)
-    import kernels, fastattn
+    import fastattn
+    from fastattn import kernels
     out["kernels_file"] = kernels.__file__
     failed = {}
     for m in pkgutil.iter_modules(kernels.__path__):
         try:
-            importlib.import_module("kernels." + m.name)
+            importlib.import_module("fastattn.kernels." + m.name)
         except Exception as e:
             failed[m.name] = type(e).__name__ + ": " + str(e)
     out["import_failures"] = failed
@@ -64,7 +65,7 @@ _SCRIPT = textwrap.dedent("""
     from numba.core.dispatcher import Dispatcher
     hits = 0
     for name, mod in list(sys.modules.items()):
-        if name == "kernels" or name.startswith("kernels."):
+        if name == "fastattn.kernels" or name.startswith("fastattn.kernels."):
             for obj in vars(mod).values():
                 if isinstance(obj, Dispatcher):
                     hits += sum(obj.stats.cache_hits.values())
@@ -82,11 +83,12 @@ _PROBE = textwrap.dedent("""
 
 
 def _copy_packages(root: Path) -> Path:
-    """Copy the `fastattn` and `kernels` packages (sources only) and the probe under root."""
+    """Copy the `fastattn` package with `fastattn.kernels` inside it, as installed (sources
+    only), and the probe under root."""
     site = root / "site"
-    for pkg in (fastattn, kernels):
-        src = Path(pkg.__file__).parent
-        shutil.copytree(src, site / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(Path(fastattn.__file__).parent, site / "fastattn", ignore=skip)
+    shutil.copytree(Path(kernels.__file__).parent, site / "fastattn" / "kernels", ignore=skip)
     (site / "probe.py").write_text(_PROBE)
     return site
 
@@ -129,7 +131,7 @@ def test_every_numba_kernel_is_compiled_with_cache():
 
     found = []
     for m in pkgutil.iter_modules(kernels.__path__):
-        mod = __import__(f"kernels.{m.name}", fromlist=["_"])
+        mod = __import__(f"fastattn.kernels.{m.name}", fromlist=["_"])
         for name, obj in vars(mod).items():
             if isinstance(obj, Dispatcher) and obj.__module__ == mod.__name__:
                 found.append(f"{mod.__name__}.{name}")

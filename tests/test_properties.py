@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastattn
-import kernels
+from fastattn import kernels
 from fastattn import _checks, functional
 
 hypothesis = pytest.importorskip("hypothesis")

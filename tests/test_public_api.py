@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import fastattn
-import kernels
+from fastattn import kernels
 
 DESIGN_NAMES = [
     "attention_forward", "attention_backward", "softmax", "set_backend", "get_backend",

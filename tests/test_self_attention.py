@@ -15,7 +15,7 @@ from fastattn.self_attention import (
     TimeValueLayer,
     WeightedValue,
 )
-from kernels import BACKENDS
+from fastattn.kernels import BACKENDS
 
 # float64 gradient checks: |analytic - numeric| <= 1e-7 + 1e-5 |numeric| (gradcheck defaults)
 # float32 results between backends (each against the loop reference): rtol 1e-4, atol 1e-5;

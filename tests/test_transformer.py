@@ -17,7 +17,7 @@ from fastattn.transformer import (
     TransformerSeq2seq,
     sinusoidal_table,
 )
-from kernels import BACKENDS
+from fastattn.kernels import BACKENDS
 
 F64 = np.float64
 # float64 gradient checks: |analytic - numeric| <= 1e-7 + 1e-5 |numeric| (gradcheck defaults)

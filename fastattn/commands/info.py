@@ -56,7 +56,7 @@ def _cache_dir():
     """Where the kernels' compiled code is cached (NUMBA_CACHE_DIR, next to the sources, or a
     user-wide folder when the sources' folder is not writable)."""
     try:
-        from kernels import _flash
+        from fastattn.kernels import _flash
 
         path = _flash._forward_units._cache.cache_path
         return path or "none: no writable cache location, kernels compile in every process"
@@ -78,7 +78,7 @@ def _cpu():
 def _blas_facts():
     """BLAS libraries loaded in this process, including the one Numba's kernels call."""
     try:
-        from kernels import _flash
+        from fastattn.kernels import _flash
 
         numba_blas = _flash._use_blas()  # loads SciPy's BLAS, the one Numba calls
     except Exception:

@@ -15,7 +15,7 @@ HELP = "time per layer and per kernel of a training step of the default model, o
 
 def configure(parser):
     from fastattn.commands.train import DEFAULTS, _nonneg_int, _positive_int
-    from kernels import BACKENDS
+    from fastattn.kernels import BACKENDS
 
     parser.add_argument("--steps", type=_positive_int, default=5,
                         help="training steps to time after the warm-up (default: %(default)s)")

@@ -68,7 +68,7 @@ def _positive_float(text):
 
 
 def configure(parser):
-    from kernels import BACKENDS
+    from fastattn.kernels import BACKENDS
 
     d = DEFAULTS
     parser.add_argument("--data", default=d["data"],

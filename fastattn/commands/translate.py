@@ -16,7 +16,7 @@ HELP = "translate questions (e.g. dates) with a model saved by 'fastattn train'"
 
 
 def configure(parser):
-    from kernels import BACKENDS
+    from fastattn.kernels import BACKENDS
 
     parser.add_argument("text", nargs="*", metavar="TEXT",
                         help="questions; read from standard input, one a line, when none given")
