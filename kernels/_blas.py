@@ -1,40 +1,46 @@
-"""BLAS for the Numba kernels: whether Numba can call it, and holding it at one thread.
+"""BLAS for the Numba kernels: the one gemm they call, and holding BLAS at one thread.
 
-``np.dot`` inside ``@njit`` (and Numba's gemm entry point that the kernels call directly) runs
-the BLAS that SciPy links. The kernels call it from several threads of their own at once, so
-BLAS must not start threads of its own meanwhile: nested threads oversubscribe the cores (a
-weighted_sum_backward at B=8, T=512 took 40 times longer).
+SciPy and threadpoolctl are required dependencies: every matrix product of the Numba kernels
+(the unfused products of ``numba_backend`` and the fused kernels' tile products in ``_flash``)
+is a call to :func:`gemm`, the ?gemm of the BLAS that SciPy links.
+
+The kernels call BLAS from several threads of their own at once, so BLAS must not start
+threads of its own meanwhile: nested threads oversubscribe the cores (a weighted_sum_backward
+at B=8, T=512 took 40 times longer). :class:`OneThread` holds it at one thread.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
+from numba import types
+
+from ._numba_math import njit_cached
+
 _state: dict = {}
 
 
 def available() -> bool:
-    """True when Numba can call BLAS (SciPy is installed). Loads SciPy's BLAS on first call."""
+    """True when Numba can call BLAS (SciPy is installed, as fastattn requires). Loads SciPy's
+    BLAS on first call."""
     if "ok" not in _state:
         try:
             from numba.np.linalg import ensure_blas
 
             ensure_blas()  # imports scipy.linalg.cython_blas: its BLAS is loaded from here on
             _state["ok"] = True
-        except Exception:  # no SciPy: the kernels use their loop fallbacks
+        except Exception:  # no SciPy: the Numba kernels cannot run
             _state["ok"] = False
         _state["pools"] = _find_pools() if _state["ok"] else []
     return _state["ok"]
 
 
 def _find_pools():
-    """threadpoolctl controllers of SciPy's own BLAS when it ships one, else of every BLAS;
-    none without threadpoolctl (BLAS then keeps its thread count)."""
-    try:
-        import scipy
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return []
+    """threadpoolctl controllers of SciPy's own BLAS when it ships one, else of every BLAS."""
+    import scipy
+    from threadpoolctl import ThreadpoolController
+
     libs = ThreadpoolController().select(user_api="blas").lib_controllers
     here = os.path.realpath(os.path.dirname(scipy.__file__))
     own = [lib for lib in libs if os.path.realpath(lib.filepath).startswith(here)]
@@ -59,3 +65,42 @@ class OneThread:
         for lib, n in self.saved:
             lib.set_num_threads(n)
         return False
+
+
+# Numba's own entry point to the ?gemm of the BLAS that SciPy links (what np.dot calls inside
+# @njit). It is resolved by name when a kernel is loaded, so cached kernels stay valid.
+_XGEMM = types.ExternalFunction(
+    "numba_xxgemm",
+    types.intc(types.char, types.char, types.char,  # kind 's'/'d', transa, transb
+               types.intp, types.intp, types.intp,  # m, n, k
+               types.voidptr, types.voidptr, types.intp,  # alpha, a, lda
+               types.voidptr, types.intp,  # b, ldb
+               types.voidptr, types.voidptr, types.intp),  # beta, c, ldc
+)
+_N, _T = np.int8(ord("N")), np.int8(ord("T"))
+_S, _D = np.int8(ord("s")), np.int8(ord("d"))
+
+
+@njit_cached(nogil=True)
+def _ld(x):
+    """The leading dimension BLAS wants for the 2-D row-major x: its row stride in elements,
+    at least a row's length (a single row may carry any stride, 0 included)."""
+    return max(x.strides[0] // x.itemsize, x.shape[1], 1)
+
+
+@njit_cached(nogil=True)
+def gemm(ta, tb, a, b, c, alpha, beta, coef):
+    """c = alpha op(a) op(b) + beta c, op(x) = x.T when its flag (ta, tb) is set.
+
+    a, b, c are 2-D arrays of one dtype (float32 or float64) whose rows are contiguous (the
+    row stride may be longer than a row); c is (M, N), op(a) (M, K), op(b) (K, N). coef is a
+    scratch array of 2 elements of that dtype. BLAS is column-major, so it computes
+    c^T = op(b)^T op(a)^T: the operands swap.
+    """
+    m, n = c.shape
+    kk = a.shape[0] if ta else a.shape[1]
+    coef[0] = alpha
+    coef[1] = beta
+    kind = _S if c.itemsize == 4 else _D
+    _XGEMM(kind, _T if tb else _N, _T if ta else _N, n, m, kk, coef.ctypes, b.ctypes, _ld(b),
+           a.ctypes, _ld(a), coef[1:].ctypes, c.ctypes, _ld(c))

@@ -15,9 +15,9 @@ How it is built (flash attention, as in Dao et al.):
   share summed at the end. Per key block and query block, P is recomputed
   from lse, then ``dV_j += P^T dO_i``, ``dP = dO_i V_j^T``, ``dS = P (dP - D_i)`` with
   ``D_i = rowsum(dO_i * O_i)``, ``dQ_i += scale dS K_j`` and ``dK_j += scale dS^T Q_i``.
-* Tile products go to single-threaded BLAS sgemm/dgemm (SciPy's, through Numba), with the
-  BLAS thread pool set to one thread for the duration of the call; without SciPy, plain
-  loops. Exponentials use a polynomial exp that LLVM vectorises (``kernels._numba_math``).
+* Tile products go to single-threaded BLAS sgemm/dgemm (``kernels._blas.gemm``), with the
+  BLAS thread pool set to one thread for the duration of the call. Exponentials use a
+  polynomial exp that LLVM vectorises (``kernels._numba_math``).
 
 Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs is
 O(threads * bq * bk), plus at most 8 Tq d when the backward splits few batch entries.
@@ -29,123 +29,47 @@ the thread count or on which thread ran it.
 
 from __future__ import annotations
 
+import atexit
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import get_num_threads, types
-from numba.extending import overload
+from numba import get_num_threads
 
 from ._blas import OneThread as _OneBlasThread
-from ._blas import available as _blas_available
+from ._blas import gemm
 from ._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
 _NO_KT = {np.dtype(t): np.zeros((1, 1, 1), dtype=t) for t in (np.float32, np.float64)}
 
-# ---- tile products ----------------------------------------------------------------------------
-
-
-def _blas_sig(dt):
-    p = types.CPointer(dt)
-    return types.intc(types.char, types.char, types.char, types.intp, types.intp, types.intp,
-                      p, p, types.intp, p, types.intp, p, p, types.intp)
-
-
-# Numba's own BLAS entry point (column-major ?gemm of the BLAS that SciPy links); it is what
-# np.dot calls inside @njit, and it is resolved by name, so cached kernels stay valid.
-_SGEMM = types.ExternalFunction("numba_xxgemm", _blas_sig(types.float32))
-_DGEMM = types.ExternalFunction("numba_xxgemm", _blas_sig(types.float64))
-
-
-def _xgemm(ta, tb, m, n, kk, coef, a, lda, b, ldb, c, ldc):
-    """Column-major C = coef[0] op(A) op(B) + coef[1] C (stub: the Numba overload below)."""
-    raise NotImplementedError
-
-
-@overload(_xgemm, inline="always")
-def _xgemm_overload(ta, tb, m, n, kk, coef, a, lda, b, ldb, c, ldc):
-    if coef.dtype == types.float32:
-        fn, kind = _SGEMM, ord("s")
-    elif coef.dtype == types.float64:
-        fn, kind = _DGEMM, ord("d")
-    else:
-        return None
-
-    def impl(ta, tb, m, n, kk, coef, a, lda, b, ldb, c, ldc):
-        return fn(kind, ta, tb, m, n, kk, coef.ctypes, a.ctypes, lda, b.ctypes, ldb,
-                  coef[1:].ctypes, c.ctypes, ldc)
-
-    return impl
+# ---- tile products: single-threaded BLAS (kernels._blas.gemm) -------------------------------
 
 
 @njit_cached(fastmath=_FM)
-def _blas(ta, tb, a, b, c, alpha, beta, coef):
-    """c = alpha op(a) op(b) + beta c by BLAS, for 2-D arrays whose rows are contiguous (the
-    row stride may be longer). Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T,
-    so the operands swap."""
-    m, n = c.shape
-    kk = a.shape[0] if ta == ord("T") else a.shape[1]
-    coef[0] = alpha
-    coef[1] = beta
-    _xgemm(tb, ta, n, m, kk, coef, b, b.strides[0] // b.itemsize, a,
-           a.strides[0] // a.itemsize, c, c.strides[0] // c.itemsize)
-
-
-@njit_cached(fastmath=_FM)
-def _mm_nn(a, b, c, alpha, coef, use_blas):
+def _mm_nn(a, b, c, alpha, coef):
     """c = alpha a b. a (m, k), b (k, n), c (m, n); b's rows may be strided."""
-    if use_blas:
-        _blas(ord("N"), ord("N"), a, b, c, alpha, c.dtype.type(0), coef)
-        return
-    c[:, :] = 0
-    for i in range(c.shape[0]):
-        for p in range(a.shape[1]):
-            f = alpha * a[i, p]
-            for j in range(c.shape[1]):
-                c[i, j] += f * b[p, j]
+    gemm(False, False, a, b, c, alpha, c.dtype.type(0), coef)
 
 
 @njit_cached(fastmath=_FM)
-def _mm_nt(a, b, c, alpha, coef, use_blas):
+def _mm_nt(a, b, c, alpha, coef):
     """c = alpha a b^T. a (m, k), b (n, k), c (m, n), all C-contiguous (slower BLAS path than
     _mm_nn: used when a transposed copy of b would not be reused)."""
-    if use_blas:
-        _blas(ord("N"), ord("T"), a, b, c, alpha, c.dtype.type(0), coef)
-        return
-    for i in range(c.shape[0]):
-        for j in range(c.shape[1]):
-            acc = c.dtype.type(0)
-            for p in range(a.shape[1]):
-                acc += a[i, p] * b[j, p]
-            c[i, j] = alpha * acc
+    gemm(False, True, a, b, c, alpha, c.dtype.type(0), coef)
 
 
 @njit_cached(fastmath=_FM)
-def _mm_nn_acc(a, b, c, alpha, coef, use_blas):
+def _mm_nn_acc(a, b, c, alpha, coef):
     """c += alpha a b. a (m, k), b (k, n), c (m, n), all C-contiguous."""
-    if use_blas:
-        _blas(ord("N"), ord("N"), a, b, c, alpha, c.dtype.type(1), coef)
-        return
-    for i in range(c.shape[0]):
-        for p in range(a.shape[1]):
-            f = alpha * a[i, p]
-            for j in range(c.shape[1]):
-                c[i, j] += f * b[p, j]
+    gemm(False, False, a, b, c, alpha, c.dtype.type(1), coef)
 
 
 @njit_cached(fastmath=_FM)
-def _mm_tn_acc(a, b, c, alpha, coef, use_blas):
+def _mm_tn_acc(a, b, c, alpha, coef):
     """c += alpha a^T b. a (k, m), b (k, n), c (m, n), all C-contiguous."""
-    if use_blas:
-        _blas(ord("T"), ord("N"), a, b, c, alpha, c.dtype.type(1), coef)
-        return
-    for p in range(a.shape[0]):
-        for i in range(c.shape[0]):
-            f = alpha * a[p, i]
-            for j in range(c.shape[1]):
-                c[i, j] += f * b[p, j]
+    gemm(True, False, a, b, c, alpha, c.dtype.type(1), coef)
 
 
 # ---- the pieces of a tile ---------------------------------------------------------------------
@@ -180,7 +104,7 @@ def _mask_tile(s, i0, j0, causal, maskb, has_mask):
 
 @njit_cached(nogil=True, fastmath=_FM)
 def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask, bq, bk,
-                   use_kT, use_blas):
+                   use_kT):
     """Takes work units from counter until none are left; unit u is batch entry u // nqb,
     query block u % nqb: fills those rows of out (B, Tq, dv) and lse (B, Tq). With use_kT,
     kT (B, d, Tk) is k transposed, so that both tile products are plain BLAS products (the
@@ -217,9 +141,9 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
             nk = j1 - j0
             s = sbuf[: nq * nk].reshape((nq, nk))
             if use_kT:  # S = scale Q_i K_j^T (nq, nk)
-                _mm_nn(qb, kT[b, :, j0:j1], s, scale, coef, use_blas)
+                _mm_nn(qb, kT[b, :, j0:j1], s, scale, coef)
             else:
-                _mm_nt(qb, k[b, j0:j1], s, scale, coef, use_blas)
+                _mm_nt(qb, k[b, j0:j1], s, scale, coef)
             if has_mask or (causal and j1 - 1 > i0):
                 _mask_tile(s, i0, j0, causal, maskb, has_mask)
             for r in range(nq):  # online softmax: new row maxima, S - m_new
@@ -245,7 +169,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 if rescale[r] != one:
                     for c in range(dv):
                         ob[r, c] *= rescale[r]
-            _mm_nn_acc(s, vb[j0:j1], ob, one, coef, use_blas)  # O_i += P V_j
+            _mm_nn_acc(s, vb[j0:j1], ob, one, coef)  # O_i += P V_j
         for r in range(nq):
             if lsum[r] > zero:
                 inv = one / lsum[r]
@@ -258,7 +182,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
 
 @njit_cached(nogil=True, fastmath=_FM)
 def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale, causal,
-                    mask, has_mask, bq, bk, nsplit, use_kT, use_blas):
+                    mask, has_mask, bq, bk, nsplit, use_kT):
     """Takes work units from counter until none are left; unit u is batch entry u // nsplit
     and its key blocks share, share + nsplit, ... (share = u % nsplit). Accumulates into dk,
     dv (those key rows) and into dq, or dq_part[u] when nsplit > 1; all zeroed by the caller."""
@@ -308,9 +232,9 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
                 dp = pbuf[: nq * nk].reshape((nq, nk))
                 qi, doi = qb[i0:i1], dob[i0:i1]  # (nq, d), (nq, dv)
                 if use_kT:  # S = scale Q_i K_j^T
-                    _mm_nn(qi, kTj, s, scale, coef, use_blas)
+                    _mm_nn(qi, kTj, s, scale, coef)
                 else:
-                    _mm_nt(qi, kj, s, scale, coef, use_blas)
+                    _mm_nt(qi, kj, s, scale, coef)
                 if has_mask or (causal and j1 - 1 > i0):
                     _mask_tile(s, i0, j0, causal, maskb, has_mask)
                 for r in range(nq):  # P = exp(S - lse): 0 where masked and on dead rows
@@ -322,25 +246,20 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
                         for c in range(nk):
                             row[c] -= lr
                 _exp_inplace(sbuf[: nq * nk])
-                _mm_tn_acc(s, doi, dvj, one, coef, use_blas)  # dV_j += P^T dO_i
+                _mm_tn_acc(s, doi, dvj, one, coef)  # dV_j += P^T dO_i
                 if use_kT:  # dP = dO_i V_j^T
-                    _mm_nn(doi, vTj, dp, one, coef, use_blas)
+                    _mm_nn(doi, vTj, dp, one, coef)
                 else:
-                    _mm_nt(doi, vj, dp, one, coef, use_blas)
+                    _mm_nt(doi, vj, dp, one, coef)
                 for r in range(nq):  # dS = P (dP - D_i), in place of dP
                     d_r = D[i0 + r]
                     for c in range(nk):
                         dp[r, c] = s[r, c] * (dp[r, c] - d_r)
-                _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef, use_blas)  # dQ_i += sc dS K_j
-                _mm_tn_acc(dp, qi, dkj, scale, coef, use_blas)  # dK_j += sc dS^T Q_i
+                _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef)  # dQ_i += sc dS K_j
+                _mm_tn_acc(dp, qi, dkj, scale, coef)  # dK_j += sc dS^T Q_i
 
 
 # ---- Python side ------------------------------------------------------------------------------
-
-
-def _use_blas() -> bool:
-    """True when Numba can call BLAS (SciPy installed); else the tile products are loops."""
-    return _blas_available()
 
 
 _SERIAL_FLOPS = 4e6  # below this much work, handing out to threads costs more than it saves
@@ -386,7 +305,14 @@ def _prepare(arrays, scale, mask):
     return arrays, dtype.type(scale), mask, has_mask
 
 
-_pool = {}
+_pool = {}  # threads beside the calling one -> its ThreadPoolExecutor
+
+
+@atexit.register
+def _shutdown_pools():
+    """Stop the pools' threads at interpreter exit (and let a test do it)."""
+    while _pool:
+        _pool.popitem()[1].shutdown(wait=True)
 
 
 def _in_parallel(fn, n_units, flops, *args):
@@ -420,13 +346,11 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     bq, bk = tiles or _tiles(B, Tq, k.shape[1], causal)
     out = np.empty((B, Tq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((B, Tq), dtype=q.dtype)
-    use_blas = _use_blas()
     with _OneBlasThread():
         use_kT = min(Tq, bq) >= _KT_ROWS
         kT = np.ascontiguousarray(k.transpose(0, 2, 1)) if use_kT else _NO_KT[q.dtype]
         _in_parallel(_forward_units, B * math.ceil(Tq / bq), 4 * q.size * k.shape[1], q, k,
-                     kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk, use_kT,
-                     use_blas)
+                     kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk, use_kT)
     return out, lse
 
 
@@ -442,11 +366,10 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     nsplit = _key_shares(B, Tq, Tk, d, bk)
     dq, dk, dv = (np.zeros_like(a) for a in arrays[1:4])
     dq_part = np.zeros((B * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
-    use_blas = _use_blas()
     with _OneBlasThread():
         _in_parallel(_backward_units, B * nsplit, 10 * B * Tq * Tk * d, *arrays, dq, dk, dv,
                      dq_part, scale, bool(causal), mask, has_mask, bq, bk, nsplit,
-                     min(Tq, bq) >= _KT_ROWS, use_blas)
+                     min(Tq, bq) >= _KT_ROWS)
     if nsplit > 1:
         dq += dq_part.reshape(B, nsplit, Tq, d).sum(axis=1)
     return dq, dk, dv

@@ -17,11 +17,10 @@ How the kernels are built:
   inside ``@njit`` is a scalar libm call), then each row is normalised. An all ``-inf`` row
   gives zeros.
 * ``weighted_sum_*`` and ``scores_*`` are small matrix products per batch entry, all six done
-  by one kernel: with SciPy and threadpoolctl installed, one BLAS gemm per batch entry
-  (Numba's own gemm entry point, the one ``np.dot`` uses, with the transposes and the scale
-  folded in), BLAS held at one thread while the batch is shared between threads; with fewer
-  batch entries than threads, NumPy's matmul, whose BLAS threads then share each product.
-  Without SciPy or threadpoolctl, a register-blocked loop kernel, about half as fast.
+  by one kernel: one BLAS gemm per batch entry (:func:`kernels._blas.gemm`, with the
+  transposes and the scale folded in), BLAS held at one thread while the batch is shared
+  between threads; with fewer batch entries than threads, NumPy's matmul, whose BLAS threads
+  then share each product.
 * ``embedding_backward``: large scatter-adds split the rows of dW (token ids) between
   threads, each scanning all ids, so there are no races and no partial copies of dW.
 * ``attention_forward``/``attention_backward`` come from ``kernels._flash``.
@@ -37,12 +36,11 @@ The fastmath flags live in one place, :data:`kernels._numba_math.FASTMATH`; they
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
-from numba import get_num_threads, prange, types
+from numba import get_num_threads, prange
 
 from ._blas import OneThread as _OneBlasThread
+from ._blas import gemm
 from ._flash import attention_backward, attention_forward
 from ._numba_math import FASTMATH, njit_cached, vexp
 
@@ -57,16 +55,6 @@ __all__ = [
     "attention_backward",
     "embedding_backward",
 ]
-
-#: Whether the matrix-product kernels can use BLAS: ``np.dot`` inside ``@njit`` reaches BLAS
-#: through SciPy, and threadpoolctl is needed to hold BLAS at one thread while the kernels'
-#: own threads call it (nested BLAS threads oversubscribe the cores: at B=8, T=512 a
-#: weighted_sum_backward took 40 times longer).
-HAVE_BLAS = all(importlib.util.find_spec(m) is not None for m in ("scipy", "threadpoolctl"))
-
-#: Use BLAS for the matrix-product kernels when it is there. Tests set this to False to check
-#: the loop fallback.
-use_blas = HAVE_BLAS
 
 _JIT = {"fastmath": set(FASTMATH), "nogil": True}
 _PJIT = {**_JIT, "parallel": True}
@@ -177,38 +165,17 @@ def softmax_backward(dy, y):
 # --------------------------------------------------------------------------------------------
 # matrix products: c[b] = alpha op(a[b]) @ op(m[b]), op(x) = x or x^T, one kernel for all six
 
-# Numba's own entry point to the ?gemm of the BLAS that SciPy links (what np.dot calls inside
-# @njit). It is resolved by name when the kernel is loaded, so cached kernels stay valid.
-_XGEMM = types.ExternalFunction(
-    "numba_xxgemm",
-    types.intc(types.char, types.char, types.char,  # kind 's'/'d', transa, transb
-               types.intp, types.intp, types.intp,  # m, n, k
-               types.voidptr, types.voidptr, types.intp,  # alpha, a, lda
-               types.voidptr, types.intp,  # b, ldb
-               types.voidptr, types.voidptr, types.intp),  # beta, c, ldc
-)
-_N, _T = np.int8(ord("N")), np.int8(ord("T"))
-_S, _D = np.int8(ord("s")), np.int8(ord("d"))
-
-
 @njit_cached(**_JIT)
 def _bmm_blas_range(a, ta, m, tm, alpha, c, b0, b1):
     """c[b] = alpha op(a[b]) @ op(m[b]) for b in [b0, b1): one gemm per batch entry.
 
     a is (B, M, K), or (B, K, M) when ta; m is (B, K, N), or (B, N, K) when tm; c is
-    (B, M, N); all C-contiguous, one dtype. BLAS is column-major, so it computes
-    c^T = op(m)^T op(a)^T.
+    (B, M, N); all C-contiguous, one dtype.
     """
-    _, M, N = c.shape
-    K = a.shape[1] if ta else a.shape[2]
-    kind = _S if c.itemsize == 4 else _D
-    coef = np.empty(2, dtype=c.dtype)  # alpha, beta
-    coef[0] = alpha
-    coef[1] = 0
-    beta = coef[1:]
+    coef = np.empty(2, dtype=c.dtype)  # gemm's scratch
+    zero = c.dtype.type(0)
     for b in range(b0, b1):
-        _XGEMM(kind, _T if tm else _N, _T if ta else _N, N, M, K, coef.ctypes, m[b].ctypes,
-               m.shape[2], a[b].ctypes, a.shape[2], beta.ctypes, c[b].ctypes, N)
+        gemm(ta, tm, a[b], m[b], c[b], alpha, zero, coef)
 
 
 @njit_cached(**_PJIT)
@@ -225,65 +192,6 @@ def _bmm2_blas_parallel(a, ta, m, tm, alpha, c, a2, ta2, m2, tm2, alpha2, c2):
         _bmm_blas_range(a2, ta2, m2, tm2, alpha2, c2, b, b + 1)
 
 
-@njit_cached(**_PJIT)
-def _bmm_loops(a, m, scale):
-    """c (B, M, N) = scale * a (B, M, K) @ m (B, K, N), all C-contiguous: the fallback without
-    BLAS.
-
-    Four rows of c at a time take four rows of m at a time; the innermost loop runs along a
-    contiguous row of m and of c, which LLVM vectorises.
-    """
-    B, M, K = a.shape
-    N = m.shape[2]
-    c = np.zeros((B, M, N), dtype=a.dtype)
-    for b in prange(B):
-        ab = a[b]
-        mb = m[b]
-        cb = c[b]
-        i = 0
-        while i < M:
-            if i + 4 <= M:
-                c0, c1, c2, c3 = cb[i], cb[i + 1], cb[i + 2], cb[i + 3]
-                a0, a1, a2, a3 = ab[i], ab[i + 1], ab[i + 2], ab[i + 3]
-                j = 0
-                while j + 4 <= K:
-                    m0, m1, m2, m3 = mb[j], mb[j + 1], mb[j + 2], mb[j + 3]
-                    w00, w01, w02, w03 = a0[j], a0[j + 1], a0[j + 2], a0[j + 3]
-                    w10, w11, w12, w13 = a1[j], a1[j + 1], a1[j + 2], a1[j + 3]
-                    w20, w21, w22, w23 = a2[j], a2[j + 1], a2[j + 2], a2[j + 3]
-                    w30, w31, w32, w33 = a3[j], a3[j + 1], a3[j + 2], a3[j + 3]
-                    for n in range(N):
-                        x0, x1, x2, x3 = m0[n], m1[n], m2[n], m3[n]
-                        c0[n] += w00 * x0 + w01 * x1 + w02 * x2 + w03 * x3
-                        c1[n] += w10 * x0 + w11 * x1 + w12 * x2 + w13 * x3
-                        c2[n] += w20 * x0 + w21 * x1 + w22 * x2 + w23 * x3
-                        c3[n] += w30 * x0 + w31 * x1 + w32 * x2 + w33 * x3
-                    j += 4
-                while j < K:
-                    mj = mb[j]
-                    w0, w1, w2, w3 = a0[j], a1[j], a2[j], a3[j]
-                    for n in range(N):
-                        x = mj[n]
-                        c0[n] += w0 * x
-                        c1[n] += w1 * x
-                        c2[n] += w2 * x
-                        c3[n] += w3 * x
-                    j += 1
-                i += 4
-            else:
-                ci = cb[i]
-                for j in range(K):
-                    w = ab[i, j]
-                    mj = mb[j]
-                    for n in range(N):
-                        ci[n] += w * mj[n]
-                i += 1
-        cf = cb.reshape(-1)
-        for n in range(cf.size):
-            cf[n] *= scale
-    return c
-
-
 def _product(a, ta, m, tm, alpha):
     """The arguments of the gemm kernels for alpha op(a) @ op(m), with c allocated, and the
     number of multiply-adds."""
@@ -297,10 +205,10 @@ def _bmm(*products):
     """For each (a, ta, m, tm, alpha): alpha op(a) @ op(m) for every batch entry, op(x) = x.T
     (the last two axes) when the flag is set. One or two products of one batch size.
 
-    With BLAS: small work one gemm after the other on this thread; larger work one gemm per
-    batch entry in parallel (both products in one parallel loop), BLAS held at one thread
-    meanwhile; with fewer batch entries than threads, NumPy's matmul (whose BLAS threads then
-    share each product). Without BLAS, the loop kernel on contiguous transposed copies.
+    Small work: one gemm after the other on this thread. Larger work: one gemm per batch
+    entry in parallel (both products in one parallel loop), BLAS held at one thread meanwhile;
+    with fewer batch entries than threads, NumPy's matmul (whose BLAS threads then share each
+    product).
     """
     prepared = [_product(*p) for p in products]
     macs = sum(p[1] for p in prepared)
@@ -309,8 +217,6 @@ def _bmm(*products):
         for arg, _ in prepared:
             arg[5][...] = 0
         return tuple(arg[5] for arg, _ in prepared)
-    if not use_blas:
-        return tuple(_loops_product(*p) for p in products)
     parallel = _parallel(macs, _PARALLEL_MIN_MACS, B)
     if parallel and B < get_num_threads():
         return tuple(_numpy_product(*p) for p in products)
@@ -331,14 +237,6 @@ def _numpy_product(a, ta, m, tm, alpha):
     if alpha != 1.0:
         c *= a.dtype.type(alpha)
     return c
-
-
-def _loops_product(a, ta, m, tm, alpha):
-    if ta:
-        a = np.ascontiguousarray(a.transpose(0, 2, 1))
-    if tm:
-        m = np.ascontiguousarray(m.transpose(0, 2, 1))
-    return _bmm_loops(a, m, a.dtype.type(alpha))
 
 
 def weighted_sum_forward(score, value):

@@ -250,16 +250,44 @@ def test_matches_torch_sdpa(numba_flash, causal, with_mask):
     assert np.all(out[~live] == 0) and np.all(lse[~live] == -np.inf)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_loop_tile_products_without_blas_match_loop(monkeypatch, dtype):
-    """Without SciPy the tile products run as plain loops: same results."""
-    monkeypatch.setattr(_flash, "_use_blas", lambda: False)
-    rng = np.random.default_rng(10)
-    q, k, v, dout = _inputs(rng, 2, 13, 11, 6, 5, dtype)
-    mask = rng.random((2, 1, 11)) < 0.8
-    mask[..., 0] = True
-    _assert_matches_loop(q, k, v, dout, False, mask, tiles=[None, (4, 3)])
-    _assert_matches_loop(q, k, v, dout, True, None, tiles=[None, (5, 4)])
+def test_thread_pools_are_shut_down_at_exit(monkeypatch):
+    """The fused kernels' pool threads stop when _shutdown_pools runs; a later call starts a
+    new pool and gives the same result."""
+    monkeypatch.setattr(_flash, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(_flash, "_SERIAL_FLOPS", 0)
+    rng = np.random.default_rng(12)
+    q, k, v, _ = _inputs(rng, 4, 16, 16, 8, 8, np.float64)
+    first = _flash.attention_forward(q, k, v, 0.3, False, None, tiles=(4, 4))
+    pools = list(_flash._pool.values())
+    assert pools, "the call did not reach the thread pool"
+    _flash._shutdown_pools()
+    assert not _flash._pool
+    assert all(p._shutdown for p in pools)
+    again = _flash.attention_forward(q, k, v, 0.3, False, None, tiles=(4, 4))
+    np.testing.assert_array_equal(again[0], first[0])
+
+
+def test_interpreter_exit_shuts_the_pools_down():
+    """_shutdown_pools runs at interpreter exit (atexit): a process that used the pool
+    reports its shutdown as it ends."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import numpy as np
+        from fastattn.kernels import _flash
+        _flash.get_num_threads = lambda: 2
+        _flash._SERIAL_FLOPS = 0
+        q = np.ones((2, 8, 4))
+        _flash.attention_forward(q, q, q, 0.5, False, None, tiles=(4, 4))
+        (pool,) = _flash._pool.values()
+        shutdown = pool.shutdown
+        pool.shutdown = lambda **kw: (print("pool shut down"), shutdown(**kw))
+    """
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "pool shut down"
 
 
 def test_backward_splits_key_blocks_when_batch_is_smaller_than_threads(monkeypatch):

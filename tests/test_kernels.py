@@ -14,7 +14,7 @@ import pytest
 from numba import njit
 
 from fastattn import kernels
-from fastattn.kernels import numba_backend
+from fastattn.kernels import _blas, numba_backend
 from fastattn.kernels._numba_math import FASTMATH, vexp
 
 FAST = ("vectorized", "numba")
@@ -27,7 +27,6 @@ UNFUSED = (
     "scores_backward",
     "embedding_backward",
 )
-MATMUL = ("weighted_sum_forward", "weighted_sum_backward", "scores_forward", "scores_backward")
 
 # (B, Tq, Tk, d): T=1 both ways, Tq != Tk, and sizes that are not multiples of 4
 SHAPES = [(1, 1, 1, 1), (2, 1, 6, 3), (3, 4, 7, 5), (2, 9, 9, 2), (2, 5, 1, 4)]
@@ -163,14 +162,35 @@ def test_numba_kernels_accept_an_empty_batch(name, rng):
         np.testing.assert_array_equal(g, w)
 
 
-@pytest.mark.parametrize("name", MATMUL)
-def test_numba_loop_fallback_matches_loop(name, dtype, tol, rng, monkeypatch):
-    """The register-blocked loops that replace BLAS when SciPy is missing."""
-    monkeypatch.setattr(numba_backend, "use_blas", False)
-    for shape in [(2, 9, 9, 5), (1, 1, 6, 3), (2, 5, 4, 1)]:
-        args = _inputs(name, shape, dtype, rng)
-        want = kernels.get(name, "loop")(*args)
-        _assert_results(getattr(numba_backend, name)(*args), want, dtype, tol)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blas_gemm_matches_float64_products_for_every_transpose(dtype, rng):
+    """The one gemm of the Numba kernels: c = alpha op(a) op(b) + beta c, for every pair of
+    transposes, with c's rows strided inside a wider array and a single row of a whose row
+    stride is 0 (BLAS gets a valid leading dimension all the same). Bound: K eps times the
+    sum of the terms' magnitudes, per element (the error of any summation order)."""
+    M, N, K = 3, 5, 4
+    eps = np.finfo(dtype).eps
+    alpha, beta = 0.75, -0.5
+    coef = np.empty(2, dtype=dtype)
+    for ta in (False, True):
+        for tb in (False, True):
+            for m in (M, 1):
+                a64 = rng.standard_normal((K, m) if ta else (m, K))
+                b64 = rng.standard_normal((N, K) if tb else (K, N))
+                wide = rng.standard_normal((m, N + 3))
+                a = a64.astype(dtype)
+                if m == 1 and not ta:  # one row, row stride 0
+                    a = np.lib.stride_tricks.as_strided(a.ravel(), (1, K), (0, a.itemsize))
+                b = b64.astype(dtype)
+                c = wide.astype(dtype)[:, 1:N + 1]  # (m, N), rows strided
+                c0 = c.astype(np.float64)
+                A = a.astype(np.float64).T if ta else a.astype(np.float64)
+                B = b.astype(np.float64).T if tb else b.astype(np.float64)
+                want = alpha * A @ B + beta * c0
+                terms = abs(alpha) * np.abs(A) @ np.abs(B) + abs(beta) * np.abs(c0)
+                bound = (K + 2) * eps * terms
+                _blas.gemm(ta, tb, a, b, c, alpha, beta, coef)
+                assert np.all(np.abs(c - want) <= bound), (ta, tb, m)
 
 
 def test_softmax_of_all_minus_inf_rows_is_zero(rng):

@@ -78,9 +78,9 @@ def _cpu():
 def _blas_facts():
     """BLAS libraries loaded in this process, including the one Numba's kernels call."""
     try:
-        from fastattn.kernels import _flash
+        from fastattn.kernels import _blas
 
-        numba_blas = _flash._use_blas()  # loads SciPy's BLAS, the one Numba calls
+        numba_blas = _blas.available()  # loads SciPy's BLAS, the one Numba calls
     except Exception:
         numba_blas = False
     try:
@@ -125,7 +125,7 @@ def format_facts(facts: dict) -> str:
         ("threading layer", facts["threading_layer"]),
         ("numba cache dir", facts["numba_cache_dir"]),
         ("attention tile products",
-         "BLAS (SciPy)" if facts["numba_blas_tile_products"] else "loops (no SciPy)"),
+         "BLAS (SciPy)" if facts["numba_blas_tile_products"] else "none (SciPy missing)"),
     ]
     lines += [f"{k + ':':<26}{v}" for k, v in rows]
     libs = facts["blas"]
