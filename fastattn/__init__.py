@@ -32,9 +32,10 @@ _LAZY = {
     **dict.fromkeys(["WeightSum", "AttentionWeight", "Attention", "TimeAttention"],
                     "fastattn.book_attention"),
     # the Transformer
+    "MultiHeadAttention": "fastattn.attention",
     **dict.fromkeys(
-        ["LayerNorm", "PositionalEncoding", "MultiHeadAttention", "FeedForward",
-         "EncoderBlock", "DecoderBlock", "TransformerSeq2seq"],
+        ["LayerNorm", "PositionalEncoding", "FeedForward", "EncoderBlock", "DecoderBlock",
+         "TransformerSeq2seq"],
         "fastattn.transformer",
     ),
     **dict.fromkeys(["SGD", "Adam", "clip_grads"], "fastattn.optim"),

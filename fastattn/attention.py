@@ -1,0 +1,234 @@
+"""Multi-head attention for the Transformer, on fastattn's fused attention kernels.
+
+The layer follows the book's conventions (see :mod:`fastattn.transformer`): ``params`` and
+``grads`` are flat lists, ``backward`` writes the gradients in place and returns the input
+gradient(s). The (Tq, Tk) score matrix is never kept: ``attention_forward`` and
+``attention_backward`` work on tiles; the projections are NumPy products on 2-D ``(B*T, C)``
+views.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastattn import _backend, _checks
+from fastattn._layer import (
+    check_backend,
+    check_dtype,
+    colsum,
+    dout_array,
+    float_input,
+    make_rng,
+    not_yet,
+    positive_int,
+    uniform,
+)
+
+__all__ = ["MultiHeadAttention"]
+
+
+class MultiHeadAttention:
+    """Multi-head scaled dot-product attention on the fused attention kernels.
+
+    MultiHeadAttention(d_model, n_heads, causal=False).
+
+    ``forward(x_q, x_kv=None, mask=None)``: self-attention when ``x_kv`` is None (queries, keys
+    and values all from ``x_q``), cross-attention otherwise (queries from ``x_q``, keys and
+    values from ``x_kv``). x_q (B, Tq, C), x_kv (B, Tk, C) -> (B, Tq, C). ``mask`` is None or
+    a boolean array broadcastable to (B, Tq, Tk), True where a query may attend; a key-padding
+    mask ``keep`` (B, Tk) is passed as ``keep[:, None, :]``. ``causal=True`` (decoder
+    self-attention) also forbids query i to see key j > i. A query with nothing to attend to
+    gets zeros.
+
+    ``backward(dout)`` returns dx_q for self-attention, (dx_q, dx_kv) for cross-attention.
+
+    params [W_in (C, 3C), b_in (3C,), W_out (C, C), b_out (C,)]: columns 0:C of W_in give the
+    queries, C:2C the keys, 2C:3C the values (heads are consecutive blocks of C/n_heads).
+
+    Set ``keep_weights = True`` to have ``forward`` also store the attention probabilities in
+    ``attention_weights`` (B, n_heads, Tq, Tk), computed by the ``scores_forward`` and
+    ``softmax_forward`` kernels (for plots; training does not need them).
+    """
+
+    def __init__(self, d_model, n_heads, causal=False, *, backend=None, dtype=np.float32,
+                 seed=None):
+        d_model = positive_int(d_model, "d_model")
+        n_heads = positive_int(n_heads, "n_heads")
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+        dt = check_dtype(dtype)
+        rng = make_rng(seed)
+        C = d_model
+        self.d_model, self.n_heads, self.d_head = C, n_heads, C // n_heads
+        self.causal = bool(causal)
+        self.backend = check_backend(backend)
+        self.scale = 1.0 / math.sqrt(self.d_head)
+        self.params = [
+            uniform(rng, (C, 3 * C), C, dt), np.zeros(3 * C, dt),
+            uniform(rng, (C, C), C, dt), np.zeros(C, dt),
+        ]
+        self.grads = [np.zeros_like(p) for p in self.params]
+        self.dtype = dt
+        self.keep_weights = False
+        self.attention_weights = None
+        self.cache = None
+
+    # -- shape helpers: (B*T, n*C) rows <-> (n, B*H, T, dh) heads
+    def _split(self, a2, B, T, n):
+        H, dh = self.n_heads, self.d_head
+        a = a2.reshape(B, T, n, H, dh).transpose(2, 0, 3, 1, 4)  # (n, B, H, T, dh)
+        return np.ascontiguousarray(a).reshape(n, B * H, T, dh)
+
+    def _merge(self, o, B, T):
+        H, dh = self.n_heads, self.d_head
+        o = o.reshape(B, H, T, dh).transpose(0, 2, 1, 3)  # (B, T, H, dh)
+        return np.ascontiguousarray(o).reshape(B * T, H * dh)
+
+    def _mask(self, mask, B, Tq, Tk):
+        if mask is None:
+            return None
+        if not isinstance(mask, np.ndarray):
+            mask = np.asarray(mask)
+        if mask.dtype != bool:
+            raise TypeError(f"mask must be a boolean array (True where attention is allowed), "
+                            f"got dtype {mask.dtype}")
+        if mask.ndim > 3:
+            raise ValueError(f"mask must broadcast to (B, Tq, Tk) = {(B, Tq, Tk)}, got "
+                             f"shape {mask.shape}")
+        try:
+            np.broadcast_shapes(mask.shape, (B, Tq, Tk))
+        except ValueError:
+            raise ValueError(f"mask of shape {mask.shape} does not broadcast to "
+                             f"(B, Tq, Tk) = {(B, Tq, Tk)}") from None
+        m = mask.reshape((1,) * (3 - mask.ndim) + mask.shape)[:, None]  # (B|1, 1, Tq|1, Tk)
+        return _checks.bool_mask(m, (B, self.n_heads, Tq, Tk))
+
+    def _weights(self, q, k, mask3, B, Tq, Tk):
+        """Attention probabilities (B, H, Tq, Tk) by the scores and softmax kernels."""
+        s = _backend.kernel("scores_forward", self.backend)(q, k, self.scale)  # (B*H, Tq, Tk)
+        allowed = np.ones((1, Tq, Tk), bool) if mask3 is None else mask3
+        if self.causal:
+            allowed = allowed & np.tri(Tq, Tk, dtype=bool)
+        s = np.where(allowed, s, -np.inf).astype(s.dtype)
+        p = _backend.kernel("softmax_forward", self.backend)(np.ascontiguousarray(s))
+        return p.reshape(B, self.n_heads, Tq, Tk)
+
+    def forward(self, x_q, x_kv=None, mask=None):
+        W_in, b_in, W_out, b_out = self.params
+        C = self.d_model
+        x_q = float_input(x_q, "x_q", self.dtype, C)
+        B, Tq, _ = x_q.shape
+        xq2 = x_q.reshape(B * Tq, C)
+        if x_kv is None:  # self-attention: one product for q, k and v
+            Tk = Tq
+            qkv = xq2 @ W_in  # (B*T, 3C)
+            qkv += b_in
+            q, k, v = self._split(qkv, B, Tq, 3)  # each (B*H, T, dh)
+            xkv2 = None
+        else:
+            x_kv = float_input(x_kv, "x_kv", self.dtype, C)
+            if x_kv.shape[0] != B:
+                raise ValueError(f"x_kv must have the batch size {B} of x_q, got {x_kv.shape}")
+            Tk = x_kv.shape[1]
+            xkv2 = x_kv.reshape(B * Tk, C)
+            qp = xq2 @ W_in[:, :C]  # (B*Tq, C)
+            qp += b_in[:C]
+            kv = xkv2 @ W_in[:, C:]  # (B*Tk, 2C)
+            kv += b_in[C:]
+            q = self._split(qp, B, Tq, 1)[0]  # (B*H, Tq, dh)
+            k, v = self._split(kv, B, Tk, 2)  # (B*H, Tk, dh)
+        mask3 = self._mask(mask, B, Tq, Tk)
+        att, lse = _backend.kernel("attention_forward", self.backend)(
+            q, k, v, self.scale, self.causal, mask3)  # (B*H, Tq, dh), (B*H, Tq)
+        a2 = self._merge(att, B, Tq)  # (B*Tq, C)
+        y = a2 @ W_out  # (B*Tq, C)
+        y += b_out
+        if self.keep_weights:
+            self.attention_weights = self._weights(q, k, mask3, B, Tq, Tk)
+        self.cache = (xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk)
+        return y.reshape(B, Tq, C)
+
+    def backward(self, dout):
+        if self.cache is None:
+            raise not_yet(self)
+        xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk = self.cache
+        W_in, _, W_out, _ = self.params
+        dW_in, db_in, dW_out, db_out = self.grads
+        C = self.d_model
+        dy = dout_array(dout, (B, Tq, C), self.dtype).reshape(B * Tq, C)
+        np.matmul(a2.T, dy, out=dW_out)  # (C, C)
+        colsum(dy, out=db_out)
+        da = self._split(dy @ W_out.T, B, Tq, 1)[0]  # (B*H, Tq, dh)
+        dq, dk, dv = _backend.kernel("attention_backward", self.backend)(
+            da, q, k, v, att, lse, self.scale, self.causal, mask3)
+        if xkv2 is None:
+            dqkv = self._merge_n((dq, dk, dv), B, Tq)  # (B*T, 3C)
+            np.matmul(xq2.T, dqkv, out=dW_in)
+            colsum(dqkv, out=db_in)
+            return (dqkv @ W_in.T).reshape(B, Tq, C)
+        dq2 = self._merge(dq, B, Tq)  # (B*Tq, C)
+        dkv = self._merge_n((dk, dv), B, Tk)  # (B*Tk, 2C)
+        np.matmul(xq2.T, dq2, out=dW_in[:, :C])
+        np.matmul(xkv2.T, dkv, out=dW_in[:, C:])
+        colsum(dq2, out=db_in[:C])
+        colsum(dkv, out=db_in[C:])
+        dx_q = (dq2 @ W_in[:, :C].T).reshape(B, Tq, C)
+        dx_kv = (dkv @ W_in[:, C:].T).reshape(B, Tk, C)
+        return dx_q, dx_kv
+
+    def _merge_n(self, parts, B, T):
+        """n arrays (B*H, T, dh) -> (B*T, n*C), the inverse of _split."""
+        H, dh = self.n_heads, self.d_head
+        n = len(parts)
+        out = np.empty((B, T, n, H, dh), parts[0].dtype)
+        for i, a in enumerate(parts):
+            out[:, :, i] = a.reshape(B, H, T, dh).transpose(0, 2, 1, 3)
+        return out.reshape(B * T, n * H * dh)
+
+    # -- inference without a backward: cached keys and values
+    def project_kv(self, x_kv):
+        """Keys and values of ``x_kv`` (B, Tk, C) for cross-attention: (k, v), each
+        (B*H, Tk, dh), to pass to :meth:`attend` many times."""
+        W_in, b_in, _, _ = self.params
+        C = self.d_model
+        x_kv = float_input(x_kv, "x_kv", self.dtype, C)
+        B, Tk, _ = x_kv.shape
+        kv = x_kv.reshape(B * Tk, C) @ W_in[:, C:]
+        kv += b_in[C:]
+        k, v = self._split(kv, B, Tk, 2)
+        return k, v
+
+    def attend(self, x_q, k, v, causal=False):
+        """Attention of x_q (B, Tq, C) to precomputed keys and values (from :meth:`project_kv`
+        or :meth:`step`) -> (B, Tq, C). Keeps nothing for backward."""
+        W_in, b_in, W_out, b_out = self.params
+        C = self.d_model
+        B, Tq, _ = x_q.shape
+        qp = x_q.reshape(B * Tq, C) @ W_in[:, :C]
+        qp += b_in[:C]
+        q = self._split(qp, B, Tq, 1)[0]
+        att, _ = _backend.kernel("attention_forward", self.backend)(
+            q, k, v, self.scale, causal, None)
+        y = self._merge(att, B, Tq) @ W_out
+        y += b_out
+        return y.reshape(B, Tq, C)
+
+    def step(self, x_new, cache: dict):
+        """One step of causal self-attention for generation: x_new (B, 1, C) is the newest
+        position; ``cache`` (a dict, empty at the first step) keeps the keys and values of
+        the earlier positions and receives the new ones. Returns (B, 1, C)."""
+        W_in, b_in, _, _ = self.params
+        C = self.d_model
+        B = x_new.shape[0]
+        kv = x_new.reshape(B, C) @ W_in[:, C:]
+        kv += b_in[C:]
+        k_new, v_new = self._split(kv, B, 1, 2)  # (B*H, 1, dh)
+        if cache:
+            k = np.concatenate([cache["k"], k_new], axis=1)  # (B*H, t+1, dh)
+            v = np.concatenate([cache["v"], v_new], axis=1)
+        else:
+            k, v = k_new, v_new
+        cache["k"], cache["v"] = k, v
+        return self.attend(x_new, k, v, causal=False)
