@@ -42,6 +42,7 @@ _LAZY = {
     **dict.fromkeys(["Trainer", "eval_seq2seq", "exact_match"], "fastattn.trainer"),
     **dict.fromkeys(["load_model", "save_model"], "fastattn.checkpoint"),
     "profile": "fastattn.profiling",
+    "tune": "fastattn.tuning",
 }
 
 __all__ = [

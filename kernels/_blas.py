@@ -36,6 +36,12 @@ def available() -> bool:
     return _state["ok"]
 
 
+def pools():
+    """threadpoolctl controllers of the BLAS that Numba calls (loads it on first call)."""
+    available()
+    return list(_state["pools"])
+
+
 def _find_pools():
     """threadpoolctl controllers of SciPy's own BLAS when it ships one, else of every BLAS."""
     import scipy

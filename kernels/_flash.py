@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import get_num_threads
 
+from . import _tuning
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
@@ -108,7 +109,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     """Takes work units from counter until none are left; unit u is batch entry u // nqb,
     query block u % nqb: fills those rows of out (B, Tq, dv) and lse (B, Tq). With use_kT,
     kT (B, d, Tk) is k transposed, so that both tile products are plain BLAS products (the
-    fastest kind); worth it for query tiles of _KT_ROWS rows and more."""
+    fastest kind); worth it for query tiles of the setting's kt_rows rows and more."""
     B, Tq, _ = q.shape
     Tk = k.shape[1]
     dv = v.shape[2]
@@ -262,37 +263,30 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
 # ---- Python side ------------------------------------------------------------------------------
 
 
-_SERIAL_FLOPS = 4e6  # below this much work, handing out to threads costs more than it saves
-# from this many query rows per tile on, S and dP as plain products with transposed key and
-# value tiles beat the transposed-operand BLAS products (by 10% at bq = 128); below, the
-# transposes cost more than they save
-_KT_ROWS = 64
-_MIN_UNITS = 8  # work units wanted per call, so that a few threads share it evenly
-
-
-def _tiles(B, Tq, Tk, causal):
-    """Query and key block sizes (bq, bk), measured best on a 2-core AVX-512 machine with
-    d = 64: (128, 64) without causal; causal wastes the masked half of the tiles on the
-    diagonal, so it takes smaller ones. Few long sequences get smaller query blocks, so that
-    the forward has _MIN_UNITS (batch entry, query block) units to share out. The choice
-    depends on the shapes only, never on the thread count, so results do not either."""
+def _tiles(B, Tq, Tk, causal, st):
+    """Query and key block sizes (bq, bk) from the setting ``st`` (kernels._tuning): square
+    causal tiles (causal wastes the masked half of the tiles on the diagonal, so it takes
+    smaller ones), else (block_q, block_k). Few long sequences get smaller query blocks, so
+    that the forward has ``st.min_units`` (batch entry, query block) units to share out. The
+    choice depends on the shapes and the setting only, never on the thread count, so results
+    do not either."""
     if causal:
-        bq, bk = (32, 32) if max(Tq, Tk) <= 256 else (64, 64)
+        bq = bk = st.causal_block_small if max(Tq, Tk) <= 256 else st.causal_block
     else:
-        bq, bk = 128, 64
-    if B * math.ceil(Tq / bq) < _MIN_UNITS:
-        bq = min(bq, max(16, math.ceil(Tq / math.ceil(_MIN_UNITS / B))))
+        bq, bk = st.block_q, st.block_k
+    if B * math.ceil(Tq / bq) < st.min_units:
+        bq = min(bq, max(16, math.ceil(Tq / math.ceil(st.min_units / B))))
     return max(1, min(bq, Tq)), max(1, min(bk, Tk))
 
 
-def _key_shares(B, Tq, Tk, d, bk):
+def _key_shares(B, Tq, Tk, d, bk, st):
     """Into how many shares the backward splits each batch entry's key blocks: 1 when there
-    are _MIN_UNITS batch entries or the work is small, else enough for _MIN_UNITS units (each
-    share then sums into a private dq; shapes only decide, so dq does not depend on the
+    are ``st.min_units`` batch entries or the work is small, else enough for that many units
+    (each share then sums into a private dq; shapes only decide, so dq does not depend on the
     thread count)."""
-    if B >= _MIN_UNITS or 10 * B * Tq * Tk * d < _SERIAL_FLOPS:
+    if B >= st.min_units or 10 * B * Tq * Tk * d < st.serial_flops:
         return 1
-    return min(math.ceil(Tk / bk), math.ceil(_MIN_UNITS / B))
+    return min(math.ceil(Tk / bk), math.ceil(st.min_units / B))
 
 
 def _prepare(arrays, scale, mask):
@@ -315,14 +309,14 @@ def _shutdown_pools():
         _pool.popitem()[1].shutdown(wait=True)
 
 
-def _in_parallel(fn, n_units, flops, *args):
+def _in_parallel(fn, n_units, flops, serial_flops, *args):
     """Run fn(counter, *args) on min(threads, n_units) threads, the calling one and a pool's:
     fn is a nogil kernel that takes units from the shared counter until none are left, so a
     thread slowed down by other work on the machine simply takes fewer. Small work
     (``flops``) runs on the calling thread alone."""
     counter = np.zeros(1, dtype=np.int64)
     n = max(1, min(get_num_threads(), n_units))
-    if n == 1 or flops < _SERIAL_FLOPS:
+    if n == 1 or flops < serial_flops:
         fn(counter, *args)
         return
     pool = _pool.get(n - 1)
@@ -343,14 +337,16 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     """
     (q, k, v), scale, mask, has_mask = _prepare((q, k, v), scale, mask)
     B, Tq, _ = q.shape
-    bq, bk = tiles or _tiles(B, Tq, k.shape[1], causal)
+    st = _tuning.current()[0]
+    bq, bk = tiles or _tiles(B, Tq, k.shape[1], causal, st)
     out = np.empty((B, Tq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((B, Tq), dtype=q.dtype)
     with _OneBlasThread():
-        use_kT = min(Tq, bq) >= _KT_ROWS
+        use_kT = min(Tq, bq) >= st.kt_rows
         kT = np.ascontiguousarray(k.transpose(0, 2, 1)) if use_kT else _NO_KT[q.dtype]
-        _in_parallel(_forward_units, B * math.ceil(Tq / bq), 4 * q.size * k.shape[1], q, k,
-                     kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk, use_kT)
+        _in_parallel(_forward_units, B * math.ceil(Tq / bq), 4 * q.size * k.shape[1],
+                     st.serial_flops, q, k, kT, v, out, lse, scale, bool(causal), mask,
+                     has_mask, bq, bk, use_kT)
     return out, lse
 
 
@@ -362,14 +358,15 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     arrays, scale, mask, has_mask = _prepare((dout, q, k, v, out, lse), scale, mask)
     B, Tq, d = arrays[1].shape
     Tk = arrays[2].shape[1]
-    bq, bk = tiles or _tiles(B, Tq, Tk, causal)
-    nsplit = _key_shares(B, Tq, Tk, d, bk)
+    st = _tuning.current()[0]
+    bq, bk = tiles or _tiles(B, Tq, Tk, causal, st)
+    nsplit = _key_shares(B, Tq, Tk, d, bk, st)
     dq, dk, dv = (np.zeros_like(a) for a in arrays[1:4])
     dq_part = np.zeros((B * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
     with _OneBlasThread():
-        _in_parallel(_backward_units, B * nsplit, 10 * B * Tq * Tk * d, *arrays, dq, dk, dv,
-                     dq_part, scale, bool(causal), mask, has_mask, bq, bk, nsplit,
-                     min(Tq, bq) >= _KT_ROWS)
+        _in_parallel(_backward_units, B * nsplit, 10 * B * Tq * Tk * d, st.serial_flops,
+                     *arrays, dq, dk, dv, dq_part, scale, bool(causal), mask, has_mask, bq, bk,
+                     nsplit, min(Tq, bq) >= st.kt_rows)
     if nsplit > 1:
         dq += dq_part.reshape(B, nsplit, Tq, d).sum(axis=1)
     return dq, dk, dv

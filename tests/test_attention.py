@@ -7,12 +7,14 @@ atol 2e-5 (inputs are O(1); the loop reference accumulates in float64).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import fastattn
 from fastattn import kernels
-from fastattn.kernels import _flash, loop
+from fastattn.kernels import _flash, _tuning, loop
 
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-9, atol=1e-10)}
 DTYPES = [np.float32, np.float64]
@@ -293,7 +295,8 @@ def test_interpreter_exit_shuts_the_pools_down():
 def test_backward_splits_key_blocks_when_batch_is_smaller_than_threads(monkeypatch):
     """B = 1 with 2+ threads: key blocks shared out, dq summed from private copies."""
     monkeypatch.setattr(_flash, "get_num_threads", lambda: 3)
-    monkeypatch.setattr(_flash, "_SERIAL_FLOPS", 0)
+    monkeypatch.setitem(_tuning._state, "setting",
+                        dataclasses.replace(_tuning.current()[0], serial_flops=0))
     rng = np.random.default_rng(11)
     q, k, v, dout = _inputs(rng, 1, 30, 40, 8, 8, np.float64)
     _assert_matches_loop(q, k, v, dout, False, None, tiles=[(8, 8), (7, 16)])

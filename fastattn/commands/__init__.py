@@ -4,4 +4,4 @@ Each module defines ``HELP`` (one line), ``configure(parser)`` (adds its argumen
 argparse parser) and ``run(args) -> int`` (the exit code).
 """
 
-COMMANDS = ("train", "translate", "bench", "profile", "info")
+COMMANDS = ("train", "translate", "bench", "profile", "info", "tune")

@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-HELP = "versions, backend, Numba threads and threading layer, cache directory, BLAS"
+HELP = ("versions, backend, CPU and instruction set, Numba threads and threading layer, "
+        "cache directory, BLAS, the fused kernels' tuning")
 
 PACKAGES = ("fastattn", "numpy", "numba", "llvmlite", "scipy", "threadpoolctl", "torch")
 
@@ -75,6 +76,30 @@ def _cpu():
         return "unknown"
 
 
+def _cpu_model():
+    """The CPU's marketing name, as the operating system reports it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _tuning_facts():
+    """The fused kernels' setting in force, and the CPU and BLAS kernel it is chosen for."""
+    try:
+        from fastattn import tuning
+
+        return tuning.describe()
+    except Exception as exc:  # no usable Numba or BLAS: say so, do not fail
+        return {"source": f"unavailable ({type(exc).__name__}: {exc})"}
+
+
 def _blas_facts():
     """BLAS libraries loaded in this process, including the one Numba's kernels call."""
     try:
@@ -105,7 +130,9 @@ def collect() -> dict:
     except ValueError as exc:  # a bad FASTATTN_BACKEND
         facts["backend"] = f"invalid ({exc})"
     facts["cpu"] = _cpu()
+    facts["cpu_model"] = _cpu_model()
     facts["cpu_count"] = os.cpu_count()
+    facts["tuning"] = _tuning_facts()
     facts.update(_numba_facts())
     numba_blas, libs = _blas_facts()
     facts["numba_blas_tile_products"] = numba_blas
@@ -120,7 +147,8 @@ def format_facts(facts: dict) -> str:
     lines.append(f"  {'python':<14}{facts['python']}")
     rows = [
         ("backend", facts["backend"]),
-        ("cpu", f"{facts['cpu']} ({facts['cpu_count']} logical cores)"),
+        ("cpu", f"{facts['cpu_model']}: {facts['cpu']} ({facts['cpu_count']} logical cores)"),
+        *_tuning_rows(facts["tuning"]),
         ("numba threads", f"{facts['numba_threads']} (max {facts['numba_max_threads']})"),
         ("threading layer", facts["threading_layer"]),
         ("numba cache dir", facts["numba_cache_dir"]),
@@ -137,6 +165,20 @@ def format_facts(facts: dict) -> str:
             lines.append(f"  {lib['library']} {lib['version']} ({lib['architecture']}), "
                          f"{lib['threads']} threads, {lib['file']}")
     return "\n".join(lines) + "\n"
+
+
+def _tuning_rows(t):
+    if "setting" not in t:
+        return [("tuning", t["source"])]
+    st = t["setting"]
+    return [
+        ("kernels compiled for", f"{t['cpu']} ({t['isa']})"),
+        ("blas kernel", f"{t['blas']} {t['blas_version']}, {t['blas_kernel']}"),
+        ("tuning", t["source"]),
+        ("fused attention blocks",
+         f"{st['block_q']}x{st['block_k']}, causal {st['causal_block_small']} (T <= 256) / "
+         f"{st['causal_block']}, transposed tiles from {st['kt_rows']} rows"),
+    ]
 
 
 def run(args) -> int:

@@ -1,0 +1,102 @@
+"""``fastattn.tune()``: measure the fused kernels' choices on this machine and store the winners.
+
+The choices and where they are kept are described in :mod:`fastattn.kernels._tuning`. Tuning
+times forward+backward of the fused attention (numba backend, float32, d = 64) at a few shapes
+like those of the benchmark suite, for each candidate block size with and without transposed
+key/value tiles, and keeps the candidate with the lowest geometric mean of its time relative
+to the defaults. Work stops when the time budget is spent; what was measured by then decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from fastattn.kernels import _flash, _tuning
+
+# (B, T) at d = 64: short, middle and long sequences (smaller B than the benchmarks, same tiles)
+PLAIN_SHAPES = ((64, 128), (8, 512), (2, 2048))
+CAUSAL_SHAPES = ((64, 128), (8, 512))
+PLAIN_BLOCKS = ((64, 64), (128, 64), (64, 128), (128, 128), (256, 128), (128, 256), (256, 256))
+CAUSAL_BLOCKS = (32, 64, 128)
+NEVER = 1 << 30  # kt_rows that never transposes
+
+
+def _time_step(shape, causal, setting, reps, rng):
+    B, T = shape
+    q, k, v, dout = (rng.standard_normal((B, T, 64)).astype(np.float32) for _ in range(4))
+    scale = 1 / 8.0
+    _tuning.use(setting, "being tuned")
+    times = []
+    for _ in range(reps + 1):  # the first run warms up and is not counted
+        t0 = time.perf_counter()
+        out, lse = _flash.attention_forward(q, k, v, scale, causal, None)
+        _flash.attention_backward(dout, q, k, v, out, lse, scale, causal, None)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def _score(candidates, shapes, causal, base, deadline, reps, rng, measured, label):
+    """The candidate with the lowest geometric mean of time / base time over ``shapes``."""
+    base_t = {s: _time_step(s, causal, base, reps, rng) for s in shapes}
+    best, best_score = base, 1.0
+    for cand in candidates:
+        if time.perf_counter() > deadline:
+            break
+        logs = [math.log(_time_step(s, causal, cand, reps, rng) / base_t[s]) for s in shapes]
+        score = math.exp(sum(logs) / len(logs))
+        measured[f"{label} {_describe(cand, causal)}"] = round(score, 4)
+        if score < best_score:
+            best, best_score = cand, score
+    return best
+
+
+def _describe(st, causal):
+    if causal:
+        return f"causal {st.causal_block_small}/{st.causal_block}"
+    kt = "kT" if st.kt_rows < NEVER else "no kT"
+    return f"{st.block_q}x{st.block_k} {kt}"
+
+
+def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int = 0) -> dict:
+    """Measure the choices on this machine for about ``seconds`` and put the winner in force
+    (and, with ``write``, store it in the per-user tuning file). Returns what was measured:
+    ``{"setting", "file", "key", "measured"}``, ``measured`` mapping each candidate to its time
+    relative to the defaults (below 1: faster)."""
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    if not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
+    key = _tuning.machine_key()
+    base = _tuning.DEFAULTS[key["isa"]]
+    rng = np.random.default_rng(seed)
+    _time_step((1, 64), True, base, 1, rng)  # compiles or loads the kernels: not in the budget
+    deadline = time.perf_counter() + seconds
+    measured: dict = {}
+    try:
+        plain = [dataclasses.replace(base, block_q=bq, block_k=bk, kt_rows=kt)
+                 for bq, bk in PLAIN_BLOCKS for kt in (64, NEVER)]
+        best = _score(plain, PLAIN_SHAPES, False, base, deadline, reps, rng, measured, "plain")
+        causal = [dataclasses.replace(best, causal_block_small=small, causal_block=large)
+                  for small in CAUSAL_BLOCKS for large in CAUSAL_BLOCKS if large >= small]
+        best = _score(causal, CAUSAL_SHAPES, True, best, deadline, reps, rng, measured,
+                      "causal")
+    finally:
+        _tuning.use(None)
+    path = _tuning.tuning_file()
+    if write:
+        _tuning.write_file(path, key, best, measured)
+        _tuning.use(None)  # read it back: the file is now what is in force
+    else:
+        _tuning.use(best, "tuned in this process (not stored)")
+    return {"setting": dataclasses.asdict(best), "file": path if write else None, "key": key,
+            "measured": measured}
+
+
+def describe() -> dict:
+    """The setting in force and where it comes from, with what the kernels run on."""
+    setting, source = _tuning.current()
+    return {"source": source, "setting": dataclasses.asdict(setting), **_tuning.target()}

@@ -1,0 +1,219 @@
+"""The fused kernels' machine-dependent choices: defaults per instruction set, and a tuned file.
+
+The block sizes of the fused attention kernels, the shapes from which they transpose the key
+and value tiles, and the work split depend on the machine: its vector width, its caches and the
+BLAS kernel it runs (OpenBLAS's Haswell kernels reach about 50 GFLOP/s per core on a 64^3
+sgemm and 72 from 128 up; its SkylakeX kernels have a fast path for small products). So:
+
+* :data:`DEFAULTS` holds one setting per instruction set (``"avx512"``, ``"avx2"``,
+  ``"other"``), each measured on a machine of that kind;
+* ``fastattn tune`` (:func:`fastattn.tune`) measures the choices on this machine within a time
+  budget and stores the winners in a per-user file (``$XDG_CACHE_HOME/fastattn/tuning.json``,
+  or ``FASTATTN_TUNE_FILE``), keyed by the CPU, the instruction set the kernels are compiled
+  for, the BLAS kernel and the versions of numba, numpy and the BLAS;
+* :func:`current` returns the setting in force: the file's when it fits this machine, else the
+  defaults. A corrupt file, or one tuned elsewhere, is ignored with a warning;
+  ``FASTATTN_TUNE=off`` ignores the file altogether.
+
+A setting only changes the block sizes and the work split; for a given setting, results do not
+depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One machine's choices for the fused kernels (all ints, so a file can hold them)."""
+
+    block_q: int  # query rows per tile, without causal
+    block_k: int  # key rows per tile, without causal
+    causal_block_small: int  # square causal tiles when max(Tq, Tk) <= 256
+    causal_block: int  # square causal tiles above that
+    kt_rows: int  # from this many query rows per tile on, transpose the K and V tiles
+    serial_flops: int  # below this much work, one thread (handing out costs more)
+    min_units: int  # work units wanted per call, so a few threads share it evenly
+
+    def check(self) -> Setting:
+        """Return self when every value is in its sane range, else raise ValueError."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if type(v) is not int:
+                raise ValueError(f"{f.name} must be an int, got {v!r}")
+        for name in ("block_q", "block_k", "causal_block_small", "causal_block"):
+            v = getattr(self, name)
+            if not 8 <= v <= 1024:
+                raise ValueError(f"{name} must be in [8, 1024], got {v}")
+        if not 1 <= self.kt_rows <= 1 << 30:
+            raise ValueError(f"kt_rows must be in [1, 2**30], got {self.kt_rows}")
+        if not 0 <= self.serial_flops <= 10**12:
+            raise ValueError(f"serial_flops must be in [0, 1e12], got {self.serial_flops}")
+        if not 1 <= self.min_units <= 1024:
+            raise ValueError(f"min_units must be in [1, 1024], got {self.min_units}")
+        return self
+
+
+#: Defaults per instruction set. AVX-512: measured on a 2-core AMD EPYC (Zen 4, OpenBLAS
+#: SkylakeX kernels). AVX2: measured on the same machine with NUMBA_CPU_NAME=haswell and
+#: OPENBLAS_CORETYPE=Haswell (the AVX2 code paths of Numba and OpenBLAS), where 64-row tiles
+#: run OpenBLAS's slower small-product path.
+DEFAULTS = {
+    "avx512": Setting(block_q=128, block_k=64, causal_block_small=32, causal_block=64,
+                      kt_rows=64, serial_flops=4_000_000, min_units=8),
+    "avx2": Setting(block_q=128, block_k=128, causal_block_small=32, causal_block=64,
+                    kt_rows=64, serial_flops=4_000_000, min_units=8),
+    "other": Setting(block_q=64, block_k=64, causal_block_small=32, causal_block=64,
+                     kt_rows=64, serial_flops=4_000_000, min_units=8),
+}
+
+_AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake",
+                "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids", "graniterapids",
+                "znver4", "znver5", "knl", "knm", "x86-64-v4")
+_AVX2_CPUS = ("haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake",
+              "arrowlake", "lunarlake", "gracemont", "znver1", "znver2", "znver3", "bdver4",
+              "x86-64-v3")
+
+
+def _isa_of(cpu: str, features: set[str]) -> str:
+    if cpu.startswith(_AVX512_CPUS) or "avx512f" in features:
+        return "avx512"
+    if cpu.startswith(_AVX2_CPUS) or {"avx2", "fma"} <= features:
+        return "avx2"
+    return "other"
+
+
+def target() -> dict:
+    """What the kernels run on: the host CPU, the CPU Numba compiles for (NUMBA_CPU_NAME, else
+    the host), its instruction set, and the kernel of the BLAS that Numba calls."""
+    import llvmlite.binding as llvm
+    import numba
+
+    host = llvm.get_host_cpu_name()
+    name = numba.config.CPU_NAME or host
+    if name == "host":
+        name = host
+    if name == host:
+        feats = {k for k, on in llvm.get_host_cpu_features().items() if on}
+    else:  # a named CPU: its family decides (and NUMBA_CPU_FEATURES, when given)
+        feats = set()
+    for f in (numba.config.CPU_FEATURES or "").split(","):
+        if f[1:] and f[0] in "+-":
+            (feats.add if f[0] == "+" else feats.discard)(f[1:])
+    return {"host_cpu": host, "cpu": name, "isa": _isa_of(name, feats), **_blas()}
+
+
+def _blas() -> dict:
+    """The BLAS that Numba's tile products call (SciPy's): library, kernel, version."""
+    from ._blas import pools
+
+    libs = pools()
+    if not libs:
+        return {"blas": "unknown", "blas_kernel": "unknown", "blas_version": "unknown"}
+    info = libs[0].info()
+    return {"blas": str(info.get("internal_api")), "blas_kernel": str(info.get("architecture")),
+            "blas_version": str(info.get("version"))}
+
+
+def machine_key() -> dict:
+    """What a tuned setting is valid for: CPU, instruction set, BLAS kernel and versions."""
+    from importlib import metadata
+
+    t = target()
+    key = {k: t[k] for k in ("cpu", "isa", "blas", "blas_kernel", "blas_version")}
+    for pkg in ("numba", "numpy"):
+        key[pkg] = metadata.version(pkg)
+    return key
+
+
+def tuning_file() -> str:
+    """The per-user tuning file: FASTATTN_TUNE_FILE, else under XDG_CACHE_HOME or ~/.cache."""
+    path = os.environ.get("FASTATTN_TUNE_FILE")
+    if path:
+        return path
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastattn", "tuning.json")
+
+
+def read_file(path: str, key: dict):
+    """The Setting stored in ``path`` for ``key``; None (with a warning saying why) when the
+    file is missing, corrupt, of another format or tuned for another machine."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warnings.warn(f"ignoring the tuning file {path}: unreadable ({exc})", stacklevel=3)
+        return None
+    try:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"not a format-{FORMAT} tuning file")
+        if data.get("key") != key:
+            warnings.warn(f"ignoring the tuning file {path}: it was tuned for "
+                          f"{data.get('key')}, this machine is {key}", stacklevel=3)
+            return None
+        values = data["setting"]
+        if not isinstance(values, dict) or set(values) != {f.name for f in fields(Setting)}:
+            raise ValueError("its setting lacks or adds fields")
+        return Setting(**values).check()
+    except (ValueError, TypeError, KeyError) as exc:
+        warnings.warn(f"ignoring the tuning file {path}: corrupt ({exc})", stacklevel=3)
+        return None
+
+
+def write_file(path: str, key: dict, setting: Setting, measured: dict | None = None) -> None:
+    """Write ``setting`` for ``key`` to ``path`` atomically (a temporary file in the same
+    folder, then a rename): a reader sees the old file or the new one, never half of one."""
+    setting.check()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    data = {"format": FORMAT, "key": key, "setting": asdict(setting),
+            "measured": measured or {}}
+    fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+_state: dict = {}
+
+
+def current() -> tuple[Setting, str]:
+    """The setting in force and where it comes from (read once per process)."""
+    if "setting" not in _state:
+        _state["setting"], _state["source"] = _load()
+    return _state["setting"], _state["source"]
+
+
+def _load():
+    isa = target()["isa"]
+    default = DEFAULTS[isa], f"defaults for {isa}"
+    if os.environ.get("FASTATTN_TUNE", "").lower() == "off":
+        return default[0], default[1] + " (FASTATTN_TUNE=off)"
+    path = tuning_file()
+    tuned = read_file(path, machine_key())
+    return (tuned, f"tuned ({path})") if tuned is not None else default
+
+
+def use(setting: Setting | None, source: str = "set in this process") -> None:
+    """Put ``setting`` in force in this process (None: read the defaults and file again)."""
+    _state.clear()
+    if setting is not None:
+        _state["setting"], _state["source"] = setting.check(), source
