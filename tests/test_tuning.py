@@ -1,0 +1,209 @@
+"""The fused kernels' tuning: defaults per instruction set, the tuning file and ``fastattn tune``.
+
+The file must never make the kernels fail or compute with a setting meant for another machine:
+a corrupt or foreign file is ignored with a warning, ``FASTATTN_TUNE=off`` ignores any file, and
+two processes writing it at once leave a whole file behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import cli, tuning
+from fastattn.kernels import _flash, _tuning, loop
+
+
+@pytest.fixture(autouse=True)
+def tune_file(tmp_path, monkeypatch):
+    """Each test has its own tuning file and reads the setting afresh."""
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("FASTATTN_TUNE_FILE", str(path))
+    monkeypatch.delenv("FASTATTN_TUNE", raising=False)
+    _tuning.use(None)
+    yield path
+    _tuning.use(None)
+
+
+def _small_setting():
+    return dataclasses.replace(_tuning.DEFAULTS["avx512"], block_q=16, block_k=8)
+
+
+def test_isa_follows_the_cpu_name_and_its_features():
+    assert _tuning._isa_of("haswell", set()) == "avx2"
+    assert _tuning._isa_of("znver3", set()) == "avx2"
+    assert _tuning._isa_of("znver4", set()) == "avx512"
+    assert _tuning._isa_of("skylake-avx512", set()) == "avx512"
+    assert _tuning._isa_of("generic", {"avx512f", "avx2"}) == "avx512"
+    assert _tuning._isa_of("generic", {"avx2", "fma"}) == "avx2"
+    assert _tuning._isa_of("generic", {"sse4.2"}) == "other"
+
+
+def test_forced_avx2_setting_selects_the_avx2_defaults():
+    """NUMBA_CPU_NAME=haswell makes Numba compile AVX2 code: the AVX2 defaults follow."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "OPENBLAS_CORETYPE": "Haswell"}
+    env.pop("FASTATTN_TUNE_FILE", None)
+    env["FASTATTN_TUNE"] = "off"
+    code = ("from fastattn.kernels import _tuning; import json; s, src = _tuning.current(); "
+            "print(json.dumps([_tuning.target(), src]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    target, source = json.loads(out.stdout.strip().splitlines()[-1])
+    assert target["cpu"] == "haswell" and target["isa"] == "avx2"
+    assert target["blas_kernel"].lower() == "haswell"
+    assert source.startswith("defaults for avx2")
+
+
+def test_a_matching_file_is_in_force(tune_file):
+    st = _small_setting()
+    _tuning.write_file(str(tune_file), _tuning.machine_key(), st)
+    got, source = _tuning.current()
+    assert got == st and source.startswith("tuned")
+
+
+def test_fastattn_tune_off_ignores_the_file(tune_file, monkeypatch):
+    _tuning.write_file(str(tune_file), _tuning.machine_key(), _small_setting())
+    monkeypatch.setenv("FASTATTN_TUNE", "off")
+    got, source = _tuning.current()
+    assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
+    assert "FASTATTN_TUNE=off" in source
+
+
+def test_a_file_tuned_for_another_machine_is_ignored_with_a_warning(tune_file):
+    key = {**_tuning.machine_key(), "cpu": "some-other-cpu"}
+    _tuning.write_file(str(tune_file), key, _small_setting())
+    with pytest.warns(UserWarning, match="tuned for"):
+        got, source = _tuning.current()
+    assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
+    assert source.startswith("defaults")
+
+
+def _valid_data():
+    return {"format": 1, "key": _tuning.machine_key(),
+            "setting": dataclasses.asdict(_small_setting())}
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda d: b"\x00\xff not json",
+    lambda d: b'{"format": 1, "key": ',  # truncated
+    lambda d: json.dumps([1, 2]).encode(),
+    lambda d: json.dumps({**d, "format": 99}).encode(),
+    lambda d: json.dumps({**d, "setting": {**d["setting"], "block_q": 0}}).encode(),
+    lambda d: json.dumps({**d, "setting": {**d["setting"], "block_k": 10**9}}).encode(),
+    lambda d: json.dumps({**d, "setting": {**d["setting"], "kt_rows": 64.5}}).encode(),
+    lambda d: json.dumps({**d, "setting": {**d["setting"], "extra": 1}}).encode(),
+    lambda d: json.dumps({k: v for k, v in d.items() if k != "setting"}).encode(),
+], ids=["binary", "truncated", "not-a-dict", "format", "zero-block", "huge-block",
+        "float", "extra-field", "no-setting"])
+def test_a_corrupt_file_is_ignored_with_a_warning(tune_file, corrupt):
+    tune_file.write_bytes(corrupt(_valid_data()))
+    with pytest.warns(UserWarning, match="ignoring the tuning file"):
+        got, _ = _tuning.current()
+    assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
+
+
+def test_the_valid_data_of_the_corrupt_cases_is_accepted(tune_file):
+    """The corrupt cases above differ from a valid file only in what they break."""
+    tune_file.write_text(json.dumps(_valid_data()))
+    assert _tuning.current()[0] == _small_setting()
+
+
+def test_setting_values_are_checked_before_writing(tune_file):
+    bad = dataclasses.replace(_small_setting(), min_units=0)
+    with pytest.raises(ValueError, match="min_units"):
+        _tuning.write_file(str(tune_file), _tuning.machine_key(), bad)
+    assert not tune_file.exists()
+
+
+def test_two_processes_writing_at_once_leave_a_whole_file(tune_file):
+    """Two writers replace the file 200 times each while this process reads it: every read
+    sees a whole file (one writer's or the other's), never a torn or empty one."""
+    script = textwrap.dedent(f"""
+        import dataclasses, sys
+        from fastattn.kernels import _tuning
+        st = dataclasses.replace(_tuning.DEFAULTS["avx512"], block_q=int(sys.argv[1]))
+        key = {{"writer": sys.argv[1]}}
+        for _ in range(200):
+            _tuning.write_file({str(tune_file)!r}, key, st)
+    """)
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(bq)]) for bq in (16, 32)]
+    seen = set()
+    while any(w.poll() is None for w in writers):
+        try:
+            data = json.loads(tune_file.read_text())
+        except FileNotFoundError:
+            continue
+        seen.add(data["setting"]["block_q"])
+        assert data["key"] == {"writer": str(data["setting"]["block_q"])}
+    assert all(w.wait(timeout=120) == 0 for w in writers)
+    final = json.loads(tune_file.read_text())
+    assert final["setting"]["block_q"] in (16, 32)
+    assert not list(tune_file.parent.glob(".tuning-*")), "no temporary file is left behind"
+
+
+def test_the_setting_in_force_decides_the_kernels_blocks(rng):
+    """With a tuned setting the kernels compute exactly what explicit tiles of that size
+    compute (and the defaults, with other tiles, round differently: the check can fail)."""
+    q, k, v = (rng.standard_normal((2, 40, 8)).astype(np.float32) for _ in range(3))
+    default_out, _ = _flash.attention_forward(q, k, v, 0.3, False, None)
+    _tuning.use(_small_setting())
+    tuned_out, tuned_lse = _flash.attention_forward(q, k, v, 0.3, False, None)
+    explicit_out, _ = _flash.attention_forward(q, k, v, 0.3, False, None, tiles=(16, 8))
+    assert np.array_equal(tuned_out, explicit_out)
+    assert not np.array_equal(tuned_out, default_out), "tiles must change the rounding here"
+    ref, ref_lse = loop.attention_forward(*(a.astype(np.float64) for a in (q, k, v)), 0.3,
+                                          False, None)
+    # |out| <= max |v| and each entry sums 40 terms: a few dozen float32 epsilons
+    bound = 40 * 4 * np.finfo(np.float32).eps * np.abs(v).max()
+    assert np.abs(tuned_out - ref).max() <= bound
+    assert np.abs(tuned_lse - ref_lse).max() <= bound
+
+
+def test_tune_measures_stores_and_puts_the_winner_in_force(tune_file):
+    result = fastattn.tune(0.2, reps=1)
+    assert result["file"] == str(tune_file)
+    assert result["measured"], "at least one candidate is measured whatever the budget"
+    assert all(r > 0 for r in result["measured"].values())
+    stored = json.loads(tune_file.read_text())
+    assert stored["key"] == _tuning.machine_key()
+    assert stored["setting"] == result["setting"]
+    got, source = _tuning.current()
+    assert dataclasses.asdict(got) == result["setting"] and source.startswith("tuned")
+
+
+def test_tune_rejects_a_bad_budget():
+    with pytest.raises(ValueError, match="seconds"):
+        tuning.tune(0)
+    with pytest.raises(ValueError, match="reps"):
+        tuning.tune(1, reps=0)
+
+
+def test_tune_command_dry_run_writes_nothing(tune_file, capsys):
+    assert cli.main(["tune", "--seconds", "0.1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "not stored" in out and "chosen: blocks" in out
+    assert not tune_file.exists()
+
+
+def test_tune_command_rejects_a_bad_budget(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["tune", "--seconds", "-1"])
+    assert exc.value.code == 2
+    assert "--seconds" in capsys.readouterr().err
+
+
+def test_info_names_the_isa_the_blas_kernel_and_the_setting(capsys, tune_file):
+    _tuning.write_file(str(tune_file), _tuning.machine_key(), _small_setting())
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    isa = _tuning.target()["isa"]
+    assert f"({isa})" in text and "blas kernel:" in text
+    assert f"tuned ({tune_file})" in text and "16x8" in text
