@@ -28,6 +28,14 @@ KERNEL_NAMES = (
     "attention_forward",
     "attention_backward",
     "embedding_backward",
+    # the training step's glue (kernels/glue_loop.py documents them)
+    "layernorm_forward",
+    "layernorm_backward",
+    "bias_relu_forward",
+    "bias_relu_backward",
+    "softmax_xent_forward",
+    "softmax_xent_backward",
+    "adam_update",
 )
 
 _MODULES = {

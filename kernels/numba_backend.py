@@ -42,6 +42,15 @@ from numba import get_num_threads, prange
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._flash import attention_backward, attention_forward
+from ._glue_numba import (  # noqa: F401  the glue kernels
+    adam_update,
+    bias_relu_backward,
+    bias_relu_forward,
+    layernorm_backward,
+    layernorm_forward,
+    softmax_xent_backward,
+    softmax_xent_forward,
+)
 from ._numba_math import FASTMATH, njit_cached, vexp
 
 __all__ = [

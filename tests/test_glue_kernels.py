@@ -1,0 +1,207 @@
+"""The training step's glue kernels (kernels/glue_loop.py) on every backend.
+
+Each kernel runs on float32 and float64 inputs and is compared with the loop reference run on
+the same inputs in float64. The bound on a float32 result comes from the computation: an entry
+that sums n terms is off by at most about n eps32 times the sum of |terms| (float32 rounding
+of each partial sum), plus the rounding of the inputs' own products; the factors used are
+stated at each check. float64 results must match to 1e-12 of the same scale. Gradients of the
+reference are checked against float64 central differences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastattn import kernels
+from fastattn.kernels import glue_loop as ref
+
+EPS = {np.dtype(np.float32): np.finfo(np.float32).eps, np.dtype(np.float64): 1e-12}
+
+
+def _eps(dtype):
+    return EPS[np.dtype(dtype)]
+
+
+def _k(name, backend):
+    return kernels.get(name, backend)
+
+
+def _close(got, want, scale, dtype, factor, what):
+    """|got - want| <= factor * eps(dtype) * scale, elementwise (scale: the sum of |terms|)."""
+    got = np.asarray(got, dtype=np.float64)
+    bound = factor * _eps(dtype) * np.asarray(scale) + np.finfo(np.float64).tiny
+    err = np.abs(got - want)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.ndim else ()
+    assert np.all(err <= bound), (
+        f"{what}: |error| {err[worst]:.3g} > bound {np.broadcast_to(bound, err.shape)[worst]:.3g}")
+
+
+def _ln_inputs(rng, dtype, N=37, C=24):
+    x = (rng.standard_normal((N, C)) * 2 + 0.5).astype(dtype)
+    g = (1 + 0.3 * rng.standard_normal(C)).astype(dtype)
+    b = (0.2 * rng.standard_normal(C)).astype(dtype)
+    return x, g, b
+
+
+def test_layernorm_forward_matches_the_reference(backend, dtype, rng):
+    x, g, b = _ln_inputs(rng, dtype)
+    y, mean, rstd = _k("layernorm_forward", backend)(x, g, b, 1e-5)
+    y64, mean64, rstd64 = ref.layernorm_forward(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
+    assert y.dtype == mean.dtype == rstd.dtype == dtype
+    C = x.shape[1]
+    # mean and variance each sum C terms; xhat = (x - mean) rstd carries their relative errors
+    _close(mean, mean64, np.abs(x).mean(axis=1), dtype, 2 * C, "mean")
+    _close(rstd, rstd64, rstd64, dtype, 4 * C, "rstd")
+    xhat = (x.astype(np.float64) - mean64[:, None]) * rstd64[:, None]
+    scale = (np.abs(xhat) + np.abs(x) * rstd64[:, None]) * np.abs(g.astype(np.float64)) + np.abs(b)
+    _close(y, y64, scale, dtype, 4 * C, "y")
+
+
+def test_layernorm_backward_matches_the_reference(backend, dtype, rng):
+    x, g, b = _ln_inputs(rng, dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    _, mean64, rstd64 = ref.layernorm_forward(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
+    mean, rstd = mean64.astype(dtype), rstd64.astype(dtype)
+    dx, dg, db = _k("layernorm_backward", backend)(dy, x, g, mean, rstd)
+    dx64, dg64, db64 = ref.layernorm_backward(*(a.astype(np.float64)
+                                                for a in (dy, x, g, mean, rstd)))
+    N, C = x.shape
+    xhat = np.abs((x.astype(np.float64) - mean64[:, None]) * rstd64[:, None])
+    ady = np.abs(dy.astype(np.float64))
+    _close(dg, dg64, (ady * (xhat + 1)).sum(axis=0), dtype, 4 * N, "dg")
+    _close(db, db64, ady.sum(axis=0), dtype, 2 * N, "db")
+    row = (ady * np.abs(g) * (1 + xhat)).sum(axis=1, keepdims=True) / C
+    _close(dx, dx64, rstd64[:, None] * (ady * np.abs(g) + row * (1 + xhat)), dtype, 8 * C, "dx")
+
+
+def test_layernorm_reference_gradients_match_central_differences(rng):
+    x, g, b = _ln_inputs(rng, np.float64, N=5, C=6)
+    R = rng.standard_normal(x.shape)
+
+    def loss():
+        return float((ref.layernorm_forward(x, g, b, 1e-5)[0] * R).sum())
+
+    _, mean, rstd = ref.layernorm_forward(x, g, b, 1e-5)
+    dx, dg, db = ref.layernorm_backward(R, x, g, mean, rstd)
+    for name, arr, grad in (("x", x, dx), ("g", g, dg), ("b", b, db)):
+        np.testing.assert_allclose(grad, _numerical(loss, arr), rtol=1e-6, atol=1e-8,
+                                   err_msg=name)
+
+
+def _numerical(f, a, eps=1e-6):
+    grad = np.zeros_like(a)
+    flat, gflat = a.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f()
+        flat[i] = old - eps
+        fm = f()
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return grad
+
+
+def test_bias_relu_matches_the_reference(backend, dtype, rng):
+    h = rng.standard_normal((41, 19)).astype(dtype)
+    b = rng.standard_normal(19).astype(dtype)
+    y = _k("bias_relu_forward", backend)(h, b)
+    y64 = ref.bias_relu_forward(h.astype(np.float64), b.astype(np.float64))
+    _close(y, y64, np.abs(h) + np.abs(b), dtype, 1, "y")
+    assert (y >= 0).all() and ((y > 0) == (y64 > 0)).mean() > 0.99
+    dy = rng.standard_normal(h.shape).astype(dtype)
+    dh, db = _k("bias_relu_backward", backend)(dy, y)
+    dh64, db64 = ref.bias_relu_backward(dy.astype(np.float64), y)
+    np.testing.assert_array_equal(dh, dh64.astype(dtype))  # a selection: exact
+    _close(db, db64, np.abs(dh64).sum(axis=0), dtype, 2 * h.shape[0], "db")
+
+
+def test_bias_relu_reference_gradients_match_central_differences(rng):
+    h = rng.standard_normal((6, 5))
+    h[np.abs(h) < 0.05] = 0.3  # away from the kink, where the derivative is defined
+    b = np.zeros(5)
+    R = rng.standard_normal(h.shape)
+    dh, db = ref.bias_relu_backward(R, ref.bias_relu_forward(h, b))
+    np.testing.assert_allclose(
+        dh, _numerical(lambda: float((ref.bias_relu_forward(h, b) * R).sum()), h),
+        rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db, dh.sum(axis=0), rtol=1e-12)
+
+
+def _xent_inputs(rng, dtype, N=33, V=17):
+    x = (3 * rng.standard_normal((N, V))).astype(dtype)
+    t = rng.integers(0, V, N)
+    t[::5] = -1  # ignored rows
+    return x, t
+
+
+def test_softmax_xent_matches_the_reference(backend, dtype, rng):
+    x, t = _xent_inputs(rng, dtype)
+    loss, lse = _k("softmax_xent_forward", backend)(x, t)
+    loss64, lse64 = ref.softmax_xent_forward(x.astype(np.float64), t)
+    V = x.shape[1]
+    spread = np.abs(x).max(axis=1)  # lse and loss round relative to the scores' size
+    _close(lse, lse64, spread + 1, dtype, 4 * V, "lse")
+    _close(loss, loss64, 2 * spread + 1, dtype, 4 * V, "loss")
+    assert np.all(loss[t < 0] == 0)
+    dx = _k("softmax_xent_backward", backend)(x, t, lse, 0.25)
+    dx64 = ref.softmax_xent_backward(x.astype(np.float64), t, lse64, 0.25)
+    # p = exp(x - lse) carries the error of lse and of x, relative to p; onehot is exact
+    _close(dx, dx64, 0.25 * (np.abs(dx64 / 0.25) + 1) * (spread[:, None] + 1), dtype,
+           8 * V, "dx")
+    assert np.all(dx[t < 0] == 0)
+
+
+def test_softmax_xent_reference_gradient_matches_central_differences(rng):
+    x, t = _xent_inputs(rng, np.float64, N=6, V=5)
+    dx = ref.softmax_xent_backward(x, t, ref.softmax_xent_forward(x, t)[1], 0.5)
+    num = _numerical(lambda: 0.5 * float(ref.softmax_xent_forward(x, t)[0].sum()), x)
+    np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
+
+
+def test_softmax_xent_is_exact_for_large_scores(backend):
+    """Scores far from 0 (1e4) must not overflow: the row maximum is taken out first."""
+    x = np.array([[1e4, 0.0, -1e4], [5.0, 5.0, 5.0]])
+    loss, lse = _k("softmax_xent_forward", backend)(x, np.array([1, 2]))
+    np.testing.assert_allclose(lse, [1e4, 5 + np.log(3)], rtol=1e-12)
+    np.testing.assert_allclose(loss, [1e4, np.log(3)], rtol=1e-12)
+
+
+def test_adam_update_matches_the_reference(backend, dtype, rng):
+    shapes = [(4, 3), (7,), (2, 2, 5)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    ms = [0.1 * rng.standard_normal(s).astype(dtype) for s in shapes]
+    vs = [np.abs(rng.standard_normal(s)).astype(dtype) for s in shapes]
+    want = [[a.astype(np.float64) for a in lst] for lst in (params, grads, ms, vs)]
+    ref.adam_update(*want, 0.01, 0.9, 0.999, 1e-7)
+    got = [[a.copy() for a in lst] for lst in (params, grads, ms, vs)]
+    ids = [id(a) for a in got[0]]
+    _k("adam_update", backend)(*got, 0.01, 0.9, 0.999, 1e-7)
+    assert [id(a) for a in got[0]] == ids, "in place"
+    for p, p64, p0, m64, v64 in zip(got[0], want[0], params, want[2], want[3], strict=True):
+        # one step of size lr_t m / sqrt(v): relative rounding of a few operations
+        step = 0.01 * np.abs(m64) / (np.sqrt(v64) + 1e-7)
+        _close(p, p64, np.abs(p0) + 8 * step, dtype, 4, "p")
+    for m, m64 in zip(got[2], want[2], strict=True):
+        _close(m, m64, np.abs(m64) + np.abs(grads[0].max()), dtype, 4, "m")
+
+
+def test_numba_adam_takes_a_prebuilt_list_and_follows_in_place_updates(rng):
+    from fastattn.kernels import _glue_numba
+
+    params = [rng.standard_normal((3, 4)), rng.standard_normal(5)]
+    grads = [np.ones_like(p) for p in params]
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    lists = [_glue_numba.flat_list(a) for a in (params, grads, ms, vs)]
+    before = [p.copy() for p in params]
+    for _ in range(2):
+        grads[0][...] = 2.0  # written in place, as layers do: the list sees it
+        _glue_numba.adam_update(*lists, 0.1, 0.9, 0.999, 1e-7)
+    want = [[a.copy() for a in before], [g.copy() for g in grads],
+            [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]]
+    for _ in range(2):
+        ref.adam_update(*want, 0.1, 0.9, 0.999, 1e-7)
+    for p, w in zip(params, want[0], strict=True):
+        np.testing.assert_allclose(p, w, rtol=1e-12)
