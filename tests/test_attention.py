@@ -252,11 +252,17 @@ def test_matches_torch_sdpa(numba_flash, causal, with_mask):
     assert np.all(out[~live] == 0) and np.all(lse[~live] == -np.inf)
 
 
+def _no_serial_threshold(monkeypatch, threads):
+    """``threads`` threads, and even the smallest work handed out to them."""
+    monkeypatch.setattr(_flash, "get_num_threads", lambda: threads)
+    monkeypatch.setitem(_tuning._state, "setting",
+                        dataclasses.replace(_tuning.current()[0], serial_flops=0))
+
+
 def test_thread_pools_are_shut_down_at_exit(monkeypatch):
     """The fused kernels' pool threads stop when _shutdown_pools runs; a later call starts a
     new pool and gives the same result."""
-    monkeypatch.setattr(_flash, "get_num_threads", lambda: 3)
-    monkeypatch.setattr(_flash, "_SERIAL_FLOPS", 0)
+    _no_serial_threshold(monkeypatch, 3)
     rng = np.random.default_rng(12)
     q, k, v, _ = _inputs(rng, 4, 16, 16, 8, 8, np.float64)
     first = _flash.attention_forward(q, k, v, 0.3, False, None, tiles=(4, 4))
@@ -277,9 +283,10 @@ def test_interpreter_exit_shuts_the_pools_down():
 
     code = """if True:
         import numpy as np
-        from fastattn.kernels import _flash
+        import dataclasses
+        from fastattn.kernels import _flash, _tuning
         _flash.get_num_threads = lambda: 2
-        _flash._SERIAL_FLOPS = 0
+        _tuning.use(dataclasses.replace(_tuning.current()[0], serial_flops=0))
         q = np.ones((2, 8, 4))
         _flash.attention_forward(q, q, q, 0.5, False, None, tiles=(4, 4))
         (pool,) = _flash._pool.values()
@@ -294,9 +301,7 @@ def test_interpreter_exit_shuts_the_pools_down():
 
 def test_backward_splits_key_blocks_when_batch_is_smaller_than_threads(monkeypatch):
     """B = 1 with 2+ threads: key blocks shared out, dq summed from private copies."""
-    monkeypatch.setattr(_flash, "get_num_threads", lambda: 3)
-    monkeypatch.setitem(_tuning._state, "setting",
-                        dataclasses.replace(_tuning.current()[0], serial_flops=0))
+    _no_serial_threshold(monkeypatch, 3)
     rng = np.random.default_rng(11)
     q, k, v, dout = _inputs(rng, 1, 30, 40, 8, 8, np.float64)
     _assert_matches_loop(q, k, v, dout, False, None, tiles=[(8, 8), (7, 16)])

@@ -50,7 +50,19 @@ def _kernel_args(name, dtype, B, rng):
     y = kernels.get("softmax_forward", "vectorized")(r(B, Tq, Tk))
     q, k, v = r(B, Tq, d), r(B, Tk, d), r(B, Tk, d)
     out, lse = kernels.get("attention_forward", "vectorized")(q, k, v, scale, True, mask)
+    x, g, b = r(40 * B, 24), r(24), r(24)  # glue kernels: rows (N, C), several row chunks
+    _, mean, rstd = kernels.get("layernorm_forward", "vectorized")(x, g, b, 1e-5)
+    t = rng.integers(-1, 24, size=40 * B)
+    lse_x = kernels.get("softmax_xent_forward", "vectorized")(x, t)[1]
     return {
+        "layernorm_forward": (x, g, b, 1e-5),
+        "layernorm_backward": (r(40 * B, 24), x, g, mean, rstd),
+        "bias_relu_forward": (x, g),
+        "bias_relu_backward": (r(40 * B, 24), np.maximum(x, 0)),
+        "softmax_xent_forward": (x, t),
+        "softmax_xent_backward": (x, t, lse_x, 0.5),
+        "adam_update": ([x, g], [r(40 * B, 24), r(24)], [r(40 * B, 24), r(24)],
+                        [np.abs(r(40 * B, 24)), np.abs(r(24))], 0.01, 0.9, 0.999, 1e-7),
         "softmax_forward": (r(B, Tq, Tk),),
         "softmax_backward": (r(B, Tq, Tk), y),
         "weighted_sum_forward": (y, r(B, Tk, d)),
@@ -65,6 +77,17 @@ def _kernel_args(name, dtype, B, rng):
 
 def _as_tuple(result):
     return result if isinstance(result, tuple) else (result,)
+
+
+def _call(name, args):
+    """The kernel's results; for adam_update (in place, returns None) the updated arrays of a
+    copy of its lists."""
+    fn = kernels.get(name, "numba")
+    if name != "adam_update":
+        return _as_tuple(fn(*args))
+    lists = [[a.copy() for a in lst] for lst in args[:4]]
+    fn(*lists, *args[4:])
+    return (*lists[0], *lists[2], *lists[3])
 
 
 def _attention(q, k, v, dout, **kw):
@@ -91,10 +114,9 @@ ATTN_SHAPES = [(5, 9, 11, 8), (1, 70, 70, 8), (1, 8, 1200, 8), (1, 200, 200, 16)
 @pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
 def test_numba_kernel_is_bitwise_repeatable(name, dtype, B):
     args = _kernel_args(name, dtype, B, np.random.default_rng(1))
-    fn = kernels.get(name, "numba")
-    first = _as_tuple(fn(*args))
+    first = _call(name, args)
     for _ in range(3):
-        for a, b in zip(first, _as_tuple(fn(*args)), strict=True):
+        for a, b in zip(first, _call(name, args), strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -114,11 +136,10 @@ def test_public_attention_is_bitwise_repeatable(dtype, shape):
 @pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
 def test_numba_kernel_does_not_depend_on_the_thread_count(threads, name, dtype, B):
     args = _kernel_args(name, dtype, B, np.random.default_rng(2))
-    fn = kernels.get(name, "numba")
     threads(1)
-    one = _as_tuple(fn(*args))
+    one = _call(name, args)
     threads(2)
-    two = _as_tuple(fn(*args))
+    two = _call(name, args)
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(a, b)
 
