@@ -51,9 +51,13 @@ class Trainer:
 
     ``seed``: None shuffles with ``np.random.permutation`` (NumPy's global state, as the
     book); an int uses a private generator.
+
+    ``comm``: a :class:`fastattn.distributed.Comm` (``distributed.active()`` under mpiexec):
+    each rank trains on its share of every batch (``batch_size`` stays the global batch), the
+    gradients are averaged over the ranks before clipping, and only rank 0 shows progress.
     """
 
-    def __init__(self, model, optimizer, *, seed=None):
+    def __init__(self, model, optimizer, *, seed=None, comm=None):
         self.model = model
         self.optimizer = optimizer
         self.loss_list = []
@@ -62,6 +66,7 @@ class Trainer:
         self.history = []
         self.train_seconds = 0.0
         self._rng = None if seed is None else np.random.default_rng(seed)
+        self.comm = comm  # a fastattn.distributed.Comm: data-parallel over its ranks
 
     def _permutation(self, n):
         return np.random.permutation(n) if self._rng is None else self._rng.permutation(n)
@@ -93,10 +98,15 @@ class Trainer:
         model, optimizer = self.model, self.optimizer
         params, grads = model.params, model.grads
         shared = len({id(p) for p in params}) != len(params)
+        comm = self.comm
+        if comm is not None:
+            progress = progress and comm.rank == 0
 
         for _ in range(int(max_epoch)):
             epoch = self.current_epoch + 1
             idx = self._permutation(data_size)
+            if comm is not None:
+                idx = comm.bcast(idx)  # every rank walks the rows in rank 0's order
             xe, te = x[idx], t[idx]
             total_loss, loss_count, epoch_loss = 0.0, 0, 0.0
             bar = tqdm(total=max_iters, desc=f"epoch {epoch}", unit="step", disable=not progress,
@@ -105,9 +115,13 @@ class Trainer:
             for iters in range(max_iters):
                 batch_x = xe[iters * batch_size:(iters + 1) * batch_size]
                 batch_t = te[iters * batch_size:(iters + 1) * batch_size]
+                if comm is not None:
+                    batch_x, batch_t = comm.shard(batch_x, batch_t)
                 loss = model.forward(batch_x, batch_t)
                 model.backward()
                 p, g = remove_duplicate(params, grads) if shared else (params, grads)
+                if comm is not None:  # the global batch's gradient and loss, on every rank
+                    loss = comm.allreduce_grads(g, loss, count=len(batch_x))
                 if max_grad is not None:
                     clip_grads(g, max_grad)
                 optimizer.update(p, g)
@@ -121,6 +135,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{avg_loss:.4f}", refresh=False)
                 bar.update(1)
             seconds = time.perf_counter() - start
+            if comm is not None:
+                comm.check_identical(params)
             self.train_seconds += seconds
             self.current_epoch = epoch
             entry = {"epoch": epoch, "loss": epoch_loss / max_iters, "seconds": seconds}
@@ -148,11 +164,12 @@ class Trainer:
         plt.show()
 
 
-def exact_match(model, x, t, batch_size=1000):
+def exact_match(model, x, t, batch_size=1000, *, comm=None):
     """The share of rows whose greedy answer equals ``t[:, 1:]`` exactly, 0..1.
 
     x (N, S) question ids, t (N, T+1) answers with their start symbol in column 0. Decodes
-    ``batch_size`` rows at a time with ``model.generate_batch``.
+    ``batch_size`` rows at a time with ``model.generate_batch``. ``comm`` (a
+    :class:`fastattn.distributed.Comm`): each rank decodes its share of the rows.
     """
     x = np.asarray(x)
     t = np.asarray(t)
@@ -162,12 +179,17 @@ def exact_match(model, x, t, batch_size=1000):
         raise ValueError(f"t must be (N, T+1) answers with a start symbol, got {t.shape}")
     if len(x) == 0:
         raise ValueError("exact_match needs at least one example")
+    n = len(x)
+    if comm is not None:
+        x, t = comm.shard(x, t, strict=False)
     correct = 0
     for i in range(0, len(x), int(batch_size)):
         xb, tb = x[i:i + batch_size], t[i:i + batch_size]
         guess = model.generate_batch(xb, tb[:, 0], tb.shape[1] - 1)
         correct += int((guess == tb[:, 1:]).all(axis=1).sum())
-    return correct / len(x)
+    if comm is not None:
+        correct = int(comm.sum(correct))
+    return correct / n
 
 
 def eval_seq2seq(model, question, correct, id_to_char, verbose=False, is_reverse=False, *,

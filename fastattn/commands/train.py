@@ -145,6 +145,14 @@ def _error(msg: str) -> int:
 
 
 def run(args) -> int:
+    from fastattn import distributed
+
+    if distributed.launched():  # under mpiexec: data-parallel, see fastattn.distributed
+        return distributed.run_train(args, _run_limited)
+    return _run_limited(args)
+
+
+def _run_limited(args) -> int:
     with limit_threads(args.threads, args.numba_threads):
         return _run(args)
 
@@ -153,7 +161,7 @@ def _run(args) -> int:
     import numpy as np
 
     from dataset import sequence
-    from fastattn import _backend
+    from fastattn import _backend, distributed
     from fastattn.checkpoint import save_model
     from fastattn.optim import Adam
     from fastattn.trainer import Trainer, exact_match
@@ -188,8 +196,10 @@ def _run(args) -> int:
         return _error(msg)
     data_seconds = time.perf_counter() - t0
     out_dir = args.out
+    comm = distributed.active()  # None without mpiexec; else rank 0 alone writes
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        if comm is None or comm.rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         return _error(f"cannot create the output directory {out_dir!r}: {exc}")
     S, T = x_train.shape[1], t_train.shape[1]
@@ -220,15 +230,17 @@ def _run(args) -> int:
     def evaluate(trainer, epoch):
         nonlocal eval_seconds
         t1 = time.perf_counter()
-        acc = exact_match(model, x_test, t_test)
+        acc = exact_match(model, x_test, t_test, comm=comm)
         eval_seconds += time.perf_counter() - t1
         return {"test_accuracy": acc, "lr": optimizer.current_lr}
 
-    trainer = Trainer(model, optimizer, seed=args.seed)
+    trainer = Trainer(model, optimizer, seed=args.seed, comm=comm)
     trainer.fit(x_train, t_train, max_epoch=args.epochs, batch_size=args.batch_size,
                 max_grad=args.max_grad, eval_interval=20, callback=evaluate,
                 progress=not args.no_progress)
     accuracy = trainer.history[-1]["test_accuracy"]
+    if comm is not None and comm.rank != 0:
+        return 0
 
     # a few translations for the record and the heatmap
     n_show = min(3, len(x_test))
@@ -254,6 +266,7 @@ def _run(args) -> int:
         "history": trainer.history,
         "config": model.config,
         "n_params": n_params,
+        **distributed.metrics(comm, total_steps, trainer.train_seconds),
         "args": {"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "warmup": args.warmup, "max_grad": args.max_grad,
                  "backend": backend, "threads": args.threads,
