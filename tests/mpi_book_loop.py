@@ -9,6 +9,9 @@ doing: a real script writes on rank 0 only) with:
   float64 computation on the whole batch (the same weights); ``loss_dist``, ``loss_single``,
   ``loss64``: the first step's loss the same three ways;
 - ``w000``, ...: the weights after a few steps of Adam with gradient clipping;
+- ``trainer_err_dist``, ``trainer_err_single``: the distance of the weights after a few
+  steps of ``Trainer.fit`` (SGD, gradient clipping always active) from a float64 run, with
+  ``comm`` (the ranks) and without (one process on the whole batch, on every rank);
 - ``world_size``, ``rank``, ``checksum``, ``allreduce_calls``.
 """
 
@@ -21,7 +24,8 @@ import numpy as np
 
 from dataset import sequence
 from fastattn import distributed as dist
-from fastattn.optim import Adam, clip_grads
+from fastattn.optim import SGD, Adam, clip_grads
+from fastattn.trainer import Trainer
 from fastattn.transformer import TransformerSeq2seq
 
 GLOBAL_BATCH = 7  # 4 + 3 rows on 2 ranks: unequal shares
@@ -41,6 +45,26 @@ def grad_norm_distance(grads, ref):
 
 (x_all, t_all), _ = sequence.load_data("date.txt")
 VOCAB = len(sequence.get_vocab()[0])
+
+
+def trainer_errors(x, t):
+    """Trainer.fit with and without the ranks against float64: SGD, so that the weights move
+    linearly with the gradients, and a max_grad below every gradient's norm, so that clipping
+    acts at every step (on the global batch's gradient, as one process clips it)."""
+    runs = {}
+    for name, dtype, comm in (("64", np.float64, None), ("single", np.float32, None),
+                              ("dist", np.float32, dist.active())):
+        model = build(dtype)
+        if dtype == np.float64:
+            init = build()
+            for p64, p in zip(model.params, init.params, strict=True):
+                p64[...] = p
+        trainer = Trainer(model, SGD(lr=0.5), seed=SEED, comm=comm)
+        trainer.fit(x[:4 * GLOBAL_BATCH], t[:4 * GLOBAL_BATCH], max_epoch=1,
+                    batch_size=GLOBAL_BATCH, max_grad=0.05, progress=False)
+        runs[name] = [p.astype(np.float64) for p in model.params]
+    return {f"trainer_err_{k}": grad_norm_distance(runs[k], runs["64"])
+            for k in ("single", "dist")}
 
 
 def main(out):
@@ -84,6 +108,7 @@ def main(out):
         clip_grads(model.grads, 0.5)  # the global gradient: the same clipping on every rank
         optimizer.update(model.params, model.grads)
     result["checksum"] = dist.check_identical(model.params)
+    result.update(trainer_errors(x, t))
     result["world_size"] = dist.world_size()
     result["rank"] = dist.rank()
     result["allreduce_calls"] = dist.init().allreduce_calls if dist.launched() else 0
