@@ -356,7 +356,7 @@ def run_on_all_ranks(func, *args, prog: str = "fastattn"):
             status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             if isinstance(exc.code, str):
                 print(exc.code, file=sys.stderr)
-        except BaseException as exc:  # noqa: BLE001 - every error must end every rank
+        except BaseException as exc:  # every error, KeyboardInterrupt too, must end every rank
             print(f"{prog}: error on rank {comm.rank} of {comm.size}: "
                   f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", file=sys.stderr)
             status = 130 if isinstance(exc, KeyboardInterrupt) else 1
@@ -388,8 +388,10 @@ def _announce_and_run(run, args):
     from mpi4py import MPI
 
     library = MPI.Get_library_version().splitlines()[0].strip()
-    lo, hi = shard_bounds(args.batch_size, comm.size, 0)
+    most = -(-args.batch_size // comm.size)
+    least = args.batch_size // comm.size
+    share = f"{most}" if most == least else f"{least} or {most}"
     print(f"fastattn train: data-parallel on {comm.size} MPI ranks ({library}); global batch "
-          f"{args.batch_size}, {hi - lo} or fewer examples per rank; {args.threads} BLAS "
-          f"thread(s) per rank", flush=True)
+          f"{args.batch_size}, {share} examples per rank; {args.threads} BLAS thread(s) per "
+          f"rank", flush=True)
     return run(args)
