@@ -207,11 +207,14 @@ def test_book_loop_helpers_two_ranks(tmp_path):
 
 
 @needs_mpi
-def test_exception_on_rank1_ends_both_ranks(small_data, tmp_path):
+@pytest.mark.parametrize("failing", [1, 0])
+def test_exception_on_one_rank_ends_both_ranks(small_data, tmp_path, failing):
+    """An exception on one rank (at its 3rd step, the other waiting in the allreduce) ends
+    both with an error naming the rank, before TIMEOUT (a hang would time out)."""
     proc = run(mpi2(*train_cmd(small_data, tmp_path / "out")),
-               env=clean_env(**{dist.FAULT_VAR: "raise:1:3"}))
+               env=clean_env(**{dist.FAULT_VAR: f"raise:{failing}:3"}))
     assert proc.returncode != 0
-    assert "error on rank 1 of 2" in proc.stderr and "fault injected" in proc.stderr
+    assert f"error on rank {failing} of 2" in proc.stderr and "fault injected" in proc.stderr
     assert not (tmp_path / "out" / "model.npz").exists()
 
 
