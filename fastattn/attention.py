@@ -19,10 +19,11 @@ from fastattn._layer import (
     check_dtype,
     colsum,
     dout_array,
-    float_input,
+    forward_backend,
     make_rng,
     not_yet,
     positive_int,
+    sequence_input,
     uniform,
 )
 
@@ -105,20 +106,21 @@ class MultiHeadAttention:
         m = mask.reshape((1,) * (3 - mask.ndim) + mask.shape)[:, None]  # (B|1, 1, Tq|1, Tk)
         return _checks.bool_mask(m, (B, self.n_heads, Tq, Tk))
 
-    def _weights(self, q, k, mask3, B, Tq, Tk):
+    def _weights(self, backend, q, k, mask3, B, Tq, Tk):
         """Attention probabilities (B, H, Tq, Tk) by the scores and softmax kernels."""
-        s = _backend.kernel("scores_forward", self.backend)(q, k, self.scale)  # (B*H, Tq, Tk)
+        s = _backend.kernel("scores_forward", backend)(q, k, self.scale)  # (B*H, Tq, Tk)
         allowed = np.ones((1, Tq, Tk), bool) if mask3 is None else mask3
         if self.causal:
             allowed = allowed & np.tri(Tq, Tk, dtype=bool)
         s = np.where(allowed, s, -np.inf).astype(s.dtype)
-        p = _backend.kernel("softmax_forward", self.backend)(np.ascontiguousarray(s))
+        p = _backend.kernel("softmax_forward", backend)(np.ascontiguousarray(s))
         return p.reshape(B, self.n_heads, Tq, Tk)
 
     def forward(self, x_q, x_kv=None, mask=None):
         W_in, b_in, W_out, b_out = self.params
         C = self.d_model
-        x_q = float_input(x_q, "x_q", self.dtype, C)
+        backend = forward_backend(self)
+        x_q = sequence_input(x_q, "x_q", self.dtype, C)
         B, Tq, _ = x_q.shape
         xq2 = x_q.reshape(B * Tq, C)
         if x_kv is None:  # self-attention: one product for q, k and v
@@ -128,7 +130,7 @@ class MultiHeadAttention:
             q, k, v = self._split(qkv, B, Tq, 3)  # each (B*H, T, dh)
             xkv2 = None
         else:
-            x_kv = float_input(x_kv, "x_kv", self.dtype, C)
+            x_kv = sequence_input(x_kv, "x_kv", self.dtype, C)
             if x_kv.shape[0] != B:
                 raise ValueError(f"x_kv must have the batch size {B} of x_q, got {x_kv.shape}")
             Tk = x_kv.shape[1]
@@ -140,20 +142,20 @@ class MultiHeadAttention:
             q = self._split(qp, B, Tq, 1)[0]  # (B*H, Tq, dh)
             k, v = self._split(kv, B, Tk, 2)  # (B*H, Tk, dh)
         mask3 = self._mask(mask, B, Tq, Tk)
-        att, lse = _backend.kernel("attention_forward", self.backend)(
+        att, lse = _backend.kernel("attention_forward", backend)(
             q, k, v, self.scale, self.causal, mask3)  # (B*H, Tq, dh), (B*H, Tq)
         a2 = self._merge(att, B, Tq)  # (B*Tq, C)
         y = a2 @ W_out  # (B*Tq, C)
         y += b_out
         if self.keep_weights:
-            self.attention_weights = self._weights(q, k, mask3, B, Tq, Tk)
-        self.cache = (xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk)
+            self.attention_weights = self._weights(backend, q, k, mask3, B, Tq, Tk)
+        self.cache = (backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk)
         return y.reshape(B, Tq, C)
 
     def backward(self, dout):
         if self.cache is None:
             raise not_yet(self)
-        xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk = self.cache
+        backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk = self.cache
         W_in, _, W_out, _ = self.params
         dW_in, db_in, dW_out, db_out = self.grads
         C = self.d_model
@@ -161,7 +163,7 @@ class MultiHeadAttention:
         np.matmul(a2.T, dy, out=dW_out)  # (C, C)
         colsum(dy, out=db_out)
         da = self._split(dy @ W_out.T, B, Tq, 1)[0]  # (B*H, Tq, dh)
-        dq, dk, dv = _backend.kernel("attention_backward", self.backend)(
+        dq, dk, dv = _backend.kernel("attention_backward", backend)(
             da, q, k, v, att, lse, self.scale, self.causal, mask3)
         if xkv2 is None:
             dqkv = self._merge_n((dq, dk, dv), B, Tq)  # (B*T, 3C)
@@ -193,7 +195,7 @@ class MultiHeadAttention:
         (B*H, Tk, dh), to pass to :meth:`attend` many times."""
         W_in, b_in, _, _ = self.params
         C = self.d_model
-        x_kv = float_input(x_kv, "x_kv", self.dtype, C)
+        x_kv = sequence_input(x_kv, "x_kv", self.dtype, C)
         B, Tk, _ = x_kv.shape
         kv = x_kv.reshape(B * Tk, C) @ W_in[:, C:]
         kv += b_in[C:]

@@ -22,7 +22,8 @@ What the backends mean here:
 All backends give the same numbers up to float rounding, for the outputs and all gradients.
 
 Inputs are float32 or float64 (one dtype per layer call); a wrong dtype raises TypeError,
-a wrong or empty shape ValueError naming the argument. NaN and inf are not checked for: they
+a wrong or empty shape ValueError naming the argument. The backward's upstream gradient of
+the other float dtype is cast to the forward's. NaN and inf are not checked for: they
 propagate as in the book (the kernels here never index by value). ``backward`` before
 ``forward`` raises RuntimeError. These layers have no weights: ``params`` and ``grads`` are
 empty lists.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastattn import _backend, _checks
+from fastattn._layer import check_backend, dout_array, forward_backend, not_yet
 
 __all__ = ["WeightSum", "AttentionWeight", "Attention", "TimeAttention"]
 
@@ -49,20 +51,23 @@ def _array(x, name: str, ndim: int) -> np.ndarray:
     return x
 
 
-def _grad(dout, name: str, shape: tuple, dtype) -> np.ndarray:
-    """The upstream gradient, checked against the shape and dtype of the forward's output."""
-    dout = _array(dout, name, len(shape))
-    _checks.shape_is(dout, shape, name)
-    if dout.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of the forward pass ({dtype}), "
-                        f"got {dout.dtype}")
-    return dout
+def _step_inputs(hs, x, name: str, axis: int):
+    """A step layer's inputs: hs (N, T, H) and the 2-D ``x`` of shape (N, hs.shape[axis]),
+    both checked, of one dtype."""
+    hs = _array(hs, "hs", 3)
+    x = _array(x, name, 2)
+    _checks.same_dtype({"hs": hs, name: x})
+    _checks.shape_is(x, (hs.shape[0], hs.shape[axis]), name)
+    return hs, x
 
 
-def _not_yet(layer) -> RuntimeError:
-    name = type(layer).__name__
-    return RuntimeError(f"{name}.backward called before {name}.forward: there is nothing to "
-                        "differentiate yet")
+def _step_cache(layer, dout, name: str, axis: int):
+    """A step layer's forward cache (backend, hs, ...) and its upstream gradient ``dout``,
+    checked against the output shape (N, hs.shape[axis])."""
+    if layer.cache is None:
+        raise not_yet(layer)
+    hs = layer.cache[1]
+    return layer.cache, dout_array(dout, (hs.shape[0], hs.shape[axis]), hs.dtype, name)
 
 
 # --- the reference: the book's per-step algorithm in plain NumPy --------------------------
@@ -108,16 +113,12 @@ class WeightSum:
 
     def __init__(self, backend=None):
         self.params, self.grads = [], []
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.cache = None
 
     def forward(self, hs, a):
-        hs = _array(hs, "hs", 3)
-        a = _array(a, "a", 2)
-        _checks.same_dtype({"hs": hs, "a": a})
-        N, T, H = hs.shape
-        _checks.shape_is(a, (N, T), "a")
-        backend = _backend.resolve(self.backend)
+        hs, a = _step_inputs(hs, a, "a", 1)
+        backend = forward_backend(self)
         if backend == "loop":
             c = _ref_weight_sum_forward(hs, a)
         else:
@@ -126,11 +127,7 @@ class WeightSum:
         return c  # (N, H)
 
     def backward(self, dc):
-        if self.cache is None:
-            raise _not_yet(self)
-        backend, hs, a = self.cache
-        N, T, H = hs.shape
-        dc = _grad(dc, "dc", (N, H), hs.dtype)
+        (backend, hs, a), dc = _step_cache(self, dc, "dc", 2)
         if backend == "loop":
             return _ref_weight_sum_backward(dc, hs, a)
         fn = _backend.kernel("weighted_sum_backward", backend)
@@ -147,16 +144,12 @@ class AttentionWeight:
 
     def __init__(self, backend=None):
         self.params, self.grads = [], []
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.cache = None
 
     def forward(self, hs, h):
-        hs = _array(hs, "hs", 3)
-        h = _array(h, "h", 2)
-        _checks.same_dtype({"hs": hs, "h": h})
-        N, T, H = hs.shape
-        _checks.shape_is(h, (N, H), "h")
-        backend = _backend.resolve(self.backend)
+        hs, h = _step_inputs(hs, h, "h", 2)
+        backend = forward_backend(self)
         if backend == "loop":
             a = _ref_attention_weight_forward(hs, h)
         else:
@@ -166,11 +159,7 @@ class AttentionWeight:
         return a  # (N, T)
 
     def backward(self, da):
-        if self.cache is None:
-            raise _not_yet(self)
-        backend, hs, h, a = self.cache
-        N, T, H = hs.shape
-        da = _grad(da, "da", (N, T), hs.dtype)
+        (backend, hs, h, a), da = _step_cache(self, da, "da", 1)
         if backend == "loop":
             return _ref_attention_weight_backward(da, hs, h, a)
         ds = _backend.kernel("softmax_backward", backend)(da[:, None, :], a[:, None, :])
@@ -188,7 +177,7 @@ class Attention:
 
     def __init__(self, backend=None):
         self.params, self.grads = [], []
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.attention_weight_layer = AttentionWeight(backend)
         self.weight_sum_layer = WeightSum(backend)
         self.attention_weight = None
@@ -201,9 +190,9 @@ class Attention:
 
     def backward(self, dout):
         if self.weight_sum_layer.cache is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         _, hs, _ = self.weight_sum_layer.cache
-        dout = _grad(dout, "dout", (hs.shape[0], hs.shape[2]), hs.dtype)  # (N, H)
+        dout = dout_array(dout, (hs.shape[0], hs.shape[2]), hs.dtype)  # (N, H)
         dhs0, da = self.weight_sum_layer.backward(dout)
         dhs1, dh = self.attention_weight_layer.backward(da)
         return dhs0 + dhs1, dh
@@ -222,7 +211,7 @@ class TimeAttention:
 
     def __init__(self, backend=None):
         self.params, self.grads = [], []
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.layers = None
         self.attention_weights = None
         self._cache = None
@@ -236,7 +225,7 @@ class TimeAttention:
             raise ValueError(f"hs_dec must have shape (N={N}, T_dec, H={H}) like hs_enc "
                              f"{hs_enc.shape}, got {hs_dec.shape}")
         T_dec = hs_dec.shape[1]
-        backend = _backend.resolve(self.backend)
+        backend = forward_backend(self)
         if backend == "loop":
             out = np.empty_like(hs_dec)  # (N, T_dec, H)
             self.layers, self.attention_weights = [], []
@@ -257,9 +246,9 @@ class TimeAttention:
 
     def backward(self, dout):
         if self._cache is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         backend, hs_enc, hs_dec, a = self._cache
-        dout = _grad(dout, "dout", hs_dec.shape, hs_dec.dtype)
+        dout = dout_array(dout, hs_dec.shape, hs_dec.dtype)
         if backend == "loop":
             dhs_enc = np.zeros_like(hs_enc)  # (N, T_enc, H)
             dhs_dec = np.empty_like(hs_dec)  # (N, T_dec, H)

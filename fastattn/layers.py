@@ -11,9 +11,10 @@ Conventions (as in the book):
   passed to a constructor are kept by reference (an optimizer updates them in place), and
   ``backward`` writes each gradient in place (``self.grads[0][...] = dW``).
 * The weights fix the dtype (float32 or float64; anything else is a ``TypeError``); float
-  inputs of the other float dtype are cast to it.
-* ``backend=None`` runs the kernels of the backend in force at call time
-  (see :func:`fastattn.use_backend`); a name fixes it for this layer.
+  inputs of the other float dtype are cast to it, and so is ``dout`` (to the forward's dtype).
+* ``backend=None`` runs the kernels of the backend in force when ``forward`` is called
+  (see :func:`fastattn.use_backend`); a name fixes it for this layer (checked when the layer
+  is built). ``backward`` runs on the backend its forward ran on.
 
 Checks the book does not make: token ids must be integers in [0, V) (``ValueError`` /
 ``TypeError`` before any kernel runs), ``dout`` must have the shape of the forward output
@@ -36,8 +37,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastattn import kernels
 from fastattn import _backend, _checks
+from fastattn._layer import (
+    check_backend,
+    dout_array,
+    float_input,
+    forward_backend,
+    not_yet,
+    scalar_dout,
+)
 
 __all__ = [
     "Affine",
@@ -52,11 +60,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_backend(backend):
-    """None, or a valid backend name (ValueError listing the valid ones)."""
-    return None if backend is None else kernels.check_backend(backend)
 
 
 def _param(x, name: str, ndim: int) -> np.ndarray:
@@ -78,34 +81,6 @@ def _affine_params(W, b):
     if b.shape[0] != W.shape[1]:
         raise ValueError(f"b must have shape ({W.shape[1]},) to match W {W.shape}, got {b.shape}")
     return W, b
-
-
-def _float_input(x, name: str, dtype, *, ndim_min: int = 1) -> np.ndarray:
-    """A float input as a C-contiguous array of the layer's dtype."""
-    x = _checks.float_array(x, name, ndim_min=ndim_min, finite=False)
-    return x.astype(dtype, copy=False)
-
-
-def _dout(dout, shape, dtype, name: str = "dout") -> np.ndarray:
-    """``dout`` checked against the forward output's shape, as a C-contiguous ``dtype`` array."""
-    dout = _checks.float_array(dout, name, ndim_min=0, finite=False)
-    _checks.shape_is(dout, shape, name)
-    return dout.astype(dtype, copy=False)
-
-
-def _scalar_dout(dout, dtype):
-    """The upstream gradient of a loss: one real number, as a scalar of ``dtype``."""
-    if np.ndim(dout) != 0:
-        raise ValueError(f"dout must be a scalar (the gradient of the loss), got shape "
-                         f"{np.shape(dout)}")
-    kind = np.asarray(dout).dtype.kind
-    if kind not in "iuf":
-        raise TypeError(f"dout must be a real number, got {type(dout).__name__}")
-    return dtype.type(dout)
-
-
-def _not_yet(layer) -> RuntimeError:
-    return RuntimeError(f"{type(layer).__name__}.backward called before forward")
 
 
 def _softmax_rows(x2, backend) -> np.ndarray:
@@ -151,32 +126,47 @@ def _cross_entropy(y, t, keep):
 # --------------------------------------------------------------------------- common.layers
 
 
-class Affine:
-    """out = x W + b. W (D, H), b (H,); x (N, D) -> (N, H); backward(dout) -> dx (N, D)."""
+class _AffineMap:
+    """out = x W + b over the last axis of x (..., D) -> (..., H): the body of Affine and
+    TimeAffine, which differ in the shapes of x they accept (``_check_shape``)."""
 
     def __init__(self, W, b, backend=None):
         W, b = _affine_params(W, b)
         self.params = [W, b]
         self.grads = [np.zeros_like(W), np.zeros_like(b)]
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)  # no kernels here; kept for a uniform API
         self.x = None
+
+    def _check_shape(self, x, W):
+        raise NotImplementedError
 
     def forward(self, x):
         W, b = self.params
-        x = _float_input(x, "x", W.dtype, ndim_min=2)
-        if x.ndim != 2 or x.shape[1] != W.shape[0]:
-            raise ValueError(f"x must have shape (N, {W.shape[0]}), got {x.shape}")
+        x = float_input(x, "x", W.dtype, ndim_min=2)
+        self._check_shape(x, W)
         self.x = x
-        return x @ W + b  # (N, H)
+        out = x.reshape(-1, W.shape[0]) @ W + b  # (N*T, H)
+        return out.reshape(x.shape[:-1] + (W.shape[1],))
 
     def backward(self, dout):
         if self.x is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         W, _ = self.params
-        dout = _dout(dout, (self.x.shape[0], W.shape[1]), W.dtype)
-        self.grads[0][...] = self.x.T @ dout  # (D, H)
-        self.grads[1][...] = dout.sum(axis=0)  # (H,)
-        return dout @ W.T  # (N, D)
+        x = self.x
+        dout = dout_array(dout, x.shape[:-1] + (W.shape[1],), W.dtype)
+        rd = dout.reshape(-1, W.shape[1])  # (N*T, H)
+        rx = x.reshape(-1, W.shape[0])  # (N*T, D)
+        self.grads[0][...] = rx.T @ rd  # (D, H)
+        self.grads[1][...] = rd.sum(axis=0)  # (H,)
+        return (rd @ W.T).reshape(x.shape)
+
+
+class Affine(_AffineMap):
+    """out = x W + b. W (D, H), b (H,); x (N, D) -> (N, H); backward(dout) -> dx (N, D)."""
+
+    def _check_shape(self, x, W):
+        if x.ndim != 2 or x.shape[1] != W.shape[0]:
+            raise ValueError(f"x must have shape (N, {W.shape[0]}), got {x.shape}")
 
 
 class Softmax:
@@ -184,24 +174,27 @@ class Softmax:
 
     def __init__(self, backend=None):
         self.params, self.grads = [], []
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.out = None
+        self._ran_on = None  # the backend of the last forward, which backward runs on
 
     def forward(self, x):
         x = _checks.float_array(x, "x", ndim_min=1, finite=False)
         if x.shape[-1] == 0:
             raise ValueError(f"x must have a last axis of at least 1, got shape {x.shape}")
         x2 = x.reshape(-1, x.shape[-1])  # (rows, C)
-        self.out = _softmax_rows(x2, self.backend).reshape(x.shape)
+        backend = forward_backend(self)
+        self.out = _softmax_rows(x2, backend).reshape(x.shape)
+        self._ran_on = backend
         return self.out
 
     def backward(self, dout):
         if self.out is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         y = self.out
-        dout = _dout(dout, y.shape, y.dtype)
+        dout = dout_array(dout, y.shape, y.dtype)
         C = y.shape[-1]
-        dx = _backend.kernel("softmax_backward", self.backend)(
+        dx = _backend.kernel("softmax_backward", self._ran_on)(
             dout.reshape(1, -1, C), y.reshape(1, -1, C)
         )
         return dx.reshape(y.shape)
@@ -215,7 +208,7 @@ class SoftmaxWithLoss:
 
     def __init__(self, backend=None):
         self.params, self.grads = [], []
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.y = None  # softmax output (N, C)
         self.t = None  # target ids (N,)
 
@@ -226,14 +219,14 @@ class SoftmaxWithLoss:
         N, C = x.shape
         t, _ = _labels(t, N, C, "t")
         self.t = t
-        self.y = _softmax_rows(x, self.backend)
+        self.y = _softmax_rows(x, forward_backend(self))  # backward runs no kernel
         return _cross_entropy(self.y, t, None)
 
     def backward(self, dout=1):
         if self.y is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         N = self.y.shape[0]
-        dout = _scalar_dout(dout, self.y.dtype)
+        dout = scalar_dout(dout, self.y.dtype)
         dx = self.y.copy()
         dx[np.arange(N), self.t] -= 1
         dx *= dout / dx.dtype.type(max(N, 1))
@@ -247,25 +240,31 @@ class Embedding:
     by the ``embedding_backward`` kernel.
     """
 
+    _ids = ("idx", None)  # the name and ndim (None: any) of forward's argument
+
     def __init__(self, W, backend=None):
         W = _param(W, "W", 2)
         self.params = [W]
         self.grads = [np.zeros_like(W)]
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.idx = None
+        self._ran_on = None  # the backend of the last forward, which backward runs on
 
     def forward(self, idx):
         W, = self.params
-        self.idx = _checks.token_ids(idx, W.shape[0], "idx", ndim=None)
-        return W[self.idx]
+        backend = forward_backend(self)
+        name, ndim = self._ids
+        self.idx = _checks.token_ids(idx, W.shape[0], name, ndim=ndim)
+        self._ran_on = backend
+        return W[self.idx]  # idx.shape + (D,)
 
     def backward(self, dout):
         if self.idx is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         W, = self.params
         V, D = W.shape
-        dout = _dout(dout, self.idx.shape + (D,), W.dtype)
-        dW = _backend.kernel("embedding_backward", self.backend)(
+        dout = dout_array(dout, self.idx.shape + (D,), W.dtype)
+        dW = _backend.kernel("embedding_backward", self._ran_on)(
             self.idx.reshape(1, -1), dout.reshape(1, -1, D), V
         )
         self.grads[0][...] = dW
@@ -275,71 +274,34 @@ class Embedding:
 # --------------------------------------------------------------------------- common.time_layers
 
 
-class TimeEmbedding:
+class TimeEmbedding(Embedding):
     """Embedding of a batch of sequences. W (V, D); xs (N, T) ids -> (N, T, D).
 
     backward(dout (N, T, D)) -> None, dW by the ``embedding_backward`` scatter-add kernel.
     """
 
+    _ids = ("xs", 2)
+
     def __init__(self, W, backend=None):
-        W = _param(W, "W", 2)
-        self.params = [W]
-        self.grads = [np.zeros_like(W)]
-        self.backend = _check_backend(backend)
-        self.W = W
+        super().__init__(W, backend)
+        self.W = self.params[0]
         self.layers = None  # the book kept one Embedding per time step; this layer needs none
-        self.idx = None
 
     def forward(self, xs):
-        W, = self.params
-        self.idx = _checks.token_ids(xs, W.shape[0], "xs", ndim=2)
-        return W[self.idx]  # (N, T, D)
-
-    def backward(self, dout):
-        if self.idx is None:
-            raise _not_yet(self)
-        W, = self.params
-        V, D = W.shape
-        dout = _dout(dout, self.idx.shape + (D,), W.dtype)
-        self.grads[0][...] = _backend.kernel("embedding_backward", self.backend)(self.idx, dout, V)
-        return None
+        return super().forward(xs)  # (N, T, D)
 
 
-class TimeAffine:
+class TimeAffine(_AffineMap):
     """The affine map at every time step. W (D, H), b (H,); x (N, T, D) -> (N, T, H).
 
     Any number of leading dimensions works: x (..., D) -> (..., H).
     backward(dout) -> dx shaped like x.
     """
 
-    def __init__(self, W, b, backend=None):
-        W, b = _affine_params(W, b)
-        self.params = [W, b]
-        self.grads = [np.zeros_like(W), np.zeros_like(b)]
-        self.backend = _check_backend(backend)
-        self.x = None
-
-    def forward(self, x):
-        W, b = self.params
-        x = _float_input(x, "x", W.dtype, ndim_min=2)
+    def _check_shape(self, x, W):
         if x.shape[-1] != W.shape[0]:
             raise ValueError(f"x must have last dimension {W.shape[0]} (W is {W.shape}), "
                              f"got shape {x.shape}")
-        self.x = x
-        out = x.reshape(-1, W.shape[0]) @ W + b  # (N*T, H)
-        return out.reshape(x.shape[:-1] + (W.shape[1],))
-
-    def backward(self, dout):
-        if self.x is None:
-            raise _not_yet(self)
-        W, _ = self.params
-        x = self.x
-        dout = _dout(dout, x.shape[:-1] + (W.shape[1],), W.dtype)
-        rd = dout.reshape(-1, W.shape[1])  # (N*T, H)
-        rx = x.reshape(-1, W.shape[0])  # (N*T, D)
-        self.grads[0][...] = rx.T @ rd  # (D, H)
-        self.grads[1][...] = rd.sum(axis=0)  # (H,)
-        return (rd @ W.T).reshape(x.shape)
 
 
 class TimeSoftmaxWithLoss:
@@ -351,7 +313,7 @@ class TimeSoftmaxWithLoss:
 
     def __init__(self, backend=None):
         self.params, self.grads = [], []
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.cache = None  # (ts (N*T,), ys (N*T, V), keep mask (N*T,), (N, T, V))
         self.ignore_label = -1
 
@@ -368,15 +330,15 @@ class TimeSoftmaxWithLoss:
             raise ValueError(f"ts must be ids of shape {(N, T)} or one-hot of shape "
                              f"{(N, T, V)}, got shape {ts.shape}")
         t, keep = _labels(ts.reshape(N * T), N * T, V, "ts", ignore_label=self.ignore_label)
-        ys = _backend.kernel("softmax_forward", self.backend)(xs).reshape(N * T, V)
+        ys = _backend.kernel("softmax_forward", forward_backend(self))(xs).reshape(N * T, V)
         self.cache = (t, ys, keep, (N, T, V))
         return _cross_entropy(ys, t, keep)
 
     def backward(self, dout=1):
         if self.cache is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         t, ys, keep, (N, T, V) = self.cache
-        dout = _scalar_dout(dout, ys.dtype)
+        dout = scalar_dout(dout, ys.dtype)
         dx = ys.copy()  # (N*T, V)
         dx[np.arange(N * T), t] -= 1
         n = int(keep.sum())
@@ -400,16 +362,16 @@ class TimeDropout:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"dropout_ratio must be in [0, 1), got {dropout_ratio!r}")
         self.params, self.grads = [], []
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.dropout_ratio = ratio
         self.mask = None
         self.train_flg = True
         self._rng = None if seed is None else np.random.default_rng(seed)
-        self._shape = None
+        self._like = None  # (shape, dtype) of the last forward's output
 
     def forward(self, xs):
         xs = _checks.float_array(xs, "xs", ndim_min=1, finite=False)
-        self._shape = xs.shape
+        self._like = (xs.shape, xs.dtype)
         if not self.train_flg:
             self.mask = None
             return xs
@@ -419,10 +381,9 @@ class TimeDropout:
         return xs * self.mask
 
     def backward(self, dout):
-        if self._shape is None:
-            raise _not_yet(self)
-        dout = _checks.float_array(dout, "dout", ndim_min=1, finite=False)
-        _checks.shape_is(dout, self._shape, "dout")
+        if self._like is None:
+            raise not_yet(self)
+        dout = dout_array(dout, *self._like)
         if self.mask is None:
             return dout
         return dout * self.mask

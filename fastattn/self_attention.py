@@ -25,7 +25,8 @@ with respect to the one-hot input, as the seed did, for id and float input alike
 weights get their gradient; it still returns ``dvalue``, the gradient with respect to the value
 layer's output, as the seed did.
 
-Every layer takes ``backend=None`` (the backend in force at call time), ``dtype=np.float32``
+Every layer takes ``backend=None`` (the backend in force when ``forward`` is called; ``backward``
+runs on the backend its forward ran on), ``dtype=np.float32``
 (float64 for gradient checks) and ``seed=None`` (an int, or a ``np.random.Generator``). Weights
 are drawn from a normal distribution scaled so that keys, queries and values have unit variance
 at the start: the embedding and the one-hot query/value tables N(0, 1) (a one-hot input has one
@@ -40,7 +41,17 @@ import math
 import numpy as np
 
 from fastattn import _backend, _checks
-from fastattn.layers import TimeAffine, TimeEmbedding, _check_backend, _dout, _not_yet
+from fastattn._layer import (
+    check_backend,
+    check_dtype,
+    collect_params,
+    dout_array,
+    float_input,
+    forward_backend,
+    not_yet,
+    positive_int,
+)
+from fastattn.layers import TimeAffine, TimeEmbedding
 
 __all__ = [
     "CompatibilityFunction",
@@ -51,19 +62,6 @@ __all__ = [
 ]
 
 
-def _dtype(dtype) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
-
-
-def _size(n, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
-    return int(n)
-
-
 class TimeKeyLayer:
     """Keys of a batch of id sequences: an embedding V -> D, then an affine D -> d.
 
@@ -71,28 +69,29 @@ class TimeKeyLayer:
     """
 
     def __init__(self, V, D, d, backend=None, dtype=np.float32, seed=None):
-        V, D, d = _size(V, "V"), _size(D, "D"), _size(d, "d")
-        dt = _dtype(dtype)
-        backend = _check_backend(backend)
+        V, D, d = positive_int(V, "V"), positive_int(D, "D"), positive_int(d, "d")
+        dt = check_dtype(dtype)
+        backend = check_backend(backend)
         rng = np.random.default_rng(seed)
         W_embed = rng.standard_normal((V, D)).astype(dt)  # (V, D)
         W_key = (rng.standard_normal((D, d)) / math.sqrt(D)).astype(dt)  # (D, d)
         b_key = np.zeros(d, dtype=dt)  # (d,)
         self.layers = [TimeEmbedding(W_embed, backend=backend),
                        TimeAffine(W_key, b_key, backend=backend)]
-        self.params, self.grads = [], []
-        for layer in self.layers:
-            self.params += layer.params
-            self.grads += layer.grads
+        self.params, self.grads = collect_params(self.layers)
         self.V, self.D, self.d = V, D, d
         self.backend = backend
+        self._ran = False
 
     def forward(self, xs):
         for layer in self.layers:
             xs = layer.forward(xs)
+        self._ran = True
         return xs  # (B, T, d)
 
     def backward(self, dout):
+        if not self._ran:
+            raise not_yet(self)
         for layer in reversed(self.layers):
             dout = layer.backward(dout)
         return dout  # None: no gradient for ids
@@ -109,17 +108,17 @@ class TimeQueryLayer:
     """
 
     def __init__(self, V, d, backend=None, dtype=np.float32, seed=None):
-        V, d = _size(V, "V"), _size(d, "d")
-        dt = _dtype(dtype)
-        self.backend = _check_backend(backend)
+        V, d = positive_int(V, "V"), positive_int(d, "d")
+        dt = check_dtype(dtype)
+        self.backend = check_backend(backend)
         rng = np.random.default_rng(seed)
         W = rng.standard_normal((V, d)).astype(dt)  # (V, d); one-hot input: fan-in 1
         b = np.zeros(d, dtype=dt)  # (d,)
         self.layers = TimeAffine(W, b, backend=self.backend)  # the float-input path
-        self.params, self.grads = self.layers.params, self.layers.grads
+        self.params, self.grads = collect_params([self.layers])
         self.V, self.d = V, d
         self.idx = None  # the ids of the last forward, or None after a float forward
-        self._forwarded = False
+        self._ran_on = None  # the backend of the last forward, which backward runs on
 
     def forward(self, xs):
         W, b = self.params
@@ -128,20 +127,21 @@ class TimeQueryLayer:
                 raise TypeError(f"xs of shape (B, T, V) must hold float one-hot rows, got "
                                 f"dtype {xs.dtype}")
             y = self.layers.forward(xs)  # (B, T, d)
-            self.idx, self._forwarded = None, True
+            self.idx, self._ran_on = None, forward_backend(self)
             return y
+        backend = forward_backend(self)
         self.idx = _checks.token_ids(xs, self.V, "xs", ndim=2)  # (B, T)
-        self._forwarded = True
+        self._ran_on = backend
         return W[self.idx] + b  # (B, T, d)
 
     def backward(self, dout):
-        if not self._forwarded:
-            raise _not_yet(self)
+        if self._ran_on is None:
+            raise not_yet(self)
         if self.idx is None:
             return self.layers.backward(dout)  # (B, T, V)
         W = self.params[0]
-        dout = _dout(dout, self.idx.shape + (self.d,), W.dtype)
-        self.grads[0][...] = _backend.kernel("embedding_backward", self.backend)(
+        dout = dout_array(dout, self.idx.shape + (self.d,), W.dtype)
+        self.grads[0][...] = _backend.kernel("embedding_backward", self._ran_on)(
             self.idx, dout, self.V
         )  # (V, d)
         self.grads[1][...] = dout.sum(axis=(0, 1))  # (d,)
@@ -163,7 +163,7 @@ class CompatibilityFunction:
     """
 
     def __init__(self, V, D, d, backend=None, dtype=np.float32, seed=None):
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         rng = np.random.default_rng(seed)
         self.time_key_layer = TimeKeyLayer(V, D, d, backend=self.backend, dtype=dtype, seed=rng)
         self.time_query_layer = TimeQueryLayer(V, d, backend=self.backend, dtype=dtype, seed=rng)
@@ -171,27 +171,29 @@ class CompatibilityFunction:
         self.key_grads = list(self.time_key_layer.grads)
         self.query_params = list(self.time_query_layer.params)
         self.query_grads = list(self.time_query_layer.grads)
-        self.params = self.key_params + self.query_params
-        self.grads = self.key_grads + self.query_grads
+        self.params, self.grads = collect_params([self.time_key_layer, self.time_query_layer])
         self.d = self.time_key_layer.d
         self.scale = 1.0 / math.sqrt(self.d)
         self.out_query = self.out_key = self.out = self.score = None
+        self._ran_on = None  # the backend of the last forward, which backward runs on
 
     def forward(self, xs):
+        backend = forward_backend(self)
         xs = _checks.token_ids(xs, self.time_key_layer.V, "xs", ndim=2)
         q = np.ascontiguousarray(self.time_query_layer.forward(xs))  # (B, T, d)
         k = np.ascontiguousarray(self.time_key_layer.forward(xs))  # (B, T, d)
-        out = _backend.kernel("scores_forward", self.backend)(q, k, self.scale)  # (B, T, T)
-        score = _backend.kernel("softmax_forward", self.backend)(out)  # (B, T, T)
+        out = _backend.kernel("scores_forward", backend)(q, k, self.scale)  # (B, T, T)
+        score = _backend.kernel("softmax_forward", backend)(out)  # (B, T, T)
         self.out_query, self.out_key, self.out, self.score = q, k, out, score
+        self._ran_on = backend
         return score
 
     def backward(self, dscore):
         if self.score is None:
-            raise _not_yet(self)
-        dscore = _dout(dscore, self.score.shape, self.score.dtype, "dscore")
-        dout = _backend.kernel("softmax_backward", self.backend)(dscore, self.score)  # (B, T, T)
-        dquery, dkey = _backend.kernel("scores_backward", self.backend)(
+            raise not_yet(self)
+        dscore = dout_array(dscore, self.score.shape, self.score.dtype, "dscore")
+        dout = _backend.kernel("softmax_backward", self._ran_on)(dscore, self.score)  # (B, T, T)
+        dquery, dkey = _backend.kernel("scores_backward", self._ran_on)(
             dout, self.out_query, self.out_key, self.scale
         )  # (B, T, d) each
         self.time_key_layer.backward(dkey)
@@ -209,12 +211,12 @@ class WeightedValue:
     """
 
     def __init__(self, V, d, backend=None, dtype=np.float32, seed=None):
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.time_value_layer = TimeValueLayer(V, d, backend=self.backend, dtype=dtype,
                                                seed=seed)
-        self.params = list(self.time_value_layer.params)
-        self.grads = list(self.time_value_layer.grads)
+        self.params, self.grads = collect_params([self.time_value_layer])
         self.out_value = self.score = self.dxs = None
+        self._ran_on = None  # the backend of the last forward, which backward runs on
 
     @property
     def out_value_T(self):
@@ -222,23 +224,23 @@ class WeightedValue:
         return None if self.out_value is None else self.out_value.transpose(0, 2, 1)
 
     def forward(self, xs, score):
+        backend = forward_backend(self)
         value = np.ascontiguousarray(self.time_value_layer.forward(xs))  # (B, T, d)
         B, T, _ = value.shape
-        score = _checks.float_array(score, "score", ndim_min=3, finite=False)
+        score = float_input(score, "score", value.dtype, ndim_min=3)
         if score.ndim != 3 or score.shape[0] != B or score.shape[2] != T:
             raise ValueError(f"score must have shape ({B}, Tq, {T}) to match xs, "
                              f"got {score.shape}")
-        score = score.astype(value.dtype, copy=False)
-        Z = _backend.kernel("weighted_sum_forward", self.backend)(score, value)  # (B, Tq, d)
-        self.out_value, self.score = value, score
+        Z = _backend.kernel("weighted_sum_forward", backend)(score, value)  # (B, Tq, d)
+        self.out_value, self.score, self._ran_on = value, score, backend
         return Z
 
     def backward(self, dZ):
         if self.score is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         value, score = self.out_value, self.score
-        dZ = _dout(dZ, (score.shape[0], score.shape[1], value.shape[2]), value.dtype, "dZ")
-        dscore, dvalue = _backend.kernel("weighted_sum_backward", self.backend)(
+        dZ = dout_array(dZ, (score.shape[0], score.shape[1], value.shape[2]), value.dtype, "dZ")
+        dscore, dvalue = _backend.kernel("weighted_sum_backward", self._ran_on)(
             dZ, score, value
         )  # (B, Tq, T), (B, T, d)
         self.dxs = self.time_value_layer.backward(dvalue)

@@ -5,7 +5,8 @@ lists of arrays of the same shapes, ``forward`` keeps what ``backward`` needs, `
 writes the gradients in place (``self.grads[i][...] = ...``) and returns the input gradient(s);
 ``backward`` before ``forward`` raises ``RuntimeError``. Layers that create weights take
 ``dtype=np.float32`` (float64 for gradient checks) and ``seed=None``; ``backend=None`` runs
-the kernels of the backend in force at call time.
+the kernels of the backend in force when ``forward`` is called, and ``backward`` runs on the
+backend its forward ran on (the helpers of :mod:`fastattn._layer`).
 
 Attention runs on the fused kernels ``attention_forward``/``attention_backward`` (the (Tq, Tk)
 score matrix is never kept); the affine maps, layer norm and ReLU are NumPy on 2-D
@@ -34,6 +35,7 @@ from fastattn._layer import (
     not_yet,
     positive_int,
     rowsum,
+    sequence_input,
     spawn_seeds,
     uniform,
 )
@@ -72,13 +74,9 @@ class LayerNorm:
     def forward(self, x):
         g, b = self.params
         C = g.shape[0]
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"x must be a numpy array, got {type(x).__name__}")
-        if x.dtype not in _checks.FLOAT_DTYPES:
-            raise TypeError(f"x must have dtype float32 or float64, got {x.dtype}")
-        if x.ndim < 1 or x.shape[-1] != C:
+        x = float_input(x, "x", g.dtype)
+        if x.shape[-1] != C:
             raise ValueError(f"x must be an array with last dimension {C}, got {x.shape}")
-        x = np.ascontiguousarray(x, dtype=g.dtype)
         t = g.dtype.type
         x2 = x.reshape(-1, C)  # (N, C)
         mu = rowsum(x2)  # (N,)
@@ -177,7 +175,7 @@ class PositionalEncoding:
         return P if self.fixed is None else P + self.fixed[offset:offset + T]
 
     def forward(self, x, offset: int = 0):
-        x = float_input(x, "x", self.dtype, self.d_model)
+        x = sequence_input(x, "x", self.dtype, self.d_model)
         T = x.shape[1]
         out = x + self.table(T, offset)  # (B, T, C)
         self.cache = (x.shape, offset)
@@ -216,7 +214,7 @@ class FeedForward:
 
     def forward(self, x):
         W1, b1, W2, b2 = self.params
-        x = float_input(x, "x", self.dtype, self.d_model)
+        x = sequence_input(x, "x", self.dtype, self.d_model)
         x2 = x.reshape(-1, self.d_model)  # (N, C)
         h = x2 @ W1  # (N, F)
         h += b1
@@ -392,11 +390,9 @@ class TransformerSeq2seq:
         named += [("enc_ln", self.enc_ln)]
         named += [(f"decoder.{i}", b) for i, b in enumerate(self.decoder)]
         named += [("dec_ln", self.dec_ln), ("out", self.out)]
-        self.params, self.grads, self.param_names = [], [], []
-        for name, layer in named:
-            self.param_names += [f"{name}.{j}" for j in range(len(layer.params))]
-            self.params += layer.params
-            self.grads += layer.grads
+        self.params, self.grads = collect_params(layer for _, layer in named)
+        self.param_names = [f"{name}.{j}" for name, layer in named
+                            for j in range(len(layer.params))]
         self.char_to_id = None
         self.id_to_char = None
         self.question_width = None

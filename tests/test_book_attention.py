@@ -344,13 +344,29 @@ def test_bad_dtypes_raise_type_error(backend):
     layer = TimeAttention(backend)
     layer.forward(enc, dec)
     with pytest.raises(TypeError, match="dout"):
-        layer.backward(np.zeros((2, 2, 4), np.float32))
+        layer.backward(np.zeros((2, 2, 4), np.int64))
 
 
-def test_an_unknown_backend_raises_value_error_listing_the_names():
-    layer = TimeAttention(backend="gpu")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_dout_of_the_other_float_dtype_is_cast_to_the_forwards(name, backend):
+    """As in every layer: a float32 dout after a float64 forward gives the float64 gradients
+    of the float32 values."""
+    cls, inputs, dout = _case(name, (2, 3, 2, 4), np.float64)
+    dout32 = dout.astype(np.float32)
+    layer = cls(backend=backend)
+    layer.forward(*inputs)
+    want = layer.backward(dout32.astype(np.float64))
+    got = layer.backward(dout32)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == np.float64
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_an_unknown_backend_raises_value_error_listing_the_names_at_construction(name):
     with pytest.raises(ValueError, match="valid backends"):
-        layer.forward(np.zeros((1, 2, 3)), np.zeros((1, 2, 3)))
+        getattr(book_attention, name)(backend="gpu")
 
 
 # --- an attention seq2seq built from these layers (tests/book_lstm.py) ---------------------

@@ -372,9 +372,12 @@ def test_unsupported_dtype_raises_type_error(bad):
         CompatibilityFunction(5, 4, 3, **bad)
 
 
-@pytest.mark.parametrize("size", [0, -1, 2.5, True])
-def test_bad_sizes_raise_value_error(size):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("size, error", [(0, ValueError), (-1, ValueError),
+                                         (2.5, TypeError), (True, TypeError)])
+def test_bad_sizes_raise_value_error_and_non_ints_type_error(size, error):
+    """As every layer with sizes: a size that is not an int is a TypeError, one below 1 a
+    ValueError."""
+    with pytest.raises(error, match="D"):
         TimeKeyLayer(5, size, 3)
 
 
