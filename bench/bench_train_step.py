@@ -33,31 +33,27 @@ import time
 import numpy as np
 import pytest
 
-from dataset import sequence
-from fastattn.commands.train import DEFAULTS, limit_threads
+from fastattn.commands.train import TrainSettings, build_model, limit_threads, load_task
 from fastattn.optim import Adam
-from fastattn.transformer import TransformerSeq2seq
+from fastattn.transformer import TransformerConfig as MODEL
 
-GROUP = (f"train step (date task, batch {DEFAULTS['batch_size']}, d_model {DEFAULTS['d_model']}, "
-         f"{DEFAULTS['heads']} heads, {DEFAULTS['layers']}+{DEFAULTS['layers']} layers, "
-         f"d_ff {DEFAULTS['d_ff']}, float32)")
+GROUP = (f"train step (date task, batch {TrainSettings.batch_size}, d_model {MODEL.d_model}, "
+         f"{MODEL.n_heads} heads, {MODEL.n_layers}+{MODEL.n_layers} layers, "
+         f"d_ff {MODEL.d_ff}, float32)")
 LOSS_RTOL = 1e-4  # fastattn float32 loss vs PyTorch float32 loss with the same weights
 
 
 def _batch():
-    (x, t), _ = sequence.load_data("date.txt")
-    c2i, _ = sequence.get_vocab()
-    B = DEFAULTS["batch_size"]
-    return x[:B], t[:B], len(c2i)
+    task = load_task("date.txt")
+    B = TrainSettings.batch_size
+    return task, task.x_train[:B], task.t_train[:B]
 
 
 def fastattn_step(backend):
     """(step function, model) for the default model on ``backend``; the step returns the loss."""
-    xs, ts, V = _batch()
-    model = TransformerSeq2seq(V, d_model=DEFAULTS["d_model"], n_heads=DEFAULTS["heads"],
-                               n_layers=DEFAULTS["layers"], d_ff=DEFAULTS["d_ff"],
-                               max_len=max(xs.shape[1], ts.shape[1]), backend=backend, seed=0)
-    opt = Adam(lr=DEFAULTS["lr"])
+    task, xs, ts = _batch()
+    model = build_model(task, backend=backend, seed=0)
+    opt = Adam(lr=TrainSettings.lr)
 
     def step():
         loss = model.forward(xs, ts)
@@ -211,17 +207,17 @@ def torch_step(threads=None):
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    xs, ts, V = _batch()
+    _, xs, ts = _batch()
     model = fastattn_step("vectorized")[1]
-    tm = _torch_model_class()(V, DEFAULTS["d_model"], DEFAULTS["heads"], DEFAULTS["layers"],
-                              DEFAULTS["d_ff"], model.config["max_len"])
+    c = model.config
+    tm = _torch_model_class()(c.vocab_size, c.d_model, c.n_heads, c.n_layers, c.d_ff, c.max_len)
     _copy_weights(model, tm)
     txs, tts = torch.from_numpy(xs), torch.from_numpy(ts)
     ours = model.forward(xs, ts)
     with torch.no_grad():
         theirs = float(tm(txs, tts))
     np.testing.assert_allclose(ours, theirs, rtol=LOSS_RTOL)
-    opt = torch.optim.Adam(tm.parameters(), lr=DEFAULTS["lr"])
+    opt = torch.optim.Adam(tm.parameters(), lr=TrainSettings.lr)
 
     n_threads = torch.get_num_threads()
 
@@ -279,14 +275,14 @@ def _have_torch():
 
 @pytest.mark.parametrize("backend", ["numba", "vectorized"])
 def test_train_step_fastattn(benchmark, backend):
-    with limit_threads(DEFAULTS["threads"], DEFAULTS["numba_threads"]):
+    with limit_threads(TrainSettings.threads, TrainSettings.numba_threads):
         step, model = fastattn_step(backend)
         first = step()  # compiles the kernels; not timed
         assert np.isfinite(first)
         benchmark.group = GROUP
         benchmark.extra_info["backend"] = backend
-        benchmark.extra_info["blas_threads"] = DEFAULTS["threads"] or os.cpu_count()
-        benchmark.extra_info["numba_threads"] = DEFAULTS["numba_threads"]
+        benchmark.extra_info["blas_threads"] = TrainSettings.threads or os.cpu_count()
+        benchmark.extra_info["numba_threads"] = TrainSettings.numba_threads
         benchmark.extra_info["n_params"] = int(sum(p.size for p in model.params))
         if backend == "numba" and _have_torch():
             reps = 1 if benchmark.disabled else 10
@@ -318,7 +314,7 @@ def main():
         print(_blocked_ms([step], int(sys.argv[3]), rounds=1)[0])
         return
     reps = int(os.environ.get("FASTATTN_BENCH_REPS", "15"))
-    with limit_threads(DEFAULTS["threads"], DEFAULTS["numba_threads"]):
+    with limit_threads(TrainSettings.threads, TrainSettings.numba_threads):
         fns, names = [], []
         for backend in ("numba", "vectorized"):
             fns.append(fastattn_step(backend)[0])

@@ -34,10 +34,10 @@ _LAZY = {
     # the Transformer
     "MultiHeadAttention": "fastattn.attention",
     **dict.fromkeys(
-        ["LayerNorm", "PositionalEncoding", "FeedForward", "EncoderBlock", "DecoderBlock",
-         "TransformerSeq2seq"],
-        "fastattn.transformer",
+        ["LayerNorm", "PositionalEncoding", "FeedForward", "EncoderBlock", "DecoderBlock"],
+        "fastattn.blocks",
     ),
+    "TransformerSeq2seq": "fastattn.transformer",
     **dict.fromkeys(["SGD", "Adam", "clip_grads"], "fastattn.optim"),
     **dict.fromkeys(["Trainer", "eval_seq2seq", "exact_match"], "fastattn.trainer"),
     **dict.fromkeys(["load_model", "save_model"], "fastattn.checkpoint"),

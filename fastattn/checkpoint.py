@@ -17,6 +17,7 @@ order of ``model.params``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -53,19 +54,17 @@ def _temporary(directory, base):
 def save_model(model, path, *, meta=None):
     """Write ``model`` (a :class:`~fastattn.TransformerSeq2seq`) to ``path`` atomically.
 
-    The checkpoint holds ``model.config``, the vocabulary attached with ``model.set_vocab``
-    (if any), the weights, and ``meta`` (a JSON-serialisable dict, e.g. metrics).
+    The checkpoint holds ``model.config``, the vocabulary attached with
+    :func:`fastattn.vocab.attach_vocab` (if any), the weights, and ``meta`` (a
+    JSON-serialisable dict, e.g. metrics).
     Returns the path written.
     """
     path = os.fspath(path)
     if not hasattr(model, "config") or not hasattr(model, "params"):
         raise TypeError(f"model must have config and params, got {type(model).__name__}")
-    vocab = {}
-    if getattr(model, "char_to_id", None) is not None:
-        chars = [model.id_to_char[i] for i in range(len(model.id_to_char))]
-        vocab = {"chars": chars, "question_width": model.question_width,
-                 "answer_width": model.answer_width}
-    config = dict(model.config, model=type(model).__name__)
+    vocab = getattr(model, "vocab", None)
+    vocab = {} if vocab is None else vocab.as_dict()
+    config = dict(dataclasses.asdict(model.config), model=type(model).__name__)
     arrays = {
         "format": np.array(FORMAT),
         "version": np.array(VERSION),
@@ -133,12 +132,27 @@ def load_model(path, model=None, *, backend=None):
     Raises FileNotFoundError for a missing file, ValueError naming the file for a corrupt,
     truncated or foreign file, or for weights whose shapes do not fit the model.
     """
-    from fastattn.transformer import TransformerSeq2seq
+    from fastattn.vocab import attach_vocab
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file {path!r}")
     data = _read(path)
+    config, vocab, names = _header(data, path)
+    model = _model_for(config, model, backend, path)
+    _copy_weights(data, names, model, path)
+    if vocab:
+        try:
+            attach_vocab(model, {c: i for i, c in enumerate(vocab["chars"])},
+                         vocab["question_width"], vocab["answer_width"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: the stored vocabulary is invalid ({exc})") from None
+    return model
+
+
+def _header(data, path):
+    """The checkpoint's configuration (a dict without the model class), vocabulary and
+    weight names, after checking its format marker and version."""
     if "format" not in data or str(data["format"]) != FORMAT:
         raise ValueError(f"{path} is not a fastattn checkpoint (no 'format' marker)")
     try:
@@ -157,22 +171,31 @@ def load_model(path, model=None, *, backend=None):
     kind = config.pop("model", "TransformerSeq2seq")
     if kind != "TransformerSeq2seq":
         raise ValueError(f"{path}: unknown model class {kind!r}")
-    dtype = config.pop("dtype", "float32")
+    return config, vocab, names
+
+
+def _model_for(config, model, backend, path):
+    """A new model built from ``config``, or ``model`` after checking that it fits."""
+    from fastattn.transformer import TransformerConfig, TransformerSeq2seq
 
     if model is None:
         try:
-            model = TransformerSeq2seq(**config, dtype=dtype, backend=backend)
+            return TransformerSeq2seq.from_config(TransformerConfig(**config), backend=backend)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: the stored configuration does not build a model "
                              f"({exc})") from None
-    else:
-        mine = {k: v for k, v in model.config.items() if k != "dtype"}
-        if mine != config:
-            diff = sorted(k for k in set(mine) | set(config) if mine.get(k) != config.get(k))
-            detail = ", ".join(f"{k}: checkpoint {config.get(k)!r}, model {mine.get(k)!r}"
-                               for k in diff)
-            raise ValueError(f"{path}: the checkpoint does not fit the model ({detail})")
+    config = {k: v for k, v in config.items() if k != "dtype"}
+    mine = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "dtype"}
+    if mine != config:
+        diff = sorted(k for k in set(mine) | set(config) if mine.get(k) != config.get(k))
+        detail = ", ".join(f"{k}: checkpoint {config.get(k)!r}, model {mine.get(k)!r}"
+                           for k in diff)
+        raise ValueError(f"{path}: the checkpoint does not fit the model ({detail})")
+    return model
 
+
+def _copy_weights(data, names, model, path):
+    """Check the stored weights against the model's and copy them in (all or nothing)."""
     n = len(model.params)
     stored = sorted(k for k in data if k.startswith("w") and k[1:].isdigit())
     if len(stored) != n:
@@ -196,12 +219,3 @@ def load_model(path, model=None, *, backend=None):
         arrays.append(w)
     for p, w in zip(model.params, arrays, strict=True):
         p[...] = w
-
-    if vocab:
-        try:
-            chars = vocab["chars"]
-            model.set_vocab({c: i for i, c in enumerate(chars)}, vocab["question_width"],
-                            vocab["answer_width"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: the stored vocabulary is invalid ({exc})") from None
-    return model

@@ -13,6 +13,7 @@ import fastattn
 from dataset import sequence
 from fastattn.checkpoint import load_model, save_model
 from fastattn.transformer import TransformerSeq2seq
+from fastattn.vocab import attach_vocab, translate
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def date_questions():
 def test_round_trip_gives_identical_outputs(tmp_path, vocab):
     c2i, _ = vocab
     model = make_model(len(c2i))
-    model.set_vocab(c2i, 29, 11)
+    attach_vocab(model, c2i, 29, 11)
     path = save_model(model, tmp_path / "m.npz")
     loaded = load_model(path)
     assert loaded.config == model.config
@@ -50,10 +51,38 @@ def test_round_trip_gives_identical_outputs(tmp_path, vocab):
     assert loaded.translate(date_questions()) == model.translate(date_questions())
 
 
+def test_a_checkpoint_in_the_version_1_layout_loads(tmp_path, vocab):
+    """The archive written by hand, key by key, as version 1 lays it out (the config a JSON
+    object of the constructor's arguments and the class, the vocabulary the characters in id
+    order and the two widths): it loads into a model with those weights and vocabulary."""
+    c2i, i2c = vocab
+    model = make_model(len(c2i), seed=4)
+    config = {"vocab_size": len(c2i), "d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32,
+              "max_len": 29, "pos": "both", "dtype": "float32", "model": "TransformerSeq2seq"}
+    vocab_json = {"chars": [i2c[i] for i in range(len(i2c))], "question_width": 29,
+                  "answer_width": 11}
+    arrays = {"format": np.array("fastattn-checkpoint"), "version": np.array(1),
+              "config": np.array(json.dumps(config)), "vocab": np.array(json.dumps(vocab_json)),
+              "names": np.array(json.dumps(model.param_names)), "meta": np.array("{}")}
+    arrays.update({f"w{i:03d}": p for i, p in enumerate(model.params)})
+    path = tmp_path / "v1.npz"
+    np.savez(path, **arrays)
+    loaded = load_model(path)
+    assert loaded.char_to_id == c2i and loaded.id_to_char == i2c
+    assert (loaded.question_width, loaded.answer_width) == (29, 11)
+    for a, b in zip(model.params, loaded.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+    attach_vocab(model, c2i, 29, 11)
+    assert loaded.translate(date_questions()) == model.translate(date_questions())
+    resaved = np.load(save_model(loaded, tmp_path / "again.npz"))
+    for key in ("config", "vocab", "names"):
+        assert json.loads(str(resaved[key])) == json.loads(str(arrays[key])), key
+
+
 def test_load_model_is_exported_and_carries_the_vocabulary(tmp_path, vocab):
     c2i, i2c = vocab
     model = make_model(len(c2i))
-    model.set_vocab(c2i, 29, 11)
+    attach_vocab(model, c2i, 29, 11)
     save_model(model, tmp_path / "m.npz")
     loaded = fastattn.load_model(tmp_path / "m.npz")
     assert loaded.char_to_id == c2i
@@ -63,7 +92,7 @@ def test_load_model_is_exported_and_carries_the_vocabulary(tmp_path, vocab):
 def test_translate_returns_what_generate_batch_decodes(vocab):
     c2i, i2c = vocab
     model = make_model(len(c2i), seed=3)
-    model.set_vocab(c2i, 29, 11)
+    attach_vocab(model, c2i, 29, 11)
     qs = date_questions()
     ids = model.generate_batch(sequence.encode(qs, c2i, 29), c2i["_"], 10)
     expected = [sequence.decode(row, i2c).rstrip(" ") for row in ids]
@@ -76,8 +105,8 @@ def test_translate_errors(vocab):
     c2i, _ = vocab
     model = make_model(len(c2i))
     with pytest.raises(RuntimeError, match="vocabulary"):
-        model.translate(["2/10/93"])
-    model.set_vocab(c2i, 29, 11)
+        translate(model, ["2/10/93"])
+    attach_vocab(model, c2i, 29, 11)
     with pytest.raises(ValueError, match="'#'"):
         model.translate(["2/10/93#"])
     with pytest.raises(ValueError, match="empty"):
@@ -126,7 +155,7 @@ def test_save_writes_a_temporary_then_renames(tmp_path, vocab, monkeypatch):
 def test_checkpoint_holds_no_pickles(tmp_path, vocab):
     c2i, _ = vocab
     model = make_model(len(c2i))
-    model.set_vocab(c2i, 29, 11)
+    attach_vocab(model, c2i, 29, 11)
     save_model(model, tmp_path / "m.npz")
     with np.load(tmp_path / "m.npz", allow_pickle=False) as z:
         for key in z.files:

@@ -59,7 +59,7 @@ def test_train_writes_model_metrics_and_plots(trained):
     assert metrics["test_accuracy"] == entry["test_accuracy"]
     assert metrics["config"]["d_model"] == 16
     model = load_model(out / "model.npz")
-    assert model.config["d_model"] == 16 and model.config["n_heads"] == 2
+    assert model.config.d_model == 16 and model.config.n_heads == 2
     assert model.question_width == 29 and model.answer_width == 11
     if plots.matplotlib_available():
         for name in ("curves.png", "attention.png"):

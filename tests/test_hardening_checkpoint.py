@@ -24,6 +24,7 @@ import pytest
 
 from fastattn.checkpoint import load_model, save_model
 from fastattn.transformer import TransformerSeq2seq
+from fastattn.vocab import attach_vocab
 
 CHARS = " _0123456789/-,abcdefghijklmnopqrstuvwxyz"
 C2I = {c: i for i, c in enumerate(CHARS)}
@@ -33,7 +34,7 @@ def make_model(seed=0, **kw):
     cfg = dict(d_model=8, n_heads=2, n_layers=1, d_ff=16, max_len=12)
     cfg.update(kw)
     model = TransformerSeq2seq(len(CHARS), **cfg, seed=seed)
-    model.set_vocab(C2I, 10, 6)
+    attach_vocab(model, C2I, 10, 6)
     return model
 
 

@@ -22,6 +22,7 @@ from dataset import sequence
 from fastattn.checkpoint import save_model
 from fastattn.cli import main
 from fastattn.transformer import TransformerSeq2seq
+from fastattn.vocab import attach_vocab
 
 # the characters of the date task
 CHARS = (" _0123456789/-,abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -33,7 +34,7 @@ def model_path(tmp_path_factory):
     """A tiny untrained model with the date task's vocabulary and widths, saved."""
     model = TransformerSeq2seq(len(CHARS), d_model=8, n_heads=2, n_layers=1, d_ff=16,
                                max_len=QUESTION_WIDTH, seed=0)
-    model.set_vocab({c: i for i, c in enumerate(CHARS)}, QUESTION_WIDTH, ANSWER_WIDTH)
+    attach_vocab(model, {c: i for i, c in enumerate(CHARS)}, QUESTION_WIDTH, ANSWER_WIDTH)
     return str(save_model(model, tmp_path_factory.mktemp("model") / "model.npz"))
 
 

@@ -46,15 +46,16 @@ from fastattn.self_attention import (
     TimeValueLayer,
     WeightedValue,
 )
+from fastattn.attention import MultiHeadAttention
 from fastattn.transformer import (
     DecoderBlock,
     EncoderBlock,
     FeedForward,
     LayerNorm,
-    MultiHeadAttention,
     PositionalEncoding,
     TransformerSeq2seq,
 )
+from fastattn.vocab import attach_vocab
 
 F64 = np.float64
 V = 6  # the vocabulary size of every id-taking layer here
@@ -94,7 +95,7 @@ CHARS = "_ 0123"  # a vocabulary of V characters for translate
 
 def model_with_vocab():
     model = tiny_model()
-    model.set_vocab({c: i for i, c in enumerate(CHARS)}, 4, 3)
+    attach_vocab(model, {c: i for i, c in enumerate(CHARS)}, 4, 3)
     return model
 
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from gradcheck import check_layer_grads
 
+from fastattn.attention import MultiHeadAttention
 from fastattn.transformer import (
     DecoderBlock,
     EncoderBlock,
     FeedForward,
     LayerNorm,
-    MultiHeadAttention,
     PositionalEncoding,
     TransformerSeq2seq,
     sinusoidal_table,
@@ -356,3 +356,34 @@ def test_layer_input_errors():
         LayerNorm(4, dtype=np.int32)
     with pytest.raises(ValueError, match="backend"):
         FeedForward(4, 4, backend="cuda")
+
+
+def test_config_builds_the_same_model_and_checks_its_fields():
+    from dataclasses import asdict
+
+    from fastattn.transformer import TransformerConfig
+
+    model = TransformerSeq2seq(7, d_model=4, n_heads=2, d_ff=6, max_len=5, seed=3)
+    assert model.config == TransformerConfig(7, d_model=4, n_heads=2, d_ff=6, max_len=5)
+    again = TransformerSeq2seq.from_config(model.config, seed=3)
+    assert asdict(again.config) == asdict(model.config)
+    for a, b in zip(model.params, again.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert TransformerConfig(7).d_model == 64  # the model of `fastattn train`
+    assert TransformerConfig(7, dtype=np.float64).dtype == "float64"
+    for bad, err in [(dict(d_model=2.0), TypeError), (dict(n_layers=0), ValueError),
+                     (dict(d_model=6, n_heads=4), ValueError), (dict(pos="rotary"), ValueError),
+                     (dict(dtype=np.int32), TypeError)]:
+        with pytest.raises(err):
+            TransformerConfig(7, **bad)
+
+
+def test_the_model_modules_do_not_import_the_dataset_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastattn.transformer, fastattn.blocks, fastattn.attention; "
+            "print('dataset' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

@@ -14,21 +14,22 @@ HELP = "time per layer and per kernel of a training step of the default model, o
 
 
 def configure(parser):
-    from fastattn.commands.train import DEFAULTS, _nonneg_int, _positive_int
+    from fastattn.commands.train import TrainSettings as d
+    from fastattn.commands.train import _nonneg_int, _positive_int
     from fastattn.kernels import BACKENDS
 
     parser.add_argument("--steps", type=_positive_int, default=5,
                         help="training steps to time after the warm-up (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
+    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                         help="examples per step (default: %(default)s)")
-    parser.add_argument("--data", default=DEFAULTS["data"],
+    parser.add_argument("--data", default=d.data,
                         help="data file (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="kernel backend (default: the current one, normally numba)")
-    parser.add_argument("--threads", type=_nonneg_int, default=DEFAULTS["threads"],
+    parser.add_argument("--threads", type=_nonneg_int, default=d.threads,
                         help="BLAS threads, as in 'fastattn train' (0: BLAS's own default; "
                              "default: %(default)s)")
-    parser.add_argument("--numba-threads", type=_nonneg_int, default=DEFAULTS["numba_threads"],
+    parser.add_argument("--numba-threads", type=_nonneg_int, default=d.numba_threads,
                         help="Numba threads, as in 'fastattn train' (0: Numba's default; "
                              "default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None,
@@ -47,26 +48,20 @@ def run(args) -> int:
 
     import numpy as np
 
-    from dataset import sequence
     from fastattn import _backend
-    from fastattn.commands.train import DEFAULTS, limit_threads
+    from fastattn.commands.train import TrainSettings, build_model, limit_threads, load_task
     from fastattn.optim import Adam, clip_grads
     from fastattn.profiling import profile
-    from fastattn.transformer import TransformerSeq2seq
 
     backend = _backend.resolve(args.backend)
     try:
-        (x_train, t_train), _ = sequence.load_data(args.data)
+        task = load_task(args.data)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"fastattn profile: error: {exc}", file=sys.stderr)
         return 2
-    char_to_id, _ = sequence.get_vocab()
-    S, T = x_train.shape[1], t_train.shape[1]
-    model = TransformerSeq2seq(len(char_to_id), d_model=DEFAULTS["d_model"],
-                               n_heads=DEFAULTS["heads"], n_layers=DEFAULTS["layers"],
-                               d_ff=DEFAULTS["d_ff"], max_len=max(S, T), pos=DEFAULTS["pos"],
-                               backend=backend, seed=DEFAULTS["seed"])
-    optimizer = Adam(lr=DEFAULTS["lr"])
+    x_train, t_train = task.x_train, task.t_train
+    model = build_model(task, backend=backend)  # the default model
+    optimizer = Adam(lr=TrainSettings.lr)
     rng = np.random.default_rng(0)
     B = min(args.batch_size, len(x_train))
 
@@ -74,7 +69,7 @@ def run(args) -> int:
         idx = rng.integers(0, len(x_train), B)
         model.forward(x_train[idx], t_train[idx])
         model.backward()
-        clip_grads(model.grads, DEFAULTS["max_grad"])
+        clip_grads(model.grads, TrainSettings.max_grad)
         optimizer.update(model.params, model.grads)
 
     threads = limit_threads(args.threads, args.numba_threads)

@@ -14,27 +14,69 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
 
 HELP = "train a Transformer on the date task (or another sequence file) and save it"
 
-# The defaults: a model and schedule that reach >= 99.9% exact match on the date task.
-DEFAULTS = dict(
-    data="date.txt",
-    epochs=3,
-    batch_size=128,
-    d_model=64,
-    heads=4,
-    layers=1,
-    d_ff=256,
-    lr=3e-3,
-    warmup=200,
-    max_grad=1.0,
-    pos="both",
-    threads=0,  # BLAS: the library's own default (all cores)
-    numba_threads=1,
-    seed=0,
-    out="runs",
-)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The defaults of ``fastattn train`` besides the model's (those are
+    :class:`~fastattn.transformer.TransformerConfig`'s): with the default model, a schedule
+    that reaches >= 99.9% exact match on the date task."""
+
+    data: str = "date.txt"
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup: int = 200
+    max_grad: float = 1.0
+    threads: int = 0  # BLAS: the library's own default (all cores)
+    numba_threads: int = 1
+    seed: int = 0
+    out: str = "runs"
+
+
+@dataclass
+class Task:
+    """A sequence task: its splits of question ids (N, S) and answer ids (N, T), answers
+    starting with the start symbol, and its vocabulary."""
+
+    x_train: Any
+    t_train: Any
+    x_test: Any
+    t_test: Any
+    char_to_id: dict
+    id_to_char: dict
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(question width S, answer width T)."""
+        return self.x_train.shape[1], self.t_train.shape[1]
+
+
+def load_task(data: str) -> Task:
+    """The task in the file ``data`` (``date.txt`` and ``addition.txt`` are built in).
+    Raises what ``dataset.sequence.load_data`` raises for a missing or malformed file."""
+    from dataset import sequence
+
+    (x_train, t_train), (x_test, t_test) = sequence.load_data(data)
+    return Task(x_train, t_train, x_test, t_test, *sequence.get_vocab())
+
+
+def build_model(task: Task, *, backend=None, seed=TrainSettings.seed, **sizes):
+    """The model for ``task``: :class:`~fastattn.transformer.TransformerConfig`'s defaults
+    (the default model) unless ``sizes`` (d_model=..., n_heads=..., ...) say otherwise,
+    positions for the task's longest sequence, and the task's vocabulary attached."""
+    from fastattn.transformer import TransformerConfig, TransformerSeq2seq
+    from fastattn.vocab import attach_vocab
+
+    S, T = task.widths
+    config = TransformerConfig(len(task.char_to_id), max_len=max(S, T), **sizes)
+    model = TransformerSeq2seq.from_config(config, backend=backend, seed=seed)
+    return attach_vocab(model, task.char_to_id, S, T)
 
 
 def _positive_int(text):
@@ -69,42 +111,43 @@ def _positive_float(text):
 
 def configure(parser):
     from fastattn.kernels import BACKENDS
+    from fastattn.transformer import TransformerConfig as m
 
-    d = DEFAULTS
-    parser.add_argument("--data", default=d["data"],
+    d = TrainSettings
+    parser.add_argument("--data", default=d.data,
                         help="data file: date.txt or addition.txt (built in) or a path to a "
                              "file of 'question_answer' lines (default: %(default)s)")
-    parser.add_argument("--epochs", type=_positive_int, default=d["epochs"],
+    parser.add_argument("--epochs", type=_positive_int, default=d.epochs,
                         help="passes over the training split (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
+    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                         help="examples per step (default: %(default)s)")
-    parser.add_argument("--d-model", type=_positive_int, default=d["d_model"],
+    parser.add_argument("--d-model", type=_positive_int, default=m.d_model,
                         help="model width (default: %(default)s)")
-    parser.add_argument("--heads", type=_positive_int, default=d["heads"],
+    parser.add_argument("--heads", type=_positive_int, default=m.n_heads,
                         help="attention heads; must divide --d-model (default: %(default)s)")
-    parser.add_argument("--layers", type=_positive_int, default=d["layers"],
+    parser.add_argument("--layers", type=_positive_int, default=m.n_layers,
                         help="encoder blocks and decoder blocks (default: %(default)s each)")
-    parser.add_argument("--d-ff", type=_positive_int, default=d["d_ff"],
+    parser.add_argument("--d-ff", type=_positive_int, default=m.d_ff,
                         help="feed-forward width (default: %(default)s)")
-    parser.add_argument("--lr", type=_positive_float, default=d["lr"],
+    parser.add_argument("--lr", type=_positive_float, default=d.lr,
                         help="peak learning rate of Adam, reached after the warm-up and "
                              "then decayed to 0 by a cosine (default: %(default)s)")
-    parser.add_argument("--warmup", type=_nonneg_int, default=d["warmup"],
+    parser.add_argument("--warmup", type=_nonneg_int, default=d.warmup,
                         help="warm-up steps (default: %(default)s)")
-    parser.add_argument("--max-grad", type=_positive_float, default=d["max_grad"],
+    parser.add_argument("--max-grad", type=_positive_float, default=d.max_grad,
                         help="clip the gradient norm to this (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="kernel backend (default: the current one, normally numba)")
-    parser.add_argument("--threads", type=_nonneg_int, default=d["threads"],
+    parser.add_argument("--threads", type=_nonneg_int, default=d.threads,
                         help="BLAS threads; 0 leaves BLAS's own default, all cores "
                              "(default: %(default)s). On a busy machine 1 can be faster")
-    parser.add_argument("--numba-threads", type=_nonneg_int, default=d["numba_threads"],
+    parser.add_argument("--numba-threads", type=_nonneg_int, default=d.numba_threads,
                         help="threads of the Numba kernels; 0 leaves Numba's default. At the "
                              "date model's sizes the kernels are small, and one thread beside "
                              "multi-threaded BLAS is the fastest (default: %(default)s)")
-    parser.add_argument("--seed", type=_nonneg_int, default=d["seed"],
+    parser.add_argument("--seed", type=_nonneg_int, default=d.seed,
                         help="seed of the weights and the batch order (default: %(default)s)")
-    parser.add_argument("--out", default=d["out"],
+    parser.add_argument("--out", default=d.out,
                         help="output directory (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(_train_parser=parser)
@@ -165,7 +208,6 @@ def _run(args) -> int:
     from fastattn.checkpoint import save_model
     from fastattn.optim import Adam
     from fastattn.trainer import Trainer, exact_match
-    from fastattn.transformer import TransformerSeq2seq
 
     parser = getattr(args, "_train_parser", None)
     if args.d_model % args.heads:
@@ -180,10 +222,11 @@ def _run(args) -> int:
     # data (before the output directory: a bad --data leaves nothing behind)
     t0 = time.perf_counter()
     try:
-        (x_train, t_train), (x_test, t_test) = sequence.load_data(args.data)
+        task = load_task(args.data)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         return _error(str(exc))
-    char_to_id, id_to_char = sequence.get_vocab()
+    x_train, t_train, x_test, t_test = task.x_train, task.t_train, task.x_test, task.t_test
+    char_to_id, id_to_char = task.char_to_id, task.id_to_char
     if len(x_test) == 0:
         return _error(f"{args.data} has fewer than 10 lines: no test split")
     if "_" not in char_to_id:
@@ -205,10 +248,8 @@ def _run(args) -> int:
     S, T = x_train.shape[1], t_train.shape[1]
 
     # model, and a first step on two examples that compiles the kernels
-    model = TransformerSeq2seq(len(char_to_id), d_model=args.d_model, n_heads=args.heads,
-                               n_layers=args.layers, d_ff=args.d_ff, max_len=max(S, T),
-                               pos=DEFAULTS["pos"], backend=backend, seed=args.seed)
-    model.set_vocab(char_to_id, S, T)
+    model = build_model(task, backend=backend, seed=args.seed, d_model=args.d_model,
+                        n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff)
     n_params = int(sum(p.size for p in model.params))
     t0 = time.perf_counter()
     model.forward(x_train[:2], t_train[:2])
@@ -264,7 +305,7 @@ def _run(args) -> int:
         "steps": total_steps,
         "ms_per_step": 1000.0 * trainer.train_seconds / max(total_steps, 1),
         "history": trainer.history,
-        "config": model.config,
+        "config": asdict(model.config),
         "n_params": n_params,
         **distributed.metrics(comm, total_steps, trainer.train_seconds),
         "args": {"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,

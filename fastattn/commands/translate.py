@@ -64,7 +64,7 @@ def run(args) -> int:
                       f"--model PATH", 1)
     except ValueError as exc:
         return _error(str(exc).replace("\n", " "), 1)
-    if model.char_to_id is None:
+    if getattr(model, "vocab", None) is None:
         return _error(f"{args.model} holds no vocabulary; it cannot translate text", 1)
     for i, q in enumerate(questions, start=1):
         problem = _problem(i, q, model)

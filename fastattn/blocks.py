@@ -1,0 +1,315 @@
+"""The layers of the Transformer's blocks, book-style: layer norm, positions, feed-forward, and
+the pre-LN encoder and decoder blocks (multi-head attention is :mod:`fastattn.attention`).
+
+Every layer follows the book's conventions: ``self.params`` and ``self.grads`` are flat lists
+of arrays of the same shapes, ``forward`` keeps what ``backward`` needs, ``backward`` writes the
+gradients in place (``self.grads[i][...] = ...``) and returns the input gradient(s); ``backward``
+before ``forward`` raises ``RuntimeError``. Layers that create weights take ``dtype=np.float32``
+(float64 for gradient checks) and ``seed=None``; ``backend=None`` runs the kernels of the backend
+in force when ``forward`` is called, and ``backward`` runs on the backend its forward ran on (the
+helpers of :mod:`fastattn._layer`).
+
+The affine maps, layer norm and ReLU are NumPy on 2-D ``(B*T, C)`` views, so each matrix product
+is one BLAS call. The blocks are pre-LN: ``x + f(LayerNorm(x))``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastattn._layer import (
+    add_to,
+    check_backend,
+    check_dtype,
+    collect_params,
+    colsum,
+    dout_array,
+    float_input,
+    make_rng,
+    not_yet,
+    positive_int,
+    rowsum,
+    sequence_input,
+    spawn_seeds,
+    uniform,
+)
+from fastattn.attention import MultiHeadAttention
+
+__all__ = [
+    "DecoderBlock",
+    "EncoderBlock",
+    "FeedForward",
+    "LayerNorm",
+    "PositionalEncoding",
+    "sinusoidal_table",
+]
+
+
+# --------------------------------------------------------------------------- LayerNorm
+
+
+class LayerNorm:
+    """Layer normalisation over the last axis: y = (x - mean) / sqrt(var + eps) * g + b.
+
+    LayerNorm(d_model, eps=1e-5); x (..., d_model) -> same shape; backward(dout) -> dx.
+    params [g (d_model,), b (d_model,)], g initialised to ones and b to zeros.
+    """
+
+    def __init__(self, d_model, eps=1e-5, *, backend=None, dtype=np.float32, seed=None):
+        d_model = positive_int(d_model, "d_model")
+        dt = check_dtype(dtype)
+        self.eps = float(eps)
+        self.backend = check_backend(backend)  # no kernels here; kept for a uniform API
+        self.params = [np.ones(d_model, dt), np.zeros(d_model, dt)]
+        self.grads = [np.zeros(d_model, dt), np.zeros(d_model, dt)]
+        self.cache = None
+
+    def forward(self, x):
+        g, b = self.params
+        C = g.shape[0]
+        x = float_input(x, "x", g.dtype)
+        if x.shape[-1] != C:
+            raise ValueError(f"x must be an array with last dimension {C}, got {x.shape}")
+        t = g.dtype.type
+        x2 = x.reshape(-1, C)  # (N, C)
+        mu = rowsum(x2)  # (N,)
+        mu *= t(1.0 / C)
+        xc = x2 - mu[:, None]  # (N, C)
+        rstd = np.einsum("ij,ij->i", xc, xc)  # (N,), sum of squares
+        rstd *= t(1.0 / C)
+        rstd += t(self.eps)
+        np.sqrt(rstd, out=rstd)
+        np.reciprocal(rstd, out=rstd)  # 1 / sqrt(var + eps)
+        xhat = np.multiply(xc, rstd[:, None], out=xc)  # (N, C)
+        y = xhat * g
+        y += b
+        self.cache = (xhat, rstd, x.shape)
+        return y.reshape(x.shape)
+
+    def backward(self, dout):
+        if self.cache is None:
+            raise not_yet(self)
+        xhat, rstd, shape = self.cache
+        g = self.params[0]
+        C = g.shape[0]
+        t = g.dtype.type
+        dy = dout_array(dout, shape, g.dtype).reshape(-1, C)  # (N, C)
+        self.grads[0][...] = np.einsum("ij,ij->j", dy, xhat)  # (C,)
+        colsum(dy, out=self.grads[1])  # (C,)
+        dxhat = dy * g  # (N, C)
+        a = rowsum(dxhat)  # (N,)
+        a *= t(1.0 / C)
+        c = np.einsum("ij,ij->i", dxhat, xhat)  # (N,)
+        c *= t(1.0 / C)
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        dxhat -= a[:, None]
+        dxhat -= xhat * c[:, None]
+        dxhat *= rstd[:, None]
+        return dxhat.reshape(shape)
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def sinusoidal_table(max_len: int, d_model: int, dtype=np.float32) -> np.ndarray:
+    """The fixed sinusoidal position table (max_len, d_model): sin on even, cos on odd columns."""
+    pos = np.arange(max_len, dtype=np.float64)[:, None]  # (L, 1)
+    i = np.arange(0, d_model, 2, dtype=np.float64)  # (ceil(C/2),)
+    angle = pos / np.power(10000.0, i / d_model)  # (L, ceil(C/2))
+    table = np.zeros((max_len, d_model))
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle[:, : d_model // 2])
+    return table.astype(dtype)
+
+
+class PositionalEncoding:
+    """Adds a position vector to every time step: x (B, T, C) -> x + P[offset:offset+T].
+
+    ``kind="learned"`` (default): P (max_len, C) is a parameter, initialised with small normal
+    values. ``kind="sinusoidal"``: P is the fixed sinusoidal table and params is empty.
+    ``kind="both"``: the sinusoidal table plus a learned correction (initialised to zeros).
+    backward(dout) -> dx = dout (and dP, the sum of dout over the batch, for a learned P).
+    """
+
+    KINDS = ("learned", "sinusoidal", "both")
+
+    def __init__(self, max_len, d_model, kind="learned", *, backend=None, dtype=np.float32,
+                 seed=None):
+        max_len = positive_int(max_len, "max_len")
+        d_model = positive_int(d_model, "d_model")
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        dt = check_dtype(dtype)
+        self.kind = kind
+        self.max_len = max_len
+        self.d_model = d_model
+        self.backend = check_backend(backend)
+        self.fixed = None if kind == "learned" else sinusoidal_table(max_len, d_model, dt)
+        if kind == "sinusoidal":
+            self.params, self.grads = [], []
+        else:
+            P = (np.zeros((max_len, d_model)) if kind == "both"
+                 else make_rng(seed).normal(0.0, 0.1, (max_len, d_model))).astype(dt)
+            self.params, self.grads = [P], [np.zeros_like(P)]
+        self.dtype = dt
+        self.cache = None
+
+    def table(self, T: int, offset: int = 0) -> np.ndarray:
+        """The position vectors (T, C) added at positions offset .. offset+T-1."""
+        if (isinstance(offset, bool) or not isinstance(offset, (int, np.integer))
+                or offset < 0):
+            raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
+        if offset + T > self.max_len:
+            raise ValueError(f"sequence of length {offset + T} is longer than max_len "
+                             f"{self.max_len}")
+        if self.kind == "sinusoidal":
+            return self.fixed[offset:offset + T]
+        P = self.params[0][offset:offset + T]
+        return P if self.fixed is None else P + self.fixed[offset:offset + T]
+
+    def forward(self, x, offset: int = 0):
+        x = sequence_input(x, "x", self.dtype, self.d_model)
+        T = x.shape[1]
+        out = x + self.table(T, offset)  # (B, T, C)
+        self.cache = (x.shape, offset)
+        return out
+
+    def backward(self, dout):
+        if self.cache is None:
+            raise not_yet(self)
+        shape, offset = self.cache
+        dout = dout_array(dout, shape, self.dtype)
+        if self.params:
+            self.grads[0][...] = 0
+            self.grads[0][offset:offset + shape[1]] = dout.sum(axis=0)
+        return dout
+
+# --------------------------------------------------------------------------- feed-forward
+
+
+class FeedForward:
+    """Position-wise feed-forward: relu(x W1 + b1) W2 + b2. x (B, T, C) -> (B, T, C).
+
+    FeedForward(d_model, d_ff); params [W1 (C, F), b1 (F,), W2 (F, C), b2 (C,)].
+    """
+
+    def __init__(self, d_model, d_ff, *, backend=None, dtype=np.float32, seed=None):
+        C = positive_int(d_model, "d_model")
+        F = positive_int(d_ff, "d_ff")
+        dt = check_dtype(dtype)
+        rng = make_rng(seed)
+        self.backend = check_backend(backend)
+        self.params = [uniform(rng, (C, F), C, dt), np.zeros(F, dt),
+                       uniform(rng, (F, C), F, dt), np.zeros(C, dt)]
+        self.grads = [np.zeros_like(p) for p in self.params]
+        self.d_model, self.d_ff, self.dtype = C, F, dt
+        self.cache = None
+
+    def forward(self, x):
+        W1, b1, W2, b2 = self.params
+        x = sequence_input(x, "x", self.dtype, self.d_model)
+        x2 = x.reshape(-1, self.d_model)  # (N, C)
+        h = x2 @ W1  # (N, F)
+        h += b1
+        on = np.greater(h, 0)  # (N, F) relu's mask, reused by backward
+        np.multiply(h, on, out=h)  # relu (NaN stays NaN)
+        y = h @ W2  # (N, C)
+        y += b2
+        self.cache = (x2, h, on, x.shape)
+        return y.reshape(x.shape)
+
+    def backward(self, dout):
+        if self.cache is None:
+            raise not_yet(self)
+        x2, h, on, shape = self.cache
+        W1, _, W2, _ = self.params
+        dW1, db1, dW2, db2 = self.grads
+        dy = dout_array(dout, shape, self.dtype).reshape(-1, self.d_model)  # (N, C)
+        np.matmul(h.T, dy, out=dW2)  # (F, C)
+        colsum(dy, out=db2)
+        dh = dy @ W2.T  # (N, F)
+        np.multiply(dh, on, out=dh)
+        np.matmul(x2.T, dh, out=dW1)  # (C, F)
+        colsum(dh, out=db1)
+        return (dh @ W1.T).reshape(shape)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class EncoderBlock:
+    """Pre-LN encoder block: x + SelfAttn(LN(x)), then x + FFN(LN(x)). x (B, T, C) -> same.
+
+    ``forward(x, mask=None)``; ``mask`` as in :class:`MultiHeadAttention`.
+    """
+
+    def __init__(self, d_model, n_heads, d_ff, *, backend=None, dtype=np.float32, seed=None):
+        ss = spawn_seeds(seed, 2)
+        kw = dict(backend=backend, dtype=dtype)
+        self.ln1 = LayerNorm(d_model, **kw)
+        self.attn = MultiHeadAttention(d_model, n_heads, **kw, seed=ss[0])
+        self.ln2 = LayerNorm(d_model, **kw)
+        self.ffn = FeedForward(d_model, d_ff, **kw, seed=ss[1])
+        self.layers = [self.ln1, self.attn, self.ln2, self.ffn]
+        self.params, self.grads = collect_params(self.layers)
+        self._ran = False
+
+    def forward(self, x, mask=None):
+        x = add_to(self.attn.forward(self.ln1.forward(x), mask=mask), x)
+        x = add_to(self.ffn.forward(self.ln2.forward(x)), x)
+        self._ran = True
+        return x
+
+    def backward(self, dout):
+        if not self._ran:
+            raise not_yet(self)
+        dx = add_to(self.ln2.backward(self.ffn.backward(dout)), dout)
+        dx += self.ln1.backward(self.attn.backward(dx))
+        return dx
+
+
+class DecoderBlock:
+    """Pre-LN decoder block: x + CausalSelfAttn(LN(x)), x + CrossAttn(LN(x), memory),
+    x + FFN(LN(x)).
+
+    ``forward(x, memory, mask=None)``: x (B, T, C), memory (B, S, C) -> (B, T, C); ``mask``
+    (broadcastable to (B, T, S)) applies to the cross-attention.
+    ``backward(dout)`` -> (dx, dmemory).
+    """
+
+    def __init__(self, d_model, n_heads, d_ff, *, backend=None, dtype=np.float32, seed=None):
+        ss = spawn_seeds(seed, 3)
+        kw = dict(backend=backend, dtype=dtype)
+        self.ln1 = LayerNorm(d_model, **kw)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, causal=True, **kw, seed=ss[0])
+        self.ln2 = LayerNorm(d_model, **kw)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, **kw, seed=ss[1])
+        self.ln3 = LayerNorm(d_model, **kw)
+        self.ffn = FeedForward(d_model, d_ff, **kw, seed=ss[2])
+        self.layers = [self.ln1, self.self_attn, self.ln2, self.cross_attn, self.ln3, self.ffn]
+        self.params, self.grads = collect_params(self.layers)
+        self._ran = False
+
+    def forward(self, x, memory, mask=None):
+        x = add_to(self.self_attn.forward(self.ln1.forward(x)), x)
+        x = add_to(self.cross_attn.forward(self.ln2.forward(x), memory, mask=mask), x)
+        x = add_to(self.ffn.forward(self.ln3.forward(x)), x)
+        self._ran = True
+        return x
+
+    def backward(self, dout):
+        if not self._ran:
+            raise not_yet(self)
+        dx = add_to(self.ln3.backward(self.ffn.backward(dout)), dout)
+        dq, dmemory = self.cross_attn.backward(dx)
+        dx += self.ln2.backward(dq)
+        dx += self.ln1.backward(self.self_attn.backward(dx))
+        return dx, dmemory
+
+    def step(self, x_new, k_mem, v_mem, cache: dict):
+        """One generation step for the newest position x_new (B, 1, C), with the memory's
+        cross-attention keys/values (from ``cross_attn.project_kv``) and the self-attention
+        cache (a dict). Keeps nothing for backward."""
+        x = x_new + self.self_attn.step(self.ln1.forward(x_new), cache)
+        x = x + self.cross_attn.attend(self.ln2.forward(x), k_mem, v_mem)
+        return x + self.ffn.forward(self.ln3.forward(x))
