@@ -8,6 +8,7 @@ import pytest
 from gradcheck import check_layer_grads
 
 from fastattn.attention import MultiHeadAttention
+from fastattn.kernels import BACKENDS
 from fastattn.transformer import (
     DecoderBlock,
     EncoderBlock,
@@ -17,7 +18,6 @@ from fastattn.transformer import (
     TransformerSeq2seq,
     sinusoidal_table,
 )
-from fastattn.kernels import BACKENDS
 
 F64 = np.float64
 # float64 gradient checks: |analytic - numeric| <= 1e-7 + 1e-5 |numeric| (gradcheck defaults)
