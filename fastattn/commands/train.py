@@ -3,6 +3,12 @@
 Writes into ``--out`` (default ``runs/``): ``model.npz`` (configuration, vocabulary and
 weights), ``metrics.json`` (test accuracy, timings, per-epoch history), ``curves.png`` (loss
 and accuracy) and ``attention.png`` (cross-attention heatmaps for a few test questions).
+
+The command is four steps, each a function: :func:`load` (the task, checked against the
+flags), :func:`build` (the model, and a first step that compiles the kernels), :func:`train`
+and :func:`report` (the files and the summary). :func:`load_task` and :func:`build_model`
+also serve ``fastattn profile`` and the training-step benchmark, so that the default model is
+built in one place.
 """
 
 from __future__ import annotations
@@ -187,6 +193,19 @@ def _error(msg: str) -> int:
     return 2
 
 
+class _Failure(Exception):
+    """Bad arguments or input: ``fastattn train: error: ...`` and exit status 2."""
+
+
+def _fail(args, msg: str, *, usage: bool = False):
+    """Stop with ``msg``; a bad flag (``usage``) exits through the parser with its usage
+    line, when there is one."""
+    parser = getattr(args, "_train_parser", None)
+    if usage and parser is not None:
+        parser.error(msg)  # exits with status 2
+    raise _Failure(msg)
+
+
 def run(args) -> int:
     from fastattn import distributed
 
@@ -201,112 +220,130 @@ def _run_limited(args) -> int:
 
 
 def _run(args) -> int:
-    import numpy as np
-
-    from dataset import sequence
+    """Load the task, build the model, train it and report: the four steps of the command.
+    Under mpiexec every rank trains its share of each batch and rank 0 alone reports."""
     from fastattn import _backend, distributed
-    from fastattn.checkpoint import save_model
-    from fastattn.optim import Adam
-    from fastattn.trainer import Trainer, exact_match
-
-    parser = getattr(args, "_train_parser", None)
-    if args.d_model % args.heads:
-        msg = f"--d-model {args.d_model} is not a multiple of --heads {args.heads}"
-        if parser is not None:
-            parser.error(msg)  # exits with status 2 and the usage line
-        return _error(msg)
 
     t_start = time.perf_counter()
-    backend = _backend.resolve(args.backend)
+    try:
+        if args.d_model % args.heads:
+            _fail(args, f"--d-model {args.d_model} is not a multiple of --heads {args.heads}",
+                  usage=True)
+        backend = _backend.resolve(args.backend)
+        seconds = {}
+        task = load(args, seconds)
+        comm = distributed.active()  # None without mpiexec; else rank 0 alone writes
+        if comm is None or comm.rank == 0:
+            _make_dir(args.out)  # after the data: a bad --data leaves nothing behind
+        model = build(args, task, backend, seconds)
+        trainer = train(args, task, model, backend, seconds, comm)
+        if comm is None or comm.rank == 0:
+            report(args, task, model, trainer, backend, seconds, t_start, comm)
+    except _Failure as exc:
+        return _error(str(exc))
+    return 0
 
-    # data (before the output directory: a bad --data leaves nothing behind)
+
+def load(args, seconds: dict) -> Task:
+    """Step 1: the task of ``--data``, checked against the other flags."""
     t0 = time.perf_counter()
     try:
         task = load_task(args.data)
     except (FileNotFoundError, ValueError, TypeError) as exc:
-        return _error(str(exc))
-    x_train, t_train, x_test, t_test = task.x_train, task.t_train, task.x_test, task.t_test
-    char_to_id, id_to_char = task.char_to_id, task.id_to_char
-    if len(x_test) == 0:
-        return _error(f"{args.data} has fewer than 10 lines: no test split")
-    if "_" not in char_to_id:
-        return _error(f"{args.data} has no start symbol '_'")
-    if args.batch_size > len(x_train):
-        msg = (f"--batch-size {args.batch_size} is larger than the training split "
-               f"({len(x_train)} examples)")
-        if parser is not None:
-            parser.error(msg)
-        return _error(msg)
-    data_seconds = time.perf_counter() - t0
-    out_dir = args.out
-    comm = distributed.active()  # None without mpiexec; else rank 0 alone writes
-    try:
-        if comm is None or comm.rank == 0:
-            os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        return _error(f"cannot create the output directory {out_dir!r}: {exc}")
-    S, T = x_train.shape[1], t_train.shape[1]
+        raise _Failure(str(exc)) from None
+    if len(task.x_test) == 0:
+        _fail(args, f"{args.data} has fewer than 10 lines: no test split")
+    if "_" not in task.char_to_id:
+        _fail(args, f"{args.data} has no start symbol '_'")
+    if args.batch_size > len(task.x_train):
+        _fail(args, f"--batch-size {args.batch_size} is larger than the training split "
+                    f"({len(task.x_train)} examples)", usage=True)
+    seconds["data"] = time.perf_counter() - t0
+    return task
 
-    # model, and a first step on two examples that compiles the kernels
+
+def _make_dir(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise _Failure(f"cannot create the output directory {out_dir!r}: {exc}") from None
+
+
+def build(args, task: Task, backend: str, seconds: dict):
+    """Step 2: the model of the flags, and a first step on two examples that compiles the
+    kernels (timed apart)."""
     model = build_model(task, backend=backend, seed=args.seed, d_model=args.d_model,
                         n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff)
-    n_params = int(sum(p.size for p in model.params))
+    T = task.widths[1]
     t0 = time.perf_counter()
-    model.forward(x_train[:2], t_train[:2])
+    model.forward(task.x_train[:2], task.t_train[:2])
     model.backward()
-    model.generate_batch(x_test[:2], t_test[:2, 0], T - 1)
-    compile_seconds = time.perf_counter() - t0
+    model.generate_batch(task.x_test[:2], task.t_test[:2, 0], T - 1)
+    seconds["compile"] = time.perf_counter() - t0
+    return model
 
-    steps_per_epoch = len(x_train) // args.batch_size
-    total_steps = steps_per_epoch * args.epochs
+
+def train(args, task: Task, model, backend: str, seconds: dict, comm=None):
+    """Step 3: Adam with warm-up and cosine decay, exact match on the test split at each
+    evaluation; returns the Trainer (its history, losses and training time). With ``comm``
+    (a :class:`fastattn.distributed.Comm`) the ranks share each batch and the evaluation."""
+    from fastattn.optim import Adam
+    from fastattn.trainer import Trainer, exact_match
+
+    steps_per_epoch, total_steps = _steps(args, task)
     optimizer = Adam(lr=args.lr, warmup_steps=min(args.warmup, total_steps),
                      total_steps=total_steps)
-    print(f"fastattn train: {args.data}: {len(x_train)} train / {len(x_test)} test examples, "
-          f"vocabulary {len(char_to_id)}; model d_model={args.d_model} heads={args.heads} "
-          f"layers={args.layers} d_ff={args.d_ff} ({n_params} parameters); backend {backend}; "
-          f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}", flush=True)
-
-    eval_seconds = 0.0
+    n_params = int(sum(p.size for p in model.params))
+    print(f"fastattn train: {args.data}: {len(task.x_train)} train / {len(task.x_test)} test "
+          f"examples, vocabulary {len(task.char_to_id)}; model d_model={args.d_model} "
+          f"heads={args.heads} layers={args.layers} d_ff={args.d_ff} ({n_params} parameters); "
+          f"backend {backend}; {args.epochs} epochs x {steps_per_epoch} steps of "
+          f"{args.batch_size}", flush=True)
+    seconds["eval"] = 0.0
 
     def evaluate(trainer, epoch):
-        nonlocal eval_seconds
         t1 = time.perf_counter()
-        acc = exact_match(model, x_test, t_test, comm=comm)
-        eval_seconds += time.perf_counter() - t1
+        acc = exact_match(model, task.x_test, task.t_test, comm=comm)
+        seconds["eval"] += time.perf_counter() - t1
         return {"test_accuracy": acc, "lr": optimizer.current_lr}
 
     trainer = Trainer(model, optimizer, seed=args.seed, comm=comm)
-    trainer.fit(x_train, t_train, max_epoch=args.epochs, batch_size=args.batch_size,
+    trainer.fit(task.x_train, task.t_train, max_epoch=args.epochs, batch_size=args.batch_size,
                 max_grad=args.max_grad, eval_interval=20, callback=evaluate,
                 progress=not args.no_progress)
+    return trainer
+
+
+def _steps(args, task: Task) -> tuple[int, int]:
+    """(steps per epoch, steps in all) of the training."""
+    steps_per_epoch = len(task.x_train) // args.batch_size
+    return steps_per_epoch, steps_per_epoch * args.epochs
+
+
+def report(args, task: Task, model, trainer, backend: str, seconds: dict, t_start: float,
+           comm=None):
+    """Step 4: a few translations, then model.npz, metrics.json and the plots in ``--out``,
+    and the summary on standard output."""
+    from fastattn import distributed
+    from fastattn.checkpoint import save_model
+
+    n_show = min(3, len(task.x_test))
+    guess, examples = _examples(model, task, n_show)
     accuracy = trainer.history[-1]["test_accuracy"]
-    if comm is not None and comm.rank != 0:
-        return 0
-
-    # a few translations for the record and the heatmap
-    n_show = min(3, len(x_test))
-    guess = model.generate_batch(x_test[:n_show], t_test[:n_show, 0], T - 1)
-    examples = []
-    for i in range(n_show):
-        examples.append({
-            "question": sequence.decode(x_test[i], id_to_char).rstrip(" "),
-            "answer": sequence.decode(t_test[i, 1:], id_to_char).rstrip(" "),
-            "guess": sequence.decode(guess[i], id_to_char).rstrip(" "),
-        })
-
+    total_steps = _steps(args, task)[1]
     total_seconds = time.perf_counter() - t_start
     metrics = {
         "test_accuracy": accuracy,
         "train_seconds": trainer.train_seconds,
-        "data_seconds": data_seconds,
-        "compile_seconds": compile_seconds,
-        "eval_seconds": eval_seconds,
+        "data_seconds": seconds["data"],
+        "compile_seconds": seconds["compile"],
+        "eval_seconds": seconds["eval"],
         "total_seconds": total_seconds,
         "steps": total_steps,
         "ms_per_step": 1000.0 * trainer.train_seconds / max(total_steps, 1),
         "history": trainer.history,
         "config": asdict(model.config),
-        "n_params": n_params,
+        "n_params": int(sum(p.size for p in model.params)),
         **distributed.metrics(comm, total_steps, trainer.train_seconds),
         "args": {"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "warmup": args.warmup, "max_grad": args.max_grad,
@@ -314,38 +351,63 @@ def _run(args) -> int:
                  "numba_threads": args.numba_threads, "seed": args.seed},
         "examples": examples,
     }
-    model_path = os.path.join(out_dir, "model.npz")
+    model_path = os.path.join(args.out, "model.npz")
     save_model(model, model_path, meta={"test_accuracy": accuracy, "data": args.data})
-    metrics_path = os.path.join(out_dir, "metrics.json")
-    tmp = metrics_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, metrics_path)
-
-    written = [model_path, metrics_path]
-    from fastattn import plots
-
-    if plots.matplotlib_available():
-        curves = os.path.join(out_dir, "curves.png")
-        plots.plot_history(trainer.history, curves, loss_list=trainer.loss_list,
-                           eval_interval=trainer.eval_interval)
-        answers_in = np.concatenate([t_test[:n_show, :1], guess[:, :-1]], axis=1)
-        weights = model.cross_attention(x_test[:n_show], answers_in)
-        heat = os.path.join(out_dir, "attention.png")
-        plots.plot_attention(list(weights), [e["question"].ljust(S) for e in examples],
-                             [sequence.decode(g, id_to_char) for g in guess], heat)
-        written += [curves, heat]
-    else:
-        warnings.warn("matplotlib is not installed: no plots written (pip install "
-                      "'fastattn[plot]')", RuntimeWarning, stacklevel=1)
-
-    print(f"test accuracy (exact match, {len(x_test)} questions): {100 * accuracy:.2f}%")
-    print(f"time: {total_seconds:.1f} s in all = data {data_seconds:.1f} s + compile "
-          f"{compile_seconds:.1f} s + training {trainer.train_seconds:.1f} s "
-          f"({metrics['ms_per_step']:.1f} ms/step) + evaluation {eval_seconds:.1f} s + rest")
+    metrics_path = os.path.join(args.out, "metrics.json")
+    _write_json(metrics_path, metrics)
+    written = [model_path, metrics_path] + _plots(args.out, model, task, trainer, guess,
+                                                  examples)
+    print(f"test accuracy (exact match, {len(task.x_test)} questions): {100 * accuracy:.2f}%")
+    print(f"time: {total_seconds:.1f} s in all = data {seconds['data']:.1f} s + compile "
+          f"{seconds['compile']:.1f} s + training {trainer.train_seconds:.1f} s "
+          f"({metrics['ms_per_step']:.1f} ms/step) + evaluation {seconds['eval']:.1f} s + rest")
     for e in examples:
         verdict = "ok" if e["guess"] == e["answer"] else f"expected {e['answer']!r}"
         print(f"  {e['question']!r} -> {e['guess']!r} ({verdict})")
     print("wrote " + ", ".join(written))
-    return 0
+
+
+def _examples(model, task: Task, n: int):
+    """The model's answers (ids) to the first n test questions, and the questions, answers
+    and guesses as text."""
+    from dataset import sequence
+
+    guess = model.generate_batch(task.x_test[:n], task.t_test[:n, 0], task.widths[1] - 1)
+    text = [{"question": sequence.decode(task.x_test[i], task.id_to_char).rstrip(" "),
+             "answer": sequence.decode(task.t_test[i, 1:], task.id_to_char).rstrip(" "),
+             "guess": sequence.decode(guess[i], task.id_to_char).rstrip(" ")}
+            for i in range(n)]
+    return guess, text
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _plots(out_dir: str, model, task: Task, trainer, guess, examples) -> list:
+    """curves.png and attention.png in out_dir (the paths written); none, with a warning,
+    without matplotlib."""
+    import numpy as np
+
+    from dataset import sequence
+    from fastattn import plots
+
+    if not plots.matplotlib_available():
+        warnings.warn("matplotlib is not installed: no plots written (pip install "
+                      "'fastattn[plot]')", RuntimeWarning, stacklevel=1)
+        return []
+    n = len(examples)
+    curves = os.path.join(out_dir, "curves.png")
+    plots.plot_history(trainer.history, curves, loss_list=trainer.loss_list,
+                       eval_interval=trainer.eval_interval)
+    answers_in = np.concatenate([task.t_test[:n, :1], guess[:, :-1]], axis=1)
+    weights = model.cross_attention(task.x_test[:n], answers_in)
+    heat = os.path.join(out_dir, "attention.png")
+    S = task.widths[0]
+    plots.plot_attention(list(weights), [e["question"].ljust(S) for e in examples],
+                         [sequence.decode(g, task.id_to_char) for g in guess], heat)
+    return [curves, heat]
