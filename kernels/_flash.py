@@ -22,9 +22,9 @@ How it is built (flash attention, as in Dao et al.):
 Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs is
 O(threads * bq * bk), plus at most 8 Tq d when the backward splits few batch entries.
 
-Threads: ``numba.get_num_threads()`` threads (the caller's and a small pool's) run ``nogil``
-kernels that take work units from a shared atomic counter; a unit's result never depends on
-the thread count or on which thread ran it.
+Threads: ``nogil`` kernels on the caller's thread and a small pool's take work units from a
+shared atomic counter (why not ``prange``: the ``kernels`` package docstring); a unit's result
+never depends on the thread count or on which thread ran it.
 """
 
 from __future__ import annotations

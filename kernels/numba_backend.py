@@ -8,9 +8,8 @@ Results come back in the input dtype; float32 inputs accumulate in float32.
 
 How the kernels are built:
 
-* Each kernel runs on the calling thread when the work is small (waking threads costs more
-  than it saves there, and on a busy machine a parallel region can wait a whole scheduler
-  time slice for a thread), and in parallel over the batch (``prange``) above that.
+* Each kernel runs on the calling thread when the work is small, and in parallel over the
+  batch (``prange``) above that (the threading model: the ``kernels`` package docstring).
 * ``softmax_*``: per batch entry, the row maxima are subtracted in one pass, the
   exponentials (of values <= 0 or -inf) are taken in one long pass over the whole contiguous
   (Tq, Tk) block with :func:`kernels._numba_math.vexp` (which LLVM vectorises; ``np.exp``
@@ -68,9 +67,7 @@ __all__ = [
 _JIT = {"fastmath": set(FASTMATH), "nogil": True}
 _PJIT = {**_JIT, "parallel": True}
 
-# Below these sizes a kernel runs on the calling thread: waking the other threads costs more
-# than it saves, and on a busy machine a parallel region can wait a whole scheduler time
-# slice for a thread.
+# Below these sizes a kernel runs on the calling thread alone.
 _PARALLEL_MIN_ELEMENTS = 1 << 15  # softmax: B * Tq * Tk
 _PARALLEL_MIN_MACS = 1 << 20  # matrix products: B * M * N * K
 _PARALLEL_MIN_SCATTER = 1 << 21  # scatter-add: N * T * D (memory-bound: threads gain little)
