@@ -96,6 +96,18 @@ def _check_qkv(q, k, v):
     return q, k, v, dtype
 
 
+def _options(q, v, mask, causal, scale, backend, kernel_name):
+    """The keywords checked, in the kernels' form: (scale, causal, mask (1 or B, 1 or Tq, Tk)
+    or None, B = the product of the leading dimensions, the kernel)."""
+    lead, Tq, d = q.shape[:-2], q.shape[-2], q.shape[-1]
+    s = _scale(scale, d)
+    causal = _causal(causal)
+    B = int(np.prod(lead, dtype=np.int64))
+    if mask is not None:
+        mask = _checks.bool_mask(mask, lead + (Tq, v.shape[-2]))
+    return s, causal, mask, B, _backend.kernel(kernel_name, backend)
+
+
 def _flat3(x, B):
     return x.reshape((B,) + x.shape[-2:])
 
@@ -114,14 +126,9 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, backend=N
     overflow the dtype. An empty batch (a leading dimension of 0) gives empty results.
     """
     q, k, v, dtype = _check_qkv(q, k, v)
-    lead, Tq, d = q.shape[:-2], q.shape[-2], q.shape[-1]
-    Tk, dv = v.shape[-2:]
-    s = _scale(scale, d)
-    causal = _causal(causal)
-    B = int(np.prod(lead, dtype=np.int64))
-    if mask is not None:
-        mask = _checks.bool_mask(mask, lead + (Tq, Tk))
-    fn = _backend.kernel("attention_forward", backend)
+    lead, Tq = q.shape[:-2], q.shape[-2]
+    dv = v.shape[-1]
+    s, causal, mask, B, fn = _options(q, v, mask, causal, scale, backend, "attention_forward")
     if B == 0:
         return np.zeros(lead + (Tq, dv), dtype), np.full(lead + (Tq,), -np.inf, dtype)
     out, lse = _run_kernel(fn, "attention_forward", dtype, _flat3(q, B), _flat3(k, B),
@@ -144,8 +151,8 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     and scale; dout is shaped like out. Errors as for :func:`attention_forward`.
     """
     q, k, v, dtype = _check_qkv(q, k, v)
-    lead, Tq, d = q.shape[:-2], q.shape[-2], q.shape[-1]
-    Tk, dv = v.shape[-2:]
+    lead, Tq = q.shape[:-2], q.shape[-2]
+    dv = v.shape[-1]
     dout = _checks.float_array(dout, "dout", ndim_min=2)
     out = _checks.float_array(out, "out", ndim_min=2)
     lse = _checks.float_array(lse, "lse", ndim_min=1, finite=False)
@@ -155,12 +162,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     _checks.shape_is(lse, lead + (Tq,), "lse")
     if np.isnan(lse).any() or np.isposinf(lse).any():
         raise ValueError("lse contains NaN or +inf; pass the lse that attention_forward returned")
-    s = _scale(scale, d)
-    causal = _causal(causal)
-    B = int(np.prod(lead, dtype=np.int64))
-    if mask is not None:
-        mask = _checks.bool_mask(mask, lead + (Tq, Tk))
-    fn = _backend.kernel("attention_backward", backend)
+    s, causal, mask, B, fn = _options(q, v, mask, causal, scale, backend, "attention_backward")
     if B == 0:
         return np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     dq, dk, dvv = _run_kernel(

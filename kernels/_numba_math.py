@@ -42,6 +42,8 @@ From Python (or with ``NUMBA_DISABLE_JIT=1``) ``vexp`` is ``np.exp``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -93,71 +95,48 @@ def _as_float(typingctx, bits):
 
 # ---- vexp -------------------------------------------------------------------------------------
 
-_LO32 = np.float32(-87.0)  # exp(-87) ~ 1.6e-38, above the smallest normal float32
-_LOG2E32 = np.float32(1.4426950408889634)
-_LN2HI32 = np.float32(0.693359375)  # Cephes split: n * _LN2HI32 is exact
-_LN2LO32 = np.float32(-2.12194440e-4)
-_C32 = tuple(np.float32(c) for c in (
-    1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-    5.0000001201e-1))
-_C32_0, _C32_1, _C32_2, _C32_3, _C32_4, _C32_5 = _C32
-_ONE32 = np.float32(1.0)
-_HALF32 = np.float32(0.5)
-_ZERO32 = np.float32(0.0)
-
-_LO64 = np.float64(-708.0)  # exp(-708) ~ 3.3e-308, above the smallest normal float64
-_LOG2E64 = np.float64(1.4426950408889634)
-_LN2HI64 = np.float64(6.93147180369123816490e-01)  # fdlibm split: n * _LN2HI64 is exact
-_LN2LO64 = np.float64(1.90821492927058770002e-10)
-_F64 = tuple(np.float64(1.0 / np.prod(np.arange(1, k + 1, dtype=np.float64))) for k in range(14))
-(_F0, _F1, _F2, _F3, _F4, _F5, _F6, _F7, _F8, _F9, _F10, _F11, _F12, _F13) = _F64  # 1/k!
-_HALF64 = np.float64(0.5)
-_ZERO64 = np.float64(0.0)
-
-
 def vexp(x):
     """exp(x) for a float32/float64 scalar x <= 0 or -inf, vectorisable inside Numba kernels
     (see the module docstring); ``np.exp`` from Python."""
     return np.exp(x)
 
 
-def _exp32(x):
-    xc = max(x, _LO32)
-    n = np.floor(xc * _LOG2E32 + _HALF32)
-    r = (xc - n * _LN2HI32) - n * _LN2LO32  # |r| <= ln2/2
-    p = _C32_0
-    p = p * r + _C32_1
-    p = p * r + _C32_2
-    p = p * r + _C32_3
-    p = p * r + _C32_4
-    p = p * r + _C32_5
-    p = p * (r * r) + r + _ONE32
-    scale = _as_float(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))  # 2**n
-    y = p * scale if x >= _LO32 else _ZERO32
-    return x if x != x else y  # NaN stays NaN
+def _exp_of(ft, it, lo, ln2_hi, ln2_lo, poly, cephes):
+    """The vexp of float type ``ft`` (``it`` the int of its width): exp(x) = 2**n exp(r) with
+    x = n ln2 + r, ln2 = ln2_hi + ln2_lo (n * ln2_hi is exact), exp(r) by the polynomial
+    ``poly`` (coefficients, highest degree first): exp(r) = poly(r) or, with ``cephes``,
+    1 + r + r**2 poly(r)."""
+    lo, log2e, half, one, zero = ft(lo), ft(1.4426950408889634), ft(0.5), ft(1.0), ft(0.0)
+    ln2_hi, ln2_lo = ft(ln2_hi), ft(ln2_lo)
+    c0, cs = ft(poly[0]), tuple(ft(c) for c in poly[1:])
+    bias, shift = it(np.finfo(ft).maxexp - 1), it(np.finfo(ft).nmant)
+
+    def exp(x):
+        xc = max(x, lo)
+        n = np.floor(xc * log2e + half)
+        r = (xc - n * ln2_hi) - n * ln2_lo  # |r| <= ln2/2
+        p = c0
+        for c in cs:
+            p = p * r + c
+        if cephes:
+            p = p * (r * r) + r + one
+        scale = _as_float(it((it(n) + bias) << shift))  # 2**n
+        y = p * scale if x >= lo else zero
+        return x if x != x else y  # NaN stays NaN
+
+    return exp
 
 
-def _exp64(x):
-    xc = max(x, _LO64)
-    n = np.floor(xc * _LOG2E64 + _HALF64)
-    r = (xc - n * _LN2HI64) - n * _LN2LO64  # |r| <= ln2/2
-    p = _F13
-    p = p * r + _F12
-    p = p * r + _F11
-    p = p * r + _F10
-    p = p * r + _F9
-    p = p * r + _F8
-    p = p * r + _F7
-    p = p * r + _F6
-    p = p * r + _F5
-    p = p * r + _F4
-    p = p * r + _F3
-    p = p * r + _F2
-    p = p * r + _F1
-    p = p * r + _F0
-    scale = _as_float((np.int64(n) + np.int64(1023)) << np.int64(52))  # 2**n
-    y = p * scale if x >= _LO64 else _ZERO64
-    return x if x != x else y  # NaN stays NaN
+# float32: exp(-87) ~ 1.6e-38, above the smallest normal number; Cephes' ln2 split and
+# polynomial (degree 7 in all)
+_exp32 = _exp_of(np.float32, np.int32, -87.0, 0.693359375, -2.12194440e-4,
+                 (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                  1.6666665459e-1, 5.0000001201e-1), cephes=True)
+# float64: exp(-708) ~ 3.3e-308, above the smallest normal number; fdlibm's ln2 split and the
+# Taylor polynomial of degree 13 (1/k!)
+_exp64 = _exp_of(np.float64, np.int64, -708.0, 6.93147180369123816490e-01,
+                 1.90821492927058770002e-10,
+                 tuple(1.0 / math.factorial(k) for k in range(13, -1, -1)), cephes=False)
 
 
 # Compiled as its own function with its own flags; LLVM inlines it into the calling loop and

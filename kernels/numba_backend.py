@@ -38,9 +38,10 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, prange
 
+from . import KERNEL_NAMES
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
-from ._flash import attention_backward, attention_forward
+from ._flash import attention_backward, attention_forward  # noqa: F401  (in __all__)
 from ._glue_numba import (  # noqa: F401  the glue kernels
     adam_update,
     bias_relu_backward,
@@ -52,17 +53,7 @@ from ._glue_numba import (  # noqa: F401  the glue kernels
 )
 from ._numba_math import FASTMATH, njit_cached, vexp
 
-__all__ = [
-    "softmax_forward",
-    "softmax_backward",
-    "weighted_sum_forward",
-    "weighted_sum_backward",
-    "scores_forward",
-    "scores_backward",
-    "attention_forward",
-    "attention_backward",
-    "embedding_backward",
-]
+__all__ = list(KERNEL_NAMES)
 
 _JIT = {"fastmath": set(FASTMATH), "nogil": True}
 _PJIT = {**_JIT, "parallel": True}

@@ -15,8 +15,7 @@ HELP = "time per layer and per kernel of a training step of the default model, o
 
 def configure(parser):
     from fastattn.commands.train import TrainSettings as d
-    from fastattn.commands.train import _nonneg_int, _positive_int
-    from fastattn.kernels import BACKENDS
+    from fastattn.commands.train import _positive_int, add_run_flags
 
     parser.add_argument("--steps", type=_positive_int, default=5,
                         help="training steps to time after the warm-up (default: %(default)s)")
@@ -24,14 +23,10 @@ def configure(parser):
                         help="examples per step (default: %(default)s)")
     parser.add_argument("--data", default=d.data,
                         help="data file (default: %(default)s)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="kernel backend (default: the current one, normally numba)")
-    parser.add_argument("--threads", type=_nonneg_int, default=d.threads,
-                        help="BLAS threads, as in 'fastattn train' (0: BLAS's own default; "
-                             "default: %(default)s)")
-    parser.add_argument("--numba-threads", type=_nonneg_int, default=d.numba_threads,
-                        help="Numba threads, as in 'fastattn train' (0: Numba's default; "
-                             "default: %(default)s)")
+    add_run_flags(parser, "BLAS threads, as in 'fastattn train' (0: BLAS's own default; "
+                          "default: %(default)s)",
+                  "Numba threads, as in 'fastattn train' (0: Numba's default; "
+                  "default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help="show at most this many rows of each table")
     parser.add_argument("--sort", choices=("self_time", "total", "calls"), default="self_time",

@@ -85,56 +85,58 @@ def build_model(task: Task, *, backend=None, seed=TrainSettings.seed, **sizes):
     return attach_vocab(model, task.char_to_id, S, T)
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(convert, ok, expected: str, *, unreadable: str | None = None):
+    """An argparse type: ``convert(text)`` when ``ok`` accepts it, else the error "expected
+    ``expected``" (``unreadable`` when ``convert`` fails, if given)."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {unreadable or expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0,
+                          "a positive finite number", unreadable="a positive number")
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
+def add_run_flags(parser, threads_help: str, numba_threads_help: str) -> None:
+    """--backend, --threads (BLAS) and --numba-threads, as train and profile take them."""
+    from fastattn.kernels import BACKENDS
+
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="kernel backend (default: the current one, normally numba)")
+    parser.add_argument("--threads", type=_nonneg_int, default=TrainSettings.threads,
+                        help=threads_help)
+    parser.add_argument("--numba-threads", type=_nonneg_int,
+                        default=TrainSettings.numba_threads, help=numba_threads_help)
 
 
 def configure(parser):
-    from fastattn.kernels import BACKENDS
     from fastattn.transformer import TransformerConfig as m
 
     d = TrainSettings
     parser.add_argument("--data", default=d.data,
                         help="data file: date.txt or addition.txt (built in) or a path to a "
                              "file of 'question_answer' lines (default: %(default)s)")
-    parser.add_argument("--epochs", type=_positive_int, default=d.epochs,
-                        help="passes over the training split (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                        help="examples per step (default: %(default)s)")
-    parser.add_argument("--d-model", type=_positive_int, default=m.d_model,
-                        help="model width (default: %(default)s)")
-    parser.add_argument("--heads", type=_positive_int, default=m.n_heads,
-                        help="attention heads; must divide --d-model (default: %(default)s)")
-    parser.add_argument("--layers", type=_positive_int, default=m.n_layers,
-                        help="encoder blocks and decoder blocks (default: %(default)s each)")
-    parser.add_argument("--d-ff", type=_positive_int, default=m.d_ff,
-                        help="feed-forward width (default: %(default)s)")
+    for flag, default, text in [  # the counts and sizes: positive integers
+            ("--epochs", d.epochs, "passes over the training split (default: %(default)s)"),
+            ("--batch-size", d.batch_size, "examples per step (default: %(default)s)"),
+            ("--d-model", m.d_model, "model width (default: %(default)s)"),
+            ("--heads", m.n_heads, "attention heads; must divide --d-model (default: "
+                                   "%(default)s)"),
+            ("--layers", m.n_layers, "encoder blocks and decoder blocks (default: %(default)s "
+                                     "each)"),
+            ("--d-ff", m.d_ff, "feed-forward width (default: %(default)s)")]:
+        parser.add_argument(flag, type=_positive_int, default=default, help=text)
     parser.add_argument("--lr", type=_positive_float, default=d.lr,
                         help="peak learning rate of Adam, reached after the warm-up and "
                              "then decayed to 0 by a cosine (default: %(default)s)")
@@ -142,15 +144,11 @@ def configure(parser):
                         help="warm-up steps (default: %(default)s)")
     parser.add_argument("--max-grad", type=_positive_float, default=d.max_grad,
                         help="clip the gradient norm to this (default: %(default)s)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="kernel backend (default: the current one, normally numba)")
-    parser.add_argument("--threads", type=_nonneg_int, default=d.threads,
-                        help="BLAS threads; 0 leaves BLAS's own default, all cores "
-                             "(default: %(default)s). On a busy machine 1 can be faster")
-    parser.add_argument("--numba-threads", type=_nonneg_int, default=d.numba_threads,
-                        help="threads of the Numba kernels; 0 leaves Numba's default. At the "
-                             "date model's sizes the kernels are small, and one thread beside "
-                             "multi-threaded BLAS is the fastest (default: %(default)s)")
+    add_run_flags(parser, "BLAS threads; 0 leaves BLAS's own default, all cores "
+                          "(default: %(default)s). On a busy machine 1 can be faster",
+                  "threads of the Numba kernels; 0 leaves Numba's default. At the date "
+                  "model's sizes the kernels are small, and one thread beside "
+                  "multi-threaded BLAS is the fastest (default: %(default)s)")
     parser.add_argument("--seed", type=_nonneg_int, default=d.seed,
                         help="seed of the weights and the batch order (default: %(default)s)")
     parser.add_argument("--out", default=d.out,
