@@ -23,8 +23,7 @@ import pytest
 from gradcheck import check_layer_grads
 
 import fastattn
-from fastattn import kernels
-from fastattn import Attention, AttentionWeight, TimeAttention, WeightSum, book_attention
+from fastattn import Attention, AttentionWeight, TimeAttention, WeightSum, book_attention, kernels
 
 BACKENDS = ("loop", "vectorized", "numba")
 FAST = ("vectorized", "numba")

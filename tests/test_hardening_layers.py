@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import kernels
-from fastattn import _backend, _checks
+from fastattn import _backend, _checks, kernels
+from fastattn.attention import MultiHeadAttention
 from fastattn.book_attention import Attention, AttentionWeight, TimeAttention, WeightSum
 from fastattn.layers import (
     Affine,
@@ -46,7 +46,6 @@ from fastattn.self_attention import (
     TimeValueLayer,
     WeightedValue,
 )
-from fastattn.attention import MultiHeadAttention
 from fastattn.transformer import (
     DecoderBlock,
     EncoderBlock,

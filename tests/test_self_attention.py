@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from gradcheck import check_layer_grads
 
+from fastattn.kernels import BACKENDS
 from fastattn.self_attention import (
     CompatibilityFunction,
     TimeKeyLayer,
@@ -15,7 +16,6 @@ from fastattn.self_attention import (
     TimeValueLayer,
     WeightedValue,
 )
-from fastattn.kernels import BACKENDS
 
 # float64 gradient checks: |analytic - numeric| <= 1e-7 + 1e-5 |numeric| (gradcheck defaults)
 # float32 results between backends (each against the loop reference): rtol 1e-4, atol 1e-5;
