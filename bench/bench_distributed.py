@@ -45,22 +45,18 @@ LOSS_RTOL = 1e-5  # the allreduced loss of the ranks vs one process's loss on th
 
 
 def _worker(steps: int, warmup: int, threads: int, batch: int) -> dict:
-    from dataset import sequence
     from fastattn import distributed as dist
-    from fastattn.commands.train import DEFAULTS, limit_threads
+    from fastattn.commands.train import TrainSettings, build_model, limit_threads, load_task
     from fastattn.optim import Adam, clip_grads
-    from fastattn.transformer import TransformerSeq2seq
 
-    (x, t), _ = sequence.load_data("date.txt")
-    vocab = len(sequence.get_vocab()[0])
+    task = load_task("date.txt")
+    x, t = task.x_train, task.t_train
     comm = dist.active()
     with limit_threads(threads, 1):
-        model = TransformerSeq2seq(vocab, d_model=DEFAULTS["d_model"], n_heads=DEFAULTS["heads"],
-                                   n_layers=DEFAULTS["layers"], d_ff=DEFAULTS["d_ff"],
-                                   max_len=max(x.shape[1], t.shape[1]), seed=0)
+        model = build_model(task, seed=0)  # the default model
         # the reference: one process's loss on the whole first batch, the same weights
         full_loss = model.forward(x[:batch], t[:batch])
-        opt = Adam(lr=DEFAULTS["lr"])
+        opt = Adam(lr=TrainSettings.lr)
         step_s, comm_s, bare_s = [], [], []
         n_steps = len(x) // batch
         for i in range(warmup + steps):
@@ -77,7 +73,7 @@ def _worker(steps: int, warmup: int, threads: int, batch: int) -> dict:
                 loss = comm.allreduce_grads(model.grads, loss, count=len(xb))
             if i == 0 and abs(loss - full_loss) > LOSS_RTOL * abs(full_loss):
                 raise AssertionError(f"the ranks' loss {loss} is not one process's {full_loss}")
-            clip_grads(model.grads, DEFAULTS["max_grad"])
+            clip_grads(model.grads, TrainSettings.max_grad)
             opt.update(model.params, model.grads)
             if i >= warmup:
                 step_s.append(time.perf_counter() - t0)
@@ -115,9 +111,9 @@ def _launch(cmd, timeout=1800) -> dict:
 
 def measure(steps: int = 50, warmup: int = 5, batch: int | None = None) -> list[dict]:
     """Both configurations, each in fresh processes: [2 ranks x 1 thread, 1 rank x 2 threads]."""
-    from fastattn.commands.train import DEFAULTS
+    from fastattn.commands.train import TrainSettings
 
-    batch = batch or DEFAULTS["batch_size"]
+    batch = batch or TrainSettings.batch_size
     mpiexec = _mpiexec()
     if mpiexec is None:
         raise RuntimeError("no mpiexec: pip install 'fastattn[mpi]'")
@@ -159,11 +155,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.worker:
         from fastattn import distributed as dist
-        from fastattn.commands.train import DEFAULTS
+        from fastattn.commands.train import TrainSettings
 
         def work():
             result = _worker(args.steps, args.warmup, args.threads,
-                             args.batch or DEFAULTS["batch_size"])
+                             args.batch or TrainSettings.batch_size)
             print(json.dumps(result), flush=True)  # rank 0's alone: the others' is discarded
             return 0
 
