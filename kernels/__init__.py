@@ -13,15 +13,15 @@ inputs before calling a kernel.
 
 Threads of the Numba kernels (the one place that says why there are two ways):
 
-* All run on ``numba.get_num_threads()`` threads (so ``numba.set_num_threads`` and
-  ``NUMBA_NUM_THREADS`` govern every one). The attention kernels run small work on the calling
-  thread alone (starting threads costs more than it saves there, and on a busy machine a
-  parallel region can wait a whole scheduler time slice for a thread), and hold BLAS at one
-  thread while their own threads call it (``kernels._blas``).
-* The unfused kernels (``numba_backend``) and the training step's glue kernels
-  (``_glue_numba``) are parallel loops over batch entries, row chunks or ranges of token ids,
-  of equal cost each: Numba's ``prange`` hands each thread its share, which is all such a
-  loop needs, at the lowest start-up cost.
+* The attention kernels run on ``numba.get_num_threads()`` threads (so
+  ``numba.set_num_threads`` and ``NUMBA_NUM_THREADS`` govern both kinds), run small work on
+  the calling thread alone (starting threads costs more than it saves there, and on a busy
+  machine a parallel region can wait a whole scheduler time slice for a thread), and hold BLAS
+  at one thread while their own threads call it (``kernels._blas``). The training step's glue
+  kernels (``_glue_numba``) always run on the calling thread (their docstring says why).
+* The unfused kernels (``numba_backend``) are one parallel loop over batch entries, or over
+  ranges of token ids, of equal cost each: Numba's ``prange`` hands each thread its share,
+  which is all such a loop needs, at the lowest start-up cost.
 * The fused kernels (``_flash``) have work units of unequal cost (a causal row of tiles grows
   along the diagonal; the backward splits key blocks into shares) and long runs in which
   another process may take a core. Their threads take units one at a time from a shared
