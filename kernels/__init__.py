@@ -2,7 +2,9 @@
 
 ``kernels.loop`` is the readable reference (plain Python loops), ``kernels.vectorized`` the
 NumPy version and ``kernels.numba_backend`` the Numba JIT version. All three modules define
-every name in :data:`KERNEL_NAMES` with the same arguments and results.
+every name in :data:`ATTENTION_NAMES` with the same arguments and results; the training
+step's glue kernels (:data:`GLUE_NAMES`) are ``kernels.glue_loop``, ``kernels.glue_vectorized``
+and ``kernels._glue_numba`` in the same way. :func:`get` finds either kind.
 
 Kernels trust their inputs: arrays are float32 or float64 (all one dtype), 3-D and
 C-contiguous, indices are in range. The public functions and layers of ``fastattn`` check
@@ -38,7 +40,7 @@ import importlib
 
 BACKENDS = ("loop", "vectorized", "numba")
 
-KERNEL_NAMES = (
+ATTENTION_NAMES = (  # in every backend module
     "softmax_forward",
     "softmax_backward",
     "weighted_sum_forward",
@@ -48,7 +50,8 @@ KERNEL_NAMES = (
     "attention_forward",
     "attention_backward",
     "embedding_backward",
-    # the training step's glue (kernels/glue_loop.py documents them)
+)
+GLUE_NAMES = (  # the training step's glue, in every glue module (glue_loop documents them)
     "layernorm_forward",
     "layernorm_backward",
     "bias_relu_forward",
@@ -57,11 +60,17 @@ KERNEL_NAMES = (
     "softmax_xent_backward",
     "adam_update",
 )
+KERNEL_NAMES = ATTENTION_NAMES + GLUE_NAMES
 
 _MODULES = {
     "loop": ".loop",
     "vectorized": ".vectorized",
     "numba": ".numba_backend",
+}
+_GLUE_MODULES = {
+    "loop": ".glue_loop",
+    "vectorized": ".glue_vectorized",
+    "numba": "._glue_numba",
 }
 
 
@@ -74,9 +83,11 @@ def check_backend(name) -> str:
     return name
 
 
-def module(backend: str):
-    """The module that implements ``backend`` (imported on first use)."""
-    return importlib.import_module(_MODULES[check_backend(backend)], __name__)
+def module(backend: str, *, glue: bool = False):
+    """The module that implements ``backend``'s attention kernels, or with ``glue`` its glue
+    kernels (imported on first use)."""
+    modules = _GLUE_MODULES if glue else _MODULES
+    return importlib.import_module(modules[check_backend(backend)], __name__)
 
 
 def get(kernel_name: str, backend: str):
@@ -89,4 +100,4 @@ def get(kernel_name: str, backend: str):
         raise ValueError(
             f"unknown kernel {kernel_name!r}; valid kernels are: {', '.join(KERNEL_NAMES)}"
         )
-    return getattr(module(backend), kernel_name)
+    return getattr(module(backend, glue=kernel_name in GLUE_NAMES), kernel_name)

@@ -17,16 +17,6 @@ import math
 
 import numpy as np
 
-from .glue_loop import (  # noqa: F401  the glue kernels
-    adam_update,
-    bias_relu_backward,
-    bias_relu_forward,
-    layernorm_backward,
-    layernorm_forward,
-    softmax_xent_backward,
-    softmax_xent_forward,
-)
-
 
 def softmax_forward(x):
     """y[b, i, :] = softmax(x[b, i, :]). x (B, Tq, Tk) -> y (B, Tq, Tk).

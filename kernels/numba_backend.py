@@ -38,22 +38,13 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, prange
 
-from . import KERNEL_NAMES
+from . import ATTENTION_NAMES
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._flash import attention_backward, attention_forward  # noqa: F401  (in __all__)
-from ._glue_numba import (  # noqa: F401  the glue kernels
-    adam_update,
-    bias_relu_backward,
-    bias_relu_forward,
-    layernorm_backward,
-    layernorm_forward,
-    softmax_xent_backward,
-    softmax_xent_forward,
-)
 from ._numba_math import FASTMATH, njit_cached, vexp
 
-__all__ = list(KERNEL_NAMES)
+__all__ = list(ATTENTION_NAMES)
 
 _JIT = {"fastmath": set(FASTMATH), "nogil": True}
 _PJIT = {**_JIT, "parallel": True}

@@ -9,16 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .glue_vectorized import (  # noqa: F401  the glue kernels
-    adam_update,
-    bias_relu_backward,
-    bias_relu_forward,
-    layernorm_backward,
-    layernorm_forward,
-    softmax_xent_backward,
-    softmax_xent_forward,
-)
-
 
 def softmax_forward(x):
     """y[b, i, :] = softmax(x[b, i, :]). x (B, Tq, Tk) -> y; an all -inf row gives zeros."""

@@ -32,9 +32,11 @@ def test_unknown_attribute_raises_attribute_error():
 
 def test_every_backend_module_has_every_kernel():
     for backend in kernels.BACKENDS:
-        module = kernels.module(backend)
-        for name in kernels.KERNEL_NAMES:
-            assert callable(getattr(module, name)), (backend, name)
+        for glue, names in ((False, kernels.ATTENTION_NAMES), (True, kernels.GLUE_NAMES)):
+            module = kernels.module(backend, glue=glue)
+            for name in names:
+                assert callable(getattr(module, name)), (backend, name)
+                assert kernels.get(name, backend) is getattr(module, name)
 
 
 def test_import_fastattn_does_not_import_the_layers_or_numba():
