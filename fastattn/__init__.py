@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib
 
 from fastattn._backend import get_backend, set_backend, use_backend
-from fastattn.functional import attention_backward, attention_forward, softmax
+from fastattn.functional import (
+    attention_backward,
+    attention_forward,
+    merge_attention,
+    softmax,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +55,7 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "get_backend",
+    "merge_attention",
     "set_backend",
     "softmax",
     "use_backend",

@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from fastattn import _attention_args as args
 from fastattn import _backend, _checks
-
-
-def _scale(scale, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, (str, bytes)):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    try:
-        s = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"scale must be a real number or None, got {type(scale).__name__}"
-        ) from None
-    if not math.isfinite(s):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    return s
-
-
-def _causal(causal) -> bool:
-    if isinstance(causal, (bool, np.bool_)):
-        return bool(causal)
-    if isinstance(causal, (int, np.integer)) and causal in (0, 1):
-        return bool(causal)
-    raise TypeError(f"causal must be True or False, got {causal!r}")
+from fastattn.kernels.vectorized_attention import merge_parts
 
 
 def _overflow(what: str, dtype) -> ValueError:
@@ -42,13 +20,13 @@ def _overflow(what: str, dtype) -> ValueError:
     )
 
 
-def _run_kernel(fn, what: str, dtype, *args):
+def _run_kernel(fn, what: str, dtype, *args, **features):
     """Call a kernel; a logit overflow that shows as a Python OverflowError (the loop kernels)
     becomes the ValueError that the callers also raise for inf/NaN in the results.
     """
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            return fn(*args)
+            return fn(*args, **features)
     except OverflowError:
         raise _overflow(what, dtype) from None
 
@@ -71,17 +49,7 @@ def _check_qkv(q, k, v):
     k = _checks.float_array(k, "k", ndim_min=2)
     v = _checks.float_array(v, "v", ndim_min=2)
     dtype = _checks.same_dtype({"q": q, "k": k, "v": v})
-    if not (q.ndim == k.ndim == v.ndim):
-        raise ValueError(
-            f"q, k and v must have the same number of dimensions, got shapes "
-            f"{q.shape}, {k.shape}, {v.shape}"
-        )
-    lead = q.shape[:-2]
-    if k.shape[:-2] != lead or v.shape[:-2] != lead:
-        raise ValueError(
-            f"q, k and v must share their leading dimensions, got shapes "
-            f"{q.shape}, {k.shape}, {v.shape}"
-        )
+    group = args.check_heads(q, k, v)
     Tq, d = q.shape[-2:]
     Tk = k.shape[-2]
     if k.shape[-1] != d:
@@ -93,84 +61,187 @@ def _check_qkv(q, k, v):
             f"sequence lengths and feature sizes must be at least 1, got q {q.shape}, "
             f"k {k.shape}, v {v.shape}"
         )
-    return q, k, v, dtype
+    return q, k, v, dtype, group
 
 
-def _options(q, v, mask, causal, scale, backend, kernel_name):
-    """The keywords checked, in the kernels' form: (scale, causal, mask (1 or B, 1 or Tq, Tk)
-    or None, B = the product of the leading dimensions, the kernel)."""
-    lead, Tq, d = q.shape[:-2], q.shape[-2], q.shape[-1]
-    s = _scale(scale, d)
-    causal = _causal(causal)
-    B = int(np.prod(lead, dtype=np.int64))
+def _flat3(x):
+    return x.reshape((-1,) + x.shape[-2:])
+
+
+@dataclass
+class _Call:
+    """Checked inputs of an attention call, in the kernels' form."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    dtype: np.dtype
+    scale: float
+    causal: object  # False, True (top-left) or "bottom_right"
+    mask: object  # None or bool (1 or B, 1 or Tq, Tk)
+    bias: object  # None or args.Bias
+    features: dict  # the kernels' keyword arguments beyond (q, k, v, scale, causal, mask)
+
+    @property
+    def lead(self):
+        return self.q.shape[:-2]
+
+    @property
+    def B(self):
+        return int(np.prod(self.lead, dtype=np.int64))
+
+    def kernel_args(self):
+        return (_flat3(self.q), _flat3(self.k), _flat3(self.v), self.scale, self.causal,
+                self.mask)
+
+
+def _prepare(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, seed,
+             cu_seqlens_q, cu_seqlens_k, scale) -> _Call:
+    """Check everything and convert it to the kernels' form."""
+    q, k, v, dtype, group = _check_qkv(q, k, v)
+    lead, (Tq, d), Tk = q.shape[:-2], q.shape[-2:], k.shape[-2]
+    s = args.scale_of(scale, d)
+    causal = args.check_causal(causal)
+    window = args.check_window(window)
+    p, seed = args.check_dropout(dropout_p, seed)
+    cu_q, cu_k = args.check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, Tq, Tk)
+    if causal == "bottom_right" and cu_q is None and Tq == Tk:
+        causal = "top_left"  # the same alignment
+    features = {}
+    if window is not None:
+        features["window"] = window
+    if p > 0:
+        features.update(dropout_p=p, seed=seed)
+    if cu_q is not None:
+        features.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    if alibi_slopes is not None:
+        features["alibi"] = args.check_alibi(alibi_slopes, lead)
     if mask is not None:
-        mask = _checks.bool_mask(mask, lead + (Tq, v.shape[-2]))
-    return s, causal, mask, B, _backend.kernel(kernel_name, backend)
+        mask = _checks.bool_mask(mask, lead + (Tq, Tk))
+    if bias is not None:
+        bias = args.check_bias(bias, lead, Tq, Tk, dtype)
+        features.update(bias=bias.array, bias_map=bias.bias_map)
+    return _Call(q, k, v, dtype, s, True if causal == "top_left" else causal, mask, bias,
+                 features)
 
 
-def _flat3(x, B):
-    return x.reshape((B,) + x.shape[-2:])
+def _empty_rows_are_real(call: _Call, empty) -> bool:
+    """False when a row that came back empty (lse -inf) has an allowed key after all, i.e.
+    its scores overflowed; decidable from mask and top-left causal alone (with the other
+    features an empty row may be real, and only NaN/inf in the results tell an overflow)."""
+    if call.features or call.causal == "bottom_right":
+        return True
+    has_key = _rows_with_keys(call.mask, bool(call.causal), call.q.shape[-2])
+    return has_key is not None and not (empty & has_key).any()
 
 
-def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, backend=None):
-    """softmax(scale q k^T, masked) v, fused: the (Tq, Tk) score matrix is never kept.
+def attention_forward(q, k, v, *, mask=None, bias=None, causal=False, window=None,
+                      alibi_slopes=None, dropout_p=0.0, seed=None, cu_seqlens_q=None,
+                      cu_seqlens_k=None, scale=None, backend=None):
+    """softmax(scale q k^T + bias + alibi, masked) v with dropout, fused: the (Tq, Tk) score
+    matrix is never kept.
 
-    q (..., Tq, d), k (..., Tk, d), v (..., Tk, dv), one float dtype; ``mask`` None or bool
-    broadcastable to (..., Tq, Tk), True where a query may attend; ``causal=True`` also forbids
-    key j > query i. ``scale`` defaults to 1/sqrt(d).
-    Returns out (..., Tq, dv) and lse (..., Tq), the row log-sum-exp needed by the backward
+    q (..., H, Tq, d); k (..., Hkv, Tk, d) and v (..., Hkv, Tk, dv) with H a multiple of Hkv
+    (grouped-query attention; query head h reads key/value head h // (H // Hkv)); one float
+    dtype. Keywords (each combines with every other; see the README and DESIGN):
+
+    * ``mask``: bool broadcastable to (..., Tq, Tk), True where a query may attend;
+    * ``bias``: float of q's dtype broadcastable to (..., H, Tq, Tk), added to the scaled
+      scores (-inf masks);
+    * ``causal``: False, True or "top_left" (key j <= query i), "bottom_right"
+      (j <= i + Tk - Tq);
+    * ``window``: (left, right), ints >= 0 or None: keys i' - left <= j <= i' + right, with
+      i' = i, or i + Tk - Tq with bottom-right alignment; whole key blocks outside are skipped;
+    * ``alibi_slopes``: (H,) or (..., H): adds -slope |i + Tk - Tq - j|;
+    * ``dropout_p``, ``seed``: dropout on the probabilities, decided by a hash of (seed, batch
+      entry, i, j), so the backward regenerates it; ``seed`` is required when dropout_p > 0;
+    * ``cu_seqlens_q``, ``cu_seqlens_k``: int (n + 1,) offsets of n sequences packed along the
+      T axes; each attends to its own keys, positions count from its start;
+    * ``scale``: defaults to 1/sqrt(d).
+
+    Returns out (..., H, Tq, dv) and lse (..., H, Tq), the row log-sum-exp before dropout
     (-inf for a row with nothing to attend to, whose out is zero).
 
-    Raises TypeError for a dtype other than float32/float64 or for mixed dtypes (there is no
-    promotion), ValueError for shapes that do not fit, NaN/inf in the inputs, or logits that
+    Raises TypeError for a dtype other than float32/float64 or mixed dtypes (no promotion),
+    ValueError for shapes that do not fit, NaN/inf in the inputs, bad keywords or logits that
     overflow the dtype. An empty batch (a leading dimension of 0) gives empty results.
     """
-    q, k, v, dtype = _check_qkv(q, k, v)
-    lead, Tq = q.shape[:-2], q.shape[-2]
-    dv = v.shape[-1]
-    s, causal, mask, B, fn = _options(q, v, mask, causal, scale, backend, "attention_forward")
-    if B == 0:
+    call = _prepare(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, seed,
+                    cu_seqlens_q, cu_seqlens_k, scale)
+    lead, Tq, dv, dtype = call.lead, call.q.shape[-2], call.v.shape[-1], call.dtype
+    fn = _backend.kernel("attention_forward", backend)
+    if call.B == 0 or call.k.size == 0:
         return np.zeros(lead + (Tq, dv), dtype), np.full(lead + (Tq,), -np.inf, dtype)
-    out, lse = _run_kernel(fn, "attention_forward", dtype, _flat3(q, B), _flat3(k, B),
-                           _flat3(v, B), s, causal, mask)
+    out, lse = _run_kernel(fn, "attention_forward", dtype, *call.kernel_args(),
+                           **call.features)
     if not np.isfinite(out).all() or np.isnan(lse).any() or np.isposinf(lse).any():
         raise _overflow("attention_forward", dtype)
     empty = np.isneginf(lse)  # (B, Tq): rows the kernel found nothing to attend to
-    if empty.any():
-        has_key = _rows_with_keys(mask, causal, Tq)
-        if has_key is None or (empty & has_key).any():
-            raise _overflow("attention_forward", dtype)
+    if empty.any() and not _empty_rows_are_real(call, empty):
+        raise _overflow("attention_forward", dtype)
     return out.reshape(lead + (Tq, dv)), lse.reshape(lead + (Tq,))
 
 
-def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None,
-                       backend=None):
-    """Gradients of :func:`attention_forward`: (dq, dk, dv), shaped like (q, k, v).
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, bias=None, causal=False,
+                       window=None, alibi_slopes=None, dropout_p=0.0, seed=None,
+                       cu_seqlens_q=None, cu_seqlens_k=None, scale=None, backend=None):
+    """Gradients of :func:`attention_forward`: (dq, dk, dv) shaped like (q, k, v), and dbias
+    shaped like bias (summed over its broadcast dimensions) when a bias is given.
 
-    ``out`` and ``lse`` are what attention_forward returned for the same q, k, v, mask, causal
-    and scale; dout is shaped like out. Errors as for :func:`attention_forward`.
+    ``out`` and ``lse`` are what attention_forward returned for the same inputs and keywords;
+    dout is shaped like out. Errors as for :func:`attention_forward`.
     """
-    q, k, v, dtype = _check_qkv(q, k, v)
-    lead, Tq = q.shape[:-2], q.shape[-2]
-    dv = v.shape[-1]
+    call = _prepare(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, seed,
+                    cu_seqlens_q, cu_seqlens_k, scale)
+    lead, Tq, dv, dtype = call.lead, call.q.shape[-2], call.v.shape[-1], call.dtype
     dout = _checks.float_array(dout, "dout", ndim_min=2)
     out = _checks.float_array(out, "out", ndim_min=2)
     lse = _checks.float_array(lse, "lse", ndim_min=1, finite=False)
-    _checks.same_dtype({"q": q, "dout": dout, "out": out, "lse": lse})
+    _checks.same_dtype({"q": call.q, "dout": dout, "out": out, "lse": lse})
     _checks.shape_is(dout, lead + (Tq, dv), "dout")
     _checks.shape_is(out, lead + (Tq, dv), "out")
     _checks.shape_is(lse, lead + (Tq,), "lse")
     if np.isnan(lse).any() or np.isposinf(lse).any():
         raise ValueError("lse contains NaN or +inf; pass the lse that attention_forward returned")
-    s, causal, mask, B, fn = _options(q, v, mask, causal, scale, backend, "attention_backward")
-    if B == 0:
-        return np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-    dq, dk, dvv = _run_kernel(
-        fn, "attention_backward", dtype, _flat3(dout, B), _flat3(q, B), _flat3(k, B),
-        _flat3(v, B), _flat3(out, B), lse.reshape(B, Tq), s, causal, mask)
-    if not (np.isfinite(dq).all() and np.isfinite(dk).all() and np.isfinite(dvv).all()):
+    fn = _backend.kernel("attention_backward", backend)
+    if call.B == 0 or call.k.size == 0:
+        grads = (np.zeros_like(call.q), np.zeros_like(call.k), np.zeros_like(call.v))
+        return grads if call.bias is None else grads + (np.zeros(call.bias.shape, dtype),)
+    qf, kf, vf, *rest = call.kernel_args()
+    grads = _run_kernel(fn, "attention_backward", dtype, _flat3(dout), qf, kf, vf,
+                        _flat3(out), lse.reshape(-1, Tq), *rest, **call.features)
+    if not all(np.isfinite(g).all() for g in grads):
         raise _overflow("attention_backward", dtype)
-    return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape)
+    dq, dk, dvv = grads[:3]
+    res = (dq.reshape(call.q.shape), dk.reshape(call.k.shape), dvv.reshape(call.v.shape))
+    return res if call.bias is None else res + (call.bias.grad(grads[3]),)
+
+
+def merge_attention(outs, lses):
+    """Combine attentions of the same queries over disjoint key sets.
+
+    outs: a sequence of n >= 1 arrays (..., Tq, dv); lses: n arrays (..., Tq), as
+    :func:`attention_forward` returns them. lse = logsumexp over the parts of the lses,
+    out = sum_i exp(lse_i - lse) out_i; a part whose lse is -inf adds nothing, and a row that
+    is -inf in every part gives out 0, lse -inf.
+    """
+    if isinstance(outs, np.ndarray) or isinstance(lses, np.ndarray):
+        raise TypeError("outs and lses must be sequences (lists or tuples) of arrays")
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"outs and lses must be non-empty and of one length, got {len(outs)} "
+                         f"and {len(lses)}")
+    outs = [_checks.float_array(o, f"outs[{i}]", ndim_min=1) for i, o in enumerate(outs)]
+    lses = [_checks.float_array(x, f"lses[{i}]", ndim_min=0, finite=False)
+            for i, x in enumerate(lses)]
+    _checks.same_dtype({f"outs[{i}]": o for i, o in enumerate(outs)}
+                       | {f"lses[{i}]": x for i, x in enumerate(lses)})
+    for i, (o, x) in enumerate(zip(outs, lses, strict=True)):
+        _checks.shape_is(o, outs[0].shape, f"outs[{i}]")
+        _checks.shape_is(x, outs[0].shape[:-1], f"lses[{i}]")
+        if np.isnan(x).any() or np.isposinf(x).any():
+            raise ValueError(f"lses[{i}] contains NaN or +inf")
+    return merge_parts(np.stack(outs), np.stack(lses))
 
 
 def softmax(x, *, backend=None):

@@ -7,6 +7,9 @@ follow it name for name, with the same intermediate values and the same masking 
   True there, or mask is None, and, with ``causal=True``, ``j <= i``;
 * a query row with no allowed entry gives zeros in ``out``, ``lse = -inf`` and zero gradients.
 
+The fused attention kernels, with all their features (grouped queries, causal alignment,
+windows, bias, ALiBi, dropout, packed sequences), live in ``kernels.loop_attention``.
+
 Loops run in Python floats (float64) and results are returned in the dtype of the inputs.
 Use only tiny shapes: this is slow on purpose.
 """
@@ -16,6 +19,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .loop_attention import attention_backward, attention_forward  # noqa: F401
 
 
 def softmax_forward(x):
@@ -139,98 +144,6 @@ def scores_backward(ds, q, k, scale):
                     acc += float(ds[b, i, j]) * float(q[b, i, c])
                 dk[b, j, c] = scale * acc
     return dq, dk
-
-
-def _allowed(mask, causal, b, i, j):
-    """The masking rule shared by every backend."""
-    if causal and j > i:
-        return False
-    return mask is None or bool(mask[b, i, j])
-
-
-def attention_forward(q, k, v, scale, causal, mask):
-    """out = softmax(scale q k^T, masked) v, without keeping the score matrix.
-
-    q (B, Tq, d), k (B, Tk, d), v (B, Tk, dv), mask None or bool broadcastable to (B, Tq, Tk)
-    -> out (B, Tq, dv), lse (B, Tq): the log-sum-exp of each row's allowed scores (-inf for a
-    row with nothing allowed, whose out is zero).
-    """
-    B, Tq, d = q.shape
-    Tk, dv = v.shape[1], v.shape[2]
-    if mask is not None:
-        mask = np.broadcast_to(mask, (B, Tq, Tk))
-    out = np.zeros((B, Tq, dv), dtype=q.dtype)
-    lse = np.full((B, Tq), -np.inf, dtype=q.dtype)
-    for b in range(B):
-        for i in range(Tq):
-            s = [0.0] * Tk
-            m = -math.inf
-            for j in range(Tk):
-                if _allowed(mask, causal, b, i, j):
-                    acc = 0.0
-                    for c in range(d):
-                        acc += float(q[b, i, c]) * float(k[b, j, c])
-                    s[j] = scale * acc
-                    m = max(m, s[j])
-            if m == -math.inf:
-                continue  # nothing to attend to: out stays 0, lse stays -inf
-            total = 0.0
-            for j in range(Tk):
-                if _allowed(mask, causal, b, i, j):
-                    total += math.exp(s[j] - m)
-            for c in range(dv):
-                acc = 0.0
-                for j in range(Tk):
-                    if _allowed(mask, causal, b, i, j):
-                        acc += math.exp(s[j] - m) * float(v[b, j, c])
-                out[b, i, c] = acc / total
-            lse[b, i] = m + math.log(total)
-    return out, lse
-
-
-def attention_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    """Gradients of attention_forward.
-
-    dout (B, Tq, dv) -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv).
-
-    The probabilities are recomputed from lse: p[i, j] = exp(s[i, j] - lse[i]).
-    In the forward pass this was ``out[i, c] += p[i, j] * v[j, c]``, so now
-    ``dv[j, c] += p[i, j] * dout[i, c]`` and ``dp[i, j] += v[j, c] * dout[i, c]``. Through the
-    softmax, ``ds[i, j] = p[i, j] * (dp[i, j] - D[i])`` with ``D[i] = sum_c dout[i, c] out[i, c]``
-    (which equals sum_j p[i, j] dp[i, j]). Through ``s = scale q k^T``,
-    ``dq[i] += scale ds[i, j] k[j]`` and ``dk[j] += scale ds[i, j] q[i]``.
-    """
-    B, Tq, d = q.shape
-    Tk, dvd = v.shape[1], v.shape[2]
-    if mask is not None:
-        mask = np.broadcast_to(mask, (B, Tq, Tk))
-    dq = np.zeros(q.shape)  # accumulate in float64, return in the input dtype
-    dk = np.zeros(k.shape)
-    dv = np.zeros(v.shape)
-    for b in range(B):
-        for i in range(Tq):
-            row_lse = float(lse[b, i])
-            if row_lse == -math.inf:
-                continue  # a row with nothing to attend to has no gradient
-            D = 0.0
-            for c in range(dvd):
-                D += float(dout[b, i, c]) * float(out[b, i, c])
-            for j in range(Tk):
-                if not _allowed(mask, causal, b, i, j):
-                    continue
-                acc = 0.0
-                for c in range(d):
-                    acc += float(q[b, i, c]) * float(k[b, j, c])
-                p = math.exp(scale * acc - row_lse)
-                dp = 0.0
-                for c in range(dvd):
-                    dv[b, j, c] += p * float(dout[b, i, c])
-                    dp += float(v[b, j, c]) * float(dout[b, i, c])
-                ds = p * (dp - D)
-                for c in range(d):
-                    dq[b, i, c] += scale * ds * float(k[b, j, c])
-                    dk[b, j, c] += scale * ds * float(q[b, i, c])
-    return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
 
 
 def embedding_backward(idx, dout, V):

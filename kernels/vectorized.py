@@ -2,12 +2,15 @@
 
 Same names, signatures, intermediate values and masking rule as ``kernels.loop``. The fused
 attention kernels here materialise the (B, Tq, Tk) score matrix; that is the point of the
-comparison with the Numba flash kernels, which do not.
+comparison with the Numba flash kernels, which do not. They live, with all their features,
+in ``kernels.vectorized_attention``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .vectorized_attention import attention_backward, attention_forward  # noqa: F401
 
 
 def softmax_forward(x):
@@ -55,60 +58,6 @@ def scores_backward(ds, q, k, scale):
     dk = np.matmul(ds.transpose(0, 2, 1), q)
     dk *= sc
     return dq, dk
-
-
-def _allowed(B, Tq, Tk, causal, mask):
-    """Boolean (B|1, Tq|1, Tk) array of allowed entries, or None when everything is allowed."""
-    allowed = None
-    if causal:
-        allowed = np.tril(np.ones((Tq, Tk), dtype=bool))[None]  # (1, Tq, Tk): j <= i
-    if mask is not None:
-        allowed = mask if allowed is None else (allowed & mask)
-    return allowed
-
-
-def attention_forward(q, k, v, scale, causal, mask):
-    """out = softmax(scale q k^T, masked) v (B, Tq, dv), lse (B, Tq); see kernels.loop."""
-    B, Tq, _ = q.shape
-    Tk = k.shape[1]
-    s = scores_forward(q, k, scale)  # (B, Tq, Tk)
-    allowed = _allowed(B, Tq, Tk, causal, mask)
-    if allowed is not None:
-        s = np.where(allowed, s, -np.inf).astype(q.dtype, copy=False)
-    m = s.max(axis=-1, keepdims=True)  # (B, Tq, 1)
-    empty = ~np.isfinite(m)  # rows with nothing allowed
-    m[empty] = 0
-    p = np.exp(s - m)  # (B, Tq, Tk), masked entries are exp(-inf) = 0
-    total = p.sum(axis=-1, keepdims=True)  # (B, Tq, 1)
-    total[empty] = 1
-    out = np.matmul(p, v)
-    out /= total
-    lse = (m + np.log(total))[..., 0]  # (B, Tq)
-    lse[empty[..., 0]] = -np.inf
-    return out, lse
-
-
-def attention_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    """Gradients of attention_forward -> dq (B, Tq, d), dk (B, Tk, d), dv (B, Tk, dv).
-
-    See kernels.loop for the derivation.
-    """
-    B, Tq, _ = q.shape
-    Tk = k.shape[1]
-    s = scores_forward(q, k, scale)  # (B, Tq, Tk)
-    empty = np.isneginf(lse)[..., None]  # (B, Tq, 1)
-    row_lse = np.where(empty, 0, lse[..., None]).astype(q.dtype, copy=False)
-    p = np.exp(s - row_lse)  # (B, Tq, Tk)
-    allowed = _allowed(B, Tq, Tk, causal, mask)
-    if allowed is not None:
-        p = np.where(allowed, p, 0).astype(q.dtype, copy=False)
-    p = np.where(empty, 0, p).astype(q.dtype, copy=False)
-    dv = np.matmul(p.transpose(0, 2, 1), dout)  # (B, Tk, dv)
-    dp = np.matmul(dout, v.transpose(0, 2, 1))  # (B, Tq, Tk)
-    D = np.sum(dout * out, axis=-1, keepdims=True)  # (B, Tq, 1)
-    ds = p * (dp - D)  # (B, Tq, Tk)
-    dq, dk = scores_backward(ds, q, k, scale)
-    return dq, dk, dv
 
 
 def embedding_backward(idx, dout, V):

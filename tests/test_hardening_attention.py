@@ -133,9 +133,16 @@ def test_mismatched_tk_between_k_and_v_raises_value_error():
 
 
 def test_mismatched_leading_dimensions_raise_value_error():
-    q, k, v, _ = _qkv(B=2)
+    """Axis -3 is the head axis (grouped-query attention allows fewer key/value heads that
+    divide the query heads); every other leading dimension must match."""
+    q, k, v, _ = _qkv(B=3)
+    with pytest.raises(ValueError, match="must be a multiple of k's and v's Hkv=2"):
+        fastattn.attention_forward(q, k[:2], v[:2])
+    q, k, v, _ = _qkv(lead=(2, 3))
     with pytest.raises(ValueError, match="leading dimensions"):
         fastattn.attention_forward(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="v must have k's leading dimensions"):
+        fastattn.attention_forward(q, k, v[:, :1])
     with pytest.raises(ValueError, match="same number of dimensions"):
         fastattn.attention_forward(q[None], k, v)
 
@@ -227,7 +234,8 @@ def test_bad_scale_raises(scale, exc, msg):
                          ids=["array", "str", "two", "none", "float"])
 def test_causal_that_is_not_a_bool_raises_type_error(causal):
     q, k, v, _ = _qkv()
-    with pytest.raises(TypeError, match="^causal must be True or False"):
+    msg = "^causal must be False, True, 'top_left' or 'bottom_right'"
+    with pytest.raises((TypeError, ValueError), match=msg):
         fastattn.attention_forward(q, k, v, causal=causal)
 
 

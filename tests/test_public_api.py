@@ -9,8 +9,8 @@ import fastattn
 from fastattn import kernels
 
 DESIGN_NAMES = [
-    "attention_forward", "attention_backward", "softmax", "set_backend", "get_backend",
-    "use_backend", "load_model",
+    "attention_forward", "attention_backward", "merge_attention", "softmax", "set_backend",
+    "get_backend", "use_backend", "load_model",
     "TimeKeyLayer", "TimeQueryLayer", "TimeValueLayer", "CompatibilityFunction", "WeightedValue",
     "Embedding", "TimeEmbedding", "TimeAffine", "TimeSoftmaxWithLoss", "TimeDropout",
     "WeightSum", "AttentionWeight", "Attention", "TimeAttention",
