@@ -141,7 +141,11 @@ def check_bias(bias, lead: tuple, Tq: int, Tk: int, dtype) -> Bias:
     if np.isnan(bias).any() or np.isposinf(bias).any():
         raise ValueError("bias contains NaN or +inf (-inf is allowed: it masks)")
     shape = lead + (Tq, Tk)
-    if bias.ndim > len(shape) or np.broadcast_shapes(bias.shape, shape) != shape:
+    try:
+        fits = bias.ndim <= len(shape) and np.broadcast_shapes(bias.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
         raise ValueError(f"bias of shape {bias.shape} does not broadcast to {shape}")
     b = bias.reshape((1,) * (len(shape) - bias.ndim) + bias.shape)
     blead = b.shape[:-2]

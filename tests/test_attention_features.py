@@ -1,0 +1,273 @@
+"""The attention features of DESIGN "Public functions" on every backend, forward and backward:
+grouped-query heads, causal alignment, windows, bias (with dbias), ALiBi, dropout, packed
+sequences, masks, and their combinations.
+
+References: the loop backend (the source of truth), PyTorch's scaled_dot_product_attention
+where it has the feature (masks built here from DESIGN's formulas, independently of the
+kernels), and float64 central differences. Bounds: ``attention_cases.bounds``.
+"""
+
+from __future__ import annotations
+
+import attention_cases as ac
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import kernels
+
+FAST = ("vectorized", "numba")
+CU_Q = np.array([0, 2, 2, 5, 7])  # 4 sequences of query lengths 2, 0, 3, 2
+CU_K = np.array([0, 3, 4, 4, 8])  # key lengths 3, 1, 0, 4
+
+
+def _cases():
+    """name -> (make kwargs) for one feature each, then combinations."""
+    all_kw = dict(Hkv=2, H=4, Tq=7, Tk=8, causal="bottom_right", window=(2, 1),
+                  cu_seqlens_q=CU_Q, cu_seqlens_k=CU_K, bias=(4, 1, 8),
+                  alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0]), dropout_p=0.25, seed=11)
+    return {
+        "plain": {},
+        "gqa": dict(H=4, Hkv=2),
+        "mqa": dict(H=3, Hkv=1),
+        "top_left": dict(causal=True, Tq=6, Tk=8),
+        "top_left_more_queries": dict(causal="top_left", Tq=8, Tk=5),
+        "bottom_right": dict(causal="bottom_right", Tq=4, Tk=9),
+        "bottom_right_more_queries": dict(causal="bottom_right", Tq=9, Tk=4),
+        "window": dict(window=(2, 1), Tq=8, Tk=8),
+        "window_left_only": dict(window=(3, None), Tq=8, Tk=6),
+        "window_right_only": dict(window=(None, 0), Tq=6, Tk=8),
+        "window_bottom_right": dict(window=(2, None), causal="bottom_right", Tq=4, Tk=9),
+        "bias_full": dict(bias=(1, 2, 5, 6)),
+        "bias_heads_rows": dict(bias=(2, 1, 6)),
+        "bias_2d": dict(bias=(5, 6)),
+        "bias_one_key": dict(bias=(5, 1)),
+        "alibi": dict(alibi_slopes=np.array([0.5, 0.125])),
+        "dropout": dict(dropout_p=0.3, seed=7),
+        "packed": dict(Tq=7, Tk=8, cu_seqlens_q=CU_Q, cu_seqlens_k=CU_K),
+        "packed_causal": dict(Tq=7, Tk=8, cu_seqlens_q=CU_Q, cu_seqlens_k=CU_K, causal=True),
+        "mask": dict(mask="random"),
+        "gqa_window_bias": dict(H=4, Hkv=1, window=(1, 1), bias=(4, 5, 6), Tq=5, Tk=6),
+        "alibi_dropout_causal": dict(alibi_slopes=np.array([0.3, 0.1]), dropout_p=0.5,
+                                     seed=3, causal=True),
+        "all": all_kw,
+        "all_top_left_masked": dict(all_kw, causal=True, mask="random", window=(None, 2)),
+        "all_batch": dict(all_kw, N=2, bias=(2, 1, 7, 8), window=(1, None)),
+    }
+
+
+CASES = _cases()
+
+
+def _case(name, rng, dtype=np.float64):
+    kw = dict(CASES[name])
+    if kw.get("mask") == "random":
+        kw["mask"] = rng.random((kw.get("Tq", 5), kw.get("Tk", 6))) < 0.7
+    shape = {n: kw.pop(n) for n in ("N", "H", "Hkv", "Tq", "Tk", "d", "dv") if n in kw}
+    return ac.make(rng, dtype, **shape, **kw)
+
+
+@pytest.fixture(scope="module")
+def loop_results():
+    """The loop reference of every case (float64), computed once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            case = _case(name, np.random.default_rng(hash(name) % 2**32))
+            cache[name] = (case, ac.run(case, "loop"))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_feature_matches_loop_reference(name, backend, dtype, loop_results):
+    case64, want = loop_results(name)
+    case = dict(case64, q=case64["q"].astype(dtype), k=case64["k"].astype(dtype),
+                v=case64["v"].astype(dtype), dout=case64["dout"].astype(dtype),
+                kw={n: (x.astype(dtype) if n == "bias" else x) for n, x in case64["kw"].items()})
+    got = ac.run(case, backend)
+    assert all(g.dtype == dtype for g in got)
+    ac.assert_close(got, want, case, f"{name} on {backend}")
+
+
+def test_reference_cases_are_not_trivial(loop_results):
+    """Each masking case leaves some rows empty or some keys out, and results differ from the
+    plain problem on the same inputs (a feature that did nothing would pass the comparison)."""
+    for name in CASES:
+        if name == "plain":
+            continue
+        case, want = loop_results(name)
+        plain = dict(case, kw={})
+        if case["q"].shape[-3] != case["k"].shape[-3]:
+            continue  # grouped heads: the plain problem has other shapes
+        base = ac.run(plain, "loop")
+        assert not np.allclose(base[0], want[0]), name
+
+
+# ---- gradients: float64 central differences ---------------------------------------------------
+
+
+def _numerical(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        idx = it.multi_index
+        old = x[idx]
+        if not np.isfinite(old):
+            continue
+        x[idx] = old + eps
+        hi = f()
+        x[idx] = old - eps
+        lo = f()
+        x[idx] = old
+        g[idx] = (hi - lo) / (2 * eps)
+    return g
+
+
+GRAD_CASES = ["gqa", "bottom_right", "window", "bias_heads_rows", "bias_one_key", "alibi",
+              "dropout", "packed_causal", "mask", "all"]
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_gradients_match_central_differences(name, backend):
+    """loss = sum(out * dout): each analytic gradient (dq, dk, dv, dbias) against central
+    differences of the loss in float64 (step 1e-6, error about 1e-9 on O(1) values: bound
+    1e-6 relative to max(1, max |gradient|)). With a fixed seed dropout is a fixed function."""
+    rng = np.random.default_rng(5)
+    case = _case(name, rng)
+    case["kw"].pop("mask", None) if name != "mask" else None
+    q, k, v, dout, kw = case["q"], case["k"], case["v"], case["dout"], case["kw"]
+    if name == "mask":
+        kw["mask"] = rng.random(q.shape[-2:-1] + k.shape[-2:-1]) < 0.7
+    out, lse = fastattn.attention_forward(q, k, v, backend=backend, **kw)
+    grads = fastattn.attention_backward(dout, q, k, v, out, lse, backend=backend, **kw)
+    wrt = [q, k, v] + ([kw["bias"]] if "bias" in kw else [])
+    assert len(grads) == len(wrt)
+
+    def loss():
+        return float((fastattn.attention_forward(q, k, v, backend=backend, **kw)[0]
+                      * dout).sum())
+
+    for name_g, g, x in zip(ac.GRAD_NAMES, grads, wrt, strict=False):
+        num = _numerical(loss, x)
+        fin = np.isfinite(x)
+        tol = 1e-6 * max(1.0, np.abs(num).max())
+        np.testing.assert_allclose(g[fin], num[fin], rtol=0, atol=tol, err_msg=name_g)
+    assert np.abs(grads[0]).max() > 0
+
+
+# ---- PyTorch, where it has the feature --------------------------------------------------------
+
+
+def _torch_grads(q, k, v, dout, **kw):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    mask = kw.pop("attn_mask", None)
+    tm = None
+    if mask is not None:
+        tm = torch.tensor(mask, requires_grad=mask.dtype != bool)
+    out = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, **kw)
+    out.backward(torch.tensor(dout))
+    grads = [tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()]
+    if tm is not None and tm.requires_grad:
+        grads.append(tm.grad.numpy())
+    return out.detach().numpy(), grads
+
+
+def _ours(q, k, v, dout, backend, **kw):
+    out, lse = fastattn.attention_forward(q, k, v, backend=backend, **kw)
+    return out, fastattn.attention_backward(dout, q, k, v, out, lse, backend=backend, **kw)
+
+
+def _assert_torch(got, want):
+    (out, grads), (tout, tgrads) = got, want
+    np.testing.assert_allclose(out, tout, rtol=0, atol=1e-12)
+    assert len(grads) == len(tgrads)
+    for g, t in zip(grads, tgrads, strict=True):
+        np.testing.assert_allclose(g, t, rtol=0, atol=1e-12)
+
+
+def _band_mask(Tq, Tk, left, right, bottom_right):
+    """DESIGN's window rule, written out: i' - left <= j <= i' + right."""
+    i = np.arange(Tq)[:, None] + (Tk - Tq if bottom_right else 0)
+    j = np.arange(Tk)[None, :]
+    ok = np.ones((Tq, Tk), bool)
+    if left is not None:
+        ok &= j >= i - left
+    if right is not None:
+        ok &= j <= i + right
+    return ok
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_gqa_matches_torch_enable_gqa(backend):
+    rng = np.random.default_rng(1)
+    c = ac.make(rng, N=2, H=6, Hkv=2, Tq=5, Tk=7)
+    want = _torch_grads(c["q"], c["k"], c["v"], c["dout"], enable_gqa=True)
+    _assert_torch(_ours(c["q"], c["k"], c["v"], c["dout"], backend), want)
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 3, 4, 6), (3, 1, 6), (4, 6)])
+def test_bias_and_dbias_match_torch_float_mask(backend, shape):
+    """torch's float attn_mask is our bias; its autograd gradient (summed over broadcast
+    dimensions) is our dbias."""
+    rng = np.random.default_rng(2)
+    c = ac.make(rng, N=2, H=3, Tq=4, Tk=6)
+    bias = rng.standard_normal(shape)
+    want = _torch_grads(c["q"], c["k"], c["v"], c["dout"], attn_mask=bias)
+    got = _ours(c["q"], c["k"], c["v"], c["dout"], backend, bias=bias)
+    assert got[1][3].shape == bias.shape
+    _assert_torch(got, want)
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+@pytest.mark.parametrize("Tq, Tk, window", [(3, 7, None), (7, 7, (2, 1)), (4, 9, (3, 0)),
+                                            (6, 6, (None, 1)), (5, 8, (1, None))])
+def test_bottom_right_causal_and_windows_match_torch_explicit_mask(backend, Tq, Tk, window):
+    rng = np.random.default_rng(3)
+    c = ac.make(rng, Tq=Tq, Tk=Tk)
+    left, right = window if window else (None, None)
+    right = 0 if right is None else min(right, 0)
+    allowed = _band_mask(Tq, Tk, left, right, bottom_right=True)
+    assert allowed.any(axis=1).all()  # torch gives NaN for an empty row
+    want = _torch_grads(c["q"], c["k"], c["v"], c["dout"], attn_mask=allowed)
+    got = _ours(c["q"], c["k"], c["v"], c["dout"], backend, causal="bottom_right",
+                window=window)
+    _assert_torch(got, want)
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_packed_sequences_match_torch_block_mask(backend):
+    """Packed sequences = one sequence with a block-diagonal mask, positions restarting at
+    each sequence's start (bottom-right causal inside each block)."""
+    rng = np.random.default_rng(4)
+    cu_q, cu_k = np.array([0, 3, 5, 9]), np.array([0, 4, 6, 12])
+    c = ac.make(rng, Tq=9, Tk=12)
+    allowed = np.zeros((9, 12), bool)
+    for n in range(3):
+        qs, qe, ks, ke = cu_q[n], cu_q[n + 1], cu_k[n], cu_k[n + 1]
+        allowed[qs:qe, ks:ke] = _band_mask(qe - qs, ke - ks, None, 0, bottom_right=True)
+    want = _torch_grads(c["q"], c["k"], c["v"], c["dout"], attn_mask=allowed)
+    got = _ours(c["q"], c["k"], c["v"], c["dout"], backend, causal="bottom_right",
+                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    _assert_torch(got, want)
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_alibi_matches_torch_with_the_alibi_bias_written_out(backend):
+    rng = np.random.default_rng(6)
+    c = ac.make(rng, H=2, Tq=4, Tk=7)
+    slopes = np.array([0.7, 0.2])
+    i, j = np.arange(4)[:, None], np.arange(7)[None, :]
+    bias = -slopes[:, None, None] * np.abs(i + 7 - 4 - j)  # (H, Tq, Tk)
+    want = _torch_grads(c["q"], c["k"], c["v"], c["dout"], attn_mask=bias)[0]
+    got = fastattn.attention_forward(c["q"], c["k"], c["v"], alibi_slopes=slopes,
+                                     backend=backend)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
