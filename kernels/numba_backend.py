@@ -22,7 +22,8 @@ How the kernels are built:
   then share each product.
 * ``embedding_backward``: large scatter-adds split the rows of dW (token ids) between
   threads, each scanning all ids, so there are no races and no partial copies of dW.
-* ``attention_forward``/``attention_backward`` come from ``kernels._flash``.
+* ``attention_forward``/``attention_backward`` come from ``kernels._flash_features`` (every
+  feature), which hands the plain case to ``kernels._flash``.
 
 Every output element is written by one thread in a fixed order, so results are bitwise
 identical from call to call. The softmax and scatter-add results do not depend on the number
@@ -41,7 +42,7 @@ from numba import get_num_threads, prange
 from . import ATTENTION_NAMES
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
-from ._flash import attention_backward, attention_forward  # noqa: F401  (in __all__)
+from ._flash_features import attention_backward, attention_forward  # noqa: F401  (in __all__)
 from ._numba_math import FASTMATH, njit_cached, vexp
 
 __all__ = list(ATTENTION_NAMES)

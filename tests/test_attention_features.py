@@ -271,3 +271,66 @@ def test_alibi_matches_torch_with_the_alibi_bias_written_out(backend):
     got = fastattn.attention_forward(c["q"], c["k"], c["v"], alibi_slopes=slopes,
                                      backend=backend)[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+# ---- the numba kernels' own paths: tile edges, key shares, decoding, skipped blocks --------
+
+PATH_CASES = ["gqa", "bottom_right_more_queries", "window", "bias_heads_rows", "alibi",
+              "dropout", "packed_causal", "all", "all_batch"]
+
+
+@pytest.fixture
+def numba_with(monkeypatch):
+    """Run the numba backend's fused kernels with given tiles and key shares (features path)."""
+    from functools import partial
+
+    from fastattn.kernels import _flash_features as ff
+
+    mod = kernels.module("numba")
+
+    def use(tiles, shares):
+        monkeypatch.setattr(mod, "attention_forward",
+                            partial(ff.features_forward, tiles=tiles, key_shares=shares))
+        monkeypatch.setattr(mod, "attention_backward",
+                            partial(ff.features_backward, tiles=tiles, key_shares=shares))
+    return use
+
+
+@pytest.mark.parametrize("tiles, shares", [((2, 3), 1), ((1, 1), 3), ((3, 2), 2),
+                                           ((64, 2), 1), ((5, 4), 4)])
+@pytest.mark.parametrize("name", PATH_CASES)
+def test_numba_tiles_and_key_shares_match_loop(name, tiles, shares, numba_with, loop_results):
+    """Small and odd tiles put tile edges inside the band and the sequences; several key
+    shares take the forward's split-and-merge and the backward's private dq parts; 64-row
+    tiles take the transposed-key path, 1..4-row tiles the loop (decode) products."""
+    case, want = loop_results(name)
+    numba_with(tiles, shares)
+    ac.assert_close(ac.run(case, "numba"), want, case, f"{name} tiles {tiles} x{shares}")
+
+
+def _visited(Tq, Tk, tiles, causal=False, **kw):
+    from fastattn.kernels import _flash_features as ff
+
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((1, Tq, 4)), rng.standard_normal((1, Tk, 4))
+    out, lse = ff.features_forward(q, k, k, 0.5, causal, None, tiles=tiles, key_shares=1, **kw)
+    ff.features_backward(out, q, k, k, out, lse, 0.5, causal, None, tiles=tiles, key_shares=1,
+                         **kw)
+    return ff.LAST_TILES["forward"], ff.LAST_TILES["backward"]
+
+
+def test_numba_visits_only_tiles_inside_the_band():
+    """Counted tiles (forward; backward): all 8 x 8 = 64 of a 64 x 64 problem in tiles of 8;
+    the 8 * 9 / 2 = 36 on and below the diagonal with causal; 1 + 7 * 2 = 15 with a window of
+    8 keys to the left (each query tile sees its own key tile and the one before); and with
+    4 times the length, 4 times the window's tiles, not 16 times."""
+    assert _visited(64, 64, (8, 8)) == (64, 64)
+    assert _visited(64, 64, (8, 8), causal=True) == (36, 36)
+    assert _visited(64, 64, (8, 8), window=(8, 0)) == (15, 15)
+    assert _visited(256, 256, (8, 8), window=(8, 0)) == (63, 63)
+
+
+def test_numba_packed_sequences_visit_only_their_own_blocks():
+    """Sequences of 16, 16 and 32 rows in tiles of 8: 2*2 + 2*2 + 4*4 = 24 tiles, not 64."""
+    cu = np.array([0, 16, 32, 64])
+    assert _visited(64, 64, (8, 8), cu_seqlens_q=cu, cu_seqlens_k=cu) == (24, 24)

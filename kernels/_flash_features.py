@@ -1,0 +1,528 @@
+"""Fused Numba attention kernels with every feature of ``kernels.loop_attention``.
+
+Grouped-query heads, causal alignment, windows, bias (and dbias), ALiBi, dropout and packed
+sequences, in any combination, forward and backward, with the rules of
+``kernels._attention_rules``. Built as ``kernels._flash`` (flash attention: (bq, bk) tiles,
+BLAS tile products, an online softmax, P recomputed from lse in the backward), plus:
+
+* **Work units.** Forward: (query entry b, query tile, key share), a query tile being bq rows
+  of one packed sequence. Backward: (key/value entry, share of the key tiles); a unit runs
+  every query head of its group against its key tiles, so dk and dv (and dbias, dq with one
+  share) have one writer each; with several shares each writes its own dq part, summed in a
+  fixed order afterwards. K and V are never copied per query head.
+* **Skipped blocks.** A query tile visits only the keys of its sequence inside the causal and
+  window band (``_attention_rules.key_range``), a key tile only the matching queries
+  (``query_range``), so work grows with T * window; ``LAST_TILES`` counts the tiles visited.
+* **Per tile, only what is on.** Bias and ALiBi are added to the scaled scores, the band and
+  the mask set -inf; a feature that is off costs one test per tile.
+* **Dropout.** The keep decision of entry (b, i, j) is ``_attention_rules.keep``: SplitMix64
+  on 64-bit integers, recomputed in the backward; lse and the row sums stay those before
+  dropout.
+* **Decoding.** A few query rows against many keys: S and P V as loops over the keys (no BLAS
+  call per tile), and each query tile's keys split into shares when there are fewer units
+  than ``_MIN_UNITS``; the shares' (out, lse) are merged as ``merge_attention`` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _attention_rules as rules
+from . import _flash
+from ._blas import OneThread as _OneBlasThread
+from ._flash import (
+    _FM,
+    _KT_ROWS,
+    _MIN_UNITS,
+    _exp_inplace,
+    _in_parallel,
+    _mm_nn,
+    _mm_nn_acc,
+    _mm_nt,
+    _mm_tn_acc,
+    _tiles,
+    _use_blas,
+)
+from ._numba_math import fmax, njit_cached, take_unit, vexp
+from .vectorized_attention import merge_parts
+
+_GAMMA = np.uint64(rules.GAMMA)
+_MUL1 = np.uint64(rules.MUL1)
+_MUL2 = np.uint64(rules.MUL2)
+_S27, _S30, _S31, _S32 = (np.uint64(s) for s in (27, 30, 31, 32))
+_UNBOUNDED = 1 << 40  # a band bound that no position difference reaches
+_LOOP_ROWS = 4  # query tiles of at most this many rows take loops instead of BLAS products
+
+# (n_units,) per call, tiles visited; summed into LAST_TILES (a test shows blocks skipped)
+LAST_TILES = {"forward": 0, "backward": 0}
+
+# indices into the int64 configuration array of the kernels
+(_GROUP, _BQ, _BK, _HAS_MASK, _HAS_BIAS, _HAS_ALIBI, _HAS_DROP, _LEFT, _RIGHT, _BOTTOM_RIGHT,
+ _USE_KT, _USE_BLAS, _NSHARE, _NCFG) = range(14)
+
+
+@njit_cached(fastmath=_FM)
+def _mix(x):
+    """rules.mix on a uint64."""
+    z = x + _GAMMA
+    z = (z ^ (z >> _S30)) * _MUL1
+    z = (z ^ (z >> _S27)) * _MUL2
+    return z ^ (z >> _S31)
+
+
+@njit_cached(fastmath=_FM)
+def _keep_factors(z, b, i0, j0, drop, inv):
+    """z = the dropout factors (0, or inv where kept) of the tile of rows i0.., keys j0.. of
+    query entry b. drop = [seed, threshold] (uint64)."""
+    nq, nk = z.shape
+    zero = z.dtype.type(0)
+    seed = _mix(drop[0])
+    for r in range(nq):
+        rk = _mix(_mix(seed ^ np.uint64(b)) ^ np.uint64(i0 + r))
+        for c in range(nk):
+            h = _mix(rk ^ np.uint64(j0 + c))
+            z[r, c] = inv if (h >> _S32) >= drop[1] else zero
+
+
+@njit_cached(fastmath=_FM)
+def _times(s, z):
+    """s *= z, elementwise (2-D)."""
+    for r in range(s.shape[0]):
+        for c in range(s.shape[1]):
+            s[r, c] *= z[r, c]
+
+
+@njit_cached(fastmath=_FM)
+def _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alibi):
+    """Add bias and ALiBi to the scaled score tile s (rows i0.., keys j0.., of the sequence
+    starting at qs, ks with lengths Lq, Lk) and set the entries outside the band or the mask
+    to -inf."""
+    nq, nk = s.shape
+    dt = s.dtype.type
+    ninf = dt(-np.inf)
+    off = Lk - Lq if cfg[_BOTTOM_RIGHT] else 0
+    lj0 = j0 - ks
+    for r in range(nq):
+        i = i0 + r
+        li = i - qs
+        row = s[r]
+        if cfg[_HAS_BIAS]:
+            bb = bias[bias_map[b]]
+            brow = bb[min(i, bb.shape[0] - 1)]
+            for c in range(nk):
+                row[c] += brow[j0 + c]
+        if cfg[_HAS_ALIBI]:
+            slope = alibi[b]
+            base = li + Lk - Lq - lj0
+            for c in range(nk):
+                row[c] -= dt(slope * abs(base - c))
+        lo = li + off - cfg[_LEFT] - lj0  # columns c < lo are left of the band
+        hi = li + off + cfg[_RIGHT] - lj0  # columns c > hi are right of it
+        for c in range(min(max(lo, 0), nk)):
+            row[c] = ninf
+        for c in range(max(hi + 1, 0), nk):
+            row[c] = ninf
+        if cfg[_HAS_MASK]:
+            mb = mask[min(b, mask.shape[0] - 1)]
+            mrow = mb[min(i, mb.shape[0] - 1)]
+            for c in range(nk):
+                if not mrow[j0 + c]:
+                    row[c] = ninf
+
+
+@njit_cached(fastmath=_FM)
+def _scores_loop(qb, kb, s, scale):
+    """s = scale qb kb^T by loops over the keys (few query rows: no BLAS call overhead)."""
+    for r in range(s.shape[0]):
+        for c in range(s.shape[1]):
+            acc = s.dtype.type(0)
+            for p in range(qb.shape[1]):
+                acc += qb[r, p] * kb[c, p]
+            s[r, c] = scale * acc
+
+
+@njit_cached(fastmath=_FM)
+def _pv_loop(s, vb, ob):
+    """ob += s vb by loops over the keys."""
+    for c in range(s.shape[1]):
+        for r in range(s.shape[0]):
+            f = s[r, c]
+            for p in range(vb.shape[1]):
+                ob[r, p] += f * vb[c, p]
+
+
+@njit_cached(fastmath=_FM)
+def _online_softmax(s, m, lsum, ob, scratch):
+    """One tile of the online softmax: new row maxima m, s = exp(s - m) in place, row sums
+    lsum and the output rows ob rescaled to the new maxima. scratch is s's flat buffer."""
+    nq, nk = s.shape
+    dt = s.dtype.type
+    ninf, zero, one = dt(-np.inf), dt(0), dt(1)
+    for r in range(nq):
+        row = s[r]
+        mx = ninf
+        for c in range(nk):
+            mx = fmax(mx, row[c])
+        m_new = max(m[r], mx)
+        if m_new == ninf:
+            continue  # nothing allowed in this row so far: s stays -inf, exp 0
+        for c in range(nk):
+            row[c] -= m_new
+        resc = vexp(m[r] - m_new)  # 0 when m[r] is -inf
+        m[r] = m_new
+        lsum[r] *= resc
+        if resc != one:
+            for c in range(ob.shape[1]):
+                ob[r, c] *= resc
+    _exp_inplace(scratch)
+    for r in range(nq):
+        total = zero
+        for c in range(nk):
+            total += s[r, c]
+        lsum[r] += total
+
+
+@njit_cached(fastmath=_FM)
+def _seq(cu_q, cu_k, n):
+    """(qs, ks, Lq, Lk) of sequence n."""
+    return cu_q[n], cu_k[n], cu_q[n + 1] - cu_q[n], cu_k[n + 1] - cu_k[n]
+
+
+@njit_cached(fastmath=_FM)
+def _key_range(li0, li1, Lk, off, cfg):
+    """rules.key_range with the sentinel bounds."""
+    j0 = max(0, li0 + off - cfg[_LEFT])
+    j1 = min(Lk, li1 - 1 + off + cfg[_RIGHT] + 1)
+    return j0, max(j0, j1)
+
+
+@njit_cached(nogil=True, fastmath=_FM)
+def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles, cu_q, cu_k,
+                   mask, bias, bias_map, alibi, visited):
+    """Unit u: query entry b = u // (nt nshare), query tile t of qtiles (nt, 3) = (sequence,
+    i0, i1), key share u % nshare of the tile's keys. Writes out[share, b, i0:i1] (dv) and
+    lse[share, b, i0:i1]."""
+    bq, bk, nshare, group = cfg[_BQ], cfg[_BK], cfg[_NSHARE], cfg[_GROUP]
+    nt = qtiles.shape[0]
+    dt = q.dtype.type
+    ninf, zero, one = dt(-np.inf), dt(0), dt(1)
+    coef = np.empty(2, dtype=q.dtype)
+    sbuf = np.empty(bq * bk, dtype=q.dtype)
+    zbuf = np.empty(bq * bk, dtype=q.dtype)
+    m = np.empty(bq, dtype=q.dtype)
+    lsum = np.empty(bq, dtype=q.dtype)
+    while True:
+        u = take_unit(counter)
+        if u >= q.shape[0] * nt * nshare:
+            break
+        b, t, share = u // (nt * nshare), (u // nshare) % nt, u % nshare
+        bkv = b // group
+        qs, ks, Lq, Lk = _seq(cu_q, cu_k, qtiles[t, 0])
+        i0, i1 = qtiles[t, 1], qtiles[t, 2]
+        nq = i1 - i0
+        off = Lk - Lq if cfg[_BOTTOM_RIGHT] else 0
+        lj0, lj1 = _key_range(i0 - qs, i1 - qs, Lk, off, cfg)
+        nblk = (lj1 - lj0 + bk - 1) // bk
+        jstart = ks + lj0 + (share * nblk // nshare) * bk
+        jend = min(ks + lj1, ks + lj0 + ((share + 1) * nblk // nshare) * bk)
+        qb = q[b, i0:i1]
+        ob = out[share, b, i0:i1]
+        m[:] = ninf
+        lsum[:] = zero
+        ob[:, :] = zero
+        for j0 in range(jstart, jend, bk):
+            j1 = min(j0 + bk, jend)
+            nk = j1 - j0
+            visited[u] += 1
+            s = sbuf[: nq * nk].reshape((nq, nk))
+            if nq <= _LOOP_ROWS:
+                _scores_loop(qb, k[bkv, j0:j1], s, scale)
+            elif cfg[_USE_KT]:
+                _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef, cfg[_USE_BLAS])
+            else:
+                _mm_nt(qb, k[bkv, j0:j1], s, scale, coef, cfg[_USE_BLAS])
+            _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alibi)
+            _online_softmax(s, m, lsum, ob, sbuf[: nq * nk])
+            if cfg[_HAS_DROP]:  # the row sums above are before dropout, P V after
+                z = zbuf[: nq * nk].reshape((nq, nk))
+                _keep_factors(z, b, i0, j0, drop, inv)
+                _times(s, z)
+            if nq <= _LOOP_ROWS:
+                _pv_loop(s, v[bkv, j0:j1], ob)
+            else:
+                _mm_nn_acc(s, v[bkv, j0:j1], ob, one, coef, cfg[_USE_BLAS])
+        for r in range(nq):
+            if lsum[r] > zero:
+                f = one / lsum[r]
+                for c in range(ob.shape[1]):
+                    ob[r, c] *= f
+                lse[share, b, i0 + r] = m[r] + np.log(lsum[r])
+            else:
+                lse[share, b, i0 + r] = ninf  # nothing to attend to: out stays 0
+
+
+@njit_cached(fastmath=_FM)
+def _query_range(lj0, lj1, Lq, off, cfg):
+    """rules.query_range with the sentinel bounds."""
+    i0 = max(0, lj0 - off - cfg[_RIGHT])
+    i1 = min(Lq, lj1 - 1 - off + cfg[_LEFT] + 1)
+    return i0, max(i0, i1)
+
+
+@njit_cached(fastmath=_FM)
+def _dscores(s, dp, z, D, lr, drop_on):
+    """P = exp(S - lse) in s, then dS = P (dP z - D) in dp (z: dropout factors, when on)."""
+    nq, nk = s.shape
+    ninf = s.dtype.type(-np.inf)
+    for r in range(nq):
+        row = s[r]
+        if lr[r] == ninf:  # a dead row: P = 0
+            row[:] = ninf
+        else:
+            for c in range(nk):
+                row[c] -= lr[r]
+        for c in range(nk):
+            row[c] = vexp(row[c])
+    for r in range(nq):
+        if drop_on:
+            for c in range(nk):
+                dp[r, c] = s[r, c] * (dp[r, c] * z[r, c] - D[r])
+        else:
+            for c in range(nk):
+                dp[r, c] = s[r, c] * (dp[r, c] - D[r])
+
+
+@njit_cached(fastmath=_FM)
+def _add_dbias(ds, dbb, i0, j0):
+    """dbias rows (Tq or 1, Tk) of one query entry += the dS tile (summed over rows for 1)."""
+    nq, nk = ds.shape
+    for r in range(nq):
+        drow = dbb[min(i0 + r, dbb.shape[0] - 1)]
+        for c in range(nk):
+            drow[j0 + c] += ds[r, c]
+
+
+@njit_cached(nogil=True, fastmath=_FM)
+def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, scale, inv, cfg,
+                    drop, ktiles, cu_q, cu_k, mask, bias, bias_map, alibi, visited):
+    """Unit u: key/value entry u // nshare and its key tiles share, share + nshare, ... of
+    ktiles (nkt, 3) = (sequence, j0, j1), against every query head of its group. Accumulates
+    into dk, dv (those key rows), dbias (B, Tq or 1, Tk) and dq, or dq_part[share] with
+    several shares; all zeroed by the caller. D (B, Tq) = rowsum(dout * out)."""
+    bq, bk, nshare, group = cfg[_BQ], cfg[_BK], cfg[_NSHARE], cfg[_GROUP]
+    d, dvd = q.shape[2], v.shape[2]
+    one = q.dtype.type(1)
+    use_blas = cfg[_USE_BLAS]
+    coef = np.empty(2, dtype=q.dtype)
+    sbuf = np.empty(bq * bk, dtype=q.dtype)
+    pbuf = np.empty(bq * bk, dtype=q.dtype)
+    zbuf = np.empty(bq * bk, dtype=q.dtype)
+    ktbuf = np.empty(d * bk, dtype=q.dtype)
+    vtbuf = np.empty(dvd * bk, dtype=q.dtype)
+    while True:
+        u = take_unit(counter)
+        if u >= k.shape[0] * nshare:
+            break
+        bkv, share = u // nshare, u % nshare
+        for t in range(share, ktiles.shape[0], nshare):
+            qs, ks, Lq, Lk = _seq(cu_q, cu_k, ktiles[t, 0])
+            j0, j1 = ktiles[t, 1], ktiles[t, 2]
+            nk = j1 - j0
+            off = Lk - Lq if cfg[_BOTTOM_RIGHT] else 0
+            li0, li1 = _query_range(j0 - ks, j1 - ks, Lq, off, cfg)
+            kj, vj = k[bkv, j0:j1], v[bkv, j0:j1]  # (nk, d), (nk, dv)
+            kTj = ktbuf[: d * nk].reshape((d, nk))
+            vTj = vtbuf[: dvd * nk].reshape((dvd, nk))
+            if cfg[_USE_KT]:
+                for c in range(nk):  # transposed once, used by every query tile
+                    for p in range(d):
+                        kTj[p, c] = kj[c, p]
+                    for p in range(dvd):
+                        vTj[p, c] = vj[c, p]
+            dkj, dvj = dk[bkv, j0:j1], dv[bkv, j0:j1]
+            for b in range(bkv * group, (bkv + 1) * group):
+                dqb = dq[b] if nshare == 1 else dq_part[share, b]
+                for i0 in range(qs + li0, qs + li1, bq):
+                    i1 = min(i0 + bq, qs + li1)
+                    nq = i1 - i0
+                    visited[u] += 1
+                    s = sbuf[: nq * nk].reshape((nq, nk))
+                    dp = pbuf[: nq * nk].reshape((nq, nk))
+                    z = zbuf[: nq * nk].reshape((nq, nk))
+                    qi, doi = q[b, i0:i1], dout[b, i0:i1]
+                    if cfg[_USE_KT]:  # S = scale Q_i K_j^T, dP = dO_i V_j^T
+                        _mm_nn(qi, kTj, s, scale, coef, use_blas)
+                        _mm_nn(doi, vTj, dp, one, coef, use_blas)
+                    else:
+                        _mm_nt(qi, kj, s, scale, coef, use_blas)
+                        _mm_nt(doi, vj, dp, one, coef, use_blas)
+                    _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map,
+                                   alibi)
+                    if cfg[_HAS_DROP]:
+                        _keep_factors(z, b, i0, j0, drop, inv)
+                    _dscores(s, dp, z, D[b, i0:i1], lse[b, i0:i1], cfg[_HAS_DROP])
+                    if cfg[_HAS_DROP]:
+                        _times(s, z)
+                    _mm_tn_acc(s, doi, dvj, one, coef, use_blas)  # dV_j += (P Z)^T dO_i
+                    if cfg[_HAS_BIAS]:
+                        _add_dbias(dp, dbias[b], i0, j0)
+                    _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef, use_blas)  # dQ_i += sc dS K_j
+                    _mm_tn_acc(dp, qi, dkj, scale, coef, use_blas)  # dK_j += sc dS^T Q_i
+
+
+# ---- Python side ------------------------------------------------------------------------------
+
+_NO = {}  # stand-ins for the arrays of features that are off, per dtype
+
+
+def _stand_ins(dtype):
+    if dtype not in _NO:
+        _NO[dtype] = dict(mask=np.ones((1, 1, 1), np.bool_), bias=np.zeros((1, 1, 1), dtype),
+                          kT=np.zeros((1, 1, 1), dtype), dq_part=np.zeros((1, 1, 1, 1), dtype))
+    return _NO[dtype]
+
+
+def _spans(cu_seqlens_q, cu_seqlens_k, Tq, Tk):
+    if cu_seqlens_q is None:
+        return np.array([0, Tq], np.int64), np.array([0, Tk], np.int64)
+    return (np.ascontiguousarray(cu_seqlens_q, dtype=np.int64),
+            np.ascontiguousarray(cu_seqlens_k, dtype=np.int64))
+
+
+def _blocks(cu, size):
+    """(n_tiles, 3) int64: (sequence, start, end) of blocks of ``size`` rows per sequence."""
+    rows = [(n, a, min(a + size, cu[n + 1]))
+            for n in range(len(cu) - 1) for a in range(cu[n], cu[n + 1], size)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, tiles):
+    """The kernels' common arguments: cfg (int64), drop (uint64), inv and the feature arrays
+    (stand-ins where off)."""
+    B, Tq, _ = q.shape
+    Bkv, Tk, _ = k.shape
+    no = _stand_ins(q.dtype)
+    left, right, bottom_right = rules.band(causal, window)
+    bq, bk = tiles or _tiles(B, Tq, Tk, bool(causal) or window is not None)
+    cfg = np.zeros(_NCFG, np.int64)
+    cfg[[_GROUP, _BQ, _BK, _BOTTOM_RIGHT, _USE_BLAS]] = (B // Bkv, bq, bk, bottom_right,
+                                                         _use_blas())
+    cfg[_LEFT] = _UNBOUNDED if left is None else left
+    cfg[_RIGHT] = _UNBOUNDED if right is None else right
+    cfg[_HAS_MASK] = mask is not None
+    cfg[_HAS_BIAS] = bias is not None
+    cfg[_HAS_ALIBI] = alibi is not None
+    cfg[_HAS_DROP] = dropout_p > 0
+    cfg[_USE_KT] = min(Tq, bq) >= _KT_ROWS
+    if bias is not None and bias_map is None:
+        bias_map = np.minimum(np.arange(B), bias.shape[0] - 1)
+    arrays = dict(
+        mask=no["mask"] if mask is None else np.ascontiguousarray(mask, dtype=np.bool_),
+        bias=no["bias"] if bias is None else np.ascontiguousarray(bias, dtype=q.dtype),
+        bias_map=np.ascontiguousarray(np.zeros(B) if bias_map is None else bias_map,
+                                      dtype=np.int64),
+        alibi=np.ascontiguousarray(np.zeros(B) if alibi is None else alibi, dtype=np.float64))
+    drop = np.array([int(seed) % (1 << 64), rules.dropout_threshold(dropout_p)], np.uint64)
+    inv = q.dtype.type(1 / (1 - dropout_p))
+    return cfg, drop, inv, arrays
+
+
+def _count(kind, visited):
+    LAST_TILES[kind] = int(visited.sum())
+
+
+def features_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None, window=None,
+                     alibi=None, dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None,
+                     tiles=None, key_shares=None):
+    """out (B, Tq, dv), lse (B, Tq); see kernels.loop_attention. ``tiles`` (bq, bk) and
+    ``key_shares`` override the block sizes and the decode split (for tests)."""
+    q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
+    B, Tq, _ = q.shape
+    Tk = k.shape[1]
+    cfg, drop, inv, F = _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p,
+                               seed, tiles)
+    cu_q, cu_k = _spans(cu_seqlens_q, cu_seqlens_k, Tq, Tk)
+    qtiles = _blocks(cu_q, cfg[_BQ])
+    units = B * len(qtiles)
+    nshare = key_shares or 1
+    if key_shares is None and units < _MIN_UNITS and Tk >= 4 * cfg[_BK]:
+        nshare = min(math.ceil(_MIN_UNITS / units), math.ceil(Tk / cfg[_BK]))
+    cfg[_NSHARE] = nshare
+    out = np.empty((nshare, B, Tq, v.shape[2]), dtype=q.dtype)
+    lse = np.empty((nshare, B, Tq), dtype=q.dtype)
+    kT = (np.ascontiguousarray(k.transpose(0, 2, 1)) if cfg[_USE_KT]
+          else _stand_ins(q.dtype)["kT"])
+    visited = np.zeros(units * nshare, np.int64)
+    with _OneBlasThread():
+        _in_parallel(_forward_units, units * nshare, 4 * q.size * Tk, q, k, kT, v, out, lse,
+                     q.dtype.type(scale), inv, cfg, drop, qtiles, cu_q, cu_k, F["mask"],
+                     F["bias"], F["bias_map"], F["alibi"], visited)
+    _count("forward", visited)
+    if nshare == 1:
+        return out[0], lse[0]
+    return merge_parts(out, lse)
+
+
+def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None,
+                      bias_map=None, window=None, alibi=None, dropout_p=0.0, seed=0,
+                      cu_seqlens_q=None, cu_seqlens_k=None, tiles=None, key_shares=None):
+    """dq, dk, dv (and dbias, in bias's shape, when bias is given); see
+    kernels.loop_attention. ``tiles`` and ``key_shares`` override the block sizes and the
+    split of the key tiles (for tests)."""
+    dout, q, k, v, out, lse = (np.ascontiguousarray(a) for a in (dout, q, k, v, out, lse))
+    B, Tq, d = q.shape
+    Bkv, Tk, _ = k.shape
+    cfg, drop, inv, F = _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p,
+                               seed, tiles)
+    cu_q, cu_k = _spans(cu_seqlens_q, cu_seqlens_k, Tq, Tk)
+    ktiles = _blocks(cu_k, cfg[_BK])
+    nshare = key_shares or 1
+    if key_shares is None and Bkv < _MIN_UNITS and 10 * B * Tq * Tk * d >= 4e6:
+        nshare = max(1, min(len(ktiles), math.ceil(_MIN_UNITS / Bkv)))
+    cfg[_NSHARE] = nshare
+    D = np.einsum("bic,bic->bi", dout, out)  # (B, Tq): rowsum(dO * O)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dq_part = (np.zeros((nshare, B, Tq, d), q.dtype) if nshare > 1
+               else _stand_ins(q.dtype)["dq_part"])
+    dbias = (np.zeros((B,) + F["bias"].shape[1:], q.dtype) if bias is not None
+             else _stand_ins(q.dtype)["bias"])
+    visited = np.zeros(Bkv * nshare, np.int64)
+    with _OneBlasThread():
+        _in_parallel(_backward_units, Bkv * nshare, 10 * B * Tq * Tk * d, dout, q, k, v, lse,
+                     D, dq, dk, dv, dq_part, dbias, q.dtype.type(scale), inv, cfg, drop,
+                     ktiles, cu_q, cu_k, F["mask"], F["bias"], F["bias_map"], F["alibi"],
+                     visited)
+    _count("backward", visited)
+    if nshare > 1:
+        for s in range(nshare):  # a fixed order: the bits do not depend on the threads
+            dq += dq_part[s]
+    if bias is None:
+        return dq, dk, dv
+    db = np.zeros(F["bias"].shape, q.dtype)
+    for b in range(B):  # in order of b: deterministic
+        db[F["bias_map"][b]] += dbias[b]
+    return dq, dk, dv, db
+
+
+def _plain(q, k, causal, features) -> bool:
+    """True when kernels._flash alone computes this: no feature but mask and top-left causal,
+    one query entry per key/value entry, and not a decode shape (few rows, many keys)."""
+    return (not features and k.shape[0] == q.shape[0] and causal in (False, True)
+            and not (q.shape[1] <= _LOOP_ROWS and k.shape[1] >= 512))
+
+
+def attention_forward(q, k, v, scale, causal, mask, **features):
+    """The numba backend's fused forward: kernels._flash for the plain case, else
+    features_forward. Arguments as kernels.loop_attention.attention_forward."""
+    if _plain(q, k, causal, features):
+        return _flash.attention_forward(q, k, v, scale, causal, mask)
+    return features_forward(q, k, v, scale, causal, mask, **features)
+
+
+def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, **features):
+    """The numba backend's fused backward (as attention_forward chooses)."""
+    if _plain(q, k, causal, features):
+        return _flash.attention_backward(dout, q, k, v, out, lse, scale, causal, mask)
+    return features_backward(dout, q, k, v, out, lse, scale, causal, mask, **features)
