@@ -43,7 +43,6 @@ from ._flash import (
     _mm_nt,
     _mm_tn_acc,
     _tiles,
-    _use_blas,
 )
 from ._numba_math import fmax, njit_cached, take_unit, vexp
 from .vectorized_attention import merge_parts
@@ -60,7 +59,7 @@ LAST_TILES = {"forward": 0, "backward": 0}
 
 # indices into the int64 configuration array of the kernels
 (_GROUP, _BQ, _BK, _HAS_MASK, _HAS_BIAS, _HAS_ALIBI, _HAS_DROP, _LEFT, _RIGHT, _BOTTOM_RIGHT,
- _USE_KT, _USE_BLAS, _NSHARE, _NCFG) = range(14)
+ _USE_KT, _NSHARE, _NCFG) = range(13)
 
 
 @njit_cached(fastmath=_FM)
@@ -240,9 +239,9 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
             if nq <= _LOOP_ROWS:
                 _scores_loop(qb, k[bkv, j0:j1], s, scale)
             elif cfg[_USE_KT]:
-                _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef, cfg[_USE_BLAS])
+                _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef)
             else:
-                _mm_nt(qb, k[bkv, j0:j1], s, scale, coef, cfg[_USE_BLAS])
+                _mm_nt(qb, k[bkv, j0:j1], s, scale, coef)
             _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alibi)
             _online_softmax(s, m, lsum, ob, sbuf[: nq * nk])
             if cfg[_HAS_DROP]:  # the row sums above are before dropout, P V after
@@ -252,7 +251,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
             if nq <= _LOOP_ROWS:
                 _pv_loop(s, v[bkv, j0:j1], ob)
             else:
-                _mm_nn_acc(s, v[bkv, j0:j1], ob, one, coef, cfg[_USE_BLAS])
+                _mm_nn_acc(s, v[bkv, j0:j1], ob, one, coef)
         for r in range(nq):
             if lsum[r] > zero:
                 f = one / lsum[r]
@@ -314,7 +313,6 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, 
     bq, bk, nshare, group = cfg[_BQ], cfg[_BK], cfg[_NSHARE], cfg[_GROUP]
     d, dvd = q.shape[2], v.shape[2]
     one = q.dtype.type(1)
-    use_blas = cfg[_USE_BLAS]
     coef = np.empty(2, dtype=q.dtype)
     sbuf = np.empty(bq * bk, dtype=q.dtype)
     pbuf = np.empty(bq * bk, dtype=q.dtype)
@@ -353,11 +351,11 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, 
                     z = zbuf[: nq * nk].reshape((nq, nk))
                     qi, doi = q[b, i0:i1], dout[b, i0:i1]
                     if cfg[_USE_KT]:  # S = scale Q_i K_j^T, dP = dO_i V_j^T
-                        _mm_nn(qi, kTj, s, scale, coef, use_blas)
-                        _mm_nn(doi, vTj, dp, one, coef, use_blas)
+                        _mm_nn(qi, kTj, s, scale, coef)
+                        _mm_nn(doi, vTj, dp, one, coef)
                     else:
-                        _mm_nt(qi, kj, s, scale, coef, use_blas)
-                        _mm_nt(doi, vj, dp, one, coef, use_blas)
+                        _mm_nt(qi, kj, s, scale, coef)
+                        _mm_nt(doi, vj, dp, one, coef)
                     _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map,
                                    alibi)
                     if cfg[_HAS_DROP]:
@@ -365,11 +363,11 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, 
                     _dscores(s, dp, z, D[b, i0:i1], lse[b, i0:i1], cfg[_HAS_DROP])
                     if cfg[_HAS_DROP]:
                         _times(s, z)
-                    _mm_tn_acc(s, doi, dvj, one, coef, use_blas)  # dV_j += (P Z)^T dO_i
+                    _mm_tn_acc(s, doi, dvj, one, coef)  # dV_j += (P Z)^T dO_i
                     if cfg[_HAS_BIAS]:
                         _add_dbias(dp, dbias[b], i0, j0)
-                    _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef, use_blas)  # dQ_i += sc dS K_j
-                    _mm_tn_acc(dp, qi, dkj, scale, coef, use_blas)  # dK_j += sc dS^T Q_i
+                    _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef)  # dQ_i += sc dS K_j
+                    _mm_tn_acc(dp, qi, dkj, scale, coef)  # dK_j += sc dS^T Q_i
 
 
 # ---- Python side ------------------------------------------------------------------------------
@@ -407,8 +405,7 @@ def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, t
     left, right, bottom_right = rules.band(causal, window)
     bq, bk = tiles or _tiles(B, Tq, Tk, bool(causal) or window is not None)
     cfg = np.zeros(_NCFG, np.int64)
-    cfg[[_GROUP, _BQ, _BK, _BOTTOM_RIGHT, _USE_BLAS]] = (B // Bkv, bq, bk, bottom_right,
-                                                         _use_blas())
+    cfg[[_GROUP, _BQ, _BK, _BOTTOM_RIGHT]] = (B // Bkv, bq, bk, bottom_right)
     cfg[_LEFT] = _UNBOUNDED if left is None else left
     cfg[_RIGHT] = _UNBOUNDED if right is None else right
     cfg[_HAS_MASK] = mask is not None

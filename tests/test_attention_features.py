@@ -98,8 +98,8 @@ def test_reference_cases_are_not_trivial(loop_results):
     """Each masking case leaves some rows empty or some keys out, and results differ from the
     plain problem on the same inputs (a feature that did nothing would pass the comparison)."""
     for name in CASES:
-        if name == "plain":
-            continue
+        if name in ("plain", "bias_one_key"):  # a bias constant along each row changes no
+            continue  # softmax (its -inf entries aside): that case is there for dbias's shape
         case, want = loop_results(name)
         plain = dict(case, kw={})
         if case["q"].shape[-3] != case["k"].shape[-3]:
