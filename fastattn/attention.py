@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from fastattn import _backend, _checks
+from fastattn import _attention_args, _backend, _checks
 from fastattn._layer import (
     check_backend,
     check_dtype,
@@ -33,7 +33,18 @@ __all__ = ["MultiHeadAttention"]
 class MultiHeadAttention:
     """Multi-head scaled dot-product attention on the fused attention kernels.
 
-    MultiHeadAttention(d_model, n_heads, causal=False).
+    MultiHeadAttention(d_model, n_heads, causal=False, *, n_kv_heads=None, window=None,
+    dropout=0.0).
+
+    * ``n_kv_heads``: grouped-query attention, n_heads a multiple of it (None: n_heads; 1:
+      multi-query); query head h reads key/value head h // (n_heads // n_kv_heads), and the
+      key/value projections have n_kv_heads * d_head columns each. Keys and values are never
+      copied per query head.
+    * ``window``: (left, right) ints >= 0 or None: query i sees keys i - left .. i + right
+      (with causal, right is 0); a sliding window. Generation (:meth:`step`) keeps to it.
+    * ``dropout``: dropout on the attention probabilities while ``train_flg`` is True (the
+      book's convention; set it False to evaluate); the keep decisions come from a hash of a
+      fresh seed per forward, so the backward regenerates them.
 
     ``forward(x_q, x_kv=None, mask=None)``: self-attention when ``x_kv`` is None (queries, keys
     and values all from ``x_q``), cross-attention otherwise (queries from ``x_q``, keys and
@@ -45,31 +56,41 @@ class MultiHeadAttention:
 
     ``backward(dout)`` returns dx_q for self-attention, (dx_q, dx_kv) for cross-attention.
 
-    params [W_in (C, 3C), b_in (3C,), W_out (C, C), b_out (C,)]: columns 0:C of W_in give the
-    queries, C:2C the keys, 2C:3C the values (heads are consecutive blocks of C/n_heads).
+    params [W_in (C, C + 2 Ckv), b_in (C + 2 Ckv,), W_out (C, C), b_out (C,)] with
+    Ckv = n_kv_heads * C / n_heads (C without grouping): columns 0:C of W_in give the queries,
+    C:C+Ckv the keys, C+Ckv: the values (heads are consecutive blocks of C/n_heads).
 
     Set ``keep_weights = True`` to have ``forward`` also store the attention probabilities in
     ``attention_weights`` (B, n_heads, Tq, Tk), computed by the ``scores_forward`` and
     ``softmax_forward`` kernels (for plots; training does not need them).
     """
 
-    def __init__(self, d_model, n_heads, causal=False, *, backend=None, dtype=np.float32,
-                 seed=None):
+    def __init__(self, d_model, n_heads, causal=False, *, n_kv_heads=None, window=None,
+                 dropout=0.0, backend=None, dtype=np.float32, seed=None):
         d_model = positive_int(d_model, "d_model")
         n_heads = positive_int(n_heads, "n_heads")
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+        n_kv = n_heads if n_kv_heads is None else positive_int(n_kv_heads, "n_kv_heads")
+        if n_heads % n_kv:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv})")
+        self.window = _attention_args.check_window(window)
+        self.dropout = _attention_args.check_dropout(dropout, 0)[0]
         dt = check_dtype(dtype)
         rng = make_rng(seed)
         C = d_model
         self.d_model, self.n_heads, self.d_head = C, n_heads, C // n_heads
+        self.n_kv_heads = n_kv
+        Ckv = n_kv * self.d_head
         self.causal = bool(causal)
         self.backend = check_backend(backend)
         self.scale = 1.0 / math.sqrt(self.d_head)
         self.params = [
-            uniform(rng, (C, 3 * C), C, dt), np.zeros(3 * C, dt),
+            uniform(rng, (C, C + 2 * Ckv), C, dt), np.zeros(C + 2 * Ckv, dt),
             uniform(rng, (C, C), C, dt), np.zeros(C, dt),
         ]
+        self.train_flg = True
+        self._drop_rng = make_rng(None if seed is None else rng.integers(2**63))
         self.grads = [np.zeros_like(p) for p in self.params]
         self.dtype = dt
         self.keep_weights = False
@@ -77,15 +98,22 @@ class MultiHeadAttention:
         self.cache = None
 
     # -- shape helpers: (B*T, n*C) rows <-> (n, B*H, T, dh) heads
-    def _split(self, a2, B, T, n):
-        H, dh = self.n_heads, self.d_head
+    def _split(self, a2, B, T, n, H=None):
+        H, dh = H or self.n_heads, self.d_head
         a = a2.reshape(B, T, n, H, dh).transpose(2, 0, 3, 1, 4)  # (n, B, H, T, dh)
         return np.ascontiguousarray(a).reshape(n, B * H, T, dh)
 
     def _merge(self, o, B, T):
-        H, dh = self.n_heads, self.d_head
-        o = o.reshape(B, H, T, dh).transpose(0, 2, 1, 3)  # (B, T, H, dh)
-        return np.ascontiguousarray(o).reshape(B * T, H * dh)
+        dh = self.d_head
+        o = o.reshape(B, -1, T, dh).transpose(0, 2, 1, 3)  # (B, T, H, dh)
+        return np.ascontiguousarray(o).reshape(B * T, -1)
+
+    def _features(self, train):
+        """The kernels' keywords for window and (in training) dropout."""
+        kw = {} if self.window is None else {"window": self.window}
+        if train and self.dropout > 0:
+            kw.update(dropout_p=self.dropout, seed=int(self._drop_rng.integers(2**63)))
+        return kw
 
     def _mask(self, mask, B, Tq, Tk):
         if mask is None:
@@ -108,10 +136,17 @@ class MultiHeadAttention:
 
     def _weights(self, backend, q, k, mask3, B, Tq, Tk):
         """Attention probabilities (B, H, Tq, Tk) by the scores and softmax kernels."""
+        g = self.n_heads // self.n_kv_heads
+        k = np.repeat(k, g, axis=0) if g > 1 else k  # a copy for the plot only
         s = _backend.kernel("scores_forward", backend)(q, k, self.scale)  # (B*H, Tq, Tk)
         allowed = np.ones((1, Tq, Tk), bool) if mask3 is None else mask3
         if self.causal:
             allowed = allowed & np.tri(Tq, Tk, dtype=bool)
+        if self.window is not None:
+            left, right = self.window
+            delta = np.arange(Tk)[None, :] - np.arange(Tq)[:, None]  # j - i
+            allowed = allowed & (delta >= -(Tq + Tk if left is None else left)) & (
+                delta <= (Tq + Tk if right is None else right))
         s = np.where(allowed, s, -np.inf).astype(s.dtype)
         p = _backend.kernel("softmax_forward", backend)(np.ascontiguousarray(s))
         return p.reshape(B, self.n_heads, Tq, Tk)
@@ -123,11 +158,16 @@ class MultiHeadAttention:
         x_q = sequence_input(x_q, "x_q", self.dtype, C)
         B, Tq, _ = x_q.shape
         xq2 = x_q.reshape(B * Tq, C)
+        Hkv = self.n_kv_heads
         if x_kv is None:  # self-attention: one product for q, k and v
             Tk = Tq
-            qkv = xq2 @ W_in  # (B*T, 3C)
+            qkv = xq2 @ W_in  # (B*T, C + 2Ckv)
             qkv += b_in
-            q, k, v = self._split(qkv, B, Tq, 3)  # each (B*H, T, dh)
+            if Hkv == self.n_heads:
+                q, k, v = self._split(qkv, B, Tq, 3)  # each (B*H, T, dh)
+            else:
+                q = self._split(qkv[:, :C], B, Tq, 1)[0]  # (B*H, T, dh)
+                k, v = self._split(qkv[:, C:], B, Tq, 2, Hkv)  # (B*Hkv, T, dh)
             xkv2 = None
         else:
             x_kv = sequence_input(x_kv, "x_kv", self.dtype, C)
@@ -140,22 +180,23 @@ class MultiHeadAttention:
             kv = xkv2 @ W_in[:, C:]  # (B*Tk, 2C)
             kv += b_in[C:]
             q = self._split(qp, B, Tq, 1)[0]  # (B*H, Tq, dh)
-            k, v = self._split(kv, B, Tk, 2)  # (B*H, Tk, dh)
+            k, v = self._split(kv, B, Tk, 2, Hkv)  # (B*Hkv, Tk, dh)
         mask3 = self._mask(mask, B, Tq, Tk)
+        feats = self._features(self.train_flg)
         att, lse = _backend.kernel("attention_forward", backend)(
-            q, k, v, self.scale, self.causal, mask3)  # (B*H, Tq, dh), (B*H, Tq)
+            q, k, v, self.scale, self.causal, mask3, **feats)  # (B*H, Tq, dh), (B*H, Tq)
         a2 = self._merge(att, B, Tq)  # (B*Tq, C)
         y = a2 @ W_out  # (B*Tq, C)
         y += b_out
         if self.keep_weights:
             self.attention_weights = self._weights(backend, q, k, mask3, B, Tq, Tk)
-        self.cache = (backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk)
+        self.cache = (backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk, feats)
         return y.reshape(B, Tq, C)
 
     def backward(self, dout):
         if self.cache is None:
             raise not_yet(self)
-        backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk = self.cache
+        backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk, feats = self.cache
         W_in, _, W_out, _ = self.params
         dW_in, db_in, dW_out, db_out = self.grads
         C = self.d_model
@@ -164,14 +205,14 @@ class MultiHeadAttention:
         colsum(dy, out=db_out)
         da = self._split(dy @ W_out.T, B, Tq, 1)[0]  # (B*H, Tq, dh)
         dq, dk, dv = _backend.kernel("attention_backward", backend)(
-            da, q, k, v, att, lse, self.scale, self.causal, mask3)
+            da, q, k, v, att, lse, self.scale, self.causal, mask3, **feats)
         if xkv2 is None:
             dqkv = self._merge_n((dq, dk, dv), B, Tq)  # (B*T, 3C)
             np.matmul(xq2.T, dqkv, out=dW_in)
             colsum(dqkv, out=db_in)
             return (dqkv @ W_in.T).reshape(B, Tq, C)
         dq2 = self._merge(dq, B, Tq)  # (B*Tq, C)
-        dkv = self._merge_n((dk, dv), B, Tk)  # (B*Tk, 2C)
+        dkv = self._merge_n((dk, dv), B, Tk)  # (B*Tk, 2Ckv)
         np.matmul(xq2.T, dq2, out=dW_in[:, :C])
         np.matmul(xkv2.T, dkv, out=dW_in[:, C:])
         colsum(dq2, out=db_in[:C])
@@ -181,13 +222,16 @@ class MultiHeadAttention:
         return dx_q, dx_kv
 
     def _merge_n(self, parts, B, T):
-        """n arrays (B*H, T, dh) -> (B*T, n*C), the inverse of _split."""
-        H, dh = self.n_heads, self.d_head
-        n = len(parts)
-        out = np.empty((B, T, n, H, dh), parts[0].dtype)
-        for i, a in enumerate(parts):
-            out[:, :, i] = a.reshape(B, H, T, dh).transpose(0, 2, 1, 3)
-        return out.reshape(B * T, n * H * dh)
+        """n arrays (B*Hi, T, dh) -> (B*T, sum of Hi*dh), the inverse of _split."""
+        dh = self.d_head
+        widths = [a.shape[0] // B * dh for a in parts]
+        out = np.empty((B, T, sum(widths)), parts[0].dtype)
+        c = 0
+        for a, w in zip(parts, widths, strict=True):
+            out[:, :, c:c + w].reshape(B, T, w // dh, dh)[...] = (
+                a.reshape(B, w // dh, T, dh).transpose(0, 2, 1, 3))
+            c += w
+        return out.reshape(B * T, -1)
 
     # -- inference without a backward: cached keys and values
     def project_kv(self, x_kv):
@@ -199,20 +243,22 @@ class MultiHeadAttention:
         B, Tk, _ = x_kv.shape
         kv = x_kv.reshape(B * Tk, C) @ W_in[:, C:]
         kv += b_in[C:]
-        k, v = self._split(kv, B, Tk, 2)
+        k, v = self._split(kv, B, Tk, 2, self.n_kv_heads)
         return k, v
 
-    def attend(self, x_q, k, v, causal=False):
+    def attend(self, x_q, k, v, causal=False, window=None):
         """Attention of x_q (B, Tq, C) to precomputed keys and values (from :meth:`project_kv`
-        or :meth:`step`) -> (B, Tq, C). Keeps nothing for backward."""
+        or :meth:`step`) -> (B, Tq, C). Keeps nothing for backward. ``causal`` and ``window``
+        as for :func:`fastattn.attention_forward` (kernel form: True, "bottom_right")."""
         W_in, b_in, W_out, b_out = self.params
         C = self.d_model
         B, Tq, _ = x_q.shape
         qp = x_q.reshape(B * Tq, C) @ W_in[:, :C]
         qp += b_in[:C]
         q = self._split(qp, B, Tq, 1)[0]
+        kw = {} if window is None else {"window": window}
         att, _ = _backend.kernel("attention_forward", self.backend)(
-            q, k, v, self.scale, causal, None)
+            q, k, v, self.scale, causal, None, **kw)
         y = self._merge(att, B, Tq) @ W_out
         y += b_out
         return y.reshape(B, Tq, C)
@@ -226,11 +272,14 @@ class MultiHeadAttention:
         B = x_new.shape[0]
         kv = x_new.reshape(B, C) @ W_in[:, C:]
         kv += b_in[C:]
-        k_new, v_new = self._split(kv, B, 1, 2)  # (B*H, 1, dh)
+        k_new, v_new = self._split(kv, B, 1, 2, self.n_kv_heads)  # (B*Hkv, 1, dh)
         if cache:
             k = np.concatenate([cache["k"], k_new], axis=1)  # (B*H, t+1, dh)
             v = np.concatenate([cache["v"], v_new], axis=1)
         else:
             k, v = k_new, v_new
         cache["k"], cache["v"] = k, v
-        return self.attend(x_new, k, v, causal=False)
+        if self.window is None:
+            return self.attend(x_new, k, v, causal=False)
+        # the newest position is the last query: bottom-right alignment puts it at t
+        return self.attend(x_new, k, v, causal="bottom_right", window=self.window)
