@@ -36,7 +36,6 @@ from ._flash import (
     _FM,
     _KT_ROWS,
     _MIN_UNITS,
-    _exp_inplace,
     _in_parallel,
     _mm_nn,
     _mm_nn_acc,
@@ -44,157 +43,40 @@ from ._flash import (
     _mm_tn_acc,
     _tiles,
 )
-from ._numba_math import fmax, njit_cached, take_unit, vexp
+from ._flash_tiles import (
+    _BK,
+    _BOTTOM_RIGHT,
+    _BQ,
+    _GROUP,
+    _HAS_ALIBI,
+    _HAS_BIAS,
+    _HAS_DROP,
+    _HAS_MASK,
+    _LEFT,
+    _LOOP_ROWS,
+    _NCFG,
+    _NSHARE,
+    _RIGHT,
+    _UNBOUNDED,
+    _USE_KT,
+    _add_dbias,
+    _dscores,
+    _features_tile,
+    _keep_factors,
+    _key_range,
+    _online_softmax,
+    _pv_loop,
+    _query_range,
+    _scores_loop,
+    _seq,
+    _times,
+)
+from ._numba_math import njit_cached, take_unit
 from .vectorized_attention import merge_parts
 
-_GAMMA = np.uint64(rules.GAMMA)
-_MUL1 = np.uint64(rules.MUL1)
-_MUL2 = np.uint64(rules.MUL2)
-_S27, _S30, _S31, _S32 = (np.uint64(s) for s in (27, 30, 31, 32))
-_UNBOUNDED = 1 << 40  # a band bound that no position difference reaches
-_LOOP_ROWS = 4  # query tiles of at most this many rows take loops instead of BLAS products
-
 # (n_units,) per call, tiles visited; summed into LAST_TILES (a test shows blocks skipped)
-LAST_TILES = {"forward": 0, "backward": 0}
-
-# indices into the int64 configuration array of the kernels
-(_GROUP, _BQ, _BK, _HAS_MASK, _HAS_BIAS, _HAS_ALIBI, _HAS_DROP, _LEFT, _RIGHT, _BOTTOM_RIGHT,
- _USE_KT, _NSHARE, _NCFG) = range(13)
-
-
-@njit_cached(fastmath=_FM)
-def _mix(x):
-    """rules.mix on a uint64."""
-    z = x + _GAMMA
-    z = (z ^ (z >> _S30)) * _MUL1
-    z = (z ^ (z >> _S27)) * _MUL2
-    return z ^ (z >> _S31)
-
-
-@njit_cached(fastmath=_FM)
-def _keep_factors(z, b, i0, j0, drop, inv):
-    """z = the dropout factors (0, or inv where kept) of the tile of rows i0.., keys j0.. of
-    query entry b. drop = [seed, threshold] (uint64)."""
-    nq, nk = z.shape
-    zero = z.dtype.type(0)
-    seed = _mix(drop[0])
-    for r in range(nq):
-        rk = _mix(_mix(seed ^ np.uint64(b)) ^ np.uint64(i0 + r))
-        for c in range(nk):
-            h = _mix(rk ^ np.uint64(j0 + c))
-            z[r, c] = inv if (h >> _S32) >= drop[1] else zero
-
-
-@njit_cached(fastmath=_FM)
-def _times(s, z):
-    """s *= z, elementwise (2-D)."""
-    for r in range(s.shape[0]):
-        for c in range(s.shape[1]):
-            s[r, c] *= z[r, c]
-
-
-@njit_cached(fastmath=_FM)
-def _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alibi):
-    """Add bias and ALiBi to the scaled score tile s (rows i0.., keys j0.., of the sequence
-    starting at qs, ks with lengths Lq, Lk) and set the entries outside the band or the mask
-    to -inf."""
-    nq, nk = s.shape
-    dt = s.dtype.type
-    ninf = dt(-np.inf)
-    off = Lk - Lq if cfg[_BOTTOM_RIGHT] else 0
-    lj0 = j0 - ks
-    for r in range(nq):
-        i = i0 + r
-        li = i - qs
-        row = s[r]
-        if cfg[_HAS_BIAS]:
-            bb = bias[bias_map[b]]
-            brow = bb[min(i, bb.shape[0] - 1)]
-            for c in range(nk):
-                row[c] += brow[j0 + c]
-        if cfg[_HAS_ALIBI]:
-            slope = alibi[b]
-            base = li + Lk - Lq - lj0
-            for c in range(nk):
-                row[c] -= dt(slope * abs(base - c))
-        lo = li + off - cfg[_LEFT] - lj0  # columns c < lo are left of the band
-        hi = li + off + cfg[_RIGHT] - lj0  # columns c > hi are right of it
-        for c in range(min(max(lo, 0), nk)):
-            row[c] = ninf
-        for c in range(max(hi + 1, 0), nk):
-            row[c] = ninf
-        if cfg[_HAS_MASK]:
-            mb = mask[min(b, mask.shape[0] - 1)]
-            mrow = mb[min(i, mb.shape[0] - 1)]
-            for c in range(nk):
-                if not mrow[j0 + c]:
-                    row[c] = ninf
-
-
-@njit_cached(fastmath=_FM)
-def _scores_loop(qb, kb, s, scale):
-    """s = scale qb kb^T by loops over the keys (few query rows: no BLAS call overhead)."""
-    for r in range(s.shape[0]):
-        for c in range(s.shape[1]):
-            acc = s.dtype.type(0)
-            for p in range(qb.shape[1]):
-                acc += qb[r, p] * kb[c, p]
-            s[r, c] = scale * acc
-
-
-@njit_cached(fastmath=_FM)
-def _pv_loop(s, vb, ob):
-    """ob += s vb by loops over the keys."""
-    for c in range(s.shape[1]):
-        for r in range(s.shape[0]):
-            f = s[r, c]
-            for p in range(vb.shape[1]):
-                ob[r, p] += f * vb[c, p]
-
-
-@njit_cached(fastmath=_FM)
-def _online_softmax(s, m, lsum, ob, scratch):
-    """One tile of the online softmax: new row maxima m, s = exp(s - m) in place, row sums
-    lsum and the output rows ob rescaled to the new maxima. scratch is s's flat buffer."""
-    nq, nk = s.shape
-    dt = s.dtype.type
-    ninf, zero, one = dt(-np.inf), dt(0), dt(1)
-    for r in range(nq):
-        row = s[r]
-        mx = ninf
-        for c in range(nk):
-            mx = fmax(mx, row[c])
-        m_new = max(m[r], mx)
-        if m_new == ninf:
-            continue  # nothing allowed in this row so far: s stays -inf, exp 0
-        for c in range(nk):
-            row[c] -= m_new
-        resc = vexp(m[r] - m_new)  # 0 when m[r] is -inf
-        m[r] = m_new
-        lsum[r] *= resc
-        if resc != one:
-            for c in range(ob.shape[1]):
-                ob[r, c] *= resc
-    _exp_inplace(scratch)
-    for r in range(nq):
-        total = zero
-        for c in range(nk):
-            total += s[r, c]
-        lsum[r] += total
-
-
-@njit_cached(fastmath=_FM)
-def _seq(cu_q, cu_k, n):
-    """(qs, ks, Lq, Lk) of sequence n."""
-    return cu_q[n], cu_k[n], cu_q[n + 1] - cu_q[n], cu_k[n + 1] - cu_k[n]
-
-
-@njit_cached(fastmath=_FM)
-def _key_range(li0, li1, Lk, off, cfg):
-    """rules.key_range with the sentinel bounds."""
-    j0 = max(0, li0 + off - cfg[_LEFT])
-    j1 = min(Lk, li1 - 1 + off + cfg[_RIGHT] + 1)
-    return j0, max(j0, j1)
+# and the key shares of the last calls (the decode split)
+LAST_TILES = {"forward": 0, "backward": 0, "forward_shares": 1, "backward_shares": 1}
 
 
 @njit_cached(nogil=True, fastmath=_FM)
@@ -260,47 +142,6 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
                 lse[share, b, i0 + r] = m[r] + np.log(lsum[r])
             else:
                 lse[share, b, i0 + r] = ninf  # nothing to attend to: out stays 0
-
-
-@njit_cached(fastmath=_FM)
-def _query_range(lj0, lj1, Lq, off, cfg):
-    """rules.query_range with the sentinel bounds."""
-    i0 = max(0, lj0 - off - cfg[_RIGHT])
-    i1 = min(Lq, lj1 - 1 - off + cfg[_LEFT] + 1)
-    return i0, max(i0, i1)
-
-
-@njit_cached(fastmath=_FM)
-def _dscores(s, dp, z, D, lr, drop_on):
-    """P = exp(S - lse) in s, then dS = P (dP z - D) in dp (z: dropout factors, when on)."""
-    nq, nk = s.shape
-    ninf = s.dtype.type(-np.inf)
-    for r in range(nq):
-        row = s[r]
-        if lr[r] == ninf:  # a dead row: P = 0
-            row[:] = ninf
-        else:
-            for c in range(nk):
-                row[c] -= lr[r]
-        for c in range(nk):
-            row[c] = vexp(row[c])
-    for r in range(nq):
-        if drop_on:
-            for c in range(nk):
-                dp[r, c] = s[r, c] * (dp[r, c] * z[r, c] - D[r])
-        else:
-            for c in range(nk):
-                dp[r, c] = s[r, c] * (dp[r, c] - D[r])
-
-
-@njit_cached(fastmath=_FM)
-def _add_dbias(ds, dbb, i0, j0):
-    """dbias rows (Tq or 1, Tk) of one query entry += the dS tile (summed over rows for 1)."""
-    nq, nk = ds.shape
-    for r in range(nq):
-        drow = dbb[min(i0 + r, dbb.shape[0] - 1)]
-        for c in range(nk):
-            drow[j0 + c] += ds[r, c]
 
 
 @njit_cached(nogil=True, fastmath=_FM)
@@ -457,6 +298,7 @@ def features_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None, 
                      q.dtype.type(scale), inv, cfg, drop, qtiles, cu_q, cu_k, F["mask"],
                      F["bias"], F["bias_map"], F["alibi"], visited)
     _count("forward", visited)
+    LAST_TILES["forward_shares"] = nshare
     if nshare == 1:
         return out[0], lse[0]
     return merge_parts(out, lse)
@@ -492,6 +334,7 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
                      ktiles, cu_q, cu_k, F["mask"], F["bias"], F["bias_map"], F["alibi"],
                      visited)
     _count("backward", visited)
+    LAST_TILES["backward_shares"] = nshare
     if nshare > 1:
         for s in range(nshare):  # a fixed order: the bits do not depend on the threads
             dq += dq_part[s]

@@ -1,0 +1,73 @@
+"""The numba feature kernels' decode path (few queries, many keys: key shares merged),
+their independence of the thread count, and non-contiguous inputs with features."""
+
+from __future__ import annotations
+
+import attention_cases as ac
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn.kernels import _flash_features as ff
+
+numba = pytest.importorskip("numba")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(causal="bottom_right", window=(300, None)),
+                                dict(alibi_slopes=np.array([0.01, 0.02]), dropout_p=0.2,
+                                     seed=3)],
+                         ids=["plain", "bottom-right-window", "alibi-dropout"])
+def test_decode_splits_the_keys_into_shares_and_matches_loop(kw):
+    """One query row per head against 1024 keys: the forward takes the decode path (loop
+    products, several key shares merged) and agrees with the loop reference."""
+    case = ac.make(np.random.default_rng(0), np.float64, N=1, H=2, Hkv=1, Tq=1, Tk=1024, d=8,
+                   dv=4, **kw)
+    want = ac.run(case, "loop")
+    got = ac.run(case, "numba")
+    assert ff.LAST_TILES["forward_shares"] > 1
+    ac.assert_close(got, want, case, "decode")
+
+
+@pytest.fixture
+def threads():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs at least 2 Numba threads (NUMBA_NUM_THREADS)")
+    before = numba.get_num_threads()
+    yield numba.set_num_threads
+    numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kw", [dict(H=4, Hkv=2, Tq=96, Tk=160, causal="bottom_right",
+                                     window=(40, 3), bias=(4, 1, 160), dropout_p=0.1, seed=9),
+                                dict(H=1, Tq=2, Tk=3000, alibi_slopes=np.array([0.01]))],
+                         ids=["features", "decode"])
+def test_results_do_not_depend_on_the_thread_count(kw, threads):
+    """Bitwise equal with 1 and 2 threads: work units and key shares follow the shapes only,
+    dq parts and shares are summed in a fixed order. The shapes leave the serial path (several
+    units and shares; checked)."""
+    case = ac.make(np.random.default_rng(1), np.float32, d=16, dv=16, **kw)
+    results = []
+    for n in (1, 2):
+        threads(n)
+        results.append(ac.run(case, "numba"))
+    assert ff.LAST_TILES["forward_shares"] > 1 or ff.LAST_TILES["backward_shares"] > 1
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_non_contiguous_views_with_features_give_the_same_result():
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, 4, 9, 3))
+    k = rng.standard_normal((1, 2, 11, 3))
+    v = rng.standard_normal((1, 2, 11, 2))
+    bias = rng.standard_normal((4, 11, 9)).transpose(0, 2, 1)  # (4, 9, 11), transposed view
+    kw = dict(bias=bias, causal="bottom_right", window=(3, 1), dropout_p=0.3, seed=1,
+              cu_seqlens_q=np.array([0, 4, 9])[::1], cu_seqlens_k=np.array([0, 5, 11]))
+    views = (q[:, :, ::-1], k[:, :, ::-1], v[:, :, ::-1])
+    copies = [np.ascontiguousarray(a) for a in views]
+    for backend in ("vectorized", "numba"):
+        a = fastattn.attention_forward(*views, backend=backend, **kw)
+        b = fastattn.attention_forward(*copies, backend=backend,
+                                       **dict(kw, bias=np.ascontiguousarray(bias)))
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
