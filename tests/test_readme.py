@@ -19,7 +19,7 @@ def _block(marker: str) -> str:
 
 def test_readme_attention_functions_example_runs_and_matches_the_reference():
     ns = {}
-    exec(_block("fastattn.attention_forward("), ns)  # noqa: S102 - our own README
+    exec(_block("fastattn.softmax("), ns)  # noqa: S102 - our own README
     q, k, v, out, lse = (ns[n] for n in ("q", "k", "v", "out", "lse"))
     assert out.shape == q.shape[:-1] + (v.shape[-1],) and lse.shape == q.shape[:-1]
     assert ns["dq"].shape == q.shape and ns["dk"].shape == k.shape and ns["dv"].shape == v.shape
@@ -46,3 +46,13 @@ def test_readme_layers_example_runs_with_the_shapes_it_states():
 def test_readme_names_every_command(command):
     with open(README, encoding="utf-8") as f:
         assert f"fastattn {command}" in f.read()
+
+
+def test_readme_attention_features_example_runs_and_merges_to_the_full_attention():
+    import fastattn
+
+    ns = {"np": np, "fastattn": fastattn}
+    exec(_block("fastattn.merge_attention("), ns)  # noqa: S102 - our own README
+    full = fastattn.attention_forward(ns["q"], ns["k"], ns["v"])
+    np.testing.assert_allclose(ns["out2"], full[0], rtol=1e-4, atol=1e-5)
+    assert ns["dbias"].shape == ns["bias"].shape and ns["dk"].shape == ns["k"].shape
