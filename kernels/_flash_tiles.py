@@ -4,6 +4,10 @@ for a few query rows, the online softmax step and the backward's dS.
 
 Every function takes the int64 configuration array ``cfg`` of ``_flash_features`` where it
 needs to know which features are on; indices below.
+
+Numba's cache keys each function on its own file's source: the kernels of ``_flash_features``
+that inline these pieces are not recompiled when only this file changes. Change a line there
+too (or clear the ``__pycache__``) when editing here.
 """
 
 from __future__ import annotations

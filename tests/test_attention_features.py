@@ -214,7 +214,7 @@ def test_gqa_matches_torch_enable_gqa(backend):
 
 
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 3, 4, 6), (3, 1, 6), (4, 6)])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 3, 4, 6), (3, 1, 6), (4, 6), (3, 4, 1)])
 def test_bias_and_dbias_match_torch_float_mask(backend, shape):
     """torch's float attn_mask is our bias; its autograd gradient (summed over broadcast
     dimensions) is our dbias."""

@@ -15,8 +15,11 @@ class _FixedSeed:
     """Stands in for the layer's seed generator: the same dropout seed on every forward, so
     that the forward is a fixed function (for central differences)."""
 
+    def __init__(self, seed=12345):
+        self.seed = seed
+
     def integers(self, n):
-        return 12345
+        return self.seed
 
 
 def _x(rng, B=2, T=5, C=8):
@@ -80,6 +83,22 @@ def test_dropout_only_in_training():
     assert not np.allclose(y1, y2)  # a fresh draw per forward
     a.train_flg = False
     np.testing.assert_allclose(a.forward(x), b.forward(x), rtol=0, atol=1e-14)
+
+
+def test_dropout_backward_uses_the_forwards_mask():
+    """The backward regenerates the mask of its own forward's seed: the same gradients as a
+    layer whose every draw is that seed."""
+    rng = np.random.default_rng(8)
+    x, dout = _x(rng), _x(rng)
+    a = MultiHeadAttention(8, 2, dropout=0.5, dtype=np.float64, seed=0)
+    a.forward(x)  # a first draw, so that the next one is not the first
+    y = a.forward(x)
+    dx = a.backward(dout)
+    seed = a.cache[-1]["seed"]
+    b = MultiHeadAttention(8, 2, dropout=0.5, dtype=np.float64, seed=0)
+    b._drop_rng = _FixedSeed(seed)
+    np.testing.assert_array_equal(b.forward(x), y)
+    np.testing.assert_array_equal(b.backward(dout), dx)
 
 
 def test_step_with_window_and_grouped_heads_matches_forward():
