@@ -11,11 +11,11 @@ from __future__ import annotations
 import attention_cases as ac
 import numpy as np
 import pytest
-from fastattn.kernels import _attention_rules as rules
-from fastattn.kernels import vectorized_attention
 
 import fastattn
 from fastattn import kernels
+from fastattn.kernels import _attention_rules as rules
+from fastattn.kernels import vectorized_attention
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
