@@ -43,3 +43,14 @@ def dtype(request):
 def tol(dtype):
     """``{"rtol": ..., "atol": ...}`` for ``dtype``, for ``np.testing.assert_allclose(**tol)``."""
     return TOLERANCES[np.dtype(dtype)]
+
+
+@pytest.fixture
+def threads():
+    """Set Numba's thread count for the calling thread; restores it afterwards."""
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs at least 2 Numba threads (NUMBA_NUM_THREADS)")
+    before = numba.get_num_threads()
+    yield numba.set_num_threads
+    numba.set_num_threads(before)

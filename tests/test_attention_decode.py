@@ -28,15 +28,6 @@ def test_decode_splits_the_keys_into_shares_and_matches_loop(kw):
     ac.assert_close(got, want, case, "decode")
 
 
-@pytest.fixture
-def threads():
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs at least 2 Numba threads (NUMBA_NUM_THREADS)")
-    before = numba.get_num_threads()
-    yield numba.set_num_threads
-    numba.set_num_threads(before)
-
-
 @pytest.mark.parametrize("kw", [dict(H=4, Hkv=2, Tq=96, Tk=160, causal="bottom_right",
                                      window=(40, 3), bias=(4, 1, 160), dropout_p=0.1, seed=9),
                                 dict(H=1, Tq=2, Tk=3000, alibi_slopes=np.array([0.01]))],

@@ -28,16 +28,6 @@ numba = pytest.importorskip("numba")
 DTYPES = [np.float32, np.float64]
 
 
-@pytest.fixture
-def threads():
-    """Set Numba's thread count for the calling thread; restores it afterwards."""
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs at least 2 Numba threads (NUMBA_NUM_THREADS)")
-    before = numba.get_num_threads()
-    yield numba.set_num_threads
-    numba.set_num_threads(before)
-
-
 def _kernel_args(name, dtype, B, rng):
     """Arguments of kernel ``name`` (B batch entries, Tq=17, Tk=19, d=8)."""
     Tq, Tk, d = 17, 19, 8
