@@ -20,7 +20,7 @@ BLAS tile products, an online softmax, P recomputed from lse in the backward), p
   dropout.
 * **Decoding.** A few query rows against many keys: S and P V as loops over the keys (no BLAS
   call per tile), and each query tile's keys split into shares when there are fewer units
-  than ``_MIN_UNITS``; the shares' (out, lse) are merged as ``merge_attention`` does.
+  than the setting's ``min_units``; the shares' (out, lse) are merged as ``merge_attention`` does.
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ import math
 import numpy as np
 
 from . import _attention_rules as rules
-from . import _flash
+from . import _flash, _tuning
 from ._blas import OneThread as _OneBlasThread
 from ._flash import (
     _FM,
-    _KT_ROWS,
-    _MIN_UNITS,
     _in_parallel,
     _mm_nn,
     _mm_nn_acc,
@@ -237,14 +235,14 @@ def _blocks(cu, size):
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
-def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, tiles):
+def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, tiles, st):
     """The kernels' common arguments: cfg (int64), drop (uint64), inv and the feature arrays
-    (stand-ins where off)."""
+    (stand-ins where off). st: the tuning setting in force (kernels._tuning)."""
     B, Tq, _ = q.shape
     Bkv, Tk, _ = k.shape
     no = _stand_ins(q.dtype)
     left, right, bottom_right = rules.band(causal, window)
-    bq, bk = tiles or _tiles(B, Tq, Tk, bool(causal) or window is not None)
+    bq, bk = tiles or _tiles(B, Tq, Tk, bool(causal) or window is not None, st)
     cfg = np.zeros(_NCFG, np.int64)
     cfg[[_GROUP, _BQ, _BK, _BOTTOM_RIGHT]] = (B // Bkv, bq, bk, bottom_right)
     cfg[_LEFT] = _UNBOUNDED if left is None else left
@@ -253,7 +251,7 @@ def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, t
     cfg[_HAS_BIAS] = bias is not None
     cfg[_HAS_ALIBI] = alibi is not None
     cfg[_HAS_DROP] = dropout_p > 0
-    cfg[_USE_KT] = min(Tq, bq) >= _KT_ROWS
+    cfg[_USE_KT] = min(Tq, bq) >= st.kt_rows
     if bias is not None and bias_map is None:
         bias_map = np.minimum(np.arange(B), bias.shape[0] - 1)
     arrays = dict(
@@ -279,14 +277,15 @@ def features_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None, 
     q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
     B, Tq, _ = q.shape
     Tk = k.shape[1]
+    st = _tuning.current()[0]
     cfg, drop, inv, F = _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p,
-                               seed, tiles)
+                               seed, tiles, st)
     cu_q, cu_k = _spans(cu_seqlens_q, cu_seqlens_k, Tq, Tk)
     qtiles = _blocks(cu_q, cfg[_BQ])
     units = B * len(qtiles)
     nshare = key_shares or 1
-    if key_shares is None and units < _MIN_UNITS and Tk >= 4 * cfg[_BK]:
-        nshare = min(math.ceil(_MIN_UNITS / units), math.ceil(Tk / cfg[_BK]))
+    if key_shares is None and units < st.min_units and Tk >= 4 * cfg[_BK]:
+        nshare = min(math.ceil(st.min_units / units), math.ceil(Tk / cfg[_BK]))
     cfg[_NSHARE] = nshare
     out = np.empty((nshare, B, Tq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((nshare, B, Tq), dtype=q.dtype)
@@ -294,9 +293,9 @@ def features_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None, 
           else _stand_ins(q.dtype)["kT"])
     visited = np.zeros(units * nshare, np.int64)
     with _OneBlasThread():
-        _in_parallel(_forward_units, units * nshare, 4 * q.size * Tk, q, k, kT, v, out, lse,
-                     q.dtype.type(scale), inv, cfg, drop, qtiles, cu_q, cu_k, F["mask"],
-                     F["bias"], F["bias_map"], F["alibi"], visited)
+        _in_parallel(_forward_units, units * nshare, 4 * q.size * Tk, st.serial_flops, q, k,
+                     kT, v, out, lse, q.dtype.type(scale), inv, cfg, drop, qtiles, cu_q, cu_k,
+                     F["mask"], F["bias"], F["bias_map"], F["alibi"], visited)
     _count("forward", visited)
     LAST_TILES["forward_shares"] = nshare
     if nshare == 1:
@@ -313,13 +312,14 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
     dout, q, k, v, out, lse = (np.ascontiguousarray(a) for a in (dout, q, k, v, out, lse))
     B, Tq, d = q.shape
     Bkv, Tk, _ = k.shape
+    st = _tuning.current()[0]
     cfg, drop, inv, F = _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p,
-                               seed, tiles)
+                               seed, tiles, st)
     cu_q, cu_k = _spans(cu_seqlens_q, cu_seqlens_k, Tq, Tk)
     ktiles = _blocks(cu_k, cfg[_BK])
     nshare = key_shares or 1
-    if key_shares is None and Bkv < _MIN_UNITS and 10 * B * Tq * Tk * d >= 4e6:
-        nshare = max(1, min(len(ktiles), math.ceil(_MIN_UNITS / Bkv)))
+    if key_shares is None and Bkv < st.min_units and 10 * B * Tq * Tk * d >= st.serial_flops:
+        nshare = max(1, min(len(ktiles), math.ceil(st.min_units / Bkv)))
     cfg[_NSHARE] = nshare
     D = np.einsum("bic,bic->bi", dout, out)  # (B, Tq): rowsum(dO * O)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
@@ -329,10 +329,10 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
              else _stand_ins(q.dtype)["bias"])
     visited = np.zeros(Bkv * nshare, np.int64)
     with _OneBlasThread():
-        _in_parallel(_backward_units, Bkv * nshare, 10 * B * Tq * Tk * d, dout, q, k, v, lse,
-                     D, dq, dk, dv, dq_part, dbias, q.dtype.type(scale), inv, cfg, drop,
-                     ktiles, cu_q, cu_k, F["mask"], F["bias"], F["bias_map"], F["alibi"],
-                     visited)
+        _in_parallel(_backward_units, Bkv * nshare, 10 * B * Tq * Tk * d, st.serial_flops,
+                     dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, q.dtype.type(scale),
+                     inv, cfg, drop, ktiles, cu_q, cu_k, F["mask"], F["bias"], F["bias_map"],
+                     F["alibi"], visited)
     _count("backward", visited)
     LAST_TILES["backward_shares"] = nshare
     if nshare > 1:
