@@ -54,13 +54,13 @@ def check_window(window):
     return None if out == [None, None] else tuple(out)
 
 
-def check_dropout(dropout_p, seed):
-    """(dropout_p as a float in [0, 1), seed as an int in [0, 2**64))."""
+def check_dropout(dropout_p, seed, name="dropout_p"):
+    """(dropout_p as a float in [0, 1), seed as an int in [0, 2**64)); errors say ``name``."""
     if not _is_real(dropout_p):
-        raise TypeError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
+        raise TypeError(f"{name} must be a real number in [0, 1), got {dropout_p!r}")
     p = float(dropout_p)
     if not 0.0 <= p < 1.0:  # NaN fails too
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p!r}")
     if seed is None:
         if p > 0:
             raise ValueError("seed (an int) is required when dropout_p > 0")

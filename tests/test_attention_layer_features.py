@@ -116,7 +116,8 @@ def test_step_with_window_and_grouped_heads_matches_forward():
 @pytest.mark.parametrize("kw, msg", [(dict(n_kv_heads=3), "multiple of n_kv_heads"),
                                      (dict(n_kv_heads=0), "n_kv_heads"),
                                      (dict(window=(1, -1)), "window right"),
-                                     (dict(dropout=1.0), "dropout_p must be in")])
+                                     (dict(dropout=1.0), r"^dropout must be in \[0, 1\)"),
+                                     (dict(dropout="0.1"), "^dropout must be a real")])
 def test_layer_bad_arguments_raise(kw, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         MultiHeadAttention(8, 4, **kw)
