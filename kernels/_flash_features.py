@@ -6,9 +6,10 @@ sequences, in any combination, forward and backward, with the rules of
 BLAS tile products, an online softmax, P recomputed from lse in the backward), plus:
 
 * **Work units.** Forward: (query entry b, query tile, key share), a query tile being bq rows
-  of one packed sequence. Backward: (key/value entry, share of the key tiles); a unit runs
-  every query head of its group against its key tiles, so dk and dv (and dbias, dq with one
-  share) have one writer each; with several shares each writes its own dq part, summed in a
+  of one packed sequence. Backward: (key/value entry, share); a unit runs the query heads of
+  its group against the key tiles, so dk and dv (and dbias, dq) have one writer each. With
+  several shares per entry, grouped queries split the group's heads (each share but the
+  first writes its own dk, dv part), others the key tiles (dq parts); parts are summed in a
   fixed order afterwards. K and V are never copied per query head.
 * **Skipped blocks.** A query tile visits only the keys of its sequence inside the causal and
   window band (``_attention_rules.key_range``), a key tile only the matching queries
@@ -55,6 +56,7 @@ from ._flash_tiles import (
     _NCFG,
     _NSHARE,
     _RIGHT,
+    _SPLIT_HEADS,
     _UNBOUNDED,
     _USE_KT,
     _add_dbias,
@@ -74,7 +76,8 @@ from .vectorized_attention import merge_parts
 
 # (n_units,) per call, tiles visited; summed into LAST_TILES (a test shows blocks skipped)
 # and the key shares of the last calls (the decode split)
-LAST_TILES = {"forward": 0, "backward": 0, "forward_shares": 1, "backward_shares": 1}
+LAST_TILES = {"forward": 0, "backward": 0, "forward_shares": 1, "backward_shares": 1,
+              "backward_split": "keys"}
 
 
 @njit_cached(nogil=True, fastmath=_FM)
@@ -143,12 +146,20 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
 
 
 @njit_cached(nogil=True, fastmath=_FM)
-def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, scale, inv, cfg,
-                    drop, ktiles, cu_q, cu_k, mask, bias, bias_map, alibi, visited):
-    """Unit u: key/value entry u // nshare and its key tiles share, share + nshare, ... of
-    ktiles (nkt, 3) = (sequence, j0, j1), against every query head of its group. Accumulates
-    into dk, dv (those key rows), dbias (B, Tq or 1, Tk) and dq, or dq_part[share] with
-    several shares; all zeroed by the caller. D (B, Tq) = rowsum(dout * out)."""
+def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part, dv_part,
+                    dbias, scale, inv, cfg, drop, ktiles, cu_q, cu_k, mask, bias, bias_map,
+                    alibi, visited):
+    """Unit u: key/value entry u // nshare and its share u % nshare of the work:
+
+    * split by keys: its key tiles share, share + nshare, ... of ktiles (nkt, 3) = (sequence,
+      j0, j1), against every query head of its group; accumulates into dk, dv (those key
+      rows) and into dq (share 0) or dq_part[share - 1];
+    * split by heads (cfg[_SPLIT_HEADS], grouped queries): the group's query heads share,
+      share + nshare, ... against every key tile; accumulates into dq (those heads) and into
+      dk, dv (share 0) or dk_part, dv_part[share - 1].
+
+    dbias (B, Tq or 1, Tk) rows of a query entry have one writer either way. All outputs are
+    zeroed by the caller. D (B, Tq) = rowsum(dout * out)."""
     bq, bk, nshare, group = cfg[_BQ], cfg[_BK], cfg[_NSHARE], cfg[_GROUP]
     d, dvd = q.shape[2], v.shape[2]
     one = q.dtype.type(1)
@@ -163,7 +174,12 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, 
         if u >= k.shape[0] * nshare:
             break
         bkv, share = u // nshare, u % nshare
-        for t in range(share, ktiles.shape[0], nshare):
+        by_heads = cfg[_SPLIT_HEADS] != 0
+        t_first, t_step = (0, 1) if by_heads else (share, nshare)
+        h_first, h_step = (share, nshare) if by_heads else (0, 1)
+        dkb = dk[bkv] if not by_heads or share == 0 else dk_part[share - 1, bkv]  # (Tk, d)
+        dvb = dv[bkv] if not by_heads or share == 0 else dv_part[share - 1, bkv]  # (Tk, dv)
+        for t in range(t_first, ktiles.shape[0], t_step):
             qs, ks, Lq, Lk = _seq(cu_q, cu_k, ktiles[t, 0])
             j0, j1 = ktiles[t, 1], ktiles[t, 2]
             nk = j1 - j0
@@ -178,9 +194,9 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, 
                         kTj[p, c] = kj[c, p]
                     for p in range(dvd):
                         vTj[p, c] = vj[c, p]
-            dkj, dvj = dk[bkv, j0:j1], dv[bkv, j0:j1]
-            for b in range(bkv * group, (bkv + 1) * group):
-                dqb = dq[b] if nshare == 1 else dq_part[share, b]
+            dkj, dvj = dkb[j0:j1], dvb[j0:j1]
+            for b in range(bkv * group + h_first, (bkv + 1) * group, h_step):
+                dqb = dq[b] if by_heads or share == 0 else dq_part[share - 1, b]
                 for i0 in range(qs + li0, qs + li1, bq):
                     i1 = min(i0 + bq, qs + li1)
                     nq = i1 - i0
@@ -305,10 +321,16 @@ def features_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None, 
 
 def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None,
                       bias_map=None, window=None, alibi=None, dropout_p=0.0, seed=0,
-                      cu_seqlens_q=None, cu_seqlens_k=None, tiles=None, key_shares=None):
+                      cu_seqlens_q=None, cu_seqlens_k=None, tiles=None, key_shares=None,
+                      head_shares=None):
     """dq, dk, dv (and dbias, in bias's shape, when bias is given); see
-    kernels.loop_attention. ``tiles`` and ``key_shares`` override the block sizes and the
-    split of the key tiles (for tests)."""
+    kernels.loop_attention. ``tiles`` overrides the block sizes, ``key_shares`` or
+    ``head_shares`` the split of each key/value entry's work (for tests).
+
+    With fewer key/value entries than the setting's ``min_units``, each entry's work is split
+    into shares: grouped queries split the group's query heads (extra copies of dk and dv per
+    share but the first: (shares - 1) Bkv Tk (d + dv), against B Tk (d + dv) for K and V
+    expanded per head), otherwise the key tiles (extra copies of dq)."""
     dout, q, k, v, out, lse = (np.ascontiguousarray(a) for a in (dout, q, k, v, out, lse))
     B, Tq, d = q.shape
     Bkv, Tk, _ = k.shape
@@ -317,26 +339,37 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
                                seed, tiles, st)
     cu_q, cu_k = _spans(cu_seqlens_q, cu_seqlens_k, Tq, Tk)
     ktiles = _blocks(cu_k, cfg[_BK])
-    nshare = key_shares or 1
-    if key_shares is None and Bkv < st.min_units and 10 * B * Tq * Tk * d >= st.serial_flops:
-        nshare = max(1, min(len(ktiles), math.ceil(st.min_units / Bkv)))
-    cfg[_NSHARE] = nshare
+    group = B // Bkv
+    nshare, by_heads = key_shares or head_shares or 1, head_shares is not None
+    if (key_shares is None and head_shares is None and Bkv < st.min_units
+            and 10 * B * Tq * Tk * d >= st.serial_flops):
+        want = math.ceil(st.min_units / Bkv)
+        by_heads = group > 1
+        nshare = min(group, want) if by_heads else max(1, min(len(ktiles), want))
+    cfg[_NSHARE], cfg[_SPLIT_HEADS] = nshare, by_heads
     D = np.einsum("bic,bic->bi", dout, out)  # (B, Tq): rowsum(dO * O)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-    dq_part = (np.zeros((nshare, B, Tq, d), q.dtype) if nshare > 1
-               else _stand_ins(q.dtype)["dq_part"])
+    no = _stand_ins(q.dtype)["dq_part"]
+    extra = nshare - 1
+    dq_part = np.zeros((extra, B, Tq, d), q.dtype) if extra and not by_heads else no
+    dk_part = np.zeros((extra,) + k.shape, q.dtype) if extra and by_heads else no
+    dv_part = np.zeros((extra,) + v.shape, q.dtype) if extra and by_heads else no
     dbias = (np.zeros((B,) + F["bias"].shape[1:], q.dtype) if bias is not None
              else _stand_ins(q.dtype)["bias"])
     visited = np.zeros(Bkv * nshare, np.int64)
     with _OneBlasThread():
         _in_parallel(_backward_units, Bkv * nshare, 10 * B * Tq * Tk * d, st.serial_flops,
-                     dout, q, k, v, lse, D, dq, dk, dv, dq_part, dbias, q.dtype.type(scale),
-                     inv, cfg, drop, ktiles, cu_q, cu_k, F["mask"], F["bias"], F["bias_map"],
-                     F["alibi"], visited)
+                     dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part, dv_part, dbias,
+                     q.dtype.type(scale), inv, cfg, drop, ktiles, cu_q, cu_k, F["mask"],
+                     F["bias"], F["bias_map"], F["alibi"], visited)
     _count("backward", visited)
     LAST_TILES["backward_shares"] = nshare
-    if nshare > 1:
-        for s in range(nshare):  # a fixed order: the bits do not depend on the threads
+    LAST_TILES["backward_split"] = "heads" if by_heads else "keys"
+    for s in range(extra):  # a fixed order: the bits do not depend on the threads
+        if by_heads:
+            dk += dk_part[s]
+            dv += dv_part[s]
+        else:
             dq += dq_part[s]
     if bias is None:
         return dq, dk, dv

@@ -30,8 +30,9 @@ def test_decode_splits_the_keys_into_shares_and_matches_loop(kw):
 
 @pytest.mark.parametrize("kw", [dict(H=4, Hkv=2, Tq=96, Tk=160, causal="bottom_right",
                                      window=(40, 3), bias=(4, 1, 160), dropout_p=0.1, seed=9),
+                                dict(H=1, Tq=128, Tk=512, window=(None, 8)),
                                 dict(H=1, Tq=2, Tk=3000, alibi_slopes=np.array([0.01]))],
-                         ids=["features", "decode"])
+                         ids=["grouped-heads", "keys", "decode"])
 def test_results_do_not_depend_on_the_thread_count(kw, threads):
     """Bitwise equal with 1 and 2 threads: work units and key shares follow the shapes only,
     dq parts and shares are summed in a fixed order. The shapes leave the serial path (several
@@ -41,7 +42,11 @@ def test_results_do_not_depend_on_the_thread_count(kw, threads):
     for n in (1, 2):
         threads(n)
         results.append(ac.run(case, "numba"))
-    assert ff.LAST_TILES["forward_shares"] > 1 or ff.LAST_TILES["backward_shares"] > 1
+    if kw["Tq"] > 2:  # the backward splits by query heads with grouped heads, else by keys
+        assert ff.LAST_TILES["backward_shares"] > 1
+        assert ff.LAST_TILES["backward_split"] == ("heads" if kw["H"] > 1 else "keys")
+    else:
+        assert ff.LAST_TILES["forward_shares"] > 1
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -272,24 +272,28 @@ def numba_with(monkeypatch):
 
     mod = kernels.module("numba")
 
-    def use(tiles, shares):
+    def use(tiles, shares, split):
         monkeypatch.setattr(mod, "attention_forward",
                             partial(ff.features_forward, tiles=tiles, key_shares=shares))
         monkeypatch.setattr(mod, "attention_backward",
-                            partial(ff.features_backward, tiles=tiles, key_shares=shares))
+                            partial(ff.features_backward, tiles=tiles,
+                                    **{f"{split}_shares": shares}))
     return use
 
 
-@pytest.mark.parametrize("tiles, shares", [((2, 3), 1), ((1, 1), 3), ((3, 2), 2),
-                                           ((64, 2), 1), ((5, 4), 4)])
+@pytest.mark.parametrize("tiles, shares, split", [
+    ((2, 3), 1, "key"), ((1, 1), 3, "key"), ((3, 2), 2, "head"), ((64, 2), 1, "key"),
+    ((5, 4), 4, "key"), ((2, 2), 3, "head")])
 @pytest.mark.parametrize("name", PATH_CASES)
-def test_numba_tiles_and_key_shares_match_loop(name, tiles, shares, numba_with, loop_results):
-    """Small and odd tiles put tile edges inside the band and the sequences; several key
-    shares take the forward's split-and-merge and the backward's private dq parts; 64-row
-    tiles take the transposed-key path, 1..4-row tiles the loop (decode) products."""
+def test_numba_tiles_and_shares_match_loop(name, tiles, shares, split, numba_with,
+                                           loop_results):
+    """Small and odd tiles put tile edges inside the band and the sequences; several shares
+    take the forward's split-and-merge over keys and the backward's private dq parts (split
+    by keys) or dk/dv parts (split by query heads); 64-row tiles take the transposed-key
+    path, 1..4-row tiles the loop (decode) products."""
     case, want = loop_results(name)
-    numba_with(tiles, shares)
-    ac.assert_close(ac.run(case, "numba"), want, case, f"{name} tiles {tiles} x{shares}")
+    numba_with(tiles, shares, split)
+    ac.assert_close(ac.run(case, "numba"), want, case, f"{name} tiles {tiles} {split} x{shares}")
 
 
 def _visited(Tq, Tk, tiles, causal=False, **kw):
