@@ -29,9 +29,15 @@ def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.n
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < ndim_min:
         raise ValueError(f"{name} must have at least {ndim_min} dimensions, got shape {x.shape}")
-    if finite and x.size and not np.isfinite(x).all():
+    if finite and x.size and not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf")
     return np.ascontiguousarray(x)
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """True when ``x`` (non-empty, float) holds no NaN or inf: its max and min are finite (NaN
+    propagates through both). No temporary array of x's size, unlike np.isfinite(x).all()."""
+    return bool(np.isfinite(x.max()) and np.isfinite(x.min()))
 
 
 def same_dtype(arrays: dict) -> np.dtype:

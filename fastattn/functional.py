@@ -174,7 +174,7 @@ def attention_forward(q, k, v, *, mask=None, bias=None, causal=False, window=Non
         return np.zeros(lead + (Tq, dv), dtype), np.full(lead + (Tq,), -np.inf, dtype)
     out, lse = _run_kernel(fn, "attention_forward", dtype, *call.kernel_args(),
                            **call.features)
-    if not np.isfinite(out).all() or np.isnan(lse).any() or np.isposinf(lse).any():
+    if not _checks.all_finite(out) or np.isnan(lse).any() or np.isposinf(lse).any():
         raise _overflow("attention_forward", dtype)
     empty = np.isneginf(lse)  # (B, Tq): rows the kernel found nothing to attend to
     if empty.any() and not _empty_rows_are_real(call, empty):
@@ -210,7 +210,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, bias=None, causal=
     qf, kf, vf, *rest = call.kernel_args()
     grads = _run_kernel(fn, "attention_backward", dtype, _flat3(dout), qf, kf, vf,
                         _flat3(out), lse.reshape(-1, Tq), *rest, **call.features)
-    if not all(np.isfinite(g).all() for g in grads):
+    if not all(_checks.all_finite(g) for g in grads if g.size):
         raise _overflow("attention_backward", dtype)
     dq, dk, dvv = grads[:3]
     res = (dq.reshape(call.q.shape), dk.reshape(call.k.shape), dvv.reshape(call.v.shape))

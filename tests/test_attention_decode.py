@@ -67,3 +67,33 @@ def test_non_contiguous_views_with_features_give_the_same_result():
                                        **dict(kw, bias=np.ascontiguousarray(bias)))
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_grouped_query_attention_needs_far_less_than_expanded_keys_and_values():
+    """H=32 query heads over Hkv=4 (the issue's ratio): the memory that forward + backward
+    allocate beyond inputs and outputs (tracemalloc sees NumPy's and the Numba kernels'
+    arrays), less the kernels' tile buffers (per thread at most 3 bq bk + (d + dv) bk + 3 bq
+    values, whatever the length), stays below a quarter of one copy of K and V expanded to
+    32 heads, with the backward split into shares by heads (checked)."""
+    import tracemalloc
+
+    from fastattn.kernels import _tuning
+
+    case = ac.make(np.random.default_rng(3), np.float32, H=32, Hkv=4, Tq=128, Tk=128, d=16,
+                   dv=16)
+    q, k, v, dout = case["q"], case["k"], case["v"], case["dout"]
+    ac.run(case, "numba")  # compiled and warm
+    tracemalloc.start()
+    try:
+        out, lse = fastattn.attention_forward(q, k, v, backend="numba")
+        grads = fastattn.attention_backward(dout, q, k, v, out, lse, backend="numba")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ff.LAST_TILES["backward_shares"] > 1
+    assert ff.LAST_TILES["backward_split"] == "heads"
+    bq, bk = ff._tiles(32, 128, 128, False, _tuning.current()[0])
+    tiles = numba.get_num_threads() * (3 * bq * bk + 32 * bk + 3 * bq) * 4
+    results = out.nbytes + lse.nbytes + sum(g.nbytes for g in grads)
+    expanded = 2 * 32 * 128 * 16 * 4  # K and V with one copy per query head, float32
+    assert peak - results - tiles < expanded / 4
