@@ -2,7 +2,8 @@
 ``kernels.loop_attention`` (same arguments, same rules; re-exported by ``kernels.vectorized``).
 
 They materialise the (B, Tq, Tk) score matrix: that is the point of the comparison with the
-Numba flash kernels, which do not.
+Numba flash kernels, which do not. Grouped heads broadcast over the group axis: K and V are
+not copied per query head here either.
 """
 
 from __future__ import annotations
@@ -42,12 +43,19 @@ def _positions(cu, T):
     return seq, np.arange(T) - cu[seq], lengths[seq]
 
 
+def _grouped(op, a, b):
+    """op(a[i], b[i // g]) for a (B, m, n) and b (Bkv, n, p), g = B // Bkv, by broadcasting
+    over the group axis: b is never copied per query entry -> (B, m, p)."""
+    Bkv = b.shape[0]
+    res = op(a.reshape((Bkv, a.shape[0] // Bkv) + a.shape[1:]), b[:, None])
+    return res.reshape((a.shape[0],) + res.shape[2:])
+
+
 def _scores(q, k, scale, causal, mask, bias, bias_map, window, alibi, cu_q, cu_k):
     """s = scale q k^T + bias + alibi (B, Tq, Tk), -inf where not allowed."""
     B, Tq, _ = q.shape
     Bkv, Tk, _ = k.shape
-    kg = np.repeat(np.arange(Bkv), B // Bkv)  # key/value entry of each query entry
-    s = np.matmul(q, k[kg].transpose(0, 2, 1))  # (B, Tq, Tk); k[kg] is a copy, as NumPy needs
+    s = _grouped(np.matmul, q, k.transpose(0, 2, 1))  # (B, Tq, Tk)
     s *= q.dtype.type(scale)
     sq, iq, lq = _positions(cu_q, Tq)
     sk, jk, lk = _positions(cu_k, Tk)
@@ -69,14 +77,14 @@ def _scores(q, k, scale, causal, mask, bias, bias_map, window, alibi, cu_q, cu_k
     if alibi is not None:
         dist = np.abs(iq[:, None] + lk_of_row[:, None] - lq[:, None] - jk[None, :])  # (Tq, Tk)
         s = s - (np.asarray(alibi)[:, None, None] * dist).astype(q.dtype)
-    return np.where(allowed, s, -np.inf).astype(q.dtype, copy=False), kg
+    return np.where(allowed, s, -np.inf).astype(q.dtype, copy=False)
 
 
 def attention_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None, window=None,
                       alibi=None, dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None):
     """out (B, Tq, dv), lse (B, Tq); see kernels.loop_attention."""
-    s, kg = _scores(q, k, scale, causal, mask, bias, bias_map, window, alibi, cu_seqlens_q,
-                    cu_seqlens_k)
+    s = _scores(q, k, scale, causal, mask, bias, bias_map, window, alibi, cu_seqlens_q,
+                cu_seqlens_k)
     m = s.max(axis=-1, keepdims=True)  # (B, Tq, 1)
     empty = ~np.isfinite(m)  # rows with nothing allowed
     m[empty] = 0
@@ -85,16 +93,18 @@ def attention_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None,
     total[empty] = 1
     if dropout_p > 0:
         p *= dropout_factors(*s.shape, dropout_p, seed, q.dtype)
-    out = np.matmul(p, v[kg])
+    out = _grouped(np.matmul, p, v)
     out /= total
     lse = (m + np.log(total))[..., 0]  # (B, Tq)
     lse[empty[..., 0]] = -np.inf
     return out, lse
 
 
-def _sum_groups(x, Bkv):
-    """(B, T, c) -> (Bkv, T, c): the sum over each group of query entries."""
-    return x.reshape((Bkv, x.shape[0] // Bkv) + x.shape[1:]).sum(axis=1)
+def _group_tn(a, b, Bkv):
+    """sum over each group of query entries of a[i]^T b[i]: a (B, Tq, Tk), b (B, Tq, c) ->
+    (Bkv, Tk, c), as one product per key/value entry over the group's stacked rows."""
+    a = a.reshape(Bkv, -1, a.shape[-1])  # (Bkv, g Tq, Tk)
+    return np.matmul(a.transpose(0, 2, 1), b.reshape(Bkv, -1, b.shape[-1]))
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None,
@@ -102,24 +112,24 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=Non
                        cu_seqlens_q=None, cu_seqlens_k=None):
     """dq, dk, dv (and dbias when bias is given); see kernels.loop_attention."""
     Bkv = k.shape[0]
-    s, kg = _scores(q, k, scale, causal, mask, bias, bias_map, window, alibi, cu_seqlens_q,
-                    cu_seqlens_k)
+    s = _scores(q, k, scale, causal, mask, bias, bias_map, window, alibi, cu_seqlens_q,
+                cu_seqlens_k)
     empty = np.isneginf(lse)[..., None]  # (B, Tq, 1)
     row_lse = np.where(empty, 0, lse[..., None]).astype(q.dtype, copy=False)
     p = np.where(empty, 0, np.exp(s - row_lse)).astype(q.dtype, copy=False)  # (B, Tq, Tk)
-    dp = np.matmul(dout, v[kg].transpose(0, 2, 1))  # (B, Tq, Tk)
+    dp = _grouped(np.matmul, dout, v.transpose(0, 2, 1))  # (B, Tq, Tk)
     if dropout_p > 0:
         z = dropout_factors(*s.shape, dropout_p, seed, q.dtype)
-        dv = np.matmul((p * z).transpose(0, 2, 1), dout)  # (B, Tk, dv)
+        dv = _group_tn(p * z, dout, Bkv)  # (Bkv, Tk, dv)
         dp *= z
     else:
-        dv = np.matmul(p.transpose(0, 2, 1), dout)
+        dv = _group_tn(p, dout, Bkv)
     D = np.sum(dout * out, axis=-1, keepdims=True)  # (B, Tq, 1)
     ds = p * (dp - D)  # (B, Tq, Tk)
     sc = q.dtype.type(scale)
-    dq = np.matmul(ds, k[kg]) * sc
-    dk = np.matmul(ds.transpose(0, 2, 1), q) * sc
-    grads = (dq, _sum_groups(dk, Bkv), _sum_groups(dv, Bkv))
+    dq = _grouped(np.matmul, ds, k) * sc
+    dk = _group_tn(ds, q, Bkv) * sc  # (Bkv, Tk, d)
+    grads = (dq, dk, dv)
     if bias is None:
         return grads
     dbias = np.zeros(bias.shape, dtype=q.dtype)
