@@ -76,6 +76,8 @@ from .vectorized_attention import merge_parts
 
 # (n_units,) per call, tiles visited; summed into LAST_TILES (a test shows blocks skipped)
 # and the key shares of the last calls (the decode split)
+_DECODE_BK = 512  # key tile length with few query rows: less per-tile work per key
+
 LAST_TILES = {"forward": 0, "backward": 0, "forward_shares": 1, "backward_shares": 1,
               "backward_split": "keys"}
 
@@ -259,6 +261,8 @@ def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, t
     no = _stand_ins(q.dtype)
     left, right, bottom_right = rules.band(causal, window)
     bq, bk = tiles or _tiles(B, Tq, Tk, bool(causal) or window is not None, st)
+    if tiles is None and bq <= _LOOP_ROWS:  # decoding: loop products, long key tiles
+        bk = min(Tk, max(bk, _DECODE_BK))
     cfg = np.zeros(_NCFG, np.int64)
     cfg[[_GROUP, _BQ, _BK, _BOTTOM_RIGHT]] = (B // Bkv, bq, bk, bottom_right)
     cfg[_LEFT] = _UNBOUNDED if left is None else left
@@ -300,7 +304,7 @@ def features_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None, 
     qtiles = _blocks(cu_q, cfg[_BQ])
     units = B * len(qtiles)
     nshare = key_shares or 1
-    if key_shares is None and units < st.min_units and Tk >= 4 * cfg[_BK]:
+    if key_shares is None and units < st.min_units and Tk > cfg[_BK]:
         nshare = min(math.ceil(st.min_units / units), math.ceil(Tk / cfg[_BK]))
     cfg[_NSHARE] = nshare
     out = np.empty((nshare, B, Tq, v.shape[2]), dtype=q.dtype)
