@@ -49,7 +49,7 @@ def _check_qkv(q, k, v):
     k = _checks.float_array(k, "k", ndim_min=2)
     v = _checks.float_array(v, "v", ndim_min=2)
     dtype = _checks.same_dtype({"q": q, "k": k, "v": v})
-    group = args.check_heads(q, k, v)
+    args.check_heads(q, k, v)  # axis -3 may hold fewer key/value heads than query heads
     Tq, d = q.shape[-2:]
     Tk = k.shape[-2]
     if k.shape[-1] != d:
@@ -61,7 +61,7 @@ def _check_qkv(q, k, v):
             f"sequence lengths and feature sizes must be at least 1, got q {q.shape}, "
             f"k {k.shape}, v {v.shape}"
         )
-    return q, k, v, dtype, group
+    return q, k, v, dtype
 
 
 def _flat3(x):
@@ -98,7 +98,7 @@ class _Call:
 def _prepare(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, seed,
              cu_seqlens_q, cu_seqlens_k, scale) -> _Call:
     """Check everything and convert it to the kernels' form."""
-    q, k, v, dtype, group = _check_qkv(q, k, v)
+    q, k, v, dtype = _check_qkv(q, k, v)
     lead, (Tq, d), Tk = q.shape[:-2], q.shape[-2:], k.shape[-2]
     s = args.scale_of(scale, d)
     causal = args.check_causal(causal)
