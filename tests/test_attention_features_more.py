@@ -188,8 +188,9 @@ def test_alibi_without_a_head_axis_raises():
 
 @st.composite
 def _problems(draw):
-    """A small problem with a random combination of features; packed sequences of random
-    lengths, empty ones included."""
+    """A small problem with a random combination of features (grouped heads, packed sequences
+    of random lengths, empty ones included, causal alignment, window, bias, ALiBi, dropout,
+    mask, feature sizes)."""
     Hkv = draw(st.integers(1, 2))
     H = Hkv * draw(st.integers(1, 3))
     n = draw(st.integers(0, 3))
@@ -213,7 +214,12 @@ def _problems(draw):
     if draw(st.booleans()):
         kw["dropout_p"], kw["seed"] = draw(st.sampled_from([0.2, 0.6])), draw(st.integers())
     seed = draw(st.integers(0, 2**32 - 1))
-    return ac.make(np.random.default_rng(seed), np.float64, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, **kw)
+    if draw(st.booleans()):  # a mask of one of the broadcast shapes
+        shape = draw(st.sampled_from([(Tq, Tk), (H, 1, Tk), (1, 1, Tq, 1)]))
+        kw["mask"] = np.random.default_rng(seed + 1).random(shape) < 0.7
+    d, dv = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    return ac.make(np.random.default_rng(seed), np.float64, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, d=d,
+                   dv=dv, **kw)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
