@@ -240,14 +240,17 @@ class FeedForward:
 class EncoderBlock:
     """Pre-LN encoder block: x + SelfAttn(LN(x)), then x + FFN(LN(x)). x (B, T, C) -> same.
 
-    ``forward(x, mask=None)``; ``mask`` as in :class:`MultiHeadAttention`.
+    ``forward(x, mask=None)``; ``mask`` as in :class:`MultiHeadAttention`. ``n_kv_heads``,
+    ``window`` and ``dropout`` go to the self-attention.
     """
 
-    def __init__(self, d_model, n_heads, d_ff, *, backend=None, dtype=np.float32, seed=None):
+    def __init__(self, d_model, n_heads, d_ff, *, n_kv_heads=None, window=None, dropout=0.0,
+                 backend=None, dtype=np.float32, seed=None):
         ss = spawn_seeds(seed, 2)
         kw = dict(backend=backend, dtype=dtype)
         self.ln1 = LayerNorm(d_model, **kw)
-        self.attn = MultiHeadAttention(d_model, n_heads, **kw, seed=ss[0])
+        self.attn = MultiHeadAttention(d_model, n_heads, n_kv_heads=n_kv_heads, window=window,
+                                       dropout=dropout, **kw, seed=ss[0])
         self.ln2 = LayerNorm(d_model, **kw)
         self.ffn = FeedForward(d_model, d_ff, **kw, seed=ss[1])
         self.layers = [self.ln1, self.attn, self.ln2, self.ffn]
@@ -274,16 +277,20 @@ class DecoderBlock:
 
     ``forward(x, memory, mask=None)``: x (B, T, C), memory (B, S, C) -> (B, T, C); ``mask``
     (broadcastable to (B, T, S)) applies to the cross-attention.
-    ``backward(dout)`` -> (dx, dmemory).
+    ``backward(dout)`` -> (dx, dmemory). ``n_kv_heads`` and ``dropout`` go to both
+    attentions, ``window`` to the self-attention.
     """
 
-    def __init__(self, d_model, n_heads, d_ff, *, backend=None, dtype=np.float32, seed=None):
+    def __init__(self, d_model, n_heads, d_ff, *, n_kv_heads=None, window=None, dropout=0.0,
+                 backend=None, dtype=np.float32, seed=None):
         ss = spawn_seeds(seed, 3)
         kw = dict(backend=backend, dtype=dtype)
+        att = dict(n_kv_heads=n_kv_heads, dropout=dropout, **kw)
         self.ln1 = LayerNorm(d_model, **kw)
-        self.self_attn = MultiHeadAttention(d_model, n_heads, causal=True, **kw, seed=ss[0])
+        self.self_attn = MultiHeadAttention(d_model, n_heads, causal=True, window=window, **att,
+                                            seed=ss[0])
         self.ln2 = LayerNorm(d_model, **kw)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, **kw, seed=ss[1])
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, **att, seed=ss[1])
         self.ln3 = LayerNorm(d_model, **kw)
         self.ffn = FeedForward(d_model, d_ff, **kw, seed=ss[2])
         self.layers = [self.ln1, self.self_attn, self.ln2, self.cross_attn, self.ln3, self.ffn]

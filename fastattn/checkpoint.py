@@ -64,7 +64,7 @@ def save_model(model, path, *, meta=None):
         raise TypeError(f"model must have config and params, got {type(model).__name__}")
     vocab = getattr(model, "vocab", None)
     vocab = {} if vocab is None else vocab.as_dict()
-    config = dict(dataclasses.asdict(model.config), model=type(model).__name__)
+    config = dict(_config_dict(model.config), model=type(model).__name__)
     arrays = {
         "format": np.array(FORMAT),
         "version": np.array(VERSION),
@@ -174,6 +174,12 @@ def _header(data, path):
     return config, vocab, names
 
 
+def _config_dict(config) -> dict:
+    """A model's configuration as stored: its ``as_dict()`` when it has one (options at their
+    defaults left out), else every field."""
+    return config.as_dict() if hasattr(config, "as_dict") else dataclasses.asdict(config)
+
+
 def _model_for(config, model, backend, path):
     """A new model built from ``config``, or ``model`` after checking that it fits."""
     from fastattn.transformer import TransformerConfig, TransformerSeq2seq
@@ -185,7 +191,7 @@ def _model_for(config, model, backend, path):
             raise ValueError(f"{path}: the stored configuration does not build a model "
                              f"({exc})") from None
     config = {k: v for k, v in config.items() if k != "dtype"}
-    mine = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "dtype"}
+    mine = {k: v for k, v in _config_dict(model.config).items() if k != "dtype"}
     if mine != config:
         diff = sorted(k for k in set(mine) | set(config) if mine.get(k) != config.get(k))
         detail = ", ".join(f"{k}: checkpoint {config.get(k)!r}, model {mine.get(k)!r}"

@@ -18,7 +18,7 @@ from dataclasses import asdict, astuple, dataclass
 
 import numpy as np
 
-from fastattn import _checks
+from fastattn import _attention_args, _checks
 from fastattn._layer import (
     check_backend,
     check_dtype,
@@ -59,9 +59,12 @@ class TransformerConfig:
     :class:`~fastattn.blocks.PositionalEncoding` (the default, the sinusoidal table plus a
     learned correction, generalises to positions that are rare in training much better than
     learned positions alone); ``dtype`` the name of the weights' dtype. The defaults are the
-    model of ``fastattn train`` (>= 99.9% exact match on the date task). Checked when made:
-    TypeError for a size that is not an int or a dtype other than float32/float64,
-    ValueError for a size below 1, a d_model that n_heads does not divide, or an unknown pos.
+    model of ``fastattn train`` (>= 99.9% exact match on the date task). ``n_kv_heads``
+    (grouped keys and values), ``window`` (the self-attentions') and ``dropout`` (attention
+    probabilities, while each attention's ``train_flg`` is True) are those of
+    :class:`~fastattn.attention.MultiHeadAttention`. Checked when made: TypeError for a size
+    that is not an int or a dtype other than float32/float64, ValueError for a size below 1, a
+    d_model that n_heads does not divide, an unknown pos, or a bad attention option.
     """
 
     vocab_size: int
@@ -72,6 +75,9 @@ class TransformerConfig:
     max_len: int = 32
     pos: str = "both"
     dtype: str = "float32"
+    n_kv_heads: int | None = None
+    window: tuple | None = None
+    dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"):
@@ -82,14 +88,34 @@ class TransformerConfig:
         if self.pos not in PositionalEncoding.KINDS:
             raise ValueError(f"pos must be one of {PositionalEncoding.KINDS}, got {self.pos!r}")
         object.__setattr__(self, "dtype", check_dtype(self.dtype).name)
+        if self.n_kv_heads is not None:
+            object.__setattr__(self, "n_kv_heads", positive_int(self.n_kv_heads, "n_kv_heads"))
+            if self.n_heads % self.n_kv_heads:
+                raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                                 f"({self.n_kv_heads})")
+        object.__setattr__(self, "window", _attention_args.check_window(self.window))
+        object.__setattr__(self, "dropout",
+                           _attention_args.check_dropout(self.dropout, 0, "dropout")[0])
+
+    def as_dict(self) -> dict:
+        """The fields as JSON values; the attention options only where they are not the
+        defaults, so that the default model's stored configuration stays as it was."""
+        d = asdict(self)
+        for name, default in (("n_kv_heads", None), ("window", None), ("dropout", 0.0)):
+            if d[name] == default:
+                del d[name]
+        if "window" in d:
+            d["window"] = list(d["window"])
+        return d
 
 
 class TransformerSeq2seq:
     """An encoder-decoder Transformer with the book's seq2seq interface.
 
     TransformerSeq2seq(vocab_size, d_model=64, n_heads=4, n_layers=1, d_ff=256, max_len=32,
-    pos="both", backend=None, dtype=np.float32, seed=None): the arguments and defaults of
-    :class:`TransformerConfig`, plus the backend and the seed of the initial weights.
+    pos="both", *, n_kv_heads=None, window=None, dropout=0.0, backend=None, dtype=np.float32,
+    seed=None): the arguments and defaults of :class:`TransformerConfig`, plus the backend and
+    the seed of the initial weights.
 
     * ``forward(xs, ts)`` -> mean cross-entropy loss (a float) with teacher forcing: xs (N, S)
       question ids, ts (N, T+1) answer ids starting with the start symbol; the decoder reads
@@ -111,10 +137,12 @@ class TransformerSeq2seq:
     def __init__(self, vocab_size, d_model=TransformerConfig.d_model,
                  n_heads=TransformerConfig.n_heads, n_layers=TransformerConfig.n_layers,
                  d_ff=TransformerConfig.d_ff, max_len=TransformerConfig.max_len,
-                 pos=TransformerConfig.pos, *, backend=None, dtype=np.float32, seed=None):
+                 pos=TransformerConfig.pos, *, n_kv_heads=None, window=None, dropout=0.0,
+                 backend=None, dtype=np.float32, seed=None):
         self.config = TransformerConfig(vocab_size, d_model, n_heads, n_layers, d_ff, max_len,
-                                        pos, dtype)
-        V, C, n_heads, n_layers, d_ff, max_len, pos, dt = astuple(self.config)
+                                        pos, dtype, n_kv_heads, window, dropout)
+        V, C, n_heads, n_layers, d_ff, max_len, pos, dt = astuple(self.config)[:8]
+        attention = dict(n_kv_heads=n_kv_heads, window=self.config.window, dropout=dropout)
         dt = np.dtype(dt)
         self.backend = check_backend(backend)
         self.dtype = dt
@@ -127,10 +155,11 @@ class TransformerSeq2seq:
             make_rng(ss[1]).normal(0.0, emb_std, (V, C)).astype(dt), backend=backend)
         self.src_pos = PositionalEncoding(max_len, C, pos, **kw, seed=ss[2])
         self.tgt_pos = PositionalEncoding(max_len, C, pos, **kw, seed=ss[3])
-        self.encoder = [EncoderBlock(C, n_heads, d_ff, **kw, seed=ss[4 + i])
+        self.encoder = [EncoderBlock(C, n_heads, d_ff, **attention, **kw, seed=ss[4 + i])
                         for i in range(n_layers)]
         self.enc_ln = LayerNorm(C, **kw)
-        self.decoder = [DecoderBlock(C, n_heads, d_ff, **kw, seed=ss[4 + n_layers + i])
+        self.decoder = [DecoderBlock(C, n_heads, d_ff, **attention, **kw,
+                                     seed=ss[4 + n_layers + i])
                         for i in range(n_layers)]
         self.dec_ln = LayerNorm(C, **kw)
         self.out = TimeAffine(uniform(make_rng(ss[-1]), (C, V), C, dt), np.zeros(V, dt),

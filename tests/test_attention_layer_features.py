@@ -128,8 +128,8 @@ def test_default_layer_and_model_are_unchanged():
     layer = MultiHeadAttention(8, 4, seed=0)
     assert layer.params[0].shape == (8, 24)
     model = TransformerSeq2seq(13, d_model=8, n_heads=2, d_ff=16, max_len=6, seed=0)
-    assert set(model.config) == {"vocab_size", "d_model", "n_heads", "n_layers", "d_ff",
-                                 "max_len", "pos", "dtype"}
+    assert set(model.config.as_dict()) == {"vocab_size", "d_model", "n_heads", "n_layers",
+                                           "d_ff", "max_len", "pos", "dtype"}
 
 
 def test_model_with_grouped_heads_window_and_dropout_trains_and_round_trips(tmp_path):

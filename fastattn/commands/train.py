@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 HELP = "train a Transformer on the date task (or another sequence file) and save it"
@@ -340,7 +340,7 @@ def report(args, task: Task, model, trainer, backend: str, seconds: dict, t_star
         "steps": total_steps,
         "ms_per_step": 1000.0 * trainer.train_seconds / max(total_steps, 1),
         "history": trainer.history,
-        "config": asdict(model.config),
+        "config": model.config.as_dict(),
         "n_params": int(sum(p.size for p in model.params)),
         **distributed.metrics(comm, total_steps, trainer.train_seconds),
         "args": {"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
