@@ -27,6 +27,9 @@ _LAZY = {
          "TimeEmbedding", "TimeSoftmaxWithLoss"],
         "fastattn.layers",
     ),
+    # the book's recurrent layers
+    **dict.fromkeys(["RNN", "TimeRNN", "LSTM", "TimeLSTM", "GRU", "TimeGRU", "TimeBiLSTM"],
+                    "fastattn.recurrent"),
     # the seed notebook's self-attention layers
     **dict.fromkeys(
         ["TimeKeyLayer", "TimeQueryLayer", "TimeValueLayer", "CompatibilityFunction",

@@ -59,6 +59,13 @@ GLUE_NAMES = (  # the training step's glue, in every glue module (glue_loop docu
     "softmax_xent_forward",
     "softmax_xent_backward",
     "adam_update",
+    # the book's recurrent layers (kernels/recurrent_loop.py documents them)
+    "rnn_forward",
+    "rnn_backward",
+    "lstm_forward",
+    "lstm_backward",
+    "gru_forward",
+    "gru_backward",
 )
 KERNEL_NAMES = ATTENTION_NAMES + GLUE_NAMES
 
