@@ -223,7 +223,7 @@ class TimeRNN:
             raise _not_yet(self)
         xs, Wh = self.cache[2], self.params[1]
         dhs = _dout(dhs, xs.shape[:2] + (Wh.shape[0],), Wh.dtype, "dhs")
-        dc = np.zeros_like(dhs[:, 0]) if self._kind == "lstm" else None
+        dc = np.zeros((xs.shape[0], Wh.shape[0]), Wh.dtype) if self._kind == "lstm" else None
         dxs, self.dh, *_ = _backward(self, dhs, dc)
         return dxs
 

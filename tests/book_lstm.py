@@ -29,7 +29,7 @@ def _sigmoid(x):
 
 
 class LSTM:
-    """One LSTM step. Wx (D, 4H), Wh (H, 4H), b (4H,); gates in the order [i, f, o, g].
+    """One LSTM step. Wx (D, 4H), Wh (H, 4H), b (4H,); gates in the book's order [f, g, i, o].
 
     forward(x (N, D), h_prev (N, H), c_prev (N, H)) -> h_next, c_next;
     backward(dh_next, dc_next) -> dx, dh_prev, dc_prev (grads written in place).
@@ -44,10 +44,10 @@ class LSTM:
         Wx, Wh, b = self.params
         H = Wh.shape[0]
         A = x @ Wx + h_prev @ Wh + b  # (N, 4H)
-        i = _sigmoid(A[:, :H])  # input gate
-        f = _sigmoid(A[:, H:2 * H])  # forget gate
-        o = _sigmoid(A[:, 2 * H:3 * H])  # output gate
-        g = np.tanh(A[:, 3 * H:])  # candidate cell
+        f = _sigmoid(A[:, :H])  # forget gate
+        g = np.tanh(A[:, H:2 * H])  # candidate cell
+        i = _sigmoid(A[:, 2 * H:3 * H])  # input gate
+        o = _sigmoid(A[:, 3 * H:])  # output gate
         c_next = f * c_prev + i * g  # (N, H)
         tc = np.tanh(c_next)
         h_next = o * tc  # (N, H)
@@ -60,10 +60,10 @@ class LSTM:
         dc = dc_next + dh_next * o * (1 - tc * tc)  # (N, H), through h = o tanh(c)
         dA = np.concatenate(
             [
-                dc * g * i * (1 - i),  # di through the sigmoid
-                dc * c_prev * f * (1 - f),  # df
-                dh_next * tc * o * (1 - o),  # do
+                dc * c_prev * f * (1 - f),  # df through the sigmoid
                 dc * i * (1 - g * g),  # dg through the tanh
+                dc * g * i * (1 - i),  # di
+                dh_next * tc * o * (1 - o),  # do
             ],
             axis=1,
         )  # (N, 4H)
@@ -151,12 +151,13 @@ class AddAtTimeEmbedding:
 class AttentionEncoder:
     """xs (N, T) ids -> hs (N, T, H), all the encoder's hidden states."""
 
-    def __init__(self, embed_W, lstm_Wx, lstm_Wh, lstm_b, *, backend=None, embedding="kernel"):
+    def __init__(self, embed_W, lstm_Wx, lstm_Wh, lstm_b, *, backend=None, embedding="kernel",
+                 lstm=None):
         if embedding == "add.at":
             self.embed = AddAtTimeEmbedding(embed_W)
         else:
             self.embed = TimeEmbedding(embed_W, backend=backend)
-        self.lstm = TimeLSTM(lstm_Wx, lstm_Wh, lstm_b, stateful=False)
+        self.lstm = (lstm or TimeLSTM)(lstm_Wx, lstm_Wh, lstm_b, stateful=False)
         self.params = self.embed.params + self.lstm.params
         self.grads = self.embed.grads + self.lstm.grads
 
@@ -172,12 +173,12 @@ class AttentionDecoder:
     """xs (N, T_dec) ids, hs_enc (N, T_enc, H) -> scores (N, T_dec, V)."""
 
     def __init__(self, embed_W, lstm_Wx, lstm_Wh, lstm_b, affine_W, affine_b, *, backend=None,
-                 attention_backend=None, embedding="kernel"):
+                 attention_backend=None, embedding="kernel", lstm=None):
         if embedding == "add.at":
             self.embed = AddAtTimeEmbedding(embed_W)
         else:
             self.embed = TimeEmbedding(embed_W, backend=backend)
-        self.lstm = TimeLSTM(lstm_Wx, lstm_Wh, lstm_b, stateful=True)
+        self.lstm = (lstm or TimeLSTM)(lstm_Wx, lstm_Wh, lstm_b, stateful=True)
         self.attention = TimeAttention(backend=attention_backend)
         self.affine = TimeAffine(affine_W, affine_b, backend=backend)
         layers = [self.embed, self.lstm, self.attention, self.affine]
@@ -223,12 +224,15 @@ class AttentionSeq2seq:
     as the book's ``eval_seq2seq`` asks) or an (N, sample_size) array; ``params``, ``grads``.
 
     ``backend`` is passed to every fastattn layer, ``attention_backend`` (default: backend) to
-    ``TimeAttention``; ``embedding="add.at"`` uses the book's ``np.add.at`` embedding backward.
+    ``TimeAttention``; ``embedding="add.at"`` uses the book's ``np.add.at`` embedding backward;
+    ``lstm`` (default: this module's book-style ``TimeLSTM``) makes the encoder's and decoder's
+    LSTMs, called as ``lstm(Wx, Wh, b, stateful=...)`` (e.g. ``fastattn.TimeLSTM``).
     The weights depend only on ``seed`` and ``dtype``, not on the backends.
     """
 
     def __init__(self, vocab_size, wordvec_size, hidden_size, *, backend=None,
-                 attention_backend=None, embedding="kernel", dtype=np.float32, seed=0):
+                 attention_backend=None, embedding="kernel", lstm=None, dtype=np.float32,
+                 seed=0):
         V, D, H = vocab_size, wordvec_size, hidden_size
         rng = np.random.default_rng(seed)
 
@@ -241,10 +245,10 @@ class AttentionSeq2seq:
                weights((H, 4 * H), 1 / np.sqrt(H)), np.zeros(4 * H, dtype),
                weights((2 * H, V), 1 / np.sqrt(2 * H)), np.zeros(V, dtype)]
         attention_backend = backend if attention_backend is None else attention_backend
-        self.encoder = AttentionEncoder(*enc, backend=backend, embedding=embedding)
+        self.encoder = AttentionEncoder(*enc, backend=backend, embedding=embedding, lstm=lstm)
         self.decoder = AttentionDecoder(*dec, backend=backend,
                                         attention_backend=attention_backend,
-                                        embedding=embedding)
+                                        embedding=embedding, lstm=lstm)
         self.softmax = TimeSoftmaxWithLoss(backend=backend)
         self.params = self.encoder.params + self.decoder.params
         self.grads = self.encoder.grads + self.decoder.grads
