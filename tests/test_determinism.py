@@ -28,8 +28,26 @@ numba = pytest.importorskip("numba")
 DTYPES = [np.float32, np.float64]
 
 
+def _recurrent_args(name, dtype, B, rng):
+    """Arguments of a recurrent kernel (B rows, T=17 steps, D=5, H=8)."""
+    kind, direction = name.split("_")
+    k = {"rnn": 1, "lstm": 4, "gru": 3}[kind]
+    T, D, H = 17, 5, 8
+    xs, Wx, Wh, b = (rng.standard_normal(s).astype(dtype) / 2
+                     for s in [(B, T, D), (D, k * H), (H, k * H), (k * H,)])
+    states = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in range(1 + (kind == "lstm")))
+    if direction == "forward":
+        return (xs, Wx, Wh, b, *states)
+    saved = kernels.get(f"{kind}_forward", "vectorized")(xs, Wx, Wh, b, *states)
+    saved = saved if isinstance(saved, tuple) else (saved,)
+    head = (rng.standard_normal((B, T, H)).astype(dtype),) + states[1:]  # dhs (and dc)
+    return (*head, xs, Wx, Wh, *states, *saved)
+
+
 def _kernel_args(name, dtype, B, rng):
     """Arguments of kernel ``name`` (B batch entries, Tq=17, Tk=19, d=8)."""
+    if name.split("_")[0] in ("rnn", "lstm", "gru"):
+        return _recurrent_args(name, dtype, B, rng)
     Tq, Tk, d = 17, 19, 8
 
     def r(*shape):
