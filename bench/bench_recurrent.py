@@ -5,9 +5,10 @@ that JIT compilation is not counted):
 
 * ``TimeLSTM fwd+bwd`` at (N=128, T=29, D=16, H=256), the shape of chapter 8's seq2seq, and at
   (N=20, T=35, D=650, H=650), chapter 6's larger language model (only with
-  ``FASTATTN_BENCH_LARGE=1``: its float64 check alone takes a while). "book" is the book's
-  per-step algorithm (``tests/book_rnn.py``: one cell object per step, NumPy within a step);
-  "vectorized" and "numba" are ``fastattn.TimeLSTM`` on that backend. Target: >= 2.5x.
+  ``FASTATTN_BENCH_LARGE=1`` or ``fastattn bench recurrent --full``: its float64 check
+  alone takes a while). "book" is the book's per-step algorithm (``tests/book_rnn.py``: one
+  cell object per step, NumPy within a step); "vectorized" and "numba" are
+  ``fastattn.TimeLSTM`` on that backend. Target: >= 2.5x.
 * ``TimeGRU fwd+bwd`` at the first shape. Target: >= 2.5x.
 * ``attention seq2seq train step``: forward, backward and Adam update of the chapter 8
   attention seq2seq (``tests/book_lstm.py``, N=128, wordvec 16, H=256, the date task). "book"
@@ -43,7 +44,8 @@ import book_lstm  # noqa: E402
 import book_rnn  # noqa: E402
 from bench_book_attention import _interleaved, _report  # noqa: E402
 
-LARGE = os.environ.get("FASTATTN_BENCH_LARGE", "") not in ("", "0")
+LARGE = any(os.environ.get(v, "") not in ("", "0")
+            for v in ("FASTATTN_BENCH_LARGE", "FASTATTN_BENCH_FULL"))
 #: Training steps whose losses are compared before a step is timed: 25, or 5 when the benchmarks
 #: run as plain tests (--benchmark-disable); FASTATTN_BENCH_CHECK_STEPS overrides both.
 CHECK_STEPS = os.environ.get("FASTATTN_BENCH_CHECK_STEPS")
@@ -163,7 +165,7 @@ def _step_case(variant, steps=25):
 @pytest.mark.parametrize(("layer", "shape"), CASES, ids=[f"{a}-{b}" for a, b in CASES])
 def test_recurrent_forward_backward(benchmark, layer, shape, variant):
     if shape == "lm" and not LARGE:
-        pytest.skip("the large shape runs with FASTATTN_BENCH_LARGE=1")
+        pytest.skip("the large shape runs with FASTATTN_BENCH_LARGE=1 (or --full)")
     benchmark.group = _group(layer, shape)
     benchmark.extra_info["variant"] = variant
     benchmark(_layer_case(layer, shape, variant))
