@@ -11,10 +11,11 @@ How the recurrence runs:
   fused loops over (row, unit), with sigmoid and tanh written on
   :func:`kernels._numba_math.vexp` so that LLVM vectorises them.
 * Rows of the batch never interact, so the batch is cut into contiguous shares of rows, one
-  per thread, and each thread runs the whole time loop of its rows: one parallel region per
-  kernel call, no barrier per time step. BLAS is held at one thread meanwhile. Small work
-  (few rows, small H) runs on the calling thread, where BLAS keeps its own threads (they share
-  the gate products of a large H).
+  per thread (Numba's thread count: the calling thread and a kept pool of Python threads; the
+  kernels release the GIL), and each thread runs the whole time loop of its rows: no barrier
+  per time step. BLAS is held at one thread meanwhile. Small work (few rows, small H) runs on
+  the calling thread, where BLAS keeps its own threads (they share the gate products of a
+  large H).
 * Without SciPy (Numba's ``np.dot`` needs its BLAS), or with an empty dimension, the NumPy
   recurrences of ``kernels.recurrent_vectorized`` run instead.
 
@@ -24,8 +25,11 @@ order, which may differ with the number of rows in a product.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
-from numba import get_num_threads, prange
+from numba import get_num_threads
 
 from . import _blas, _recurrent
 from . import recurrent_vectorized as _numpy
@@ -35,7 +39,6 @@ __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_
            "gru_backward"]
 
 _JIT = {"fastmath": set(FASTMATH), "nogil": True}
-_PJIT = {**_JIT, "parallel": True}
 
 #: Rows per thread at least, and the per-step work (N * H * kH multiply-adds) below which the
 #: recurrence runs on the calling thread.
@@ -96,18 +99,6 @@ def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
     dh0[n0:n1] = dh
 
 
-@njit_cached(**_PJIT)
-def _rnn_parallel(xw, Wh, h0, hs, one, shares):
-    N = xw.shape[0]
-    for k in prange(shares):
-        _rnn_rows(xw, Wh, h0, hs, one, k * N // shares, (k + 1) * N // shares)
-
-
-@njit_cached(**_PJIT)
-def _rnn_back_parallel(dhs, WhT, hs, dA, dh0, one, shares):
-    N = dhs.shape[0]
-    for k in prange(shares):
-        _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, k * N // shares, (k + 1) * N // shares)
 
 
 # ---- LSTM -----------------------------------------------------------------------------------
@@ -171,19 +162,6 @@ def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
     dh0[n0:n1] = dh
 
 
-@njit_cached(**_PJIT)
-def _lstm_parallel(xw, Wh, h0, c0, hs, cs, gates, one, shares):
-    N = xw.shape[0]
-    for k in prange(shares):
-        _lstm_rows(xw, Wh, h0, c0, hs, cs, gates, one, k * N // shares, (k + 1) * N // shares)
-
-
-@njit_cached(**_PJIT)
-def _lstm_back_parallel(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, shares):
-    N = dhs.shape[0]
-    for k in prange(shares):
-        _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, k * N // shares,
-                        (k + 1) * N // shares)
 
 
 # ---- GRU ------------------------------------------------------------------------------------
@@ -254,19 +232,6 @@ def _gru_back_rows(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0, one, n0, n1):
     dh0[n0:n1] = dh
 
 
-@njit_cached(**_PJIT)
-def _gru_parallel(xw, Whzr, Whh, h0, hs, gates, one, shares):
-    N = xw.shape[0]
-    for k in prange(shares):
-        _gru_rows(xw, Whzr, Whh, h0, hs, gates, one, k * N // shares, (k + 1) * N // shares)
-
-
-@njit_cached(**_PJIT)
-def _gru_back_parallel(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0, one, shares):
-    N = dhs.shape[0]
-    for k in prange(shares):
-        _gru_back_rows(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0, one, k * N // shares,
-                       (k + 1) * N // shares)
 
 
 # ---- dispatch -------------------------------------------------------------------------------
@@ -280,8 +245,24 @@ def _shares(N, H, width):
     return min(threads, N // _MIN_ROWS)
 
 
-def _dispatch(rows, parallel, fallback, args, N, H, width):
-    """Run the recurrence ``rows`` on all N rows, in row shares when it pays."""
+_pool: dict = {}
+_pool_lock = threading.Lock()
+
+
+def _executor(workers):
+    """A thread pool of at least ``workers`` threads, kept for the next calls."""
+    with _pool_lock:
+        if _pool.get("size", 0) < workers:
+            if "pool" in _pool:
+                _pool["pool"].shutdown(wait=False)
+            _pool["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="fastattn-recurrent")
+            _pool["size"] = workers
+        return _pool["pool"]
+
+
+def _dispatch(rows, fallback, args, N, H, width):
+    """Run the recurrence ``rows`` (a ``nogil`` kernel) on all N rows: on this thread, or in
+    row shares, one per thread (this one and pool threads), BLAS held at one thread."""
     if min(a.size for a in args if isinstance(a, np.ndarray)) == 0 or not _blas.available():
         stats["shares"] = 0
         return fallback(*args)
@@ -290,39 +271,46 @@ def _dispatch(rows, parallel, fallback, args, N, H, width):
     stats["shares"] = shares
     if shares == 1:
         rows(*args, one, 0, N)
-    else:
-        with _blas.OneThread():
-            parallel(*args, one, shares)
+        return None
+    bounds = [(k * N // shares, (k + 1) * N // shares) for k in range(shares)]
+    with _blas.OneThread():
+        futures = [_executor(shares - 1).submit(rows, *args, one, n0, n1)
+                   for n0, n1 in bounds[1:]]
+        try:
+            rows(*args, one, *bounds[0])
+        finally:
+            for f in futures:
+                f.result()
     return None
 
 
 def _rnn_scan(xw, Wh, h0, hs):
-    _dispatch(_rnn_rows, _rnn_parallel, _numpy.rnn_scan, (xw, Wh, h0, hs),
+    _dispatch(_rnn_rows, _numpy.rnn_scan, (xw, Wh, h0, hs),
               xw.shape[0], Wh.shape[0], Wh.shape[1])
 
 
 def _rnn_scan_back(dhs, WhT, hs, dA, dh0):
-    _dispatch(_rnn_back_rows, _rnn_back_parallel, _numpy.rnn_scan_back, (dhs, WhT, hs, dA, dh0),
+    _dispatch(_rnn_back_rows, _numpy.rnn_scan_back, (dhs, WhT, hs, dA, dh0),
               dhs.shape[0], WhT.shape[0], WhT.shape[1])
 
 
 def _lstm_scan(xw, Wh, h0, c0, hs, cs, gates):
-    _dispatch(_lstm_rows, _lstm_parallel, _numpy.lstm_scan, (xw, Wh, h0, c0, hs, cs, gates),
+    _dispatch(_lstm_rows, _numpy.lstm_scan, (xw, Wh, h0, c0, hs, cs, gates),
               xw.shape[0], Wh.shape[0], Wh.shape[1])
 
 
 def _lstm_scan_back(dhs, WhT, c0, cs, gates, dA, dh0, dc):
-    _dispatch(_lstm_back_rows, _lstm_back_parallel, _numpy.lstm_scan_back,
+    _dispatch(_lstm_back_rows, _numpy.lstm_scan_back,
               (dhs, WhT, c0, cs, gates, dA, dh0, dc), dhs.shape[0], WhT.shape[1], WhT.shape[0])
 
 
 def _gru_scan(xw, Whzr, Whh, h0, hs, gates):
-    _dispatch(_gru_rows, _gru_parallel, _numpy.gru_scan, (xw, Whzr, Whh, h0, hs, gates),
+    _dispatch(_gru_rows, _numpy.gru_scan, (xw, Whzr, Whh, h0, hs, gates),
               xw.shape[0], Whh.shape[0], 3 * Whh.shape[0])
 
 
 def _gru_scan_back(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0):
-    _dispatch(_gru_back_rows, _gru_back_parallel, _numpy.gru_scan_back,
+    _dispatch(_gru_back_rows, _numpy.gru_scan_back,
               (dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0), dhs.shape[0], WhhT.shape[0],
               3 * WhhT.shape[0])
 
