@@ -270,6 +270,21 @@ def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind):
         np.testing.assert_allclose(b, r, rtol=0, atol=bound)
 
 
+@pytest.mark.parametrize("kind", list(GATES))
+def test_numba_without_blas_runs_the_numpy_recurrence(kind, monkeypatch):
+    pytest.importorskip("numba")
+    from fastattn.kernels import _recurrent_numba
+
+    monkeypatch.setattr(_recurrent_numba._blas, "available", lambda: False)
+    W = _weights(kind, 3, 4, seed=25)
+    xs, dhs = _inputs(3, [4], 3, 4, seed=26)
+    layer, ref = TIME[kind][0](*W, backend="numba"), TIME[kind][0](*W, backend="loop")
+    _close64(layer.forward(xs[0]), ref.forward(xs[0]))
+    assert _recurrent_numba.stats["shares"] == 0  # the fallback ran
+    _close64(layer.backward(dhs[0]), ref.backward(dhs[0]))
+    assert _recurrent_numba.stats["shares"] == 0
+
+
 def test_empty_sequence_gives_empty_outputs_and_keeps_the_state(backend):
     W = _weights("lstm", 3, 4)
     layer = rec.TimeLSTM(*W, stateful=True, backend=backend)
