@@ -38,7 +38,7 @@ from ._numba_math import FASTMATH, njit_cached, vexp
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward",
            "gru_backward"]
 
-_JIT = {"fastmath": set(FASTMATH), "nogil": True}
+_JIT = {"fastmath": set(FASTMATH), "nogil": True, "error_model": "numpy"}  # no division checks
 
 #: Rows per thread at least, and the per-step work (N * H * kH multiply-adds) below which the
 #: recurrence runs on the calling thread.
@@ -65,40 +65,38 @@ def _tanh(x, one):
 
 
 # ---- RNN ------------------------------------------------------------------------------------
+# Each kernel handles rows n0 <= n < n1. Per step and row, the loops run over contiguous 1-D
+# views (a row of the step's product, of xw[n, t], of the outputs), which LLVM vectorises.
 
 
 @njit_cached(**_JIT)
 def _rnn_rows(xw, Wh, h0, hs, one, n0, n1):
-    """hs[n, t] = tanh(xw[n, t] + hs[n, t-1] Wh) for rows n0 <= n < n1."""
-    H = Wh.shape[0]
+    """hs[n, t] = tanh(xw[n, t] + hs[n, t-1] Wh)."""
     h = h0[n0:n1].copy()  # (R, H)
     for t in range(xw.shape[1]):
         A = np.dot(h, Wh)  # (R, H)
         for r in range(n1 - n0):
-            for j in range(H):
-                v = _tanh(A[r, j] + xw[n0 + r, t, j], one)
-                h[r, j] = v
-                hs[n0 + r, t, j] = v
+            a, x, hr, out = A[r], xw[n0 + r, t], h[r], hs[n0 + r, t]
+            for j in range(hr.size):
+                v = _tanh(a[j] + x[j], one)
+                hr[j] = v
+                out[j] = v
 
 
 @njit_cached(**_JIT)
 def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
-    H = WhT.shape[0]
-    R = n1 - n0
-    dh = np.zeros((R, H), dhs.dtype)
-    dt = np.empty((R, H), dhs.dtype)
+    """dA[n, t] = (dhs[n, t] + dh) (1 - hs[n, t]^2), dh = dA[n, t] Wh^T, backwards in t."""
+    dh = np.zeros((n1 - n0, WhT.shape[0]), dhs.dtype)  # (R, H)
+    dt = np.empty_like(dh)  # the step's dA rows, contiguous for the product
     for t in range(dhs.shape[1] - 1, -1, -1):
-        for r in range(R):
+        for r in range(n1 - n0):
             n = n0 + r
-            for j in range(H):
-                h = hs[n, t, j]
-                v = (dhs[n, t, j] + dh[r, j]) * (one - h * h)
-                dt[r, j] = v
-                dA[n, t, j] = v
-        dh = np.dot(dt, WhT)
+            d, hr, dr, dtr = dhs[n, t], hs[n, t], dh[r], dt[r]
+            for j in range(d.size):
+                dtr[j] = (d[j] + dr[j]) * (one - hr[j] * hr[j])
+            dA[n, t] = dtr
+        dh = np.dot(dt, WhT)  # (R, H)
     dh0[n0:n1] = dh
-
-
 
 
 # ---- LSTM -----------------------------------------------------------------------------------
@@ -106,7 +104,7 @@ def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
 
 @njit_cached(**_JIT)
 def _lstm_rows(xw, Wh, h0, c0, hs, cs, gates, one, n0, n1):
-    """The LSTM recurrence for rows n0 <= n < n1; gates [f, g, i, o] (N, T, 4H)."""
+    """The LSTM recurrence; gates[n, t] = [f, g, i, o] (4H,)."""
     H = Wh.shape[0]
     h = h0[n0:n1].copy()  # (R, H)
     c = c0[n0:n1].copy()
@@ -114,54 +112,47 @@ def _lstm_rows(xw, Wh, h0, c0, hs, cs, gates, one, n0, n1):
         A = np.dot(h, Wh)  # (R, 4H)
         for r in range(n1 - n0):
             n = n0 + r
+            a, x, g = A[r], xw[n, t], gates[n, t]
+            for k in range(H):  # f
+                g[k] = _sigmoid(a[k] + x[k], one)
+            for k in range(H, 2 * H):  # g
+                g[k] = _tanh(a[k] + x[k], one)
+            for k in range(2 * H, 4 * H):  # i, o
+                g[k] = _sigmoid(a[k] + x[k], one)
+            hr, cr, h_out, c_out = h[r], c[r], hs[n, t], cs[n, t]
             for j in range(H):
-                f = _sigmoid(A[r, j] + xw[n, t, j], one)
-                g = _tanh(A[r, H + j] + xw[n, t, H + j], one)
-                i = _sigmoid(A[r, 2 * H + j] + xw[n, t, 2 * H + j], one)
-                o = _sigmoid(A[r, 3 * H + j] + xw[n, t, 3 * H + j], one)
-                cj = f * c[r, j] + g * i
-                hj = o * _tanh(cj, one)
-                c[r, j] = cj
-                h[r, j] = hj
-                cs[n, t, j] = cj
-                hs[n, t, j] = hj
-                gates[n, t, j] = f
-                gates[n, t, H + j] = g
-                gates[n, t, 2 * H + j] = i
-                gates[n, t, 3 * H + j] = o
+                cj = g[j] * cr[j] + g[H + j] * g[2 * H + j]
+                hj = g[3 * H + j] * _tanh(cj, one)
+                cr[j] = cj
+                hr[j] = hj
+                c_out[j] = cj
+                h_out[j] = hj
 
 
 @njit_cached(**_JIT)
 def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
-    """dA (pre-activation gradients) for rows n0 <= n < n1; dc: last cell's gradient in, c0's
-    out; dh0."""
+    """dA[n, t] = [df, dg, di, do] backwards in t; dc: the last cell's gradient in, c0's out."""
     H = WhT.shape[1]
-    R = n1 - n0
-    dh = np.zeros((R, H), dhs.dtype)
-    d = np.empty((R, 4 * H), dhs.dtype)
+    dh = np.zeros((n1 - n0, H), dhs.dtype)  # (R, H)
+    dstep = np.empty((n1 - n0, 4 * H), dhs.dtype)  # the step's dA rows, contiguous
     for t in range(dhs.shape[1] - 1, -1, -1):
-        for r in range(R):
+        for r in range(n1 - n0):
             n = n0 + r
+            g, c, d, dcr, dr, out = gates[n, t], cs[n, t], dhs[n, t], dc[n], dh[r], dstep[r]
+            c_prev = c0[n] if t == 0 else cs[n, t - 1]
             for j in range(H):
-                f = gates[n, t, j]
-                g = gates[n, t, H + j]
-                i = gates[n, t, 2 * H + j]
-                o = gates[n, t, 3 * H + j]
-                c_prev = c0[n, j] if t == 0 else cs[n, t - 1, j]
-                tc = _tanh(cs[n, t, j], one)
-                dh_t = dhs[n, t, j] + dh[r, j]
-                ds = dc[n, j] + dh_t * o * (one - tc * tc)
-                d[r, j] = ds * c_prev * f * (one - f)
-                d[r, H + j] = ds * i * (one - g * g)
-                d[r, 2 * H + j] = ds * g * i * (one - i)
-                d[r, 3 * H + j] = dh_t * tc * o * (one - o)
-                dc[n, j] = ds * f
-            for k in range(4 * H):
-                dA[n, t, k] = d[r, k]
-        dh = np.dot(d, WhT)  # (R, H)
+                f, gg, i, o = g[j], g[H + j], g[2 * H + j], g[3 * H + j]
+                tc = _tanh(c[j], one)
+                dh_t = d[j] + dr[j]
+                ds = dcr[j] + dh_t * o * (one - tc * tc)  # gradient of c_t
+                out[j] = ds * c_prev[j] * f * (one - f)
+                out[H + j] = ds * i * (one - gg * gg)
+                out[2 * H + j] = ds * gg * i * (one - i)
+                out[3 * H + j] = dh_t * tc * o * (one - o)
+                dcr[j] = ds * f
+            dA[n, t] = out
+        dh = np.dot(dstep, WhT)  # (R, H)
     dh0[n0:n1] = dh
-
-
 
 
 # ---- GRU ------------------------------------------------------------------------------------
@@ -169,69 +160,59 @@ def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
 
 @njit_cached(**_JIT)
 def _gru_rows(xw, Whzr, Whh, h0, hs, gates, one, n0, n1):
-    """The GRU recurrence for rows n0 <= n < n1; gates [z, r, hh] (N, T, 3H)."""
+    """The GRU recurrence; gates[n, t] = [z, r, hh] (3H,)."""
     H = Whh.shape[0]
-    R = n1 - n0
     h = h0[n0:n1].copy()  # (R, H)
-    rh = np.empty((R, H), h.dtype)  # r * h, the input of Whh
+    rh = np.empty_like(h)  # r * h, the input of Whh
     for t in range(xw.shape[1]):
         Azr = np.dot(h, Whzr)  # (R, 2H)
-        for r in range(R):
-            n = n0 + r
-            for j in range(2 * H):
-                gates[n, t, j] = _sigmoid(Azr[r, j] + xw[n, t, j], one)
+        for r in range(n1 - n0):
+            a, x, g, hr, rhr = Azr[r], xw[n0 + r, t], gates[n0 + r, t], h[r], rh[r]
+            for k in range(2 * H):
+                g[k] = _sigmoid(a[k] + x[k], one)
             for j in range(H):
-                rh[r, j] = gates[n, t, H + j] * h[r, j]
+                rhr[j] = g[H + j] * hr[j]
         Ah = np.dot(rh, Whh)  # (R, H)
-        for r in range(R):
-            n = n0 + r
+        for r in range(n1 - n0):
+            a, x, g, hr, out = Ah[r], xw[n0 + r, t], gates[n0 + r, t], h[r], hs[n0 + r, t]
             for j in range(H):
-                hh = _tanh(Ah[r, j] + xw[n, t, 2 * H + j], one)
-                z = gates[n, t, j]
-                v = (one - z) * h[r, j] + z * hh
-                gates[n, t, 2 * H + j] = hh
-                h[r, j] = v
-                hs[n, t, j] = v
+                hh = _tanh(a[j] + x[2 * H + j], one)
+                v = (one - g[j]) * hr[j] + g[j] * hh
+                g[2 * H + j] = hh
+                hr[j] = v
+                out[j] = v
 
 
 @njit_cached(**_JIT)
 def _gru_back_rows(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0, one, n0, n1):
+    """dA[n, t] = [dz, dr, dhh] backwards in t; dh0."""
     H = WhhT.shape[0]
-    R = n1 - n0
-    dh = np.zeros((R, H), dhs.dtype)
-    dt_h = np.empty((R, H), dhs.dtype)
-    dzr = np.empty((R, 2 * H), dhs.dtype)
-    carry = np.empty((R, H), dhs.dtype)
+    dh = np.zeros((n1 - n0, H), dhs.dtype)  # (R, H)
+    dzr = np.empty((n1 - n0, 2 * H), dhs.dtype)  # [dz, dr] of the step
+    dth = np.empty_like(dh)  # dhh of the step
     for t in range(dhs.shape[1] - 1, -1, -1):
-        for r in range(R):
+        for r in range(n1 - n0):
+            g, d, dr, dthr = gates[n0 + r, t], dhs[n0 + r, t], dh[r], dth[r]
+            for j in range(H):  # through the candidate's tanh
+                hh = g[2 * H + j]
+                dthr[j] = (d[j] + dr[j]) * g[j] * (one - hh * hh)
+            dA[n0 + r, t, 2 * H:] = dthr
+        dhr = np.dot(dth, WhhT)  # (R, H): the gradient of r h_prev
+        for r in range(n1 - n0):
             n = n0 + r
+            g, d, dr, out, dzr_r = gates[n, t], dhs[n, t], dh[r], dA[n, t], dzr[r]
+            h_prev = h0[n] if t == 0 else hs[n, t - 1]
             for j in range(H):
-                z = gates[n, t, j]
-                hh = gates[n, t, 2 * H + j]
-                v = (dhs[n, t, j] + dh[r, j]) * z * (one - hh * hh)
-                dt_h[r, j] = v
-                dA[n, t, 2 * H + j] = v
-        dhr = np.dot(dt_h, WhhT)  # (R, H): gradient of r * h_prev
-        for r in range(R):
-            n = n0 + r
-            for j in range(H):
-                z = gates[n, t, j]
-                rr = gates[n, t, H + j]
-                hh = gates[n, t, 2 * H + j]
-                h_prev = h0[n, j] if t == 0 else hs[n, t - 1, j]
-                dh_next = dhs[n, t, j] + dh[r, j]
-                vz = dh_next * (hh - h_prev) * z * (one - z)
-                vr = dhr[r, j] * h_prev * rr * (one - rr)
-                dzr[r, j] = vz
-                dzr[r, H + j] = vr
-                dA[n, t, j] = vz
-                dA[n, t, H + j] = vr
-                carry[r, j] = dh_next * (one - z) + rr * dhr[r, j]
-        dh = np.dot(dzr, WhzrT)  # (R, H)
-        dh += carry
+                z, rr = g[j], g[H + j]
+                dh_next = d[j] + dr[j]
+                vz = dh_next * (g[2 * H + j] - h_prev[j]) * z * (one - z)
+                vr = dhr[r, j] * h_prev[j] * rr * (one - rr)
+                dzr_r[j] = vz
+                dzr_r[H + j] = vr
+                dr[j] = dh_next * (one - z) + rr * dhr[r, j]  # the direct paths to h_prev
+            out[:2 * H] = dzr_r
+        dh += np.dot(dzr, WhzrT)  # (R, H)
     dh0[n0:n1] = dh
-
-
 
 
 # ---- dispatch -------------------------------------------------------------------------------
