@@ -1,4 +1,5 @@
-"""The hot loops of attention, each in three versions with one signature.
+"""The hot loops of attention (and of the book's recurrent layers), each in three versions
+with one signature.
 
 ``kernels.loop`` is the readable reference (plain Python loops), ``kernels.vectorized`` the
 NumPy version and ``kernels.numba_backend`` the Numba JIT version. All three modules define
@@ -6,8 +7,8 @@ every name in :data:`ATTENTION_NAMES` with the same arguments and results; the t
 step's glue kernels (:data:`GLUE_NAMES`) are ``kernels.glue_loop``, ``kernels.glue_vectorized``
 and ``kernels._glue_numba`` in the same way. :func:`get` finds either kind.
 
-Kernels trust their inputs: arrays are float32 or float64 (all one dtype), 3-D and
-C-contiguous, indices are in range. The public functions and layers of ``fastattn`` check
+Kernels trust their inputs: arrays are float32 or float64 (all one dtype), 3-D (the
+recurrent kernels' weights and states 1-D or 2-D) and C-contiguous, indices are in range. The public functions and layers of ``fastattn`` check
 inputs before calling a kernel.
 
 >>> from fastattn import kernels
