@@ -157,7 +157,8 @@ class LSTM(_Step):
     """The book's LSTM step. Wx (D, 4H), Wh (H, 4H), b (4H,), gates f, g, i, o side by side.
 
     forward(x (N, D), h_prev, c_prev (N, H)) -> h_next, c_next;
-    backward(dh_next, dc_next) -> dx, dh_prev, dc_prev.
+    backward(dh_next, dc_next) -> dx, dh_prev, dc_prev (``dc_next=None``: zeros, for a
+    c_next that nothing uses).
     """
 
     _kind = "lstm"
@@ -166,7 +167,10 @@ class LSTM(_Step):
         hs, (_, cs, _) = self._step_forward(x, [("h_prev", h_prev), ("c_prev", c_prev)])
         return hs, cs[:, 0]
 
-    def backward(self, dh_next, dc_next):
+    def backward(self, dh_next, dc_next=None):
+        if dc_next is None and self.cache is not None:
+            dc_next = np.zeros((self.cache[2].shape[0], self.params[1].shape[0]),
+                               self.params[1].dtype)
         return self._step_backward(dh_next, dc_next)
 
 

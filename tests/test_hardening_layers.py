@@ -39,6 +39,7 @@ from fastattn.layers import (
     TimeEmbedding,
     TimeSoftmaxWithLoss,
 )
+from fastattn.recurrent import GRU, LSTM, RNN, TimeBiLSTM, TimeGRU, TimeLSTM, TimeRNN
 from fastattn.self_attention import (
     CompatibilityFunction,
     TimeKeyLayer,
@@ -263,6 +264,18 @@ def _w_affine(cls):
     return lambda dt: cls(np.zeros((3, 2), dt), np.zeros(2, dt))
 
 
+def _w_recurrent(k, dt=F64):
+    """Wx (3, kH), Wh (H, kH), b (kH,) of a recurrent layer with k gates, H = 2."""
+    return [_as(rand(3, 2 * k), dt), _as(rand(2, 2 * k, seed=1), dt), _as(rand(2 * k), dt)]
+
+
+def _step(m, k, x, rows=2):
+    """One step of a recurrent cell (k gates) from random states of ``rows`` rows; the LSTM's
+    h_next only."""
+    out = m.forward(x, *[_x(rows, 2)] * (2 if k == 4 else 1))
+    return out[0] if k == 4 else out
+
+
 def _dtype_arg(cls, *args):
     return lambda dt: cls(*args, dtype=dt)
 
@@ -338,6 +351,25 @@ CASES = {
         TimeAttention, lambda m: m.forward(_x(2, 3, 4), _x(2, 5, 4)),
         lambda m: m.forward(_x(2, 3, 4), _x(2, 5, 3)),
         float_input=lambda m, dt: m.forward(_as(_x(2, 3, 4), dt), _as(_x(2, 5, 4), dt))),
+    # the book's recurrent layers
+    **{cls.__name__: Case(
+        lambda cls=cls, k=k: cls(*_w_recurrent(k)), lambda m: m.forward(_x(2, 3, 3)),
+        lambda m: m.forward(_x(2, 3, 4)),  # D does not match Wx
+        lambda dt, cls=cls, k=k: cls(*_w_recurrent(k, dt)),
+        lambda m, dt: m.forward(_as(_x(2, 3, 3), dt)), dout_name="dhs")
+       for cls, k in ((TimeRNN, 1), (TimeLSTM, 4), (TimeGRU, 3))},
+    **{cls.__name__: Case(
+        lambda cls=cls, k=k: cls(*_w_recurrent(k)),
+        lambda m, k=k: _step(m, k, _x(2, 3)),  # LSTM: h_next, the output backward(dh) takes
+        lambda m, k=k: _step(m, k, _x(2, 3), rows=3),  # a state of 3 rows for 2 inputs
+        lambda dt, cls=cls, k=k: cls(*_w_recurrent(k, dt)),
+        lambda m, dt, k=k: _step(m, k, _as(_x(2, 3), dt)), dout_name="dh_next")
+       for cls, k in ((RNN, 1), (LSTM, 4), (GRU, 3))},
+    "TimeBiLSTM": Case(
+        lambda: TimeBiLSTM(*_w_recurrent(4), *_w_recurrent(4)), lambda m: m.forward(_x(2, 3, 3)),
+        lambda m: m.forward(_x(2, 3)),
+        lambda dt: TimeBiLSTM(*_w_recurrent(4, dt), *_w_recurrent(4, dt)),
+        lambda m, dt: m.forward(_as(_x(2, 3, 3), dt)), dout_name="dhs"),
     # the Transformer
     "LayerNorm": Case(
         lambda: LayerNorm(4, dtype=F64), lambda m: m.forward(_x(2, 3, 4)),
