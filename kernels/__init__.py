@@ -8,8 +8,8 @@ step's glue kernels (:data:`GLUE_NAMES`) are ``kernels.glue_loop``, ``kernels.gl
 and ``kernels._glue_numba`` in the same way. :func:`get` finds either kind.
 
 Kernels trust their inputs: arrays are float32 or float64 (all one dtype), 3-D (the
-recurrent kernels' weights and states 1-D or 2-D) and C-contiguous, indices are in range. The public functions and layers of ``fastattn`` check
-inputs before calling a kernel.
+recurrent kernels' weights and states 1-D or 2-D) and C-contiguous, indices are in range.
+The public functions and layers of ``fastattn`` check inputs before calling a kernel.
 
 >>> from fastattn import kernels
 >>> f = kernels.get("softmax_forward", "vectorized")
