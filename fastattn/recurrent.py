@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 
 from fastattn import _backend
-from fastattn.layers import _check_backend, _dout, _float_input, _not_yet, _param
+from fastattn._layer import check_backend, dout_array, float_input, forward_backend, not_yet
+from fastattn.layers import _param
 
 __all__ = ["RNN", "TimeRNN", "LSTM", "TimeLSTM", "GRU", "TimeGRU", "TimeBiLSTM"]
 
@@ -68,7 +69,7 @@ def _weights(Wx, Wh, b, kind, suffix=""):
 
 def _state(x, name, N, H, dtype):
     """A state (N, H) as a C-contiguous array of ``dtype``, or TypeError/ValueError."""
-    x = _float_input(x, name, dtype)
+    x = float_input(x, name, dtype)
     if x.shape != (N, H):
         raise ValueError(f"{name} must have shape (N, H) = ({N}, {H}) for this input, "
                          f"got {x.shape}")
@@ -106,27 +107,27 @@ class _Step:
         Wx, Wh, b = _weights(Wx, Wh, b, self._kind)
         self.params = [Wx, Wh, b]
         self.grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.cache = None
 
     def _step_forward(self, x, states):
         Wx, Wh, _ = self.params
-        x = _float_input(x, "x", Wx.dtype, ndim_min=2)
+        x = float_input(x, "x", Wx.dtype, ndim_min=2)
         if x.ndim != 2 or x.shape[1] != Wx.shape[0]:
             raise ValueError(f"x must have shape (N, {Wx.shape[0]}), got {x.shape}")
         N, H = x.shape[0], Wh.shape[0]
         states = [_state(s, name, N, H, Wx.dtype) for name, s in states]
-        hs, self.cache = _forward(self._kind, _backend.resolve(self.backend), x[:, None],
+        hs, self.cache = _forward(self._kind, forward_backend(self), x[:, None],
                                   self.params, *states)
         return hs[:, 0], self.cache[4]
 
     def _step_backward(self, dh_next, dc_next=None):
         if self.cache is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         xs, Wh = self.cache[2], self.params[1]
         shape = (xs.shape[0], Wh.shape[0])
-        dhs = _dout(dh_next, shape, Wh.dtype, "dh_next")[:, None]
-        dc = None if dc_next is None else _dout(dc_next, shape, Wh.dtype, "dc_next")
+        dhs = dout_array(dh_next, shape, Wh.dtype, "dh_next")[:, None]
+        dc = None if dc_next is None else dout_array(dc_next, shape, Wh.dtype, "dc_next")
         dxs, *dstates = _backward(self, dhs, dc)
         return (dxs[:, 0], *dstates)
 
@@ -187,7 +188,7 @@ class TimeRNN:
         Wx, Wh, b = _weights(Wx, Wh, b, self._kind)
         self.params = [Wx, Wh, b]
         self.grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.stateful = stateful
         self.layers = None
         self.cache = None
@@ -204,7 +205,7 @@ class TimeRNN:
 
     def _checked_xs(self, xs):
         Wx = self.params[0]
-        xs = _float_input(xs, "xs", Wx.dtype, ndim_min=3)
+        xs = float_input(xs, "xs", Wx.dtype, ndim_min=3)
         if xs.ndim != 3 or xs.shape[2] != Wx.shape[0]:
             raise ValueError(f"xs must have shape (N, T, {Wx.shape[0]}), got {xs.shape}")
         return xs
@@ -212,7 +213,7 @@ class TimeRNN:
     def _run(self, xs, names):
         xs = self._checked_xs(xs)
         states = [self._initial(name, xs.shape[0]) for name in names]
-        hs, self.cache = _forward(self._kind, _backend.resolve(self.backend), xs, self.params,
+        hs, self.cache = _forward(self._kind, forward_backend(self), xs, self.params,
                                   *states)
         last = [s[:, -1].copy() for s in self.cache[4][:len(names)]] if xs.shape[1] else states
         for name, value in zip(names, last, strict=True):
@@ -224,9 +225,9 @@ class TimeRNN:
 
     def backward(self, dhs):
         if self.cache is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         xs, Wh = self.cache[2], self.params[1]
-        dhs = _dout(dhs, xs.shape[:2] + (Wh.shape[0],), Wh.dtype, "dhs")
+        dhs = dout_array(dhs, xs.shape[:2] + (Wh.shape[0],), Wh.dtype, "dhs")
         dc = np.zeros((xs.shape[0], Wh.shape[0]), Wh.dtype) if self._kind == "lstm" else None
         dxs, self.dh, *_ = _backward(self, dhs, dc)
         return dxs
@@ -296,10 +297,10 @@ class TimeBiLSTM:
 
     def backward(self, dhs):
         if self.forward_lstm.cache is None:
-            raise _not_yet(self)
+            raise not_yet(self)
         xs, Wh = self.forward_lstm.cache[2], self.forward_lstm.params[1]
         H = Wh.shape[0]
-        dhs = _dout(dhs, xs.shape[:2] + (2 * H,), Wh.dtype, "dhs")
+        dhs = dout_array(dhs, xs.shape[:2] + (2 * H,), Wh.dtype, "dhs")
         dxs = self.forward_lstm.backward(dhs[:, :, :H])
         dxs += self.backward_lstm.backward(dhs[:, ::-1, H:])[:, ::-1]
         return dxs

@@ -1,11 +1,13 @@
-"""The hot loops of attention (and of the book's recurrent layers), each in three versions
-with one signature.
+"""The hot loops of attention, of the training step's glue and of the book's recurrent layers,
+each in three versions with one signature.
 
-``kernels.loop`` is the readable reference (plain Python loops), ``kernels.vectorized`` the
-NumPy version and ``kernels.numba_backend`` the Numba JIT version. All three modules define
-every name in :data:`ATTENTION_NAMES` with the same arguments and results; the training
-step's glue kernels (:data:`GLUE_NAMES`) are ``kernels.glue_loop``, ``kernels.glue_vectorized``
-and ``kernels._glue_numba`` in the same way. :func:`get` finds either kind.
+Each family of kernels (:data:`FAMILIES`) has three modules, one per backend: a readable
+reference in plain loops (``kernels.loop``, ``kernels.glue_loop``, ``kernels.recurrent_loop``:
+the source of truth, which documents the arguments), a NumPy version (``kernels.vectorized``,
+``kernels.glue_vectorized``, ``kernels.recurrent_vectorized``) and a Numba version
+(``kernels.numba_backend``, ``kernels._glue_numba``, ``kernels._recurrent_numba``). The three
+modules of a family define every name of it with the same arguments and results; :func:`get`
+finds any kernel.
 
 Kernels trust their inputs: arrays are float32 or float64 (all one dtype), 3-D (the
 recurrent kernels' weights and states 1-D or 2-D) and C-contiguous, indices are in range.
@@ -52,7 +54,7 @@ ATTENTION_NAMES = (  # in every backend module
     "attention_backward",
     "embedding_backward",
 )
-GLUE_NAMES = (  # the training step's glue, in every glue module (glue_loop documents them)
+GLUE_NAMES = (  # the training step's glue (kernels/glue_loop.py documents them)
     "layernorm_forward",
     "layernorm_backward",
     "bias_relu_forward",
@@ -60,7 +62,8 @@ GLUE_NAMES = (  # the training step's glue, in every glue module (glue_loop docu
     "softmax_xent_forward",
     "softmax_xent_backward",
     "adam_update",
-    # the book's recurrent layers (kernels/recurrent_loop.py documents them)
+)
+RECURRENT_NAMES = (  # the book's recurrent layers (kernels/recurrent_loop.py documents them)
     "rnn_forward",
     "rnn_backward",
     "lstm_forward",
@@ -68,18 +71,19 @@ GLUE_NAMES = (  # the training step's glue, in every glue module (glue_loop docu
     "gru_forward",
     "gru_backward",
 )
-KERNEL_NAMES = ATTENTION_NAMES + GLUE_NAMES
+KERNEL_NAMES = ATTENTION_NAMES + GLUE_NAMES + RECURRENT_NAMES
 
-_MODULES = {
-    "loop": ".loop",
-    "vectorized": ".vectorized",
-    "numba": ".numba_backend",
+#: family -> (its kernel names, the module of each backend)
+FAMILIES = {
+    "attention": (ATTENTION_NAMES,
+                  {"loop": ".loop", "vectorized": ".vectorized", "numba": ".numba_backend"}),
+    "glue": (GLUE_NAMES, {"loop": ".glue_loop", "vectorized": ".glue_vectorized",
+                          "numba": "._glue_numba"}),
+    "recurrent": (RECURRENT_NAMES, {"loop": ".recurrent_loop",
+                                    "vectorized": ".recurrent_vectorized",
+                                    "numba": "._recurrent_numba"}),
 }
-_GLUE_MODULES = {
-    "loop": ".glue_loop",
-    "vectorized": ".glue_vectorized",
-    "numba": "._glue_numba",
-}
+_FAMILY_OF = {name: family for family, (names, _) in FAMILIES.items() for name in names}
 
 
 def check_backend(name) -> str:
@@ -91,11 +95,11 @@ def check_backend(name) -> str:
     return name
 
 
-def module(backend: str, *, glue: bool = False):
-    """The module that implements ``backend``'s attention kernels, or with ``glue`` its glue
-    kernels (imported on first use)."""
-    modules = _GLUE_MODULES if glue else _MODULES
-    return importlib.import_module(modules[check_backend(backend)], __name__)
+def module(backend: str, family: str = "attention"):
+    """The module that implements ``backend``'s kernels of ``family`` (imported on first use)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown kernel family {family!r}; valid: {', '.join(FAMILIES)}")
+    return importlib.import_module(FAMILIES[family][1][check_backend(backend)], __name__)
 
 
 def get(kernel_name: str, backend: str):
@@ -108,4 +112,4 @@ def get(kernel_name: str, backend: str):
         raise ValueError(
             f"unknown kernel {kernel_name!r}; valid kernels are: {', '.join(KERNEL_NAMES)}"
         )
-    return getattr(module(backend, glue=kernel_name in GLUE_NAMES), kernel_name)
+    return getattr(module(backend, _FAMILY_OF[kernel_name]), kernel_name)

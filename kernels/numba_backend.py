@@ -44,14 +44,6 @@ from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._flash_features import attention_backward, attention_forward  # noqa: F401  (in __all__)
 from ._numba_math import FASTMATH, njit_cached, vexp
-from ._recurrent_numba import (  # noqa: F401  (the recurrent kernels)
-    gru_backward,
-    gru_forward,
-    lstm_backward,
-    lstm_forward,
-    rnn_backward,
-    rnn_forward,
-)
 
 __all__ = list(ATTENTION_NAMES)
 

@@ -2,7 +2,7 @@
 
 * ``backward`` runs on the backend its ``forward`` ran on, whatever backend is in force when
   ``backward`` is called (each layer module: layers, self_attention, book_attention, attention,
-  transformer);
+  transformer, recurrent);
 * a backend name is checked when the layer is built;
 * ``backward`` before ``forward`` raises the same RuntimeError everywhere;
 * a ``dout`` of the other float dtype is cast to the forward's dtype (the same gradients as
@@ -21,6 +21,9 @@ import pytest
 
 import fastattn
 from fastattn import (
+    GRU,
+    LSTM,
+    RNN,
     Affine,
     Attention,
     AttentionWeight,
@@ -36,10 +39,14 @@ from fastattn import (
     SoftmaxWithLoss,
     TimeAffine,
     TimeAttention,
+    TimeBiLSTM,
     TimeDropout,
     TimeEmbedding,
+    TimeGRU,
     TimeKeyLayer,
+    TimeLSTM,
     TimeQueryLayer,
+    TimeRNN,
     TimeSoftmaxWithLoss,
     TimeValueLayer,
     TransformerSeq2seq,
@@ -63,6 +70,10 @@ def ids(B=2, T=3, seed=0):
 def _model(**kw):
     return TransformerSeq2seq(V, d_model=4, n_heads=2, n_layers=1, d_ff=6, max_len=5,
                               dtype=F64, seed=0, **kw)
+
+
+def _rnn_weights(gates, D=3, H=4):
+    return rand(D, gates * H), rand(H, gates * H, seed=1), rand(gates * H, seed=2)
 
 
 # name -> (make(**kw) -> layer, forward(layer) -> output); kw is backend=...
@@ -111,6 +122,17 @@ CASES = {
     "DecoderBlock": (lambda **kw: DecoderBlock(4, 2, 6, dtype=F64, seed=0, **kw),
                      lambda m: m.forward(rand(2, 3, 4), rand(2, 5, 4))),
     "TransformerSeq2seq": (_model, lambda m: m.forward(ids(2, 4), ids(2, 3, seed=1))),
+    # fastattn.recurrent (D = 3, H = 4; the LSTM step's backward takes dh_next alone)
+    "RNN": (lambda **kw: RNN(*_rnn_weights(1), **kw), lambda m: m.forward(rand(2, 3), rand(2, 4))),
+    "GRU": (lambda **kw: GRU(*_rnn_weights(3), **kw), lambda m: m.forward(rand(2, 3), rand(2, 4))),
+    "LSTM": (lambda **kw: LSTM(*_rnn_weights(4), **kw),
+             lambda m: m.forward(rand(2, 3), rand(2, 4), rand(2, 4))[0]),
+    "TimeRNN": (lambda **kw: TimeRNN(*_rnn_weights(1), **kw), lambda m: m.forward(rand(2, 5, 3))),
+    "TimeGRU": (lambda **kw: TimeGRU(*_rnn_weights(3), **kw), lambda m: m.forward(rand(2, 5, 3))),
+    "TimeLSTM": (lambda **kw: TimeLSTM(*_rnn_weights(4), **kw),
+                 lambda m: m.forward(rand(2, 5, 3))),
+    "TimeBiLSTM": (lambda **kw: TimeBiLSTM(*_rnn_weights(4), *_rnn_weights(4), **kw),
+                   lambda m: m.forward(rand(2, 5, 3))),
 }
 
 # layers whose backward runs no kernel (NumPy products or elementwise work only)
@@ -177,7 +199,8 @@ def test_backward_before_forward_raises_the_same_runtime_error(name):
 
 
 DOUT_NAMES = {"CompatibilityFunction": "dscore", "WeightedValue": "dZ", "WeightSum": "dc",
-              "AttentionWeight": "da"}
+              "AttentionWeight": "da", "RNN": "dh_next", "GRU": "dh_next", "LSTM": "dh_next",
+              "TimeRNN": "dhs", "TimeGRU": "dhs", "TimeLSTM": "dhs", "TimeBiLSTM": "dhs"}
 
 
 def _arrays(result, layer):

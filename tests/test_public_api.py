@@ -32,8 +32,8 @@ def test_unknown_attribute_raises_attribute_error():
 
 def test_every_backend_module_has_every_kernel():
     for backend in kernels.BACKENDS:
-        for glue, names in ((False, kernels.ATTENTION_NAMES), (True, kernels.GLUE_NAMES)):
-            module = kernels.module(backend, glue=glue)
+        for family, (names, _) in kernels.FAMILIES.items():
+            module = kernels.module(backend, family)
             for name in names:
                 assert callable(getattr(module, name)), (backend, name)
                 assert kernels.get(name, backend) is getattr(module, name)
