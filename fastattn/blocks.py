@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastattn import _backend
 from fastattn._layer import (
     add_to,
     check_backend,
@@ -25,10 +26,10 @@ from fastattn._layer import (
     colsum,
     dout_array,
     float_input,
+    forward_backend,
     make_rng,
     not_yet,
     positive_int,
-    rowsum,
     sequence_input,
     spawn_seeds,
     uniform,
@@ -59,7 +60,7 @@ class LayerNorm:
         d_model = positive_int(d_model, "d_model")
         dt = check_dtype(dtype)
         self.eps = float(eps)
-        self.backend = check_backend(backend)  # no kernels here; kept for a uniform API
+        self.backend = check_backend(backend)
         self.params = [np.ones(d_model, dt), np.zeros(d_model, dt)]
         self.grads = [np.zeros(d_model, dt), np.zeros(d_model, dt)]
         self.cache = None
@@ -70,42 +71,22 @@ class LayerNorm:
         x = float_input(x, "x", g.dtype)
         if x.shape[-1] != C:
             raise ValueError(f"x must be an array with last dimension {C}, got {x.shape}")
-        t = g.dtype.type
+        backend = forward_backend(self)
         x2 = x.reshape(-1, C)  # (N, C)
-        mu = rowsum(x2)  # (N,)
-        mu *= t(1.0 / C)
-        xc = x2 - mu[:, None]  # (N, C)
-        rstd = np.einsum("ij,ij->i", xc, xc)  # (N,), sum of squares
-        rstd *= t(1.0 / C)
-        rstd += t(self.eps)
-        np.sqrt(rstd, out=rstd)
-        np.reciprocal(rstd, out=rstd)  # 1 / sqrt(var + eps)
-        xhat = np.multiply(xc, rstd[:, None], out=xc)  # (N, C)
-        y = xhat * g
-        y += b
-        self.cache = (xhat, rstd, x.shape)
+        y, mean, rstd = _backend.kernel("layernorm_forward", backend)(x2, g, b, self.eps)
+        self.cache = (x2, mean, rstd, x.shape, backend)  # the row statistics, for backward
         return y.reshape(x.shape)
 
     def backward(self, dout):
         if self.cache is None:
             raise not_yet(self)
-        xhat, rstd, shape = self.cache
+        x2, mean, rstd, shape, backend = self.cache
         g = self.params[0]
-        C = g.shape[0]
-        t = g.dtype.type
-        dy = dout_array(dout, shape, g.dtype).reshape(-1, C)  # (N, C)
-        self.grads[0][...] = np.einsum("ij,ij->j", dy, xhat)  # (C,)
-        colsum(dy, out=self.grads[1])  # (C,)
-        dxhat = dy * g  # (N, C)
-        a = rowsum(dxhat)  # (N,)
-        a *= t(1.0 / C)
-        c = np.einsum("ij,ij->i", dxhat, xhat)  # (N,)
-        c *= t(1.0 / C)
-        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        dxhat -= a[:, None]
-        dxhat -= xhat * c[:, None]
-        dxhat *= rstd[:, None]
-        return dxhat.reshape(shape)
+        dy = dout_array(dout, shape, g.dtype).reshape(x2.shape)  # (N, C)
+        dx, dg, db = _backend.kernel("layernorm_backward", backend)(dy, x2, g, mean, rstd)
+        self.grads[0][...] = dg
+        self.grads[1][...] = db
+        return dx.reshape(shape)
 
 
 # --------------------------------------------------------------------------- positions
@@ -208,29 +189,25 @@ class FeedForward:
     def forward(self, x):
         W1, b1, W2, b2 = self.params
         x = sequence_input(x, "x", self.dtype, self.d_model)
+        backend = forward_backend(self)
         x2 = x.reshape(-1, self.d_model)  # (N, C)
-        h = x2 @ W1  # (N, F)
-        h += b1
-        on = np.greater(h, 0)  # (N, F) relu's mask, reused by backward
-        np.multiply(h, on, out=h)  # relu (NaN stays NaN)
+        h = _backend.kernel("bias_relu_forward", backend)(x2 @ W1, b1)  # (N, F)
         y = h @ W2  # (N, C)
         y += b2
-        self.cache = (x2, h, on, x.shape)
+        self.cache = (x2, h, x.shape, backend)
         return y.reshape(x.shape)
 
     def backward(self, dout):
         if self.cache is None:
             raise not_yet(self)
-        x2, h, on, shape = self.cache
+        x2, h, shape, backend = self.cache
         W1, _, W2, _ = self.params
         dW1, db1, dW2, db2 = self.grads
         dy = dout_array(dout, shape, self.dtype).reshape(-1, self.d_model)  # (N, C)
         np.matmul(h.T, dy, out=dW2)  # (F, C)
         colsum(dy, out=db2)
-        dh = dy @ W2.T  # (N, F)
-        np.multiply(dh, on, out=dh)
+        dh, db1[...] = _backend.kernel("bias_relu_backward", backend)(dy @ W2.T, h)  # (N, F)
         np.matmul(x2.T, dh, out=dW1)  # (C, F)
-        colsum(dh, out=db1)
         return (dh @ W1.T).reshape(shape)
 
 

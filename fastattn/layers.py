@@ -112,15 +112,12 @@ def _labels(t, N: int, C: int, name: str, *, ignore_label=None):
     return t, keep
 
 
-def _cross_entropy(y, t, keep):
-    """-mean(log y[n, t[n]]) over the kept rows; y (N, C) probabilities, t (N,) ids."""
+def _cross_entropy(y, t):
+    """-mean(log y[n, t[n]]); y (N, C) probabilities, t (N,) ids."""
     N = y.shape[0]
     p = y[np.arange(N), t]  # (N,)
     logp = np.log(np.maximum(p, np.finfo(y.dtype).tiny))
-    if keep is None:
-        return float(-logp.sum() / max(N, 1))
-    n = int(keep.sum())
-    return float(-(logp * keep).sum() / n) if n else 0.0
+    return float(-logp.sum() / max(N, 1))
 
 
 # --------------------------------------------------------------------------- common.layers
@@ -220,7 +217,7 @@ class SoftmaxWithLoss:
         t, _ = _labels(t, N, C, "t")
         self.t = t
         self.y = _softmax_rows(x, forward_backend(self))  # backward runs no kernel
-        return _cross_entropy(self.y, t, None)
+        return _cross_entropy(self.y, t)
 
     def backward(self, dout=1):
         if self.y is None:
@@ -314,7 +311,7 @@ class TimeSoftmaxWithLoss:
     def __init__(self, backend=None):
         self.params, self.grads = [], []
         self.backend = check_backend(backend)
-        self.cache = None  # (ts (N*T,), ys (N*T, V), keep mask (N*T,), (N, T, V))
+        self.cache = None  # (xs (N*T, V), ts (N*T,), lse (N*T,), count, (N, T, V), backend)
         self.ignore_label = -1
 
     def forward(self, xs, ts):
@@ -330,21 +327,24 @@ class TimeSoftmaxWithLoss:
             raise ValueError(f"ts must be ids of shape {(N, T)} or one-hot of shape "
                              f"{(N, T, V)}, got shape {ts.shape}")
         t, keep = _labels(ts.reshape(N * T), N * T, V, "ts", ignore_label=self.ignore_label)
-        ys = _backend.kernel("softmax_forward", forward_backend(self))(xs).reshape(N * T, V)
-        self.cache = (t, ys, keep, (N, T, V))
-        return _cross_entropy(ys, t, keep)
+        n = N * T
+        if keep is not None:  # ignored targets are -1 for the kernels
+            t = np.where(keep, t, -1)
+            n = int(keep.sum())
+        backend = forward_backend(self)
+        x2 = xs.reshape(N * T, V)
+        loss, lse = _backend.kernel("softmax_xent_forward", backend)(x2, t)  # (N*T,) each
+        self.cache = (x2, t, lse, n, (N, T, V), backend)
+        return float(loss.sum(dtype=np.float64) / n) if n else 0.0
 
     def backward(self, dout=1):
         if self.cache is None:
             raise not_yet(self)
-        t, ys, keep, (N, T, V) = self.cache
-        dout = scalar_dout(dout, ys.dtype)
-        dx = ys.copy()  # (N*T, V)
-        dx[np.arange(N * T), t] -= 1
-        n = int(keep.sum())
-        dx *= dout / dx.dtype.type(max(n, 1))
-        dx *= keep[:, None]
-        return dx.reshape(N, T, V)
+        x2, t, lse, n, shape, backend = self.cache
+        dout = scalar_dout(dout, x2.dtype)
+        scale = dout / x2.dtype.type(max(n, 1))  # d(mean loss)/d(loss of one row)
+        dx = _backend.kernel("softmax_xent_backward", backend)(x2, t, lse, scale)
+        return dx.reshape(shape)
 
 
 class TimeDropout:

@@ -15,6 +15,9 @@ import math
 
 import numpy as np
 
+from fastattn import _backend
+from fastattn._layer import check_backend
+
 __all__ = ["SGD", "Adam", "clip_grads", "lr_schedule"]
 
 
@@ -88,13 +91,16 @@ class Adam:
     """Adam (Kingma and Ba), the book's version, with an optional warm-up/decay schedule.
 
     Adam(lr=0.001, beta1=0.9, beta2=0.999, *, warmup_steps=0, total_steps=None, min_lr=0.0,
-    decay="cosine", eps=1e-7). Without ``warmup_steps``/``total_steps`` the learning rate is
-    constant, as in the book. ``current_lr`` is the scheduled rate of the last update; ``iter``
-    counts updates.
+    decay="cosine", eps=1e-7, backend=None). Without ``warmup_steps``/``total_steps`` the
+    learning rate is constant, as in the book. ``current_lr`` is the scheduled rate of the last
+    update; ``iter`` counts updates. The update of all parameters is one call of the
+    ``adam_update`` kernel of ``backend`` (None: the backend in force); the numba one needs
+    C-contiguous arrays of one dtype, and others go to the vectorized one.
     """
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, *, warmup_steps=0, total_steps=None,
-                 min_lr=0.0, decay="cosine", eps=1e-7):
+                 min_lr=0.0, decay="cosine", eps=1e-7, backend=None):
+        self.backend = check_backend(backend)
         self.lr = _nonneg_float(lr, "lr")
         self.beta1 = _nonneg_float(beta1, "beta1")
         self.beta2 = _nonneg_float(beta2, "beta2")
@@ -116,14 +122,12 @@ class Adam:
         self.v = None
         self.current_lr = lr_schedule(1, self.lr, self.warmup_steps, self.total_steps,
                                       self.min_lr, self.decay)
-        self._tmp = None
 
     def update(self, params, grads):
         _check_lists(params, grads)
         if self.m is None:
             self.m = [np.zeros_like(p) for p in params]
             self.v = [np.zeros_like(p) for p in params]
-            self._tmp = [np.empty_like(p) for p in params]
         elif len(self.m) != len(params):
             raise ValueError(f"Adam was used with {len(self.m)} params, now {len(params)}")
         self.iter += 1
@@ -131,19 +135,14 @@ class Adam:
                          self.decay)
         self.current_lr = lr
         lr_t = lr * math.sqrt(1.0 - self.beta2 ** self.iter) / (1.0 - self.beta1 ** self.iter)
-        for p, g, m, v, tmp in zip(params, grads, self.m, self.v, self._tmp, strict=True):
-            t = p.dtype.type
-            # m += (1 - beta1) (g - m); v += (1 - beta2) (g^2 - v)
-            np.subtract(g, m, out=tmp)
-            tmp *= t(1.0 - self.beta1)
-            m += tmp
-            np.multiply(g, g, out=tmp)
-            tmp -= v
-            tmp *= t(1.0 - self.beta2)
-            v += tmp
-            # p -= lr_t m / (sqrt(v) + eps)
-            np.sqrt(v, out=tmp)
-            tmp += t(self.eps)
-            np.divide(m, tmp, out=tmp)
-            tmp *= t(lr_t)
-            p -= tmp
+        backend = _backend.resolve(self.backend)
+        if backend == "numba" and not _one_contiguous_dtype(params, grads):
+            backend = "vectorized"
+        # m += (1 - beta1) (g - m); v += (1 - beta2) (g^2 - v); p -= lr_t m / (sqrt(v) + eps)
+        _backend.kernel("adam_update", backend)(params, grads, self.m, self.v, lr_t,
+                                                self.beta1, self.beta2, self.eps)
+
+
+def _one_contiguous_dtype(params, grads):
+    arrays = [*params, *grads]
+    return all(a.flags.c_contiguous and a.dtype == arrays[0].dtype for a in arrays)

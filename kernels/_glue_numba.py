@@ -187,10 +187,26 @@ def flat_list(arrays):
     return typed.List([a.reshape(-1) for a in arrays])
 
 
+_LISTS: dict = {}  # the last lists' typed lists (an optimizer passes the same ones every step)
+
+
+def _typed_lists(arrays4):
+    key = tuple(id(a) for lst in arrays4 for a in lst)
+    hit = _LISTS.get("key")
+    if hit is None or hit[0] != key:
+        # the entry holds the arrays, so no id in the key can be reused while it is kept
+        hit = (key, [flat_list(lst) for lst in arrays4], arrays4)
+        _LISTS["key"] = hit
+    return hit[1]
+
+
 def adam_update(params, grads, ms, vs, lr_t, beta1, beta2, eps):
     if len(params) == 0:
         return
-    lists = [a if isinstance(a, typed.List) else flat_list(a) for a in (params, grads, ms, vs)]
+    if all(isinstance(a, typed.List) for a in (params, grads, ms, vs)):
+        lists = [params, grads, ms, vs]
+    else:
+        lists = _typed_lists([list(a) for a in (params, grads, ms, vs)])
     t = lists[0][0].dtype.type
     _adam_update(*lists, t(lr_t), t(1 - beta1), t(1 - beta2), t(eps))
 

@@ -128,10 +128,8 @@ def softmax_xent_backward(x, t, lse, scale):
 
 def adam_update(params, grads, ms, vs, lr_t, beta1, beta2, eps):
     for p, g, m, v in zip(params, grads, ms, vs, strict=True):
-        pf, gf, mf, vf = (a.reshape(-1) for a in (p, g, m, v))
-        for i in range(pf.shape[0]):
-            gi = float(gf[i])
-            mi = float(mf[i]) + (1 - beta1) * (gi - float(mf[i]))
-            vi = float(vf[i]) + (1 - beta2) * (gi * gi - float(vf[i]))
-            mf[i], vf[i] = mi, vi
-            pf[i] = float(pf[i]) - lr_t * float(mf[i]) / (math.sqrt(float(vf[i])) + eps)
+        for i in np.ndindex(p.shape):  # element by element, in place (views included)
+            gi = float(g[i])
+            m[i] = float(m[i]) + (1 - beta1) * (gi - float(m[i]))
+            v[i] = float(v[i]) + (1 - beta2) * (gi * gi - float(v[i]))
+            p[i] = float(p[i]) - lr_t * float(m[i]) / (math.sqrt(float(v[i])) + eps)

@@ -136,8 +136,8 @@ CASES = {
 }
 
 # layers whose backward runs no kernel (NumPy products or elementwise work only)
-NO_BACKWARD_KERNEL = {"Affine", "TimeAffine", "SoftmaxWithLoss", "TimeSoftmaxWithLoss",
-                      "TimeDropout", "LayerNorm", "PositionalEncoding", "FeedForward"}
+NO_BACKWARD_KERNEL = {"Affine", "TimeAffine", "SoftmaxWithLoss", "TimeDropout",
+                      "PositionalEncoding"}
 
 
 def _public_layer_classes():
