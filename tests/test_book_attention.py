@@ -1,12 +1,11 @@
 """Tests of the book's chapter 8 attention layers: WeightSum, AttentionWeight, Attention and
 TimeAttention.
 
-The "loop" backend (the book's per-step algorithm) is the reference. The fast backends must
-match it for the outputs and every gradient, within these tolerances (|x - ref| <= atol +
-rtol |ref|, values of order 1):
-
-* float32: rtol 1e-5, atol 1e-6 (a few float32 roundings of sums over at most 32 terms);
-* float64: rtol 1e-12, atol 1e-12.
+The "loop" backend (the book's per-step algorithm), run in float64 on the same inputs, is the
+reference. Every backend must match it for the outputs and every gradient within the error
+bound of ``helpers.book_attention_bounds`` (n * eps times the sum of |terms| each result adds
+up, carried through the softmax: the rule of ``helpers.assert_close``). Training runs of many
+steps are compared with the loop reference's own float32 error (``assert_within_float32_error``).
 
 Every backend is also checked against float64 central differences (``gradcheck``, eps 1e-6:
 rtol 1e-6, atol 1e-8) and against an independent einsum formula of the forward pass.
@@ -19,6 +18,7 @@ import book_lstm
 import numpy as np
 import pytest
 from gradcheck import check_layer_grads
+from helpers import assert_all_close, assert_close, book_attention_bounds
 
 import fastattn
 from fastattn import Attention, AttentionWeight, TimeAttention, WeightSum, book_attention, kernels
@@ -26,7 +26,6 @@ from fastattn import Attention, AttentionWeight, TimeAttention, WeightSum, book_
 BACKENDS = ("loop", "vectorized", "numba")
 FAST = ("vectorized", "numba")
 DTYPES = (np.float32, np.float64)
-TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
 
 # (N, T_enc, T_dec, H): odd sizes, a single encoder step, a single decoder step
 SHAPES = [(3, 7, 5, 6), (2, 1, 4, 3), (4, 9, 1, 8), (1, 5, 3, 1)]
@@ -64,26 +63,34 @@ def _run(cls, backend, inputs, dout):
     return layer, out, grads
 
 
-def _assert_close(got, ref, dtype, what):
-    assert got.dtype == ref.dtype == dtype, what
-    assert got.shape == ref.shape, what
-    np.testing.assert_allclose(got, ref, **TOL[dtype], err_msg=what)
+def _reference64(cls, inputs, dout):
+    """The loop backend's output and gradients in float64, from the same (rounded) inputs."""
+    f64 = [np.asarray(x, dtype=np.float64) for x in inputs]
+    _, out, grads = _run(cls, "loop", f64, np.asarray(dout, dtype=np.float64))
+    return (out, *grads)
+
+
+def _assert_layer(name, got, inputs, dout, dtype, what=""):
+    cls = {"WeightSum": WeightSum, "AttentionWeight": AttentionWeight, "Attention": Attention,
+           "TimeAttention": TimeAttention}[name]
+    want = _reference64(cls, inputs, dout)
+    for g in got:
+        assert g.dtype == dtype, what
+    assert_all_close(got, want, book_attention_bounds(name, inputs, dout),
+                     ("output", "gradient 0", "gradient 1"), f"{name} {what}")
 
 
 # --- equality with the loop reference -----------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_fast_backends_match_loop_reference(name, backend, dtype, shape):
+def test_every_backend_matches_the_float64_loop_reference(name, backend, dtype, shape):
     cls, inputs, dout = _case(name, shape, dtype)
-    _, ref_out, ref_grads = _run(cls, "loop", inputs, dout)
     _, out, grads = _run(cls, backend, inputs, dout)
-    _assert_close(out, ref_out, dtype, f"{name} output")
-    assert len(grads) == len(ref_grads) == 2
-    for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
-        _assert_close(g, r, dtype, f"{name} gradient {i}")
+    assert len(grads) == 2
+    _assert_layer(name, (out, *grads), inputs, dout, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -91,14 +98,9 @@ def test_fast_backends_match_loop_reference(name, backend, dtype, shape):
 def test_time_attention_matches_loop_with_large_logits(backend, dtype):
     # scores of several hundred: softmax must subtract the row maximum on every backend
     cls, inputs, dout = _case("TimeAttention", (2, 6, 4, 5), dtype, scale=8.0)
-    _, ref_out, ref_grads = _run(cls, "loop", inputs, dout)
     _, out, grads = _run(cls, backend, inputs, dout)
     assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
-    # weights near one-hot: outputs are of order `scale`, compare relative to that
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(out, ref_out, **tol)
-    for g, r in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g, r, **tol)
+    _assert_layer("TimeAttention", (out, *grads), inputs, dout, dtype, backend)
 
 
 def test_all_decoder_steps_at_once_with_the_loop_kernels_match_the_per_step_reference(
@@ -110,9 +112,8 @@ def test_all_decoder_steps_at_once_with_the_loop_kernels_match_the_per_step_refe
     monkeypatch.setattr(book_attention._backend, "kernel",
                         lambda name, backend=None: kernels.get(name, "loop"))
     _, out, grads = _run(cls, "vectorized", inputs, dout)
-    np.testing.assert_allclose(out, ref_out, **TOL[np.float64])
-    for g, r in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g, r, **TOL[np.float64])
+    assert_all_close((out, *grads), (ref_out, *ref_grads),
+                     book_attention_bounds("TimeAttention", inputs, dout))
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -149,16 +150,27 @@ def test_forward_matches_an_independent_formula(backend, dtype):
     w = np.exp(s - s.max(axis=2, keepdims=True))
     w /= w.sum(axis=2, keepdims=True)
     ref = np.einsum("nts,nsh->nth", w, e)  # (N, T_dec, H)
-    tol = TOL[dtype]
+    zero = np.zeros((N, T_dec, H))
+    (out_b, _, _) = book_attention_bounds("TimeAttention", (hs_enc, hs_dec), zero)
     layer = TimeAttention(backend=backend)
-    np.testing.assert_allclose(layer.forward(hs_enc, hs_dec), ref, **tol)
-    np.testing.assert_allclose(np.array(layer.attention_weights), w.transpose(1, 0, 2), **tol)
+    assert_close(layer.forward(hs_enc, hs_dec), ref, terms=out_b[0], n=out_b[1], err_msg="out")
+    # the weights the book's attention plot shows, by value: (T_dec, N, T_enc)
+    step_b = [book_attention_bounds("AttentionWeight", (hs_enc, hs_dec[:, t]), np.zeros((N, T_enc)))
+              for t in range(T_dec)]
+    terms = np.stack([b[0][0] for b in step_b])
+    n = np.stack([np.broadcast_to(b[0][1], (N, T_enc)) for b in step_b])
+    assert_close(np.array(layer.attention_weights), w.transpose(1, 0, 2), terms=terms, n=n,
+                 err_msg="attention weights")
     # the single-step layers, on decoder step 2
     h = hs_dec[:, 2]
-    np.testing.assert_allclose(AttentionWeight(backend).forward(hs_enc, h), w[:, 2], **tol)
-    np.testing.assert_allclose(Attention(backend).forward(hs_enc, h), ref[:, 2], **tol)
-    np.testing.assert_allclose(WeightSum(backend).forward(hs_enc, w[:, 2].astype(dtype)),
-                               ref[:, 2], **tol)
+    a_b, _, _ = step_b[2]
+    assert_close(AttentionWeight(backend).forward(hs_enc, h), w[:, 2], terms=a_b[0], n=a_b[1])
+    c_b, _, _ = book_attention_bounds("Attention", (hs_enc, h), zero[:, 0])
+    assert_close(Attention(backend).forward(hs_enc, h), ref[:, 2], terms=c_b[0], n=c_b[1])
+    w2 = w[:, 2].astype(dtype)
+    ws_b, _, _ = book_attention_bounds("WeightSum", (hs_enc, w2), zero[:, 0])
+    assert_close(WeightSum(backend).forward(hs_enc, w2), np.einsum("ns,nsh->nh", w2.astype(
+        np.float64), e), terms=ws_b[0], n=ws_b[1])
 
 
 # --- gradients against central differences ------------------------------------------------
@@ -205,8 +217,11 @@ def test_attention_weights_equal_the_reference(backend):
     ref.forward(hs_enc, hs_dec)
     layer = TimeAttention(backend=backend)
     layer.forward(hs_enc, hs_dec)
-    for a, r in zip(layer.attention_weights, ref.attention_weights, strict=True):
-        np.testing.assert_allclose(a, r, **TOL[np.float32])
+    for t, (a, r) in enumerate(zip(layer.attention_weights, ref.attention_weights, strict=True)):
+        # the loop reference's float32 weights are themselves within the bound of exact ones
+        bound, _, _ = book_attention_bounds("AttentionWeight", (hs_enc, hs_dec[:, t]),
+                                            np.zeros((3, 7)))
+        assert_close(a, r, terms=bound[0], n=2 * bound[1], err_msg=f"step {t}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,181 @@
+"""Helpers shared by the tests and the benchmarks (pytest puts ``tests/`` on ``sys.path``;
+see ``pythonpath`` in pyproject.toml): ``from helpers import assert_close``.
+
+One rule judges every floating-point result against its reference:
+
+    |actual - ref| <= n * eps * terms + n * eps**2 * max(terms)
+
+* ``ref`` is a float64 reference, or a reference that is the exact result rounded once to the
+  dtype of ``actual`` (the loop backend sums in Python floats and rounds once at the end);
+* ``eps`` is the machine epsilon of ``actual``'s dtype (1.2e-7 for float32, 2.2e-16 for
+  float64);
+* ``terms`` (float64, broadcastable to ``ref``) is, for each output, the sum of the absolute
+  values of the terms it adds up: ``|A| @ |B|`` for a product ``A @ B``; for a result computed
+  from other rounded results (a softmax, an attention), their own error bounds carried through
+  (see ``bounds``);
+* ``n`` (a number or an array broadcastable to ``ref``) counts the roundings along the longest
+  chain that produces an output: a sum of L terms in any order (pairwise, blocked, by a BLAS
+  tile or one at a time) is off by at most about L * eps * sum|terms|, plus one rounding for
+  each operation after it.
+
+The bound is a worst case over every summation order, so it holds on every CPU and with every
+BLAS kernel; a wrong formula (a dropped scale, a missing term, a flipped sign) is off by a
+fraction of ``terms`` itself, which is 1 / (n eps) -- thousands of times -- beyond it. The last
+term is an absolute floor tied to eps: it covers outputs whose terms are all zero or underflow
+(the float32 exp of -100 is 0). Entries where ``ref`` is +-inf or NaN must be the same in
+``actual``.
+
+``bounds`` derives ``terms`` and ``n`` for the kernels and the attention functions.
+
+Where no bound can be carried through by hand (a whole network, a training run of many steps),
+the second form applies (``assert_within_float32_error``): the result may be off its float64
+reference by at most K = 4 times the reference's own float32 error (the same reference code run
+in float32 on the same inputs, measured against its float64 run), plus K roundings of the
+reference's largest value. Another summation order in float32 makes errors of the same size;
+a bug makes errors of the size of the result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bounds import (
+    attention_bounds,
+    attention_probs,
+    book_attention_bounds,
+    kernel_attention_probs,
+    kernel_bounds,
+    matmul_terms,
+)
+
+__all__ = [
+    "assert_close",
+    "assert_within_float32_error",
+    "assert_all_close",
+    "assert_attention_close",
+    "attention_bounds",
+    "attention_probs",
+    "book_attention_bounds",
+    "kernel_attention_probs",
+    "kernel_bounds",
+    "matmul_terms",
+]
+
+
+def assert_close(actual, ref, *, terms, n, err_msg=""):
+    """Assert ``|actual - ref| <= n * eps * terms + n * eps**2 * max(terms)`` elementwise (the
+    module's rule). Returns the largest ratio of error to bound (0 when exact), for reports.
+    """
+    actual = np.asarray(actual)
+    ref = np.asarray(ref, dtype=np.float64)
+    if actual.shape != ref.shape:
+        raise AssertionError(f"{err_msg}: shape {actual.shape}, reference {ref.shape}")
+    if actual.dtype.kind != "f":
+        raise AssertionError(f"{err_msg}: dtype {actual.dtype} is not a float dtype")
+    eps = float(np.finfo(actual.dtype).eps)
+    terms = np.broadcast_to(np.asarray(terms, dtype=np.float64), ref.shape)
+    n = np.broadcast_to(np.asarray(n, dtype=np.float64), ref.shape)
+    if not (np.all(np.isfinite(terms)) and np.all(terms >= 0) and np.all(n >= 1)):
+        raise ValueError(f"{err_msg}: terms must be finite and >= 0, n >= 1")
+    a = actual.astype(np.float64)
+    finite = np.isfinite(ref)
+    same = (a == ref) | (np.isnan(a) & np.isnan(ref))
+    if not np.all(same[~finite]):
+        j = np.argwhere(~finite & ~same)[0]
+        raise AssertionError(f"{err_msg}: at {tuple(map(int, j))} got {a[tuple(j)]!r}, "
+                             f"reference {ref[tuple(j)]!r}")
+    floor = eps * eps * (float(terms.max()) if terms.size else 0.0)
+    bound = n * eps * terms + n * floor
+    err = np.where(finite, np.abs(a - np.where(finite, ref, 0.0)), 0.0)
+    bad = ~(err <= bound)
+    if bad.any():
+        ratio = np.where(bad, err / np.maximum(bound, np.finfo(np.float64).tiny), 0.0)
+        j = tuple(map(int, np.unravel_index(np.argmax(ratio), ref.shape)))
+        raise AssertionError(
+            f"{err_msg}: {int(bad.sum())} of {ref.size} elements beyond n*eps*terms; worst at {j}:"
+            f" got {a[j]!r}, reference {ref[j]!r}, error {err[j]:.3g} > bound {bound[j]:.3g} "
+            f"(n={n[j]:.4g}, eps={eps:.3g}, terms={terms[j]:.3g})")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(bound > 0, err / bound, 0.0)
+    return float(ratio.max()) if ratio.size else 0.0
+
+
+K_FLOAT32 = 4
+
+
+def assert_within_float32_error(actual, ref64, ref32, *, k=K_FLOAT32, err_msg=""):
+    """Assert ``max|actual - ref64| <= k * (max|ref32 - ref64| + eps * max|ref64|)`` over the
+    array, where ref32 is the reference computed in ``actual``'s dtype (the module's second
+    form). Returns the ratio of the error to that bound."""
+    actual = np.asarray(actual)
+    ref64, ref32 = np.asarray(ref64, dtype=np.float64), np.asarray(ref32, dtype=np.float64)
+    if not actual.shape == ref64.shape == ref32.shape:
+        raise AssertionError(f"{err_msg}: shapes {actual.shape}, {ref64.shape}, {ref32.shape}")
+    eps = float(np.finfo(actual.dtype).eps)
+    if not (np.isfinite(actual).all() and np.isfinite(ref64).all()):
+        raise AssertionError(f"{err_msg}: non-finite values")
+    own = float(np.abs(ref32 - ref64).max(initial=0.0))
+    bound = k * (own + eps * float(np.abs(ref64).max(initial=0.0)))
+    err = float(np.abs(actual.astype(np.float64) - ref64).max(initial=0.0))
+    if not err <= bound:
+        raise AssertionError(f"{err_msg}: error {err:.3g} > {k} x (the reference's own float32 "
+                             f"error {own:.3g} + eps x max|ref|) = {bound:.3g}")
+    return err / bound if bound else 0.0
+
+
+def assert_all_close(got, want, bounds, names=None, err_msg=""):
+    """``assert_close`` for parallel sequences of results, references and (terms, n) pairs;
+    also checks each result's dtype against the first one's. Returns the largest ratio."""
+    got, want, bounds = list(got), list(want), list(bounds)
+    if not len(got) == len(want) == len(bounds):
+        raise AssertionError(f"{err_msg}: {len(got)} results, {len(want)} references, "
+                             f"{len(bounds)} bounds")
+    names = names or [f"result {i}" for i in range(len(got))]
+    worst = 0.0
+    for g, w, (terms, n), name in zip(got, want, bounds, names, strict=True):
+        worst = max(worst, assert_close(g, w, terms=terms, n=n, err_msg=f"{err_msg} {name}"))
+    return worst
+
+
+ATTENTION_RESULTS = ("out", "lse", "dq", "dk", "dv")
+
+
+def public_attention_bounds(q, k, v, dout=None, **kw):
+    """``attention_bounds`` for ``fastattn.attention_forward(q, k, v, **kw)`` (and its
+    backward), with P read off the loop reference through the public function."""
+    import fastattn
+
+    kw = {key: val for key, val in kw.items() if key != "backend"}
+    q = np.asarray(q)
+    scale = kw.get("scale")
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+
+    def probs(**extra):
+        def forward(q, k, v):
+            return fastattn.attention_forward(q, k, v, backend="loop", **{**kw, **extra})
+        return attention_probs(forward, q, k)
+
+    bias_abs = 0.0
+    if kw.get("bias") is not None:
+        b = np.asarray(kw["bias"], dtype=np.float64)
+        bias_abs += float(np.abs(b[np.isfinite(b)]).max(initial=0.0))
+    if kw.get("alibi_slopes") is not None:
+        slopes = np.abs(np.asarray(kw["alibi_slopes"], dtype=np.float64)).max(initial=0.0)
+        bias_abs += float(slopes) * (q.shape[-2] + np.shape(k)[-2])
+    P = probs(dropout_p=0.0) if kw.get("dropout_p") else probs()
+    P_drop = probs() if kw.get("dropout_p") else None
+    return attention_bounds(q, k, v, P, scale=scale, dout=dout, P_drop=P_drop, bias_abs=bias_abs)
+
+
+def assert_attention_close(got, want, q, k, v, dout=None, *, bounds=None, err_msg="", **kw):
+    """Judge (out, lse[, dq, dk, dv]) against the reference's by ``attention_bounds``.
+
+    ``kw`` are the keywords of ``fastattn.attention_forward`` the results were computed with
+    (used to read P off the loop reference); or pass ``bounds`` already computed. Returns the
+    largest ratio of error to bound.
+    """
+    got, want = list(got), list(want)
+    if bounds is None:
+        bounds = public_attention_bounds(q, k, v, dout, **kw)
+    names = ATTENTION_RESULTS[:len(got)]
+    return assert_all_close(got, want, [bounds[x] for x in names], names, err_msg)
