@@ -17,8 +17,9 @@ matrix-product peak to compare GFLOP/s with. ``test_peak_memory`` (full runs onl
 the extra memory of forward+backward at B=8, T=8192, d=64 in a fresh process, and
 ``test_compile_time`` (full runs only) the cold and warm import + first call.
 
-Every contender is checked against the vectorized kernel in float64 (on the first batch
-entries) before it is warmed up and timed. A timed run first fixes glibc's malloc thresholds
+Every contender is checked before it is warmed up and timed, on exactly the call that is
+timed (the same B, T, d, causal, so the same tiles and code paths): its results against the
+float64 formula of ``helpers`` within ``helpers.attention_bounds``. A timed run first fixes glibc's malloc thresholds
 for the process (see ``_steady_allocator``), so that page faults of reallocated arrays do not
 depend on what ran before. ``extra_info`` carries GFLOP/s at the minimum time,
 counting 4 B T^2 d flops for the forward and 10 B T^2 d for the backward (half for causal).
@@ -44,6 +45,7 @@ import numpy as np
 import pytest
 
 from fastattn import kernels
+from helpers import assert_all_close, attention_bounds, kernel_attention_probs
 
 FULL = os.environ.get("FASTATTN_BENCH_FULL") == "1"
 
@@ -82,8 +84,6 @@ def _allocator_for_timing(request):
     if not request.config.getoption("benchmark_disable", default=False):
         _steady_allocator()
 DTYPE = np.float32
-CHECK = {"rtol": 2e-4, "atol": 2e-5}  # float32 against float64, inputs of order 1
-CHECK_BATCH = 2  # batch entries compared with the float64 reference
 
 # (B, T, d, causal)
 SHAPES = [(128, 29, 64, False), (256, 128, 64, False), (256, 128, 64, True)]
@@ -145,13 +145,20 @@ def _contender(name):
 
 
 def _check(run, args, causal):
-    """run's results on the first batch entries against the vectorized kernels in float64."""
-    part = [a[:CHECK_BATCH] for a in args]
-    got = run(*part, causal)
-    want = _kernel_fwd_bwd("vectorized")(*(a.astype(np.float64) for a in part), causal)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+    """run's results for exactly the timed call against the float64 formula (P explicit),
+    within helpers.attention_bounds."""
+    got = run(*args, causal)
+    q, k, v, dout = (a.astype(np.float64) for a in args)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    P = kernel_attention_probs(q, k, scale, causal, None)  # (B, T, T)
+    ds = P * (dout @ v.transpose(0, 2, 1) - (dout * (P @ v)).sum(-1, keepdims=True))
+    want = (P @ v, scale * ds @ k, scale * ds.transpose(0, 2, 1) @ q,
+            P.transpose(0, 2, 1) @ dout)
+    bounds = attention_bounds(*args[:3], P, scale=scale, dout=args[3])
+    names = ("out", "dq", "dk", "dv")
+    for name, g in zip(names, got, strict=True):
         assert g.dtype == DTYPE, name
-        np.testing.assert_allclose(g, w, err_msg=name, **CHECK)
+    assert_all_close(got, want, [bounds[x] for x in names], names)
 
 
 def _warm_up(benchmark, fn, args, seconds=0.3):

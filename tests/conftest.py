@@ -1,8 +1,7 @@
-"""Shared pytest fixtures: a seeded random generator, the backends, the dtypes and their
-comparison tolerances.
+"""Shared pytest fixtures: a seeded random generator, the backends and the dtypes.
 
-A test that parametrizes ``backend`` or ``dtype`` itself overrides the fixture of that name;
-``tol`` then follows the test's own ``dtype``.
+A test that parametrizes ``backend`` or ``dtype`` itself overrides the fixture of that name.
+Results are compared with their references by the one rule of ``helpers.assert_close``.
 """
 
 from __future__ import annotations
@@ -13,12 +12,6 @@ import pytest
 from fastattn.kernels import BACKENDS
 
 DTYPES = (np.float32, np.float64)
-
-#: Tolerances (rtol, atol) for comparing a result with a float64 reference, per dtype.
-TOLERANCES = {
-    np.dtype(np.float32): {"rtol": 1e-4, "atol": 1e-5},
-    np.dtype(np.float64): {"rtol": 1e-10, "atol": 1e-12},
-}
 
 
 @pytest.fixture
@@ -37,12 +30,6 @@ def backend(request):
 def dtype(request):
     """float32, then float64."""
     return request.param
-
-
-@pytest.fixture
-def tol(dtype):
-    """``{"rtol": ..., "atol": ...}`` for ``dtype``, for ``np.testing.assert_allclose(**tol)``."""
-    return TOLERANCES[np.dtype(dtype)]
 
 
 @pytest.fixture

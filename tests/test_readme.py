@@ -4,6 +4,7 @@ import os
 import re
 
 import numpy as np
+from helpers import assert_close, attention_bounds
 import pytest
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
@@ -29,7 +30,8 @@ def test_readme_attention_functions_example_runs_and_matches_the_reference():
     s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    np.testing.assert_allclose(out, p @ v, rtol=1e-4, atol=1e-5)
+    bounds = attention_bounds(q, k, v, p, scale=1 / np.sqrt(q.shape[-1]))
+    assert_close(out, p @ v, terms=bounds["out"][0], n=bounds["out"][1])
     np.testing.assert_allclose(ns["y"].sum(-1), 1.0, rtol=1e-12)
 
 
