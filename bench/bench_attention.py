@@ -148,6 +148,22 @@ def _check(run, args, causal):
     """run's results for exactly the timed call against the float64 formula (P explicit),
     within helpers.attention_bounds."""
     got = run(*args, causal)
+    want, bounds = _reference(args, causal)
+    names = ("out", "dq", "dk", "dv")
+    for name, g in zip(names, got, strict=True):
+        assert g.dtype == DTYPE, name
+    assert_all_close(got, want, [bounds[x] for x in names], names)
+
+
+_REFERENCES = {}
+
+
+def _reference(args, causal):
+    """float64 (out, dq, dk, dv) and their bounds for one configuration, computed once."""
+    key = (args[0].shape, causal)
+    if key in _REFERENCES:
+        return _REFERENCES[key]
+    _REFERENCES.clear()  # one configuration at a time: the groups run in order
     q, k, v, dout = (a.astype(np.float64) for a in args)
     scale = 1.0 / np.sqrt(q.shape[-1])
     P = kernel_attention_probs(q, k, scale, causal, None)  # (B, T, T)
@@ -155,10 +171,8 @@ def _check(run, args, causal):
     want = (P @ v, scale * ds @ k, scale * ds.transpose(0, 2, 1) @ q,
             P.transpose(0, 2, 1) @ dout)
     bounds = attention_bounds(*args[:3], P, scale=scale, dout=args[3])
-    names = ("out", "dq", "dk", "dv")
-    for name, g in zip(names, got, strict=True):
-        assert g.dtype == DTYPE, name
-    assert_all_close(got, want, [bounds[x] for x in names], names)
+    _REFERENCES[key] = want, bounds
+    return want, bounds
 
 
 def _warm_up(benchmark, fn, args, seconds=0.3):

@@ -61,7 +61,7 @@ def _as_list(ret, n_inputs, float_positions):
 
 
 def check_layer_grads(layer, forward_fn, inputs, *, backward_fn=None, dout_seed=0, eps=1e-6,
-                      rtol=1e-5, atol=1e-7, max_per_array=None):
+                      rtol=1e-5, atol=1e-7, max_per_array=None, no_grad=(), expect=None):
     """Assert that ``layer``'s analytic gradients match float64 central differences.
 
     layer: has ``params`` and ``grads`` (float64 arrays).
@@ -72,6 +72,10 @@ def check_layer_grads(layer, forward_fn, inputs, *, backward_fn=None, dout_seed=
     backward_fn(dout) -> None, one array (the gradient of the first float input) or a
         sequence with one gradient or None per input. Default ``layer.backward``.
     max_per_array: check at most this many randomly chosen elements of each array.
+    no_grad: positions of float inputs that take no gradient (backward returns None for them);
+        any other float input whose gradient is None fails the check, and so does a check
+        that compares nothing. Every param and every other float input is checked.
+    expect: the names the check must cover ("params[k]", "inputs[i]"), when given.
     Tolerance, per element: ``|analytic - numeric| <= atol + rtol * |numeric|``.
 
     Returns {name: max abs error} for the arrays checked ("params[k]", "inputs[k]").
@@ -118,8 +122,20 @@ def check_layer_grads(layer, forward_fn, inputs, *, backward_fn=None, dout_seed=
         seen.add(id(p))
         checks.append((f"params[{k}]", p, by_id[id(p)][1]))
     for i in float_positions:
-        if dinputs[i] is not None:
-            checks.append((f"inputs[{i}]", inputs[i], np.array(dinputs[i], dtype=np.float64)))
+        if i in no_grad:
+            if dinputs[i] is not None:
+                raise AssertionError(f"backward returned a gradient for inputs[{i}], declared "
+                                     "to take none")
+            continue
+        if dinputs[i] is None:
+            raise AssertionError(f"backward returned no gradient (None) for the float "
+                                 f"inputs[{i}]; pass no_grad=({i},) if it takes none")
+        checks.append((f"inputs[{i}]", inputs[i], np.array(dinputs[i], dtype=np.float64)))
+    if not checks:
+        raise AssertionError("nothing to check: no params and no float input with a gradient")
+    if expect is not None and set(expect) != {name for name, _, _ in checks}:
+        raise AssertionError(f"checked {sorted(name for name, _, _ in checks)}, "
+                             f"expected {sorted(expect)}")
 
     errors = {}
     for name, x, analytic in checks:

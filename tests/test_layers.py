@@ -383,4 +383,28 @@ def test_gradcheck_sums_the_grads_of_tied_params():
         layer.grads[1][...] = dw
         return None
 
-    check_layer_grads(layer, layer.forward, [rng(1).standard_normal(3)], backward_fn=backward)
+    check_layer_grads(layer, layer.forward, [rng(1).standard_normal(3)], backward_fn=backward,
+                      no_grad=(0,), expect={"params[0]"})
+
+
+def test_gradcheck_fails_on_a_missing_input_gradient_and_on_checking_nothing():
+    x = rng(1).standard_normal(4)
+    layer = _Scale()
+    with pytest.raises(AssertionError, match=r"no gradient \(None\) for the float inputs\[0\]"):
+        check_layer_grads(layer, layer.forward, [x], backward_fn=lambda d: (layer.backward(d),
+                                                                             None)[1])
+    with pytest.raises(AssertionError, match="expected"):
+        check_layer_grads(layer, layer.forward, [x], expect={"params[0]"})
+    layer.params, layer.grads = [], []
+    with pytest.raises(AssertionError, match="nothing to check"):
+        check_layer_grads(layer, lambda x: 2 * x, [x], no_grad=(0,),
+                          backward_fn=lambda d: None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_that_returns_no_gradient_fails_the_gradient_check(backend, monkeypatch):
+    """The gradient check of Softmax must not pass a backward that returns None."""
+    layer = Softmax(backend=backend)
+    monkeypatch.setattr(layer, "backward", lambda dout: None)
+    with pytest.raises(AssertionError, match="no gradient"):
+        check_layer_grads(layer, layer.forward, [rng(1).standard_normal((2, 3, 4))])
