@@ -19,10 +19,11 @@ the extra memory of forward+backward at B=8, T=8192, d=64 in a fresh process, an
 
 Every contender is checked before it is warmed up and timed, on exactly the call that is
 timed (the same B, T, d, causal, so the same tiles and code paths): its results against the
-float64 formula of ``helpers`` within ``helpers.attention_bounds``. A timed run first fixes glibc's malloc thresholds
-for the process (see ``_steady_allocator``), so that page faults of reallocated arrays do not
-depend on what ran before. ``extra_info`` carries GFLOP/s at the minimum time,
-counting 4 B T^2 d flops for the forward and 10 B T^2 d for the backward (half for causal).
+float64 formula of ``helpers`` within ``helpers.attention_bounds``. A timed run first fixes
+glibc's malloc thresholds for the process (see ``_steady_allocator``), so that page faults of
+reallocated arrays do not depend on what ran before. ``extra_info`` carries GFLOP/s at the
+minimum time, counting 4 B T^2 d flops for the forward and 10 B T^2 d for the backward (half
+for causal).
 
 Run::
 
@@ -43,9 +44,9 @@ import time
 
 import numpy as np
 import pytest
+from helpers import assert_all_close, attention_bounds, kernel_attention_probs
 
 from fastattn import kernels
-from helpers import assert_all_close, attention_bounds, kernel_attention_probs
 
 FULL = os.environ.get("FASTATTN_BENCH_FULL") == "1"
 

@@ -45,6 +45,8 @@ from helpers import (
 
 from fastattn import TimeAttention, TimeEmbedding
 
+pytestmark = pytest.mark.numerics  # checked results: CI runs them on AVX2 code paths too
+
 # --- the book's date-task shapes -----------------------------------------------------------
 N, T_ENC, T_DEC, H = 128, 29, 11, 256
 EMB_N, EMB_T, EMB_V = 128, 29, 59

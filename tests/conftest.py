@@ -8,10 +8,31 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import numba_cache
 
-from fastattn.kernels import BACKENDS
+numba_cache.configure()  # before any kernel is imported: never run on stale machine code
+
+import fnmatch  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from fastattn.kernels import BACKENDS  # noqa: E402
 
 DTYPES = (np.float32, np.float64)
+
+#: Test files whose tests are "numerics" (kernels, attention, layers): ``.ci/run`` runs
+#: ``-m numerics`` a second time on the AVX2 code paths of Numba, OpenBLAS and PyTorch. A new
+#: file joins by its name matching one of these, or by ``pytestmark = pytest.mark.numerics``.
+NUMERICS_FILES = ("test_kernel*.py", "test_*attention*.py", "test_*layer*.py",
+                  "test_properties*.py", "test_transformer*.py", "test_determinism*.py",
+                  "test_flash*.py", "test_numba_backend*.py", "test_functional*.py",
+                  "test_glue*.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = Path(str(item.fspath)).name
+        if any(fnmatch.fnmatch(name, pattern) for pattern in NUMERICS_FILES):
+            item.add_marker(pytest.mark.numerics)
 
 
 @pytest.fixture

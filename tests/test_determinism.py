@@ -13,19 +13,27 @@ Findings (what these tests pin down):
   matrix products can still differ in the last bits at larger work with fewer batch entries
   than threads, where they move from per-entry gemms to NumPy's matmul; see
   ``kernels.numba_backend``. With 2 threads that needs B = 1, which always takes the gemms.)
+
+The thread-count tests force the parallel paths (work thresholds at 0, ``helpers.paths``) and
+assert that the 2-thread run took them: a test that stayed serial would prove nothing.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.paths import glue_chunks, record_paths
 
 import fastattn
 from fastattn import kernels
+from fastattn.kernels import _tuning
 
 numba = pytest.importorskip("numba")
 
 DTYPES = [np.float32, np.float64]
+GLUE = ("layernorm_forward", "layernorm_backward", "bias_relu_forward", "bias_relu_backward",
+        "softmax_xent_forward", "softmax_xent_backward", "adam_update")
+CHUNKED = ("layernorm_backward", "bias_relu_backward")  # column sums over row chunks
 
 
 def _recurrent_args(name, dtype, B, rng):
@@ -142,26 +150,46 @@ def test_public_attention_is_bitwise_repeatable(dtype, shape):
 @pytest.mark.parametrize("B", [1, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
-def test_numba_kernel_does_not_depend_on_the_thread_count(threads, name, dtype, B):
+def test_numba_kernel_does_not_depend_on_the_thread_count(threads, monkeypatch, name, dtype, B):
     args = _kernel_args(name, dtype, B, np.random.default_rng(2))
+    log = record_paths(monkeypatch, force=True)
     threads(1)
     one = _call(name, args)
+    assert not log.parallel, "one thread ran a parallel path"
     threads(2)
+    log.clear()
     two = _call(name, args)
+    if name in GLUE:  # prange over rows always; the column sums over row chunks
+        assert not (log.unfused or log.fused)
+        assert name not in CHUNKED or (glue_chunks(40 * B) >= 2) == (B > 1), name
+    else:
+        # every kernel shares B = 5 entries out; with B = 1 the fused forward shares query
+        # blocks and the scatter-add token ids, while the others have nothing to share at
+        # these shapes (one key block: the backward's key shares are tested below)
+        serial_only = B == 1 and name not in ("attention_forward", "embedding_backward")
+        assert log.parallel != serial_only, f"2 threads: paths {log.unfused} {log.fused}"
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
-def test_public_attention_across_thread_counts(threads, dtype, shape):
+def test_public_attention_across_thread_counts(threads, monkeypatch, dtype, shape):
     """Bitwise equal with 1 and 2 threads, including dq when there are fewer batch entries than
-    threads (the backward then splits key blocks into shares that the shapes decide)."""
+    threads (the backward then splits key blocks into shares that the shapes decide). The two
+    largest shapes reach the parallel backward at the kernels' own thresholds; the others are
+    forced onto the parallel paths."""
     q, k, v, dout = _qkv(*shape, dtype, seed=3)
+    # the backward's work, B Tq Tk d, against the setting's threshold
+    natural = 10 * np.prod(shape) >= _tuning.current()[0].serial_flops
+    assert natural == (shape in ATTN_SHAPES[-2:])
+    log = record_paths(monkeypatch, force=not natural)
     for causal in (False, True):
         threads(1)
         one = _attention(q, k, v, dout, causal=causal)
         threads(2)
+        log.clear()
         two = _attention(q, k, v, dout, causal=causal)
+        assert log.fused[-1] == 2, f"the backward ran on {log.fused[-1]} thread(s)"
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, two, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"{name}, causal={causal}")

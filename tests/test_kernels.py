@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import assert_all_close, attention_bounds, kernel_attention_probs, kernel_bounds
+from helpers.paths import record_paths
 from numba import njit
 
 from fastattn import kernels
@@ -390,13 +391,20 @@ def test_every_backend_module_defines_every_kernel():
             assert callable(kernels.get(name, backend))
 
 
-def test_numba_kernels_are_bitwise_deterministic(rng):
-    """Two calls with the same inputs give the same bits (B large enough for every thread)."""
+def test_numba_kernels_are_bitwise_deterministic(rng, monkeypatch):
+    """Two calls with the same inputs give the same bits, on the parallel paths (forced at
+    these small shapes, and checked to be taken when Numba has 2 threads or more)."""
+    import numba
+
+    log = record_paths(monkeypatch, force=True)
+    parallel = numba.get_num_threads() > 1
     shape = (16, 9, 11, 8)
     for name in UNFUSED:
         args = _inputs(name, shape, np.float32, rng)
+        log.clear()
         first = _as_tuple(kernels.get(name, "numba")(*args))
         second = _as_tuple(kernels.get(name, "numba")(*args))
+        assert log.parallel == parallel, (name, log.unfused)
         for a, b in zip(first, second, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=name)
     q, k, v, dout, scale, causal, mask = _attention_case((16, 9, 11, 8, 8), np.float32, rng,
@@ -404,9 +412,11 @@ def test_numba_kernels_are_bitwise_deterministic(rng):
     fwd = kernels.get("attention_forward", "numba")
     bwd = kernels.get("attention_backward", "numba")
     runs = []
+    log.clear()
     for _ in range(2):
         out, lse = fwd(q, k, v, scale, causal, mask)
         runs.append((out, lse, *bwd(dout, q, k, v, out, lse, scale, causal, mask)))
+    assert log.parallel == parallel and len(log.fused) == 4, log.fused
     for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
 

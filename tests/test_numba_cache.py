@@ -189,3 +189,32 @@ def test_two_processes_compiling_into_one_fresh_cache_both_succeed_and_agree(tmp
     numba_kernels = list(cache.rglob("*.nbi"))
     if any(not p.name.startswith("probe.") for p in numba_kernels):  # real Numba kernels
         assert third["kernel_cache_hits"] >= 1, "the package's kernels load from the cache"
+
+
+# ---- the test session's own cache: never stale --------------------------------------------
+
+def test_the_session_compiles_into_a_folder_keyed_by_every_kernel_source():
+    """tests/conftest.py points NUMBA_CACHE_DIR at <base>/<hash of kernels/*.py> before any
+    kernel is imported: the kernels imported here cache there, under the key of their own
+    sources."""
+    from fastattn.kernels import _flash
+    from helpers import numba_cache
+
+    cache = Path(os.environ["NUMBA_CACHE_DIR"])
+    assert cache.name == numba_cache.source_key(Path(kernels.__file__).parent)
+    assert Path(_flash._forward_units._cache.cache_path).is_relative_to(cache)
+
+
+def test_the_cache_key_changes_with_an_edit_to_an_inlined_helper(tmp_path):
+    """Numba's own check looks at a kernel's file only; the key covers the helpers it inlines
+    (kernels/_numba_math.py), so editing one gives a fresh cache folder."""
+    from helpers import numba_cache
+
+    src = Path(kernels.__file__).parent
+    copy = tmp_path / "kernels"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    key = numba_cache.source_key(copy)
+    assert key == numba_cache.source_key(src)
+    helper = copy / "_numba_math.py"
+    helper.write_text(helper.read_text().replace("def vexp(", "def vexp(  ", 1))
+    assert numba_cache.source_key(copy) != key

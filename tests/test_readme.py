@@ -4,8 +4,8 @@ import os
 import re
 
 import numpy as np
-from helpers import assert_close, attention_bounds
 import pytest
+from helpers import assert_close, attention_bounds
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
 

@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from helpers import assert_close, assert_within_float32_error
+from fastattn.kernels import BACKENDS
 from gradcheck import check_layer_grads
+from helpers import assert_close, assert_within_float32_error
 
 from fastattn.kernels import BACKENDS
 from fastattn.self_attention import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fastattn.kernels import BACKENDS
 from gradcheck import check_layer_grads
 from helpers import assert_within_float32_error
 

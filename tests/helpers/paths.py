@@ -1,0 +1,77 @@
+"""Which code path the numba kernels took: serial, or parallel (and on how many threads).
+
+The unfused kernels (``kernels/numba_backend.py``) decide in one function, ``_parallel(work,
+threshold, batch)``; the fused ones (``kernels/_flash.py``) hand their work units to
+``_in_parallel(fn, n_units, flops, serial_flops, ...)``, which runs ``fn`` on one thread or
+several. ``record_paths`` wraps both: the decisions of the first, and the distinct threads that
+ran ``fn`` in the second. With ``force=True`` the work thresholds are set to 0 (the unfused
+kernels' constants, the tuning setting's ``serial_flops``), so that small test shapes take the
+parallel paths whenever there are two threads and something to share. (The glue kernels of
+``kernels/_glue_numba.py`` always run ``prange`` over rows or row chunks; ``glue_chunks`` says
+into how many chunks the column-summing ones split N rows.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+
+class PathLog:
+    """unfused: one bool per unfused call (True: parallel); fused: one thread count per fused
+    call (1: serial)."""
+
+    def __init__(self):
+        self.unfused, self.fused = [], []
+
+    def clear(self):
+        self.unfused.clear()
+        self.fused.clear()
+
+    @property
+    def parallel(self):
+        """True when every call since the last clear() ran in parallel (and there was one)."""
+        calls = self.unfused + [n > 1 for n in self.fused]
+        return bool(calls) and all(calls)
+
+
+def record_paths(monkeypatch, force=False):
+    """Start logging the paths the numba kernels take (undone with ``monkeypatch``)."""
+    from fastattn.kernels import _flash, _tuning, numba_backend
+
+    log = PathLog()
+    if force:
+        for name in ("_PARALLEL_MIN_ELEMENTS", "_PARALLEL_MIN_MACS", "_PARALLEL_MIN_SCATTER"):
+            monkeypatch.setattr(numba_backend, name, 0)
+        monkeypatch.setitem(_tuning._state, "setting",
+                            dataclasses.replace(_tuning.current()[0], serial_flops=0))
+    decide = numba_backend._parallel
+
+    def parallel(work, threshold, batch):
+        took = decide(work, threshold, batch)
+        log.unfused.append(bool(took))
+        return took
+
+    run = _flash._in_parallel
+
+    def in_parallel(fn, n_units, flops, serial_flops, *args):
+        idents, lock = set(), threading.Lock()
+
+        def traced(counter, *a):
+            with lock:
+                idents.add(threading.get_ident())
+            return fn(counter, *a)
+
+        run(traced, n_units, flops, serial_flops, *args)
+        log.fused.append(len(idents))
+
+    monkeypatch.setattr(numba_backend, "_parallel", parallel)
+    monkeypatch.setattr(_flash, "_in_parallel", in_parallel)
+    return log
+
+
+def glue_chunks(N):
+    """Into how many row chunks the column-summing glue kernels split N rows."""
+    from fastattn.kernels import _glue_numba
+
+    return _glue_numba._chunks(N)
