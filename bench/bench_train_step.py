@@ -3,35 +3,35 @@
 A step is forward (teacher forcing, mean cross-entropy), backward and an Adam update, on a
 batch of the date task (the default batch size of ``fastattn train``). The PyTorch model below
 is the same architecture, written for this comparison: pre-LN encoder and decoder blocks, the
-same position table, ReLU feed-forward, ``scaled_dot_product_attention``. Before timing, it is
-loaded with fastattn's weights and must give the same loss (float32, rtol 1e-4).
+same position table, ReLU feed-forward, ``scaled_dot_product_attention``.
+
+Before anything is timed (``check_then_time`` of ``bench/conftest.py``), the loss and every
+parameter gradient of the timed step's first call are checked against the other fastattn
+backend in float64 with the same weights, and against PyTorch's float64 model with the same
+weights when PyTorch is installed, each to ``helpers.K_FLOAT32`` times the float32 error level
+of that reference (``helpers.assert_all_within_float32_error``).
 
 Group ``train step``: the fastattn model on the numba and vectorized backends, with the thread
 setting of ``fastattn train`` (``--threads`` for BLAS, all cores by default, and
-``--numba-threads``, one by default), and
-PyTorch (when installed) with ``torch.set_num_threads(os.cpu_count())``. The fastattn numba
-test also times PyTorch, with as many threads as cores and with one thread, each in a fresh
-process of its own (PyTorch's OpenMP pool and the Numba/BLAS pools slow each other down when
-they share a process on 2 cores), and puts the medians and the ratios into ``extra_info``
-(``torch_over_fastattn`` > 1 means fastattn is faster per step).
+``--numba-threads``, one by default), and PyTorch (when installed) with
+``torch.set_num_threads(os.cpu_count())``. PyTorch's OpenMP pool and the Numba/BLAS pools slow
+each other down when they share a process on 2 cores: for a fair ratio, time the contenders in
+processes of their own (``-k fastattn``, then ``-k torch``).
 
 Run::
 
-    python -m pytest bench/bench_train_step.py                      # timings
+    python -m pytest bench/bench_train_step.py -k fastattn --benchmark-only   # timings
+    python -m pytest bench/bench_train_step.py -k torch --benchmark-only
     python -m pytest bench/bench_train_step.py --benchmark-disable  # as plain tests
-    python bench/bench_train_step.py                                # ratios, in turns
 """
 
 from __future__ import annotations
 
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+from helpers import assert_all_within_float32_error
 
 from fastattn.commands.train import TrainSettings, build_model, limit_threads, load_task
 from fastattn.optim import Adam
@@ -40,7 +40,7 @@ from fastattn.transformer import TransformerConfig as MODEL
 GROUP = (f"train step (date task, batch {TrainSettings.batch_size}, d_model {MODEL.d_model}, "
          f"{MODEL.n_heads} heads, {MODEL.n_layers}+{MODEL.n_layers} layers, "
          f"d_ff {MODEL.d_ff}, float32)")
-LOSS_RTOL = 1e-4  # fastattn float32 loss vs PyTorch float32 loss with the same weights
+OTHER = {"numba": "vectorized", "vectorized": "numba"}
 
 
 def _batch():
@@ -49,10 +49,48 @@ def _batch():
     return task, task.x_train[:B], task.t_train[:B]
 
 
+def _model(backend, dtype="float32"):
+    """The default model on ``backend``; in float64, with the float32 model's weights (and its
+    sinusoid tables)."""
+    task, _, _ = _batch()
+    model = build_model(task, backend=backend, seed=0)
+    if dtype != "float32":
+        weights, model = model, build_model(task, backend=backend, seed=0, dtype=dtype)
+        for p, w in zip(model.params, weights.params, strict=True):
+            p[...] = w
+        for pe, w in ((model.src_pos, weights.src_pos), (model.tgt_pos, weights.tgt_pos)):
+            if pe.fixed is not None:
+                pe.fixed[...] = w.fixed
+    return model
+
+
+def _loss_and_grads(model):
+    """[loss, grads...] of one forward and backward on the benchmark's batch, in float64."""
+    _, xs, ts = _batch()
+    loss = model.forward(xs, ts)
+    model.backward()
+    return [np.float64(loss)] + [g.astype(np.float64) for g in model.grads]
+
+
+def check_step(backend, got, names):
+    """``got``: [loss, grads...] of the default model's first step on ``backend`` (float32),
+    against the other backend in float64 and, when installed, PyTorch in float64, all from the
+    same initial weights; returns the names of the references checked against."""
+    other = OTHER[backend]
+    ref64, ref32 = _loss_and_grads(_model(other, "float64")), _loss_and_grads(_model(other))
+    assert_all_within_float32_error(got, ref64, ref32, names, err_msg=f"{backend} vs {other}:")
+    if not _have_torch():
+        return [other]
+    fresh = _model(other)
+    t64, t32 = _torch_loss_and_grads(fresh, "float64"), _torch_loss_and_grads(fresh, "float32")
+    assert_all_within_float32_error(got, t64, t32, names, err_msg=f"{backend} vs PyTorch:")
+    return [other, "torch"]
+
+
 def fastattn_step(backend):
     """(step function, model) for the default model on ``backend``; the step returns the loss."""
-    task, xs, ts = _batch()
-    model = build_model(task, backend=backend, seed=0)
+    _, xs, ts = _batch()
+    model = _model(backend)
     opt = Adam(lr=TrainSettings.lr)
 
     def step():
@@ -150,13 +188,17 @@ def _torch_model_class():
 
 
 def _copy_weights(model, tm):
-    """Load fastattn's weights into the PyTorch model (Linear weights are transposed)."""
+    """Load fastattn's weights into the PyTorch model (Linear weights are transposed); returns
+    [(fastattn param, torch param, transposed)] for every parameter the two share."""
     import torch
+
+    pairs = []
 
     def put(param, arr, transpose=False):
         a = np.asarray(arr).T if transpose else np.asarray(arr)
         with torch.no_grad():
-            param.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+            param.copy_(torch.from_numpy(np.ascontiguousarray(a)).to(param.dtype))
+        pairs.append((arr, param, transpose))
 
     def mha(t, f):
         W_in, b_in, W_out, b_out = f.params
@@ -182,6 +224,9 @@ def _copy_weights(model, tm):
     # to a parameter changes neither its gradient nor its Adam updates
     put(tm.src_pos, model.src_pos.table(model.src_pos.max_len))
     put(tm.tgt_pos, model.tgt_pos.table(model.tgt_pos.max_len))
+    # the learned part of each position table takes the gradient of the whole table
+    pairs[-2:] = [(pe.params[0], t, False) for pe, t in
+                  ((model.src_pos, tm.src_pos), (model.tgt_pos, tm.tgt_pos)) if pe.params]
     for t, f in zip(tm.enc, model.encoder, strict=True):
         ln(t.ln1, f.ln1)
         mha(t.attn, f.attn)
@@ -198,12 +243,34 @@ def _copy_weights(model, tm):
     ln(tm.dec_ln, model.dec_ln)
     put(tm.out.weight, model.out.params[0], True)
     put(tm.out.bias, model.out.params[1])
+    return pairs
+
+
+def _torch_loss_and_grads(model, dtype):
+    """[loss, grads...] of the PyTorch model in ``dtype`` with ``model``'s weights, the grads
+    in the order of model.params (summed over a param's uses), as float64 arrays."""
+    import torch
+
+    _, xs, ts = _batch()
+    c = model.config
+    tm = _torch_model_class()(c.vocab_size, c.d_model, c.n_heads, c.n_layers, c.d_ff,
+                              c.max_len).to(getattr(torch, dtype))
+    pairs = _copy_weights(model, tm)
+    loss = tm(torch.from_numpy(xs), torch.from_numpy(ts))
+    loss.backward()
+    grads = {id(p): np.zeros(p.shape) for p in model.params}
+    for arr, param, transpose in pairs:
+        g = param.grad.double().numpy()
+        grads[id(arr)] += g.T if transpose else g
+    assert {id(p) for p in model.params} == {id(a) for a, _, _ in pairs}, \
+        "every fastattn parameter has its PyTorch twin"
+    return [np.float64(loss.item())] + [grads[id(p)] for p in model.params]
 
 
 def torch_step(threads=None):
     """Step function of the same model in PyTorch, with fastattn's initial weights, on
-    ``threads`` threads (default: one per core); raises AssertionError when the two models'
-    losses differ."""
+    ``threads`` threads (default: one per core). (``check_step`` compares the two models'
+    losses and gradients.)"""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -213,10 +280,6 @@ def torch_step(threads=None):
     tm = _torch_model_class()(c.vocab_size, c.d_model, c.n_heads, c.n_layers, c.d_ff, c.max_len)
     _copy_weights(model, tm)
     txs, tts = torch.from_numpy(xs), torch.from_numpy(ts)
-    ours = model.forward(xs, ts)
-    with torch.no_grad():
-        theirs = float(tm(txs, tts))
-    np.testing.assert_allclose(ours, theirs, rtol=LOSS_RTOL)
     opt = torch.optim.Adam(tm.parameters(), lr=TrainSettings.lr)
 
     n_threads = torch.get_num_threads()
@@ -234,34 +297,6 @@ def torch_step(threads=None):
     return step
 
 
-def _blocked_ms(fns, reps, rounds=3):
-    """Median ms per call of each function, timed in blocks of ``reps`` calls, the functions
-    taking turns for ``rounds`` rounds (a function's ``setup()``, if any, runs before each of
-    its blocks)."""
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            getattr(fn, "setup", lambda: None)()
-            fn()
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times[i].append(time.perf_counter() - t0)
-    return [1e3 * statistics.median(t) for t in times]
-
-
-def torch_ms_in_subprocess(threads, reps):
-    """Median ms of PyTorch's step on ``threads`` threads, timed in a fresh interpreter.
-
-    In the same process as the Numba kernels, PyTorch's OpenMP threads and the other thread
-    pools spin against each other on a 2-core machine, which can slow PyTorch down many
-    times; a process of its own gives PyTorch its best conditions.
-    """
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch", str(threads),
-                          str(reps)], capture_output=True, text=True, timeout=600, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
 def _have_torch():
     try:
         import torch  # noqa: F401
@@ -274,60 +309,35 @@ def _have_torch():
 
 
 @pytest.mark.parametrize("backend", ["numba", "vectorized"])
-def test_train_step_fastattn(benchmark, backend):
+def test_train_step_fastattn(benchmark, check_then_time, backend):
     with limit_threads(TrainSettings.threads, TrainSettings.numba_threads):
         step, model = fastattn_step(backend)
-        first = step()  # compiles the kernels; not timed
-        assert np.isfinite(first)
+        names = ["loss"] + [f"grads[{i}] {p.shape}" for i, p in enumerate(model.params)]
+
+        def check(loss):  # the first step's grads, taken at the initial weights
+            got = [np.float64(loss)] + [g.astype(np.float64) for g in model.grads]
+            benchmark.extra_info["checked_against"] = check_step(backend, got, names)
+
         benchmark.group = GROUP
         benchmark.extra_info["backend"] = backend
         benchmark.extra_info["blas_threads"] = TrainSettings.threads or os.cpu_count()
         benchmark.extra_info["numba_threads"] = TrainSettings.numba_threads
         benchmark.extra_info["n_params"] = int(sum(p.size for p in model.params))
-        if backend == "numba" and _have_torch():
-            reps = 1 if benchmark.disabled else 10
-            ours, = _blocked_ms([step], reps)
-            theirs = torch_ms_in_subprocess(os.cpu_count() or 1, 3 * reps)
-            theirs1 = torch_ms_in_subprocess(1, 3 * reps)
-            benchmark.extra_info["fastattn_ms"] = round(ours, 3)
-            benchmark.extra_info["torch_ms"] = round(theirs, 3)
-            benchmark.extra_info["torch_1thread_ms"] = round(theirs1, 3)
-            benchmark.extra_info["torch_over_fastattn"] = round(theirs / ours, 3)
-            benchmark.extra_info["torch_1thread_over_fastattn"] = round(theirs1 / ours, 3)
-        benchmark(step)
+        check_then_time(step, check=check, warmup=0)
 
 
-def test_train_step_torch(benchmark):
+def test_train_step_torch(benchmark, check_then_time):
     pytest.importorskip("torch")
     step = torch_step()
     step.setup()
-    step()
+    fresh = _model("vectorized")
+    ref64, ref32 = (_torch_loss_and_grads(fresh, d)[0] for d in ("float64", "float32"))
+
+    def check(loss):  # PyTorch's own first loss, to its float32 error level
+        assert_all_within_float32_error([np.float32(loss)], [ref64], [ref32], ["loss"],
+                                        err_msg="torch")
+
     benchmark.group = GROUP
     benchmark.extra_info["backend"] = "torch"
     benchmark.extra_info["threads"] = os.cpu_count()
-    benchmark(step)
-
-
-def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--torch":  # the subprocess of torch_ms_in_subprocess
-        step = torch_step(int(sys.argv[2]))
-        print(_blocked_ms([step], int(sys.argv[3]), rounds=1)[0])
-        return
-    reps = int(os.environ.get("FASTATTN_BENCH_REPS", "15"))
-    with limit_threads(TrainSettings.threads, TrainSettings.numba_threads):
-        fns, names = [], []
-        for backend in ("numba", "vectorized"):
-            fns.append(fastattn_step(backend)[0])
-            names.append(f"fastattn {backend} (train's threads)")
-        ms = _blocked_ms(fns, reps)
-    if _have_torch():
-        for threads in (os.cpu_count() or 1, 1):
-            ms.append(torch_ms_in_subprocess(threads, 3 * reps))
-            names.append(f"torch ({threads} thread{'s' if threads > 1 else ''}, own process)")
-    print(GROUP)
-    for name, m in zip(names, ms, strict=True):
-        print(f"  {name:36s} {m:8.2f} ms/step   {m / ms[0]:5.2f}x fastattn numba")
-
-
-if __name__ == "__main__":
-    main()
+    check_then_time(step, check=check, warmup=0)

@@ -53,6 +53,7 @@ from .bounds import (
 __all__ = [
     "assert_close",
     "assert_within_float32_error",
+    "assert_all_within_float32_error",
     "assert_all_close",
     "assert_attention_close",
     "attention_bounds",
@@ -123,6 +124,38 @@ def assert_within_float32_error(actual, ref64, ref32, *, k=K_FLOAT32, err_msg=""
         raise AssertionError(f"{err_msg}: error {err:.3g} > {k} x (the reference's own float32 "
                              f"error {own:.3g} + eps x max|ref|) = {bound:.3g}")
     return err / bound if bound else 0.0
+
+
+def assert_all_within_float32_error(actuals, refs64, refs32, names, *, k=K_FLOAT32,
+                                    err_msg=""):
+    """The second form for the many results of one computation (a network's loss and its
+    gradients): each result's largest error, relative to its reference's largest value, is at
+    most k times the largest such relative float32 error of the reference over all of them
+    (the computation's float32 error level, which one array alone may understate: a sum the
+    reference happens to take in float64 is exact to float32). Returns the largest ratio."""
+    actuals, refs64, refs32 = list(actuals), list(refs64), list(refs32)
+    if not len(actuals) == len(refs64) == len(refs32) == len(names):
+        raise AssertionError(f"{err_msg}: {len(actuals)} results, {len(refs64)} and "
+                             f"{len(refs32)} references, {len(names)} names")
+
+    def rel(a, r):
+        a, r = np.asarray(a, dtype=np.float64), np.asarray(r, dtype=np.float64)
+        if a.shape != r.shape or not np.isfinite(a).all():
+            raise AssertionError(f"{err_msg}: shape {a.shape} vs {r.shape}, or non-finite")
+        top = float(np.abs(r).max(initial=0.0))
+        return float(np.abs(a - r).max(initial=0.0)) / top if top else 0.0
+
+    eps = float(np.finfo(np.asarray(actuals[0]).dtype).eps)
+    level = max(rel(r32, r64) for r32, r64 in zip(refs32, refs64, strict=True))
+    bound = k * (level + eps)
+    worst = 0.0
+    for a, r64, name in zip(actuals, refs64, names, strict=True):
+        e = rel(a, r64)
+        if not e <= bound:
+            raise AssertionError(f"{err_msg} {name}: error {e:.3g} of max|ref| > {k} x (the "
+                                 f"reference's float32 error level {level:.3g} + eps)")
+        worst = max(worst, e / bound)
+    return worst
 
 
 def assert_all_close(got, want, bounds, names=None, err_msg=""):
