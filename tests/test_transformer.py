@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from fastattn.kernels import BACKENDS
 from gradcheck import check_layer_grads
-from helpers import assert_within_float32_error
+from helpers import assert_close, assert_within_float32_error, attention_bounds
 
 from fastattn.attention import MultiHeadAttention
 from fastattn.kernels import BACKENDS
@@ -46,8 +46,9 @@ def ref_layernorm(x, g, b, eps=1e-5):
     return (x - mu) / np.sqrt(var + eps) * g + b
 
 
-def ref_mha(layer, x_q, x_kv=None, mask=None):
-    """Multi-head attention written out with an explicit softmax (float64)."""
+def ref_mha(layer, x_q, x_kv=None, mask=None, weights=False):
+    """Multi-head attention written out with an explicit softmax (float64); with weights=True,
+    the attention probabilities (B, H, Tq, Tk) and the error bound (terms, n) of each."""
     W_in, b_in, W_out, b_out = layer.params
     C, H = layer.d_model, layer.n_heads
     dh = C // H
@@ -62,6 +63,8 @@ def ref_mha(layer, x_q, x_kv=None, mask=None):
         allowed &= np.broadcast_to(mask, (B, Tq, Tk))
     if layer.causal:
         allowed &= np.tri(Tq, Tk, dtype=bool)
+    P = np.zeros((B, H, Tq, Tk))
+    terms, n = np.zeros_like(P), np.zeros((B, H, Tq, 1))
     for h in range(H):
         sl = slice(h * dh, (h + 1) * dh)
         s = q[:, :, sl] @ k[:, :, sl].transpose(0, 2, 1) / np.sqrt(dh)
@@ -72,6 +75,14 @@ def ref_mha(layer, x_q, x_kv=None, mask=None):
         tot = e.sum(-1, keepdims=True)
         p = np.where(tot > 0, e / np.where(tot > 0, tot, 1), 0)
         out[:, :, sl] = p @ v[:, :, sl]
+        P[:, h] = p
+        if weights:  # q and k as the magnitudes of their terms: projections of C terms
+            qa = np.abs(x_q) @ np.abs(W_in[:, sl]) + np.abs(b_in[sl])
+            ka = np.abs(x_kv) @ np.abs(W_in[:, C:2 * C][:, sl]) + np.abs(b_in[C:2 * C][sl])
+            terms[:, h], n[:, h] = attention_bounds(qa, ka, ka, p, scale=1 / np.sqrt(dh),
+                                                    depth=C + 2)["P"]
+    if weights:
+        return P, (terms, n)
     return out @ W_out + b_out
 
 
@@ -237,11 +248,13 @@ def test_sinusoidal_table_values():
 def test_attention_weights_are_distributions():
     layer = MultiHeadAttention(4, 2, causal=True, dtype=F64, seed=0)
     layer.keep_weights = True
-    layer.forward(rand((2, 3, 4)))
+    x = rand((2, 3, 4))
+    layer.forward(x)
     w = layer.attention_weights
     assert w.shape == (2, 2, 3, 3)
-    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)
     assert np.all(w[..., 0, 1:] == 0)  # causal: the first query sees only the first key
+    want, (terms, n) = ref_mha(layer, x, weights=True)  # by value, as the plots show them
+    assert_close(w, want, terms=terms, n=n, err_msg="attention weights")
 
 
 # --------------------------------------------------------------------------- the model
@@ -308,9 +321,21 @@ def test_generate_follows_the_book():
 def test_cross_attention_map_shape():
     model = tiny_model()
     xs, ts = tiny_batch(N=3, S=4, T=3)
+    attn = model.decoder[-1].cross_attn
+    seen = []
+    forward = attn.forward
+
+    def recording(*args, **kw):
+        seen.append((args, kw))
+        return forward(*args, **kw)
+
+    attn.forward = recording
     w = model.cross_attention(xs, ts)
     assert w.shape == (3, 3, 4)
-    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)
+    # by value: the head mean of the probabilities the layer applied to its own inputs
+    (x_q, x_kv), kw = seen[-1]
+    want, (terms, n) = ref_mha(attn, x_q, x_kv, kw.get("mask"), weights=True)
+    assert_close(w, want.mean(1), terms=terms.mean(1), n=n.max(1) + 2, err_msg="cross-attention")
 
 
 # --------------------------------------------------------------------------- bad input

@@ -113,14 +113,16 @@ def _per_kv_head(x, Hkv):
     return x
 
 
-def attention_bounds(q, k, v, P, *, scale, dout=None, P_drop=None, bias_abs=0.0):
+def attention_bounds(q, k, v, P, *, scale, dout=None, P_drop=None, bias_abs=0.0, depth=0):
     """(terms, n) for out, lse and, given ``dout``, dq, dk, dv and ds (the score gradient, the
-    bias gradient before any sum over broadcast dimensions) of an attention.
+    bias gradient before any sum over broadcast dimensions) of an attention, and for P itself.
 
     q (..., H, Tq, d), k (..., Hkv, Tk, d), v (..., Hkv, Tk, dv), dout (..., H, Tq, dv);
     P (..., H, Tq, Tk): the float64 probabilities before dropout (``attention_probs``); P_drop:
     after dropout (scaled), default P; bias_abs: the largest |bias| + |ALiBi| term added to a
-    score. Returns {name: (terms, n)}.
+    score; depth: roundings that q and k carry already (a projection x W + b of C terms:
+    C + 2), when q and k are given as the magnitudes |x| |W| + |b| of their terms. Returns
+    {name: (terms, n)}.
 
     Error chain (units of eps): a score adds d products, is scaled and biased, so is off by
     (d + 2) Sabs, Sabs = scale |q| |k| + bias_abs. A probability is off relatively by twice the
@@ -141,7 +143,7 @@ def attention_bounds(q, k, v, P, *, scale, dout=None, P_drop=None, bias_abs=0.0)
     s_abs = abs(scale) * matmul_terms(q, _t(kr)) + bias_abs  # (..., H, Tq, Tk)
     M = np.where(P > 0, s_abs, 0.0).max(-1, keepdims=True)  # (..., H, Tq, 1)
     L = M + np.log(Tk) + 1.0  # |lse| <= max |score| + log Tk
-    r = 4 * (d + 3) * M + 3 * Tk + 2 * L + 24  # relative error of P, units of eps
+    r = 4 * (d + depth + 3) * M + 3 * Tk + 2 * L + 24  # relative error of P, units of eps
     out_terms = P_drop @ absv  # (..., H, Tq, dv)
     bounds = {"out": (out_terms, r + Tk + 2), "lse": ((1 + M + L)[..., 0], d + Tk + 8),
               "P": (P_drop, r)}
