@@ -13,6 +13,12 @@ the model's constructor arguments and its class), ``vocab`` (JSON: the character
 the question width and the answer width; empty when the model has none), ``names`` (JSON: one
 name per weight), ``meta`` (JSON, free-form), and the weights ``w000``, ``w001``, ... in the
 order of ``model.params``.
+
+A checkpoint is untrusted input: before anything is allocated, ``load_model`` reads only the
+archive's directory and each array's ``.npy`` header, checks the configuration's sizes against
+``LIMITS`` and ``MAX_WEIGHTS`` and the shapes it implies against the stored arrays' shapes,
+and refuses entries larger than they say. A crafted file that asks for a huge model raises
+ValueError instead of exhausting memory.
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ __all__ = ["load_model", "save_model"]
 
 FORMAT = "fastattn-checkpoint"
 VERSION = 1
+
+#: The largest size a checkpoint's configuration may ask for, per field.
+LIMITS = {"vocab_size": 1 << 20, "d_model": 1 << 14, "n_heads": 1 << 10, "n_layers": 1 << 8,
+          "d_ff": 1 << 16, "max_len": 1 << 16}
+#: The most weights (elements) a checkpoint may hold: 1 GiB of float32.
+MAX_WEIGHTS = 1 << 28
+#: The largest JSON text entry (format, version, configuration, vocabulary, names), in bytes.
+MAX_TEXT_BYTES = 1 << 24
 
 
 def _text(obj) -> np.ndarray:
@@ -93,20 +107,100 @@ def save_model(model, path, *, meta=None):
     return path
 
 
-def _read(path):
-    """All arrays of the archive, or ValueError naming the file."""
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+_TEXT = ("format", "version", "config", "vocab", "names")
+
+
+def _headers(path):
+    """{entry: (shape, dtype)} from the ``.npy`` header of every entry of the archive, read
+    without loading any data; ValueError naming the file for anything else."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive")
-            return {key: z[key] for key in z.files}
-    except AttributeError:
-        # np.load returned a plain array (a .npy file), which has no context manager in
-        # older NumPy versions
-        raise ValueError(f"{path} is not a fastattn checkpoint (not an .npz archive)") from None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        headers = {}
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise ValueError(f"entry {info.filename!r} is not a .npy array")
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise ValueError(f"entry {info.filename!r} holds Python objects, which a "
+                                     "checkpoint never does (they would need unpickling)")
+                if _nbytes(shape, dtype) > info.file_size:
+                    raise ValueError(f"entry {info.filename!r} claims {_nbytes(shape, dtype)} "
+                                     f"bytes, holds {info.file_size}")
+                headers[info.filename[:-4]] = (tuple(shape), dtype)
+    except _READ_ERRORS as exc:
         raise ValueError(f"{path} is not a readable fastattn checkpoint "
                          f"({type(exc).__name__}: {exc})") from None
+    for key in _TEXT:
+        if key in headers and _nbytes(*headers[key]) > MAX_TEXT_BYTES:
+            raise ValueError(f"{path}: entry {key!r} is larger than {MAX_TEXT_BYTES} bytes")
+    return headers
+
+
+def _nbytes(shape, dtype):
+    return dtype.itemsize * int(np.prod(shape, dtype=object))
+
+
+def _read(path, keys):
+    """The arrays ``keys`` of the archive, or ValueError naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {key: z[key] for key in keys}
+    except _READ_ERRORS as exc:
+        raise ValueError(f"{path} is not a readable fastattn checkpoint "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def param_shapes(config):
+    """The shapes of ``TransformerSeq2seq.from_config(config).params``, in order, computed
+    without building the model (tests/test_checkpoint.py checks them against real models)."""
+    C, F, T = config.d_model, config.d_ff, config.max_len
+    Ckv = (config.n_kv_heads or config.n_heads) * C // config.n_heads
+    ln = [(C,), (C,)]
+    mha = [(C, C + 2 * Ckv), (C + 2 * Ckv,), (C, C), (C,)]
+    ffn = [(C, F), (F,), (F, C), (C,)]
+    pos = [(T, C)] if config.pos in ("learned", "both") else []
+    V, L = config.vocab_size, config.n_layers
+    return ([(V, C), (V, C)] + pos + pos + (ln + mha + ln + ffn) * L + ln
+            + (ln + mha + ln + mha + ln + ffn) * L + ln + [(C, V), (V,)])
+
+
+def _check_sizes(config, headers, path):
+    """Before anything is allocated: the configuration builds a model, its sizes are within
+    LIMITS, its weights number at most MAX_WEIGHTS, and the stored weights have the shapes
+    the configuration implies."""
+    from fastattn.transformer import TransformerConfig
+
+    try:
+        cfg = TransformerConfig(**config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored configuration does not build a model "
+                         f"({exc})") from None
+    for key, limit in LIMITS.items():
+        if getattr(cfg, key) > limit:
+            raise ValueError(f"{path}: the stored configuration does not build a model ({key} "
+                             f"{getattr(cfg, key)} is above the limit of {limit})")
+    shapes = param_shapes(cfg)
+    total = sum(int(np.prod(s, dtype=object)) for s in shapes)
+    if total > MAX_WEIGHTS:
+        raise ValueError(f"{path}: the stored configuration asks for {total} weights, more "
+                         f"than the limit of {MAX_WEIGHTS}")
+    stored = [k for k in headers if k.startswith("w") and k[1:].isdigit()]
+    if len(stored) != len(shapes):
+        raise ValueError(f"{path}: the checkpoint holds {len(stored)} weight arrays, the model "
+                         f"has {len(shapes)}")
+    for i, shape in enumerate(shapes):
+        key = f"w{i:03d}"
+        if key not in headers:
+            raise ValueError(f"{path}: weight {key} is missing")
+        if headers[key][0] != tuple(shape):
+            raise ValueError(f"{path}: the checkpoint does not fit the model: weight {key} has "
+                             f"shape {headers[key][0]} in the checkpoint, {tuple(shape)} in "
+                             f"the model its configuration describes")
 
 
 def _json(data, key, path):
@@ -137,9 +231,12 @@ def load_model(path, model=None, *, backend=None):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file {path!r}")
-    data = _read(path)
+    headers = _headers(path)
+    data = _read(path, [k for k in _TEXT if k in headers])
     config, vocab, names = _header(data, path)
+    _check_sizes(config, headers, path)
     model = _model_for(config, model, backend, path)
+    data.update(_read(path, [f"w{i:03d}" for i in range(len(model.params))]))
     _copy_weights(data, names, model, path)
     if vocab:
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -241,3 +243,102 @@ def test_corrupt_truncated_and_foreign_files(tmp_path, vocab):
 
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.npz")
+
+
+# ---- crafted checkpoints: nothing is allocated before the sizes are checked ------------------
+
+def _arrays(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _with_config(arrays, path, **change):
+    config = json.loads(str(arrays["config"]))
+    config.update(change)
+    with open(path, "wb") as f:
+        np.savez(f, **{**arrays, "config": np.array(json.dumps(config))})
+    return path
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    return _arrays(save_model(make_model(11, d_model=8, d_ff=8, max_len=6), tmp_path / "s.npz"))
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+    """Fail the test if a model (and its weights) is allocated."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a model was built from an unchecked configuration")
+
+    monkeypatch.setattr(TransformerSeq2seq, "__init__", refuse)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(vocab_size=1 << 20, d_model=1 << 14), "asks for .* weights, more than the limit"),
+    (dict(d_ff=1 << 30), "d_ff 1073741824 is above the limit of 65536"),
+    (dict(max_len=10**12), "max_len 1000000000000 is above the limit"),
+    (dict(n_layers=200), r"holds \d+ weight arrays, the model has \d+"),
+    (dict(vocab_size=4000), "does not fit the model: weight w000"),
+    (dict(d_model=8.0), "d_model must be an int"),
+    (dict(n_layers=True), "n_layers must be an int"),
+    (dict(vocab_size="11"), "vocab_size must be an int"),
+    (dict(d_model=-8), "d_model must be at least 1"),
+])
+def test_a_config_that_asks_for_too_much_or_does_not_fit_fails_before_building(
+        tmp_path, small_checkpoint, no_model_built, change, message):
+    path = _with_config(small_checkpoint, tmp_path / "crafted.npz", **change)
+    with pytest.raises(ValueError, match=r"crafted\.npz") as exc:
+        load_model(path)
+    assert re.search(message, str(exc.value)), str(exc.value)
+
+
+def test_a_huge_config_is_rejected_without_allocating_memory(tmp_path, small_checkpoint):
+    """A config of 2^34 weights (64 GiB) in a file of a few kB: refused with a few MB of
+    allocations at most."""
+    import tracemalloc
+
+    path = _with_config(small_checkpoint, tmp_path / "huge.npz", vocab_size=1 << 20,
+                        d_model=1 << 14, d_ff=1 << 16)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="limit"):
+            load_model(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
+def test_an_array_header_that_claims_more_than_its_entry_holds_is_rejected(
+        tmp_path, small_checkpoint, no_model_built):
+    """A .npy header may claim any shape: the claim is checked against the entry's size
+    before any data is read."""
+    path = tmp_path / "claims.npz"
+    with open(path, "wb") as f:
+        np.savez(f, **small_checkpoint)
+    with zipfile.ZipFile(path) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (1 << 20, 1 << 14)})
+    entries["w000.npy"] = header.getvalue() + small_checkpoint["w000"].tobytes()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    with pytest.raises(ValueError, match=r"claims\.npz.*claims \d+ bytes"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("config", [
+    dict(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=16, max_len=5),
+    dict(vocab_size=9, d_model=12, n_heads=3, n_layers=3, d_ff=4, max_len=2, pos="learned"),
+    dict(vocab_size=5, d_model=4, n_heads=1, n_layers=2, d_ff=8, max_len=3, pos="sinusoidal"),
+    dict(vocab_size=6, d_model=8, n_heads=4, n_layers=1, d_ff=8, max_len=4, n_kv_heads=2),
+    dict(vocab_size=6, d_model=8, n_heads=4, n_layers=2, d_ff=8, max_len=4, n_kv_heads=1),
+])
+def test_param_shapes_are_the_shapes_of_the_model_the_config_builds(config):
+    from fastattn.checkpoint import param_shapes
+
+    model = TransformerSeq2seq(**config)
+    assert param_shapes(model.config) == [p.shape for p in model.params]
