@@ -10,9 +10,11 @@ same inputs:
   (the seed's key embedding) and (N=128, T=29, D=16 and 256), V=59, with ``np.add.at`` (the
   book's way) as a fourth contender.
 
-Every variant is checked against the vectorized kernel before it is timed and warmed up, so
-JIT compilation is not counted. ``extra_info`` carries GFLOP/s (matrix products) or GB/s
-(softmax, scatter-add: bytes read and written once) at the minimum time.
+Every variant is checked (``check_then_time`` of ``bench/conftest.py``) against the vectorized
+kernel in float64 on the same numbers, within ``helpers.kernel_bounds``, on the call that is
+then warmed up and timed, so JIT compilation is not counted. ``extra_info`` carries GFLOP/s
+(matrix products) or GB/s (softmax, scatter-add: bytes read and written once) at the minimum
+time.
 
 Run::
 
@@ -22,8 +24,6 @@ Run::
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -79,21 +79,6 @@ def _check(name, got, args):
     assert_all_close(got, want, kernel_bounds(name, args), err_msg=name)
 
 
-def _warm_up(benchmark, fn, args, seconds=0.2):
-    """Run ``fn`` untimed for a while: compiled, caches and thread pool warm."""
-    if benchmark.enabled:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            fn(*args)
-
-
-def _record_rate(benchmark, work, unit):
-    """extra_info[unit] = work / (1e9 * minimum time), when timings were taken."""
-    benchmark.extra_info["work"] = work
-    if benchmark.enabled and benchmark.stats is not None:
-        benchmark.extra_info[unit] = round(work / benchmark.stats.stats.min / 1e9, 2)
-
-
 def _cases():
     for name in (*SOFTMAX_ARRAYS, *MATMUL_FLOPS):
         for shape, B in SHAPES.items():
@@ -104,21 +89,15 @@ def _cases():
 
 
 @pytest.mark.parametrize("name, B, backend", list(_cases()))
-def test_kernel(benchmark, name, B, backend):
+def test_kernel(benchmark, check_then_time, name, B, backend):
     benchmark.group = f"{name} (B={B}, T={T}, d={D_HEAD}, float32)"
     args = _inputs(name, B, np.random.default_rng(0))
-    fn = kernels.get(name, backend)
-    _check(name, fn(*args), args)  # also compiles
-    if backend == "loop":
-        benchmark.pedantic(fn, args, rounds=LOOP_ROUNDS, iterations=1)
-    else:
-        _warm_up(benchmark, fn, args)
-        benchmark(fn, *args)
     if name in MATMUL_FLOPS:
-        _record_rate(benchmark, MATMUL_FLOPS[name] * B * T * T * D_HEAD, "GFLOP/s")
+        work = {"GFLOP/s": MATMUL_FLOPS[name] * B * T * T * D_HEAD}
     else:
-        _record_rate(benchmark, SOFTMAX_ARRAYS[name] * B * T * T * np.dtype(DTYPE).itemsize,
-                     "GB/s")
+        work = {"GB/s": SOFTMAX_ARRAYS[name] * B * T * T * np.dtype(DTYPE).itemsize}
+    check_then_time(kernels.get(name, backend), args, check=lambda got: _check(name, got, args),
+                    rounds=LOOP_ROUNDS if backend == "loop" else None, work=work)
 
 
 # --- the scatter-add of an embedding's backward ----------------------------------------------
@@ -143,18 +122,13 @@ def _emb_cases():
 
 
 @pytest.mark.parametrize("N, D, variant", list(_emb_cases()))
-def test_embedding_backward(benchmark, N, D, variant):
+def test_embedding_backward(benchmark, check_then_time, N, D, variant):
     benchmark.group = f"embedding_backward (N={N}, T={T}, D={D}, V={V}, float32)"
     rng = np.random.default_rng(0)
     idx = rng.integers(0, V, size=(N, T))
     dout = rng.standard_normal((N, T, D)).astype(DTYPE)
     args = (idx, dout, V)
     fn = _add_at if variant == "np.add.at" else kernels.get("embedding_backward", variant)
-    _check("embedding_backward", fn(*args), args)
-    if variant == "loop":
-        benchmark.pedantic(fn, args, rounds=LOOP_ROUNDS, iterations=1)
-    else:
-        _warm_up(benchmark, fn, args)
-        benchmark(fn, *args)
     moved = (N * T * D + V * D) * np.dtype(DTYPE).itemsize + idx.nbytes
-    _record_rate(benchmark, moved, "GB/s")
+    check_then_time(fn, args, check=lambda got: _check("embedding_backward", got, args),
+                    rounds=LOOP_ROUNDS if variant == "loop" else None, work={"GB/s": moved})

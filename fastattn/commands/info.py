@@ -90,6 +90,18 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
+def machine() -> str:
+    """One line naming what a measured figure depends on: CPU model, instruction set, BLAS
+    kernel (the benchmarks print it with every table)."""
+    from fastattn.kernels import _tuning
+
+    t = _tuning.target()
+    isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(t["isa"], "no AVX2")
+    blas = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(t["blas"], t["blas"])
+    cpu = t["host_cpu"] + ("" if t["cpu"] == t["host_cpu"] else f"; Numba code for {t['cpu']}")
+    return f"{_cpu_model()} ({cpu}), {isa}, {blas} {t['blas_kernel']} kernels"
+
+
 def _tuning_facts():
     """The fused kernels' setting in force, and the CPU and BLAS kernel it is chosen for."""
     try:

@@ -1,0 +1,73 @@
+"""What every benchmark suite shares: one check-then-time helper (as llm.c's dev/cuda
+``common.h``: validate a kernel against the reference, then time it), the test session's
+Numba cache (``helpers.numba_cache``), and the machine each table was measured on.
+
+A benchmark builds its inputs and a function, then hands both to the ``check_then_time``
+fixture with a check of the result: the call that is checked is exactly the call that is
+timed. Benchmarks keep no timers of their own; pytest-benchmark times, and
+``--benchmark-disable`` runs every suite as plain tests (check only). Every table ends with a
+line naming the machine (CPU model, instruction set, BLAS kernel): figures differ from one CPU
+to the next.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+from helpers import numba_cache
+
+numba_cache.configure()  # before any kernel is imported: never time or check stale code
+
+
+@pytest.fixture
+def check_then_time(benchmark):
+    """``check_then_time(fn, args, *, check, rounds=None, warmup=0.2, work=None)`` on this
+    test's ``benchmark``; see ``run_checked_then_timed``."""
+    return functools.partial(run_checked_then_timed, benchmark)
+
+
+def run_checked_then_timed(benchmark, fn, args=(), *, check, rounds=None, warmup=0.2,
+                           work=None):
+    """Call ``fn(*args)`` once (compiling it) and ``check`` its result (raising when it is
+    wrong), then warm up for ``warmup`` seconds and time the same call with ``benchmark``.
+
+    rounds: time exactly this many single calls (``benchmark.pedantic``), for slow variants.
+    work: ``{unit: amount}``, e.g. ``{"GFLOP/s": flops}``: ``extra_info[unit]`` gets
+    amount / 1e9 / the minimum time, when timings were taken.
+    Returns the checked result.
+    """
+    result = fn(*args)
+    check(result)
+    if rounds is not None:
+        benchmark.pedantic(fn, args, rounds=rounds, iterations=1)
+    else:
+        if benchmark.enabled:  # caches, thread pools and page tables warm before timing
+            end = time.perf_counter() + warmup
+            while time.perf_counter() < end:
+                fn(*args)
+        benchmark(fn, *args)
+    for unit, amount in (work or {}).items():
+        benchmark.extra_info["work"] = amount
+        if benchmark.enabled and benchmark.stats is not None:
+            benchmark.extra_info[unit] = round(amount / benchmark.stats.stats.min / 1e9, 2)
+    return result
+
+
+def machine():
+    """CPU model, instruction set and BLAS kernel, in one line (``fastattn info``'s)."""
+    from fastattn.commands.info import machine as describe
+
+    return describe()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fastattn_machine"] = machine()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is not None and not session.disabled and session.benchmarks:
+        terminalreporter.write_line(f"measured on: {machine()}")
