@@ -44,7 +44,13 @@ import time
 
 import numpy as np
 import pytest
-from helpers import assert_all_close, attention_bounds, kernel_attention_probs
+from helpers import (
+    assert_all_close,
+    assert_close,
+    attention_bounds,
+    kernel_attention_probs,
+    matmul_terms,
+)
 
 from fastattn import kernels
 
@@ -145,10 +151,9 @@ def _contender(name):
     return _kernel_fwd_bwd(name), threads
 
 
-def _check(run, args, causal):
-    """run's results for exactly the timed call against the float64 formula (P explicit),
-    within helpers.attention_bounds."""
-    got = run(*args, causal)
+def _check(got, args, causal):
+    """The results of exactly the timed call against the float64 formula (P explicit), within
+    helpers.attention_bounds."""
     want, bounds = _reference(args, causal)
     names = ("out", "dq", "dk", "dv")
     for name, g in zip(names, got, strict=True):
@@ -176,22 +181,6 @@ def _reference(args, causal):
     return want, bounds
 
 
-def _warm_up(benchmark, fn, args, seconds=0.3):
-    """Run fn untimed for a while (at least once): compiled, caches and thread pools warm."""
-    if benchmark.enabled:
-        end = time.perf_counter() + seconds
-        fn(*args)
-        while time.perf_counter() < end:
-            fn(*args)
-
-
-def _record(benchmark, flops, threads):
-    benchmark.extra_info["flop"] = flops
-    benchmark.extra_info["threads"] = threads
-    if benchmark.enabled and benchmark.stats is not None:
-        benchmark.extra_info["GFLOP/s"] = round(flops / benchmark.stats.stats.min / 1e9, 1)
-
-
 def _group(B, T, d, causal):
     return f"attention fwd+bwd (B={B}, T={T}, d={d}{', causal' if causal else ''}, float32)"
 
@@ -206,36 +195,34 @@ def _cases():
 
 
 @pytest.mark.parametrize("B, T, d, causal, name", list(_cases()))
-def test_attention_fwd_bwd(benchmark, B, T, d, causal, name):
+def test_attention_fwd_bwd(benchmark, check_then_time, B, T, d, causal, name):
     benchmark.group = _group(B, T, d, causal)
     run, threads = _contender(name)
     args = _inputs(B, T, d)
-    _check(run, args, causal)
-    call = (*args, causal)
-    if name == "loop" or (name == "vectorized" and T >= SLOW_VECTORIZED_T):
-        benchmark.pedantic(run, call, rounds=3, iterations=1, warmup_rounds=1)
-    else:
-        _warm_up(benchmark, run, call)
-        benchmark(run, *call)
-    _record(benchmark, _flops(B, T, d, causal), threads)
+    benchmark.extra_info["threads"] = threads
+    slow = name == "loop" or (name == "vectorized" and T >= SLOW_VECTORIZED_T)
+    check_then_time(run, (*args, causal), check=lambda got: _check(got, args, causal),
+                    rounds=3 if slow else None, warmup=0.3,
+                    work={"GFLOP/s": _flops(B, T, d, causal)})
 
 
-def test_sgemm_peak(benchmark):
+def test_sgemm_peak(benchmark, check_then_time):
     """The machine's float32 matrix-product rate: np.dot of two 2048 x 2048 matrices, all
     BLAS threads."""
+    from threadpoolctl import threadpool_info
+
     benchmark.group = "machine: sgemm peak (float32 np.dot 2048^3)"
     n = 2048
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n)).astype(DTYPE) for _ in range(2))
-    np.testing.assert_allclose(np.dot(a[:4], b)[:, :4], a[:4].astype(np.float64) @ b[:, :4],
-                               rtol=1e-4, atol=1e-2)
-    _warm_up(benchmark, np.dot, (a, b))
-    benchmark(np.dot, a, b)
-    from threadpoolctl import threadpool_info
 
-    threads = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
-                  default=1)
-    _record(benchmark, 2 * n**3, threads)
+    def check(c):  # a corner of the product, against float64
+        assert_close(c[:8, :8], a[:8].astype(np.float64) @ b[:, :8], terms=matmul_terms(
+            a[:8], b[:, :8]), n=n + 2, err_msg="sgemm")
+
+    benchmark.extra_info["threads"] = max(
+        (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+    check_then_time(np.dot, (a, b), check=check, warmup=0.3, work={"GFLOP/s": 2 * n**3})
 
 
 # ---- peak memory ------------------------------------------------------------------------------
@@ -286,13 +273,20 @@ def test_peak_memory(benchmark):
     cmd = [sys.executable, os.path.abspath(__file__), "memory", *map(str, MEMORY_SHAPE)]
 
     def measure():
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_script_env())
         return json.loads(res.stdout.strip().splitlines()[-1])
 
     result = benchmark.pedantic(measure, rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     benchmark.extra_info["extra_MiB"] = round(result["extra"] / 2**20, 1)
     assert result["extra"] <= MEMORY_LIMIT, result
+
+
+def _script_env():
+    """The environment for running this file as a script: the tests' helpers importable."""
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
 
 
 # ---- compile time ----------------------------------------------------------------------------
@@ -316,7 +310,7 @@ def test_compile_time(benchmark, tmp_path):
     """Cold: a fresh Numba cache, so the fused kernels compile (float32 and float64). Warm: the
     same cache again, so import + first call only load them."""
     benchmark.group = "compile: import + first numba fwd+bwd (float32 and float64)"
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    env = dict(_script_env(), NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
     cmd = [sys.executable, os.path.abspath(__file__), "first-call"]
 
     def first_call():
