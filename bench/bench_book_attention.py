@@ -2,7 +2,8 @@
 changing imports.
 
 Groups (each compares its variants side by side; every variant is checked against the
-reference before it is timed, and run once untimed so that JIT compilation is not counted):
+reference in float64 on the very call that is then warmed up and timed, ``check_then_time`` of
+``bench/conftest.py``, so that JIT compilation is not counted):
 
 * ``book TimeAttention``: forward+backward at the book's date-task shapes (N=128, T_enc=29,
   T_dec=11, H=256, float32). "loop" is the book's per-step algorithm (one ``Attention`` per
@@ -19,26 +20,19 @@ reference before it is timed, and run once untimed so that JIT compilation is no
 
 Run::
 
-    python -m pytest bench/bench_book_attention.py                      # timings
+    python -m pytest bench/bench_book_attention.py --benchmark-only      # timings
     python -m pytest bench/bench_book_attention.py --benchmark-disable  # as plain tests
-    python bench/bench_book_attention.py                               # ratios, interleaved
-
-The last form times the variants of each group in alternation, in one process, and prints
-their ratios: the fairest comparison on a busy machine.
+    fastattn bench book_attention                                       # ratios
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import statistics
-import time
-
+import book_lstm
 import numpy as np
 import pytest
 from helpers import (
     assert_all_close,
-    assert_within_float32_error,
+    assert_all_within_float32_error,
     book_attention_bounds,
     kernel_bounds,
 )
@@ -66,15 +60,6 @@ def _emb_group(D):
 STEP_GROUP = f"book seq2seq train step (N={N}, wordvec={WORDVEC}, H={H}, date task)"
 
 
-def _book_lstm():
-    """tests/book_lstm.py, the test-only attention seq2seq, loaded by path."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "book_lstm.py")
-    spec = importlib.util.spec_from_file_location("book_lstm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # --- TimeAttention -------------------------------------------------------------------------
 
 def _ta_inputs():
@@ -86,7 +71,7 @@ def _ta_inputs():
 
 
 def _ta_case(variant):
-    """fn() running one forward+backward of ``variant``, already checked and warmed up."""
+    """(fn, check): fn() runs one forward+backward of ``variant``; check(its result)."""
     hs_enc, hs_dec, dout = _ta_inputs()
     layer = TimeAttention(backend=variant)
 
@@ -94,19 +79,21 @@ def _ta_case(variant):
         out = layer.forward(hs_enc, hs_dec)
         return (out,) + layer.backward(dout)
 
-    got = fn()  # warm-up (JIT compile) and the result to check
-    # against the book's algorithm in float64 on the same inputs, within the error bound
-    ref = TimeAttention(backend="loop")
-    f64 = [x.astype(np.float64) for x in (hs_enc, hs_dec, dout)]
-    want = (ref.forward(*f64[:2]),) + ref.backward(f64[2])
-    assert_all_close(got, want, book_attention_bounds("TimeAttention", (hs_enc, hs_dec), dout),
-                     ("out", "dhs_enc", "dhs_dec"), variant)
-    return fn
+    def check(got):  # the book's algorithm in float64 on the same inputs, within the bound
+        ref = TimeAttention(backend="loop")
+        f64 = [x.astype(np.float64) for x in (hs_enc, hs_dec, dout)]
+        want = (ref.forward(*f64[:2]),) + ref.backward(f64[2])
+        assert_all_close(got, want, book_attention_bounds("TimeAttention", (hs_enc, hs_dec),
+                                                          dout), ("out", "dhs_enc", "dhs_dec"),
+                         variant)
+
+    return fn, check
 
 
 # --- TimeEmbedding backward ----------------------------------------------------------------
 
 def _emb_case(variant, D):
+    """(fn, check) for one backward of the embedding (``variant``) at width D."""
     rng = np.random.default_rng(1)
     W = rng.standard_normal((EMB_V, D)).astype(np.float32)
     xs = rng.integers(0, EMB_V, size=(EMB_N, EMB_T))
@@ -128,9 +115,11 @@ def _emb_case(variant, D):
             layer.backward(dout)
             return layer.grads[0]
 
-    assert_all_close([fn()], [ref], kernel_bounds("embedding_backward", (xs, dout, EMB_V)),
-                     ["dW"], variant)  # also the warm-up
-    return fn
+    def check(dW):
+        assert_all_close([dW], [ref], kernel_bounds("embedding_backward", (xs, dout, EMB_V)),
+                         ["dW"], variant)
+
+    return fn, check
 
 
 # --- a whole training step -----------------------------------------------------------------
@@ -160,9 +149,9 @@ def _step_reference():
         (xs, ts), V = _step_batch()
         runs = []
         for dtype in (np.float64, np.float32):
-            ref = _book_lstm().AttentionSeq2seq(V, WORDVEC, H, seed=0, dtype=dtype,
+            ref = book_lstm.AttentionSeq2seq(V, WORDVEC, H, seed=0, dtype=dtype,
                                                 **_STEP_KW["book"])
-            w32 = _book_lstm().AttentionSeq2seq(V, WORDVEC, H, seed=0, **_STEP_KW["book"])
+            w32 = book_lstm.AttentionSeq2seq(V, WORDVEC, H, seed=0, **_STEP_KW["book"])
             for p, w in zip(ref.params, w32.params, strict=True):
                 p[...] = w
             loss = ref.forward(xs, ts)
@@ -173,10 +162,11 @@ def _step_reference():
 
 
 def _step_case(variant):
-    bl = _book_lstm()
+    """(fn, check): fn() runs one training step of ``variant`` and returns the loss; check(the
+    first loss) compares it and every gradient of that step with the book path's."""
     (xs, ts), V = _step_batch()
-    model = bl.AttentionSeq2seq(V, WORDVEC, H, seed=0, **_STEP_KW[variant])
-    optimizer = bl.adam(1e-3)
+    model = book_lstm.AttentionSeq2seq(V, WORDVEC, H, seed=0, **_STEP_KW[variant])
+    optimizer = book_lstm.adam(1e-3)
 
     def fn():
         loss = model.forward(xs, ts)
@@ -184,70 +174,39 @@ def _step_case(variant):
         optimizer.update(model.params, model.grads)
         return loss
 
-    # the check (and warm-up): the first loss and every gradient equal the book path's, to
-    # a few times the book path's own float32 error
-    (loss64, grads64), (loss32, grads32) = _step_reference()
-    loss = model.forward(xs, ts)
-    model.backward()
-    got = [np.asarray([loss], dtype=np.float32)] + list(model.grads)
-    for i, (g, r64, r32) in enumerate(zip(got, [loss64] + grads64, [loss32] + grads32,
-                                           strict=True)):
-        assert_within_float32_error(g, np.reshape(r64, np.shape(g)), np.reshape(r32, np.shape(g)),
-                                    err_msg=f"{variant} {'loss' if i == 0 else f'grads[{i - 1}]'}")
-    return fn
+    def check(loss):  # the grads of the first step were taken at the book path's weights
+        (loss64, grads64), (loss32, grads32) = _step_reference()
+        got = [np.asarray([loss], dtype=np.float32)] + list(model.grads)
+        names = ["loss"] + [f"grads[{i}]" for i in range(len(model.grads))]
+        assert_all_within_float32_error(got, [np.reshape(loss64, 1)] + grads64,
+                                        [np.reshape(loss32, 1)] + grads32, names,
+                                        err_msg=variant)
+
+    return fn, check
 
 
 # --- pytest-benchmark ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", TA_VARIANTS)
-def test_time_attention_forward_backward(benchmark, variant):
+def test_time_attention_forward_backward(benchmark, check_then_time, variant):
     benchmark.group = TA_GROUP
     benchmark.extra_info["variant"] = variant
-    benchmark(_ta_case(variant))
+    fn, check = _ta_case(variant)
+    check_then_time(fn, check=check)
 
 
 @pytest.mark.parametrize("D", EMB_DIMS)
 @pytest.mark.parametrize("variant", EMB_VARIANTS)
-def test_time_embedding_backward(benchmark, variant, D):
+def test_time_embedding_backward(benchmark, check_then_time, variant, D):
     benchmark.group = _emb_group(D)
     benchmark.extra_info["variant"] = variant
-    benchmark(_emb_case(variant, D))
+    fn, check = _emb_case(variant, D)
+    check_then_time(fn, check=check)
 
 
 @pytest.mark.parametrize("variant", STEP_VARIANTS)
-def test_seq2seq_train_step(benchmark, variant):
+def test_seq2seq_train_step(benchmark, check_then_time, variant):
     benchmark.group = STEP_GROUP
     benchmark.extra_info["variant"] = variant
-    benchmark(_step_case(variant))
-
-
-# --- interleaved ratios (python bench/bench_book_attention.py) ----------------------------
-
-def _interleaved(cases, rounds):
-    """Median seconds of each case, timed in alternation, ``rounds`` times each."""
-    times = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _report(title, medians, reference):
-    print(f"\n{title}")
-    base = medians[reference]
-    for name, t in medians.items():
-        print(f"  {name:<22} {t * 1e3:9.2f} ms   {base / t:6.2f}x vs {reference}")
-
-
-def main():
-    _report(TA_GROUP, _interleaved({v: _ta_case(v) for v in TA_VARIANTS}, 30), "loop")
-    for D in EMB_DIMS:
-        _report(_emb_group(D),
-                _interleaved({v: _emb_case(v, D) for v in EMB_VARIANTS}, 100), "np.add.at")
-    _report(STEP_GROUP, _interleaved({v: _step_case(v) for v in STEP_VARIANTS}, 7), "book")
-
-
-if __name__ == "__main__":
-    main()
+    fn, check = _step_case(variant)
+    check_then_time(fn, check=check)
