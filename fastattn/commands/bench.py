@@ -109,6 +109,9 @@ def ratio_table(report: dict) -> str:
         lines.append("")
     if peak:
         lines.append(f"sgemm peak of this machine in this run: {peak:.1f} GFLOP/s")
+    machine = report.get("machine_info", {}).get("fastattn_machine")
+    if machine:  # CPU model, instruction set, BLAS kernel (bench/conftest.py)
+        lines.append(f"measured on: {machine}")
     return "\n".join(lines).rstrip() + "\n"
 
 
