@@ -13,11 +13,11 @@ import re
 
 import numpy as np
 import pytest
-from fastattn.kernels import vectorized
 from helpers import assert_attention_close, assert_close
 
 import fastattn
 from fastattn import _backend, kernels
+from fastattn.kernels import vectorized
 
 BACKENDS = kernels.BACKENDS
 DTYPES = [np.float32, np.float64]

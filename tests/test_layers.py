@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fastattn.kernels import BACKENDS
 from gradcheck import check_layer_grads
 from helpers import assert_close, kernel_bounds, matmul_terms
 
+from fastattn.kernels import BACKENDS
 from fastattn.layers import (
     Affine,
     Embedding,

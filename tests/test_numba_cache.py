@@ -197,8 +197,9 @@ def test_the_session_compiles_into_a_folder_keyed_by_every_kernel_source():
     """tests/conftest.py points NUMBA_CACHE_DIR at <base>/<hash of kernels/*.py> before any
     kernel is imported: the kernels imported here cache there, under the key of their own
     sources."""
-    from fastattn.kernels import _flash
     from helpers import numba_cache
+
+    from fastattn.kernels import _flash
 
     cache = Path(os.environ["NUMBA_CACHE_DIR"])
     assert cache.name == numba_cache.source_key(Path(kernels.__file__).parent)

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from fastattn.kernels import BACKENDS
 from gradcheck import check_layer_grads
 from helpers import assert_close, assert_within_float32_error
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fastattn.kernels import BACKENDS
 from gradcheck import check_layer_grads
 from helpers import assert_close, assert_within_float32_error, attention_bounds
 
