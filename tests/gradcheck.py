@@ -5,7 +5,7 @@ Usage from any test module in ``tests/`` (pytest puts this directory on ``sys.pa
     from gradcheck import check_layer_grads
 
     layer = TimeAffine(W, b)                                   # float64 weights
-    check_layer_grads(layer, layer.forward, [x])               # params and dx
+    check_layer_grads(layer, layer.forward, [x], expect={"params", "inputs[0]"})
 
 The check takes the scalar loss ``L = sum(forward_fn(*inputs) * R)`` for a fixed random ``R``
 (seeded by ``dout_seed``; for a forward that already returns a scalar loss, ``R = 1``), runs
@@ -61,7 +61,7 @@ def _as_list(ret, n_inputs, float_positions):
 
 
 def check_layer_grads(layer, forward_fn, inputs, *, backward_fn=None, dout_seed=0, eps=1e-6,
-                      rtol=1e-5, atol=1e-7, max_per_array=None, no_grad=(), expect=None):
+                      rtol=1e-5, atol=1e-7, max_per_array=None, no_grad=(), expect):
     """Assert that ``layer``'s analytic gradients match float64 central differences.
 
     layer: has ``params`` and ``grads`` (float64 arrays).
@@ -75,7 +75,8 @@ def check_layer_grads(layer, forward_fn, inputs, *, backward_fn=None, dout_seed=
     no_grad: positions of float inputs that take no gradient (backward returns None for them);
         any other float input whose gradient is None fails the check, and so does a check
         that compares nothing. Every param and every other float input is checked.
-    expect: the names the check must cover ("params[k]", "inputs[i]"), when given.
+    expect: what the test says it checks: names "params[k]" and "inputs[i]", "params" for
+        every param; the check fails unless it compares exactly these.
     Tolerance, per element: ``|analytic - numeric| <= atol + rtol * |numeric|``.
 
     Returns {name: max abs error} for the arrays checked ("params[k]", "inputs[k]").
@@ -133,9 +134,12 @@ def check_layer_grads(layer, forward_fn, inputs, *, backward_fn=None, dout_seed=
         checks.append((f"inputs[{i}]", inputs[i], np.array(dinputs[i], dtype=np.float64)))
     if not checks:
         raise AssertionError("nothing to check: no params and no float input with a gradient")
-    if expect is not None and set(expect) != {name for name, _, _ in checks}:
+    named = set(expect) - {"params"}
+    if "params" in expect:
+        named |= {name for name, _, _ in checks if name.startswith("params[")}
+    if named != {name for name, _, _ in checks}:
         raise AssertionError(f"checked {sorted(name for name, _, _ in checks)}, "
-                             f"expected {sorted(expect)}")
+                             f"expected {sorted(named)}")
 
     errors = {}
     for name, x, analytic in checks:

@@ -190,6 +190,10 @@ def test_public_attention_across_thread_counts(threads, monkeypatch, dtype, shap
         threads(2)
         log.clear()
         two = _attention(q, k, v, dout, causal=causal)
-        assert log.fused[-1] == 2, f"the backward ran on {log.fused[-1]} thread(s)"
+        # the big shapes' backward shares key blocks out at the setting's own threshold; the
+        # forced ones share query blocks (the forward) or key shares (the backward, when the
+        # setting's tiles give more than one key block)
+        ran = log.fused[-1] if natural else max(log.fused)
+        assert ran == 2, f"fused calls ran on {log.fused} thread(s)"
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, two, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"{name}, causal={causal}")

@@ -68,7 +68,7 @@ class SelfAttention:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_key_layer_gradients(backend):
     layer = TimeKeyLayer(6, 4, 3, backend=backend, dtype=np.float64, seed=0)
-    check_layer_grads(layer, layer.forward, [ids(2, 5, 6)])
+    check_layer_grads(layer, layer.forward, [ids(2, 5, 6)], expect={"params"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,7 +76,7 @@ def test_key_layer_gradients(backend):
 def test_query_and_value_layer_gradients_for_ids(backend, cls):
     layer = cls(6, 3, backend=backend, dtype=np.float64, seed=0)
     xs = np.array([[0, 2, 2, 5], [2, 2, 1, 0]])  # repeated ids: the scatter-add must sum
-    check_layer_grads(layer, layer.forward, [xs])
+    check_layer_grads(layer, layer.forward, [xs], expect={"params"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -84,7 +84,7 @@ def test_query_and_value_layer_gradients_for_ids(backend, cls):
 def test_query_and_value_layer_gradients_for_float_input(backend, cls):
     layer = cls(5, 3, backend=backend, dtype=np.float64, seed=0)
     xs = np.random.default_rng(1).standard_normal((2, 4, 5))
-    errors = check_layer_grads(layer, layer.forward, [xs])
+    errors = check_layer_grads(layer, layer.forward, [xs], expect={"params", "inputs[0]"})
     assert "inputs[0]" in errors  # dxs was returned and checked
 
 
@@ -92,7 +92,7 @@ def test_query_and_value_layer_gradients_for_float_input(backend, cls):
 @pytest.mark.parametrize("d", [3, 5])  # d == T = 5: a transposed dkey would pass shape checks
 def test_compatibility_function_gradients(backend, d):
     layer = CompatibilityFunction(7, 4, d, backend=backend, dtype=np.float64, seed=0)
-    check_layer_grads(layer, layer.forward, [ids(2, 5, 7)])
+    check_layer_grads(layer, layer.forward, [ids(2, 5, 7)], expect={"params"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,7 +101,8 @@ def test_weighted_value_gradients_for_params_and_score(backend):
     xs = ids(2, 4, 6)
     score = np_softmax(np.random.default_rng(1).standard_normal((2, 4, 4)))
     errors = check_layer_grads(layer, layer.forward, [xs, score],
-                               backward_fn=lambda dZ: [None, layer.backward(dZ)[0]])
+                               backward_fn=lambda dZ: [None, layer.backward(dZ)[0]],
+                               expect={"params", "inputs[1]"})
     assert set(errors) == {"params[0]", "params[1]", "inputs[1]"}
 
 
@@ -120,7 +121,7 @@ def test_weighted_value_dvalue_is_score_transposed_times_dz(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_whole_self_attention_gradients(backend):
     layer = SelfAttention(7, 4, 3, backend=backend, dtype=np.float64)
-    check_layer_grads(layer, layer.forward, [ids(2, 5, 7)])
+    check_layer_grads(layer, layer.forward, [ids(2, 5, 7)], expect={"params"})
 
 
 # --------------------------------------------------------------------------- the seed's demo
@@ -189,7 +190,7 @@ def test_seed_demo_gradients_in_float64(date_questions, backend):
     if backend == "loop":
         xs = xs[:2, :12]
     layer = SelfAttention(V, 6, 4, backend=backend, dtype=np.float64)
-    check_layer_grads(layer, layer.forward, [xs], **kw)
+    check_layer_grads(layer, layer.forward, [xs], **kw, expect={"params"})
     assert layer.score.shape == xs.shape + (xs.shape[1],)
 
 

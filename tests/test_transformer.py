@@ -92,15 +92,16 @@ def ref_mha(layer, x_q, x_kv=None, mask=None, weights=False):
 def test_layernorm_gradients(backend):
     layer = LayerNorm(5, backend=backend, dtype=F64)
     perturb_params(layer)
-    check_layer_grads(layer, layer.forward, [rand((2, 3, 5))])
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 5))], expect={"params", "inputs[0]"})
 
 
 @pytest.mark.parametrize("kind", PositionalEncoding.KINDS)
 def test_positional_encoding_gradients(kind):
     layer = PositionalEncoding(6, 4, kind, dtype=F64, seed=0)
     perturb_params(layer)
-    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))])
-    check_layer_grads(layer, lambda x: layer.forward(x, offset=2), [rand((2, 3, 4))])
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))], expect={"params", "inputs[0]"})
+    check_layer_grads(layer, lambda x: layer.forward(x, offset=2), [rand((2, 3, 4))],
+                      expect={"params", "inputs[0]"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,7 +109,7 @@ def test_positional_encoding_gradients(kind):
 def test_self_attention_gradients(backend, causal):
     layer = MultiHeadAttention(4, 2, causal=causal, backend=backend, dtype=F64, seed=0)
     perturb_params(layer)
-    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))])
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))], expect={"params", "inputs[0]"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,7 +118,7 @@ def test_self_attention_with_mask_gradients(backend):
     perturb_params(layer)
     keep = np.array([[True, True, False], [True, False, True]])  # key padding (B, Tk)
     check_layer_grads(layer, lambda x: layer.forward(x, mask=keep[:, None, :]),
-                      [rand((2, 3, 4))])
+                      [rand((2, 3, 4))], expect={"params", "inputs[0]"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,28 +127,30 @@ def test_cross_attention_gradients(backend):
     perturb_params(layer)
     mask = rand((2, 2, 3), seed=5) > -0.5  # some entries masked
     check_layer_grads(layer, lambda xq, xkv: layer.forward(xq, xkv, mask=mask),
-                      [rand((2, 2, 4), seed=1), rand((2, 3, 4), seed=2)])
+                      [rand((2, 2, 4), seed=1), rand((2, 3, 4), seed=2)],
+                      expect={"params", "inputs[0]", "inputs[1]"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_feed_forward_gradients(backend):
     layer = FeedForward(4, 6, backend=backend, dtype=F64, seed=0)
     perturb_params(layer)
-    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))])
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))], expect={"params", "inputs[0]"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_encoder_block_gradients(backend):
     layer = EncoderBlock(4, 2, 6, backend=backend, dtype=F64, seed=0)
     perturb_params(layer, scale=0.2)
-    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))])
+    check_layer_grads(layer, layer.forward, [rand((2, 3, 4))], expect={"params", "inputs[0]"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decoder_block_gradients(backend):
     layer = DecoderBlock(4, 2, 6, backend=backend, dtype=F64, seed=0)
     perturb_params(layer, scale=0.2)
-    check_layer_grads(layer, layer.forward, [rand((2, 2, 4), seed=1), rand((2, 3, 4), seed=2)])
+    check_layer_grads(layer, layer.forward, [rand((2, 2, 4), seed=1), rand((2, 3, 4), seed=2)],
+                      expect={"params", "inputs[0]", "inputs[1]"})
 
 
 def tiny_model(backend=None, dtype=F64, seed=0, **kw):
@@ -169,7 +172,7 @@ def test_model_loss_gradients(backend):
     xs, ts = tiny_batch()
     check_layer_grads(model, model.forward, [xs, ts],
                       backward_fn=lambda dout: model.backward(dout),
-                      max_per_array=None if backend != "loop" else 12)
+                      max_per_array=None if backend != "loop" else 12, expect={"params"})
 
 
 def test_model_with_two_layers_loss_gradients():
@@ -177,7 +180,7 @@ def test_model_with_two_layers_loss_gradients():
     for p in model.params:
         p += 0.1 * np.random.default_rng(4).standard_normal(p.shape)
     xs, ts = tiny_batch(seed=1)
-    check_layer_grads(model, model.forward, [xs, ts], max_per_array=20)
+    check_layer_grads(model, model.forward, [xs, ts], max_per_array=20, expect={"params"})
 
 
 # --------------------------------------------------------------------------- forward values
