@@ -35,6 +35,10 @@ reference's largest value. Another summation order in float32 makes errors of th
 a sum of n terms taken one by one errs like sqrt(n) eps on average, a pairwise or blocked one
 like sqrt(log n) eps, and 16 covers that ratio for the sums of up to a few thousand terms that
 the tests run. A bug makes errors of the size of the result, 1 / (16 eps sqrt(n)) times more.
+For the many results of one computation (a loss and every gradient of a network),
+``assert_all_within_float32_error`` takes the reference's largest relative float32 error over
+all of them as the computation's error level: one array alone may understate it (a sum that the
+reference happens to take in float64 is exact to float32).
 """
 
 from __future__ import annotations
