@@ -4,7 +4,7 @@ sequences, masks, and their combinations.
 
 References: the loop backend (the source of truth), PyTorch's scaled_dot_product_attention
 where it has the feature (masks built here from DESIGN's formulas, independently of the
-kernels), and float64 central differences. Bounds: ``attention_cases.bounds``.
+kernels), and float64 central differences. Bounds: ``helpers.attention_bounds``.
 """
 
 from __future__ import annotations

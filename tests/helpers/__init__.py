@@ -176,7 +176,7 @@ def assert_all_close(got, want, bounds, names=None, err_msg=""):
     return worst
 
 
-ATTENTION_RESULTS = ("out", "lse", "dq", "dk", "dv")
+ATTENTION_RESULTS = ("out", "lse", "dq", "dk", "dv", "dbias")
 
 
 def public_attention_bounds(q, k, v, dout=None, **kw):
@@ -189,9 +189,12 @@ def public_attention_bounds(q, k, v, dout=None, **kw):
     scale = kw.get("scale")
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
 
+    kw64 = {key: (np.asarray(val, dtype=np.float64) if isinstance(val, np.ndarray)
+                  and val.dtype.kind == "f" else val) for key, val in kw.items()}
+
     def probs(**extra):
         def forward(q, k, v):
-            return fastattn.attention_forward(q, k, v, backend="loop", **{**kw, **extra})
+            return fastattn.attention_forward(q, k, v, backend="loop", **{**kw64, **extra})
         return attention_probs(forward, q, k)
 
     bias_abs = 0.0
@@ -203,7 +206,18 @@ def public_attention_bounds(q, k, v, dout=None, **kw):
         bias_abs += float(slopes) * (q.shape[-2] + np.shape(k)[-2])
     P = probs(dropout_p=0.0) if kw.get("dropout_p") else probs()
     P_drop = probs() if kw.get("dropout_p") else None
-    return attention_bounds(q, k, v, P, scale=scale, dout=dout, P_drop=P_drop, bias_abs=bias_abs)
+    bounds = attention_bounds(q, k, v, P, scale=scale, dout=dout, P_drop=P_drop,
+                              bias_abs=bias_abs)
+    if dout is not None and kw.get("bias") is not None:  # dS summed to the bias's shape
+        E, n_s = bounds["ds"]
+        shape = np.shape(kw["bias"])
+        lead = E.ndim - len(shape)
+        axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                          if n == 1 and E.shape[lead + i] != 1)
+        summed = int(np.prod([E.shape[a] for a in axes], dtype=np.int64))
+        terms = E.sum(axis=axes, keepdims=True).reshape(shape)
+        bounds["dbias"] = (terms, float(np.max(n_s, initial=1.0)) + summed)
+    return bounds
 
 
 def assert_attention_close(got, want, q, k, v, dout=None, *, bounds=None, err_msg="", **kw):
