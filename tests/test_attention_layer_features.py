@@ -34,13 +34,15 @@ def _x(rng, B=2, T=5, C=8):
 def test_layer_gradients_match_central_differences(kw, backend):
     layer = MultiHeadAttention(8, 4, backend=backend, dtype=np.float64, seed=0, **kw)
     layer._drop_rng = _FixedSeed()
-    check_layer_grads(layer, layer.forward, [_x(np.random.default_rng(1))])
+    check_layer_grads(layer, layer.forward, [_x(np.random.default_rng(1))],
+                      expect={"params", "inputs[0]"})
 
 
 def test_layer_cross_attention_gradients_with_grouped_heads():
     layer = MultiHeadAttention(8, 4, n_kv_heads=2, dtype=np.float64, seed=0)
     rng = np.random.default_rng(2)
-    check_layer_grads(layer, layer.forward, [_x(rng, T=3), _x(rng, T=6)])
+    check_layer_grads(layer, layer.forward, [_x(rng, T=3), _x(rng, T=6)],
+                      expect={"params", "inputs[0]", "inputs[1]"})
 
 
 def test_grouped_heads_equal_full_heads_with_shared_key_value_weights():
