@@ -25,7 +25,7 @@ DTYPES = (np.float32, np.float64)
 NUMERICS_FILES = ("test_kernel*.py", "test_*attention*.py", "test_*layer*.py",
                   "test_properties*.py", "test_transformer*.py", "test_determinism*.py",
                   "test_flash*.py", "test_numba_backend*.py", "test_functional*.py",
-                  "test_glue*.py")
+                  "test_glue*.py", "test_recurrent*.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -209,7 +209,8 @@ def test_time_layer_gradients_match_central_differences(kind, backend):
     def backward(dhs):
         return layer.backward(dhs), layer.dh
 
-    check_layer_grads(layer, forward, [xs, h0], backward_fn=backward, rtol=1e-6, atol=1e-8)
+    check_layer_grads(layer, forward, [xs, h0], backward_fn=backward, rtol=1e-6, atol=1e-8,
+                      expect={"params", "inputs[0]", "inputs[1]"})
 
 
 @pytest.mark.parametrize("kind", list(GATES))
@@ -221,9 +222,11 @@ def test_step_layer_gradients_match_central_differences(kind, backend):
     if kind == "lstm":
         check_layer_grads(layer, lambda x, h, c: np.concatenate(layer.forward(x, h, c), axis=1),
                           [x, h, c], backward_fn=lambda d: layer.backward(d[:, :H], d[:, H:]),
-                          rtol=1e-6, atol=1e-8)
+                          rtol=1e-6, atol=1e-8, expect={"params", "inputs[0]", "inputs[1]",
+                                                        "inputs[2]"})
     else:
-        check_layer_grads(layer, layer.forward, [x, h], rtol=1e-6, atol=1e-8)
+        check_layer_grads(layer, layer.forward, [x, h], rtol=1e-6, atol=1e-8,
+                          expect={"params", "inputs[0]", "inputs[1]"})
 
 
 def test_bilstm_gradients_match_central_differences(backend):
@@ -231,7 +234,8 @@ def test_bilstm_gradients_match_central_differences(backend):
     layer = rec.TimeBiLSTM(*_weights("lstm", D, H, seed=18), *_weights("lstm", D, H, seed=19),
                            backend=backend)
     xs = np.random.default_rng(20).standard_normal((N, T, D))
-    check_layer_grads(layer, layer.forward, [xs], rtol=1e-6, atol=1e-8)
+    check_layer_grads(layer, layer.forward, [xs], rtol=1e-6, atol=1e-8,
+                      expect={"params", "inputs[0]"})
 
 
 # --- paths, backends, views -----------------------------------------------------------------
