@@ -3,12 +3,14 @@
 The unfused kernels (``kernels/numba_backend.py``) decide in one function, ``_parallel(work,
 threshold, batch)``; the fused ones (``kernels/_flash.py``) hand their work units to
 ``_in_parallel(fn, n_units, flops, serial_flops, ...)``, which runs ``fn`` on one thread or
-several. ``record_paths`` wraps both: the decisions of the first, and the distinct threads that
-ran ``fn`` in the second. With ``force=True`` the work thresholds are set to 0 (the unfused
-kernels' constants, the tuning setting's ``serial_flops``), so that small test shapes take the
-parallel paths whenever there are two threads and something to share. (The glue kernels of
-``kernels/_glue_numba.py`` always run ``prange`` over rows or row chunks; ``glue_chunks`` says
-into how many chunks the column-summing ones split N rows.)
+several; the recurrent ones (``kernels/_recurrent_numba.py``) cut the batch into
+``_shares(N, H, width)`` row shares. ``record_paths`` wraps all three: the decisions of the
+first and the last (as "unfused": True when parallel), and the distinct threads that ran
+``fn`` in the second. With ``force=True`` the work thresholds are set to 0 (the unfused and
+recurrent kernels' constants, the tuning setting's ``serial_flops``), so that small test
+shapes take the parallel paths whenever there are two threads and something to share. (The
+glue kernels of ``kernels/_glue_numba.py`` always run ``prange`` over rows or row chunks;
+``glue_chunks`` says into how many chunks the column-summing ones split N rows.)
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ class PathLog:
 
 def record_paths(monkeypatch, force=False):
     """Start logging the paths the numba kernels take (undone with ``monkeypatch``)."""
-    from fastattn.kernels import _flash, _tuning, numba_backend
+    from fastattn.kernels import _flash, _recurrent_numba, _tuning, numba_backend
 
     log = PathLog()
     if force:
         for name in ("_PARALLEL_MIN_ELEMENTS", "_PARALLEL_MIN_MACS", "_PARALLEL_MIN_SCATTER"):
             monkeypatch.setattr(numba_backend, name, 0)
+        monkeypatch.setattr(_recurrent_numba, "_MIN_ROWS", 1)
+        monkeypatch.setattr(_recurrent_numba, "_PARALLEL_MIN_MACS", 0)
         monkeypatch.setitem(_tuning._state, "setting",
                             dataclasses.replace(_tuning.current()[0], serial_flops=0))
     decide = numba_backend._parallel
@@ -65,7 +69,15 @@ def record_paths(monkeypatch, force=False):
         run(traced, n_units, flops, serial_flops, *args)
         log.fused.append(len(idents))
 
+    shares = _recurrent_numba._shares
+
+    def recurrent_shares(N, H, width):
+        n = shares(N, H, width)
+        log.unfused.append(n > 1)
+        return n
+
     monkeypatch.setattr(numba_backend, "_parallel", parallel)
+    monkeypatch.setattr(_recurrent_numba, "_shares", recurrent_shares)
     monkeypatch.setattr(_flash, "_in_parallel", in_parallel)
     return log
 
