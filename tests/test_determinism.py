@@ -162,6 +162,11 @@ def test_numba_kernel_does_not_depend_on_the_thread_count(threads, monkeypatch, 
     if name in GLUE:  # prange over rows always; the column sums over row chunks
         assert not (log.unfused or log.fused)
         assert name not in CHUNKED or (glue_chunks(40 * B) >= 2) == (B > 1), name
+    elif name.split("_")[0] in ("rnn", "lstm", "gru"):
+        # serial at these shapes: the recurrent kernels cut rows into as many shares as there
+        # are threads, and OpenBLAS's AVX2 gemm rounds a share of rows differently from all
+        # of them, so forcing their parallel path makes results depend on the thread count
+        assert log.unfused == [False], log.unfused
     else:
         # every kernel shares B = 5 entries out; with B = 1 the fused forward shares query
         # blocks and the scatter-add token ids, while the others have nothing to share at

@@ -6,8 +6,9 @@ threshold, batch)``; the fused ones (``kernels/_flash.py``) hand their work unit
 several; the recurrent ones (``kernels/_recurrent_numba.py``) cut the batch into
 ``_shares(N, H, width)`` row shares. ``record_paths`` wraps all three: the decisions of the
 first and the last (as "unfused": True when parallel), and the distinct threads that ran
-``fn`` in the second. With ``force=True`` the work thresholds are set to 0 (the unfused and
-recurrent kernels' constants, the tuning setting's ``serial_flops``), so that small test
+``fn`` in the second. With ``force=True`` the work thresholds are set to 0 (the unfused
+kernels' constants, the tuning setting's ``serial_flops``; not the recurrent kernels', whose
+row shares follow the thread count), so that small test
 shapes take the parallel paths whenever there are two threads and something to share. (The
 glue kernels of ``kernels/_glue_numba.py`` always run ``prange`` over rows or row chunks;
 ``glue_chunks`` says into how many chunks the column-summing ones split N rows.)
@@ -45,8 +46,6 @@ def record_paths(monkeypatch, force=False):
     if force:
         for name in ("_PARALLEL_MIN_ELEMENTS", "_PARALLEL_MIN_MACS", "_PARALLEL_MIN_SCATTER"):
             monkeypatch.setattr(numba_backend, name, 0)
-        monkeypatch.setattr(_recurrent_numba, "_MIN_ROWS", 1)
-        monkeypatch.setattr(_recurrent_numba, "_PARALLEL_MIN_MACS", 0)
         monkeypatch.setitem(_tuning._state, "setting",
                             dataclasses.replace(_tuning.current()[0], serial_flops=0))
     decide = numba_backend._parallel
