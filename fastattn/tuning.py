@@ -22,7 +22,7 @@ PLAIN_SHAPES = ((64, 128), (8, 512), (2, 2048))
 CAUSAL_SHAPES = ((64, 128), (8, 512))
 PLAIN_BLOCKS = ((64, 64), (128, 64), (64, 128), (128, 128), (256, 128), (128, 256), (256, 256))
 CAUSAL_BLOCKS = (32, 64, 128)
-NEVER = 1 << 30  # kt_rows that never transposes
+NEVER = _tuning.NEVER  # kt_rows that never transposes
 
 
 def _time_step(shape, causal, setting, reps, rng):
@@ -40,11 +40,17 @@ def _time_step(shape, causal, setting, reps, rng):
 
 
 def _score(candidates, shapes, causal, base, deadline, reps, rng, measured, label):
-    """The candidate with the lowest geometric mean of time / base time over ``shapes``."""
-    base_t = {s: _time_step(s, causal, base, reps, rng) for s in shapes}
+    """The candidate with the lowest geometric mean of time / base time over ``shapes``. Each
+    candidate is timed in turns with the base at every shape, so that a drift of the machine's
+    speed (clock, other load) moves both sides of a ratio alike."""
     best, best_score = base, 1.0
     for cand in candidates:  # at least one, then as many as the budget allows
-        logs = [math.log(_time_step(s, causal, cand, reps, rng) / base_t[s]) for s in shapes]
+        logs = []
+        for s in shapes:
+            t_base = _time_step(s, causal, base, reps, rng)
+            t_cand = _time_step(s, causal, cand, reps, rng)
+            t_base = min(t_base, _time_step(s, causal, base, reps, rng))
+            logs.append(math.log(t_cand / t_base))
         score = math.exp(sum(logs) / len(logs))
         measured[f"{label} {_describe(cand, causal)}"] = round(score, 4)
         if score < best_score:

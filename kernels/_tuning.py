@@ -61,17 +61,21 @@ class Setting:
         return self
 
 
-#: Defaults per instruction set. AVX-512: measured on a 2-core AMD EPYC (Zen 4, OpenBLAS
-#: SkylakeX kernels). AVX2: measured on the same machine with NUMBA_CPU_NAME=haswell and
-#: OPENBLAS_CORETYPE=Haswell (the AVX2 code paths of Numba and OpenBLAS), where 64-row tiles
-#: run OpenBLAS's slower small-product path.
+#: Never transpose the key and value tiles (a ``kt_rows`` no tile reaches).
+NEVER = 1 << 30
+
+#: Defaults per instruction set, from ``fastattn tune`` on a 2-core AMD EPYC (Zen 4): natively
+#: (AVX-512, OpenBLAS SkylakeX kernels) no candidate beat 128x64 tiles with transposed key
+#: tiles; with NUMBA_CPU_NAME=haswell and OPENBLAS_CORETYPE=Haswell (the AVX2 code paths of
+#: Numba and OpenBLAS, whose small products are slower) 256x128 tiles without the transposes
+#: took 0.93 of the time of 128x128 ones, and causal 64/128 tiles 0.92 of 32/64 ones.
 DEFAULTS = {
     "avx512": Setting(block_q=128, block_k=64, causal_block_small=32, causal_block=64,
                       kt_rows=64, serial_flops=4_000_000, min_units=8),
-    "avx2": Setting(block_q=128, block_k=128, causal_block_small=32, causal_block=64,
-                    kt_rows=64, serial_flops=4_000_000, min_units=8),
-    "other": Setting(block_q=64, block_k=64, causal_block_small=32, causal_block=64,
-                     kt_rows=64, serial_flops=4_000_000, min_units=8),
+    "avx2": Setting(block_q=256, block_k=128, causal_block_small=64, causal_block=128,
+                    kt_rows=NEVER, serial_flops=4_000_000, min_units=8),
+    "other": Setting(block_q=128, block_k=128, causal_block_small=64, causal_block=128,
+                     kt_rows=NEVER, serial_flops=4_000_000, min_units=8),
 }
 
 _AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake",

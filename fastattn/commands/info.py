@@ -179,6 +179,12 @@ def format_facts(facts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kt(rows):
+    from fastattn.kernels._tuning import NEVER
+
+    return "no transposed tiles" if rows >= NEVER else f"transposed tiles from {rows} rows"
+
+
 def _tuning_rows(t):
     if "setting" not in t:
         return [("tuning", t["source"])]
@@ -189,7 +195,7 @@ def _tuning_rows(t):
         ("tuning", t["source"]),
         ("fused attention blocks",
          f"{st['block_q']}x{st['block_k']}, causal {st['causal_block_small']} (T <= 256) / "
-         f"{st['causal_block']}, transposed tiles from {st['kt_rows']} rows"),
+         f"{st['causal_block']}, {_kt(st['kt_rows'])}"),
     ]
 
 

@@ -29,6 +29,7 @@ def _positive(text):
 
 def run(args) -> int:
     from fastattn import tuning
+    from fastattn.commands import info
 
     result = tuning.tune(args.seconds, write=not args.dry_run)
     if args.json:
@@ -44,7 +45,7 @@ def run(args) -> int:
     for name, ratio in result["measured"].items():
         print(f"  {name:<28}{ratio:.3f}")
     st = result["setting"]
-    print(f"chosen: blocks {st['block_q']}x{st['block_k']}, transposed tiles from "
-          f"{st['kt_rows']} rows, causal {st['causal_block_small']}/{st['causal_block']}")
+    print(f"chosen: blocks {st['block_q']}x{st['block_k']}, {info._kt(st['kt_rows'])}, "
+          f"causal {st['causal_block_small']}/{st['causal_block']}")
     print(f"stored in {result['file']}" if result["file"] else "not stored (--dry-run)")
     return 0
