@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import kernels
-from fastattn import _backend
+from fastattn import _backend, kernels
 
 VALID = r"valid backends are: 'loop', 'vectorized', 'numba'"
 
