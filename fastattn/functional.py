@@ -44,10 +44,10 @@ def _rows_with_keys(mask, causal: bool, Tq: int):
     return mask.any(axis=-1) & (first <= np.arange(Tq))  # (Bm, Tq): it exists and j <= i
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, finite_kv=True):
     q = _checks.float_array(q, "q", ndim_min=2)
-    k = _checks.float_array(k, "k", ndim_min=2)
-    v = _checks.float_array(v, "v", ndim_min=2)
+    k = _checks.float_array(k, "k", ndim_min=2, finite=finite_kv)
+    v = _checks.float_array(v, "v", ndim_min=2, finite=finite_kv)
     dtype = _checks.same_dtype({"q": q, "k": k, "v": v})
     args.check_heads(q, k, v)  # axis -3 may hold fewer key/value heads than query heads
     Tq, d = q.shape[-2:]
@@ -96,9 +96,10 @@ class _Call:
 
 
 def _prepare(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, seed,
-             cu_seqlens_q, cu_seqlens_k, scale) -> _Call:
-    """Check everything and convert it to the kernels' form."""
-    q, k, v, dtype = _check_qkv(q, k, v)
+             cu_seqlens_q, cu_seqlens_k, scale, finite_kv=True) -> _Call:
+    """Check everything and convert it to the kernels' form; ``finite_kv=False`` leaves
+    the NaN/inf scan of k and v to the caller (:func:`_scan_kv`)."""
+    q, k, v, dtype = _check_qkv(q, k, v, finite_kv)
     lead, (Tq, d), Tk = q.shape[:-2], q.shape[-2:], k.shape[-2]
     s = args.scale_of(scale, d)
     causal = args.check_causal(causal)
@@ -123,6 +124,25 @@ def _prepare(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, seed,
         features.update(bias=bias.array, bias_map=bias.bias_map)
     return _Call(q, k, v, dtype, s, True if causal == "top_left" else causal, mask, bias,
                  features)
+
+
+def _scan_kv(call: _Call) -> None:
+    """ValueError naming k or v when it holds NaN or inf."""
+    for name, x in (("k", call.k), ("v", call.v)):
+        if x.size and not _checks.all_finite(x):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def _kernel_scans_kv(call: _Call, backend) -> bool:
+    """True when the forward kernel itself tells NaN/inf in k and v (NaN results), so the
+    separate scan, a full extra pass over K and V, is needed only when the results are not
+    finite: the numba decode path, which reads every key and value (see
+    kernels._flash_features.scans_kv)."""
+    if _backend.resolve(backend) != "numba" or call.mask is not None:
+        return False
+    from fastattn.kernels import _flash_features  # numba: only for this backend
+
+    return _flash_features.scans_kv(_flat3(call.q), _flat3(call.k), call.causal, call.features)
 
 
 def _empty_rows_are_real(call: _Call, empty) -> bool:
@@ -167,14 +187,19 @@ def attention_forward(q, k, v, *, mask=None, bias=None, causal=False, window=Non
     overflow the dtype. An empty batch (a leading dimension of 0) gives empty results.
     """
     call = _prepare(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, seed,
-                    cu_seqlens_q, cu_seqlens_k, scale)
+                    cu_seqlens_q, cu_seqlens_k, scale, finite_kv=False)
     lead, Tq, dv, dtype = call.lead, call.q.shape[-2], call.v.shape[-1], call.dtype
     fn = _backend.kernel("attention_forward", backend)
     if call.B == 0 or call.k.size == 0:
         return np.zeros(lead + (Tq, dv), dtype), np.full(lead + (Tq,), -np.inf, dtype)
+    scanned = not _kernel_scans_kv(call, backend)
+    if scanned:
+        _scan_kv(call)
     out, lse = _run_kernel(fn, "attention_forward", dtype, *call.kernel_args(),
                            **call.features)
     if not _checks.all_finite(out) or np.isnan(lse).any() or np.isposinf(lse).any():
+        if not scanned:
+            _scan_kv(call)
         raise _overflow("attention_forward", dtype)
     empty = np.isneginf(lse)  # (B, Tq): rows the kernel found nothing to attend to
     if empty.any() and not _empty_rows_are_real(call, empty):

@@ -62,6 +62,7 @@ from ._flash_tiles import (
     _add_dbias,
     _dscores,
     _features_tile,
+    _finite,
     _keep_factors,
     _key_range,
     _online_softmax,
@@ -116,6 +117,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
         m[:] = ninf
         lsum[:] = zero
         ob[:, :] = zero
+        bad = False
         for j0 in range(jstart, jend, bk):
             j1 = min(j0 + bk, jend)
             nk = j1 - j0
@@ -123,6 +125,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
             s = sbuf[: nq * nk].reshape((nq, nk))
             if nq <= _LOOP_ROWS:
                 _scores_loop(qb, k[bkv, j0:j1], s, scale)
+                bad |= not _finite(sbuf[: nq * nk])
             elif cfg[_USE_KT]:
                 _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef)
             else:
@@ -145,6 +148,9 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
                 lse[share, b, i0 + r] = m[r] + np.log(lsum[r])
             else:
                 lse[share, b, i0 + r] = ninf  # nothing to attend to: out stays 0
+        if bad:  # a score from non-finite q or k (or overflow): NaN results tell the caller
+            ob[:, :] = np.nan
+            lse[share, b, i0:i1] = np.nan
 
 
 @njit_cached(nogil=True, fastmath=_FM)
@@ -388,6 +394,18 @@ def _plain(q, k, causal, features) -> bool:
     one query entry per key/value entry, and not a decode shape (few rows, many keys)."""
     return (not features and k.shape[0] == q.shape[0] and causal in (False, True)
             and not (q.shape[1] <= _LOOP_ROWS and k.shape[1] >= 512))
+
+
+def scans_kv(q, k, causal, features) -> bool:
+    """True when attention_forward(q, k, v, scale, causal, None, **features) gives NaN
+    results (out and lse) for NaN or inf anywhere in k or v: the loop path (few query rows)
+    with no feature that skips keys, and a causal band that reaches every key. A non-finite
+    key makes a score non-finite, which the kernel reports; a non-finite value reaches out
+    through P V (0 * inf is NaN)."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    reaches_all = causal in (False, "bottom_right") or Tq >= Tk
+    return (not features and Tq <= _LOOP_ROWS and reaches_all
+            and not _plain(q, k, causal, features))
 
 
 def attention_forward(q, k, v, scale, causal, mask, **features):

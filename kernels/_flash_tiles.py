@@ -111,6 +111,16 @@ def _scores_loop(qb, kb, s, scale):
 
 
 @njit_cached(fastmath=_FM)
+def _finite(x):
+    """True when the flat x holds no NaN or inf (a NaN compares false)."""
+    big = x.dtype.type(np.inf)
+    ok = True
+    for i in range(x.shape[0]):
+        ok &= abs(x[i]) < big
+    return ok
+
+
+@njit_cached(fastmath=_FM)
 def _pv_loop(s, vb, ob):
     """ob += s vb by loops over the keys."""
     for c in range(s.shape[1]):

@@ -97,3 +97,25 @@ def test_grouped_query_attention_needs_far_less_than_expanded_keys_and_values():
     results = out.nbytes + lse.nbytes + sum(g.nbytes for g in grads)
     expanded = 2 * 32 * 128 * 16 * 4  # K and V with one copy per query head, float32
     assert peak - results - tiles < expanded / 4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name, value", [("k", np.nan), ("k", np.inf), ("k", -np.inf),
+                                         ("v", np.nan), ("v", np.inf), ("v", -np.inf)])
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_decode_finds_nan_and_inf_in_k_and_v_without_a_separate_scan(dtype, name, value,
+                                                                     causal):
+    """The decode path checks k and v on the kernel's way (no extra pass over them): a
+    non-finite entry anywhere still raises the ValueError naming its argument, whichever the
+    sign of the score it makes (q of both signs: -inf scores would look like masked keys)."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 2, 1, 8)).astype(dtype)
+    q[0, 0, 0, 3], q[0, 1, 0, 3] = 1.0, -1.0  # the scores of k[..., 3] = inf: +inf and -inf
+    k, v = (rng.standard_normal((1, 2, 1024, 8)).astype(dtype) for _ in range(2))
+    qf, kf = q.reshape(2, 1, 8), k.reshape(2, 1024, 8)
+    assert ff.scans_kv(qf, kf, causal, {})  # the path tested
+    for h, j in [(0, 0), (1, 700), (0, 1023)]:
+        kk, vv = k.copy(), v.copy()
+        (kk if name == "k" else vv)[0, h, j, 3] = value
+        with pytest.raises(ValueError, match=f"^{name} contains NaN or inf"):
+            fastattn.attention_forward(q, kk, vv, causal=causal, backend="numba")
