@@ -122,8 +122,17 @@ def _finite(x):
 
 @njit_cached(fastmath=_FM)
 def _pv_loop(s, vb, ob):
-    """ob += s vb by loops over the keys."""
-    for c in range(s.shape[1]):
+    """ob += s vb by loops over the keys, four keys per pass over an output row (ob may
+    alias vb for all the compiler knows, so each pass loads and stores the row)."""
+    nk = s.shape[1]
+    n4 = nk - nk % 4
+    for c in range(0, n4, 4):
+        for r in range(s.shape[0]):
+            f0, f1, f2, f3 = s[r, c], s[r, c + 1], s[r, c + 2], s[r, c + 3]
+            for p in range(vb.shape[1]):
+                ob[r, p] += ((f0 * vb[c, p] + f1 * vb[c + 1, p])
+                             + (f2 * vb[c + 2, p] + f3 * vb[c + 3, p]))
+    for c in range(n4, nk):
         for r in range(s.shape[0]):
             f = s[r, c]
             for p in range(vb.shape[1]):
