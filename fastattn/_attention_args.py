@@ -138,7 +138,7 @@ def check_bias(bias, lead: tuple, Tq: int, Tk: int, dtype) -> Bias:
     bias = _checks.float_array(bias, "bias", ndim_min=0, finite=False)
     if bias.dtype != dtype:
         raise TypeError(f"bias must have q's dtype {np.dtype(dtype).name}, got {bias.dtype}")
-    if np.isnan(bias).any() or np.isposinf(bias).any():
+    if bias.size and not bias.max() < np.inf:  # one pass: the max is NaN or +inf if any is
         raise ValueError("bias contains NaN or +inf (-inf is allowed: it masks)")
     shape = lead + (Tq, Tk)
     try:

@@ -62,6 +62,19 @@ def _times(s, z):
 
 
 @njit_cached(fastmath=_FM)
+def _add_bias(s, bb, i0, j0):
+    """s += the bias rows bb (Tq or 1, Tk) i0.., keys j0... Indexed from 0 by the loop
+    counter (brow[j0 + c] with j0 unknown to the compiler could be negative, and that
+    loop does not vectorise: 7x slower)."""
+    nq, nk = s.shape
+    for r in range(nq):
+        brow = bb[min(i0 + r, bb.shape[0] - 1), j0:j0 + nk]
+        row = s[r]
+        for c in range(nk):
+            row[c] += brow[c]
+
+
+@njit_cached(fastmath=_FM)
 def _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alibi):
     """Add bias and ALiBi to the scaled score tile s (rows i0.., keys j0.., of the sequence
     starting at qs, ks with lengths Lq, Lk) and set the entries outside the band or the mask
@@ -71,15 +84,12 @@ def _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alib
     ninf = dt(-np.inf)
     off = Lk - Lq if cfg[_BOTTOM_RIGHT] else 0
     lj0 = j0 - ks
+    if cfg[_HAS_BIAS]:
+        _add_bias(s, bias[bias_map[b]], i0, j0)
     for r in range(nq):
         i = i0 + r
         li = i - qs
         row = s[r]
-        if cfg[_HAS_BIAS]:
-            bb = bias[bias_map[b]]
-            brow = bb[min(i, bb.shape[0] - 1)]
-            for c in range(nk):
-                row[c] += brow[j0 + c]
         if cfg[_HAS_ALIBI]:
             slope = alibi[b]
             base = li + Lk - Lq - lj0
@@ -93,9 +103,9 @@ def _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alib
             row[c] = ninf
         if cfg[_HAS_MASK]:
             mb = mask[min(b, mask.shape[0] - 1)]
-            mrow = mb[min(i, mb.shape[0] - 1)]
+            mrow = mb[min(i, mb.shape[0] - 1), j0:j0 + nk]
             for c in range(nk):
-                if not mrow[j0 + c]:
+                if not mrow[c]:
                     row[c] = ninf
 
 
@@ -220,6 +230,6 @@ def _add_dbias(ds, dbb, i0, j0):
     """dbias rows (Tq or 1, Tk) of one query entry += the dS tile (summed over rows for 1)."""
     nq, nk = ds.shape
     for r in range(nq):
-        drow = dbb[min(i0 + r, dbb.shape[0] - 1)]
+        drow = dbb[min(i0 + r, dbb.shape[0] - 1), j0:j0 + nk]  # from 0: it vectorises
         for c in range(nk):
-            drow[j0 + c] += ds[r, c]
+            drow[c] += ds[r, c]
