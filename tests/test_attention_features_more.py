@@ -139,6 +139,8 @@ BAD = [
     (dict(bias=np.zeros((4, 5, 6), np.float32)), TypeError, "bias must have q's dtype"),
     (dict(bias=np.full((5, 6), np.nan)), ValueError, "bias contains NaN"),
     (dict(bias=np.full((5, 6), np.inf)), ValueError, r"\+inf"),
+    (dict(bias=np.where(np.arange(30).reshape(5, 6) == 17, np.nan, -np.inf)), ValueError,
+     "bias contains NaN"),  # one NaN among -inf (which is allowed)
     (dict(bias=np.zeros((5, 6), int)), TypeError, "bias must have dtype float"),
     (dict(dropout_p=1.0, seed=0), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=-0.1, seed=0), ValueError, r"dropout_p must be in \[0, 1\)"),
