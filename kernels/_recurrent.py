@@ -9,7 +9,10 @@ at once.
 
 The functions below take the recurrence (``scan``/``scan_back``) of a backend: NumPy
 (``kernels.recurrent_vectorized``) or Numba (``kernels._recurrent_numba``). Their signatures
-and results are those of ``kernels.recurrent_loop``.
+and results are those of ``kernels.recurrent_loop``. A forward scan finds ``xs Wx + b`` in the
+array it fills (``gates``; the RNN's ``hs``) and overwrites it step by step: no separate
+(N, T, kH) array of input products. The scans take Wh as it is (products with ``Wh^T`` use
+transposed views).
 """
 
 from __future__ import annotations
@@ -49,15 +52,15 @@ def input_grads(dA, xs, Wx):
 
 
 def _rnn_forward(xs, Wx, Wh, b, h0, scan):
-    hs = np.empty(xs.shape[:2] + (Wh.shape[0],), xs.dtype)  # (N, T, H)
-    scan(input_product(xs, Wx, b), Wh, h0, hs)
+    hs = input_product(xs, Wx, b)  # (N, T, H): the scan turns it into the states in place
+    scan(Wh, h0, hs)
     return hs
 
 
 def _rnn_backward(dhs, xs, Wx, Wh, h0, hs, scan_back):
     dA = np.empty_like(hs)  # (N, T, H)
     dh0 = np.empty_like(h0)
-    scan_back(dhs, np.ascontiguousarray(Wh.T), hs, dA, dh0)
+    scan_back(dhs, Wh, hs, dA, dh0)
     dxs, dWx, db = input_grads(dA, xs, Wx)
     H = Wh.shape[0]
     dWh = previous_states(h0, hs).reshape(-1, H).T @ dA.reshape(-1, H)  # (H, H)
@@ -69,8 +72,8 @@ def _lstm_forward(xs, Wx, Wh, b, h0, c0, scan):
     H = Wh.shape[0]
     hs = np.empty((N, T, H), xs.dtype)
     cs = np.empty((N, T, H), xs.dtype)
-    gates = np.empty((N, T, 4 * H), xs.dtype)
-    scan(input_product(xs, Wx, b), Wh, h0, c0, hs, cs, gates)
+    gates = input_product(xs, Wx, b)  # (N, T, 4H): the scan turns it into the gates in place
+    scan(Wh, h0, c0, hs, cs, gates)
     return hs, cs, gates
 
 
@@ -78,7 +81,7 @@ def _lstm_backward(dhs, dc, xs, Wx, Wh, h0, c0, hs, cs, gates, scan_back):
     dA = np.empty_like(gates)  # (N, T, 4H)
     dh0 = np.empty_like(h0)
     dc0 = np.array(dc, copy=True)  # the scan turns the last cell's gradient into the first's
-    scan_back(dhs, np.ascontiguousarray(Wh.T), c0, cs, gates, dA, dh0, dc0)
+    scan_back(dhs, Wh, c0, cs, gates, dA, dh0, dc0)
     dxs, dWx, db = input_grads(dA, xs, Wx)
     H = Wh.shape[0]
     dWh = previous_states(h0, hs).reshape(-1, H).T @ dA.reshape(-1, 4 * H)  # (H, 4H)
@@ -87,12 +90,9 @@ def _lstm_backward(dhs, dc, xs, Wx, Wh, h0, c0, hs, cs, gates, scan_back):
 
 def _gru_forward(xs, Wx, Wh, b, h0, scan):
     N, T, _ = xs.shape
-    H = Wh.shape[0]
-    hs = np.empty((N, T, H), xs.dtype)
-    gates = np.empty((N, T, 3 * H), xs.dtype)
-    Whzr = np.ascontiguousarray(Wh[:, :2 * H])  # (H, 2H)
-    Whh = np.ascontiguousarray(Wh[:, 2 * H:])  # (H, H)
-    scan(input_product(xs, Wx, b), Whzr, Whh, h0, hs, gates)
+    hs = np.empty((N, T, Wh.shape[0]), xs.dtype)
+    gates = input_product(xs, Wx, b)  # (N, T, 3H): the scan turns it into the gates in place
+    scan(Wh, h0, hs, gates)
     return hs, gates
 
 
@@ -100,9 +100,7 @@ def _gru_backward(dhs, xs, Wx, Wh, h0, hs, gates, scan_back):
     H = Wh.shape[0]
     dA = np.empty_like(gates)  # (N, T, 3H)
     dh0 = np.empty_like(h0)
-    WhzrT = np.ascontiguousarray(Wh[:, :2 * H].T)  # (2H, H)
-    WhhT = np.ascontiguousarray(Wh[:, 2 * H:].T)  # (H, H)
-    scan_back(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0)
+    scan_back(dhs, Wh, h0, hs, gates, dA, dh0)
     dxs, dWx, db = input_grads(dA, xs, Wx)
     h_prev = previous_states(h0, hs)  # (N, T, H)
     dWh = np.empty_like(Wh)

@@ -6,25 +6,31 @@ pre-activation gradients) are NumPy products in ``kernels._recurrent``.
 
 How the recurrence runs:
 
-* Each step's ``h Wh`` (the GRU: ``h [Whz Whr]`` and ``(r h) Whh``; the backward: products with
-  ``Wh^T``) is a BLAS product through ``np.dot`` inside the kernel; the gates around it are
-  fused loops over (row, unit), with sigmoid and tanh written on
-  :func:`kernels._numba_math.vexp` so that LLVM vectorises them.
-* Rows of the batch never interact, so the batch is cut into contiguous shares of rows, one
-  per thread (Numba's thread count: the calling thread and a kept pool of Python threads; the
-  kernels release the GIL), and each thread runs the whole time loop of its rows: no barrier
-  per time step. BLAS is held at one thread meanwhile. Small work (few rows, small H) runs on
-  the calling thread, where BLAS keeps its own threads (they share the gate products of a
-  large H).
-* Without SciPy (Numba's ``np.dot`` needs its BLAS), or with an empty dimension, the NumPy
-  recurrences of ``kernels.recurrent_vectorized`` run instead.
+* The forward finds ``xs Wx + b`` in its output array (``gates``; the RNN: ``hs``) and works
+  in place: each step's ``h Wh`` (the GRU: ``h [Whz Whr]`` and ``(r h) Whh``) is added to
+  that step's rows by one BLAS gemm (``beta = 1``, :func:`kernels._blas.gemm`, which takes
+  the rows where they are: no copies of h, of the step's rows or of slices of Wh), and one
+  fused loop per row then applies the gates over contiguous units, with sigmoid and tanh
+  written on :func:`kernels._numba_math.vexp` so that LLVM vectorises them. The backward
+  writes each step's pre-activation gradients straight into ``dA`` and multiplies those rows
+  by ``Wh^T`` (BLAS's transpose flag: no transposed copy of Wh).
+* Rows of the batch never interact, so the batch is cut into row shares of at least
+  ``_ROWS`` rows, by the shapes only (:func:`_shares`), and each share runs the whole time
+  loop of its rows: no barrier per time step. Threads (Numba's thread count: the calling
+  thread and a kept pool of Python threads; the kernels release the GIL) take shares from a
+  counter, one thread runs them one after another, and BLAS is held at one thread meanwhile.
+  A single share runs on the calling thread, where BLAS keeps its own threads.
+* Without SciPy (Numba's BLAS), or with an empty dimension, the NumPy recurrences of
+  ``kernels.recurrent_vectorized`` run instead.
 
-Each row's result does not depend on the share it falls in except through BLAS's summation
-order, which may differ with the number of rows in a product.
+A row's result depends on the share it falls in (BLAS may round a product of fewer rows
+differently), and the shares depend on the shapes only, so results do not depend on the
+thread count.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +39,7 @@ from numba import get_num_threads
 
 from . import _blas, _recurrent
 from . import recurrent_vectorized as _numpy
+from ._blas import gemm
 from ._numba_math import FASTMATH, njit_cached, vexp
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward",
@@ -40,14 +47,15 @@ __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_
 
 _JIT = {"fastmath": set(FASTMATH), "nogil": True, "error_model": "numpy"}  # no division checks
 
-#: Rows per thread at least, and the per-step work (N * H * kH multiply-adds) below which the
-#: recurrence runs on the calling thread.
-_MIN_ROWS = 4
+#: Rows per share at least (a per-step gemm of fewer rows on one BLAS thread runs slower than
+#: one of all rows on BLAS's threads), and the per-step work (N * H * kH multiply-adds) below
+#: which the recurrence runs in one share.
+_ROWS = 64
 _PARALLEL_MIN_MACS = 1 << 18
 
 #: How the last recurrence ran: the number of row shares (1: on the calling thread, 0: the
-#: NumPy fallback). Tests read it to prove a path ran.
-stats = {"shares": 0}
+#: NumPy fallback) and of threads that ran them. Tests read it to prove a path ran.
+stats = {"shares": 0, "threads": 0}
 
 
 @njit_cached(**_JIT)
@@ -65,37 +73,37 @@ def _tanh(x, one):
 
 
 # ---- RNN ------------------------------------------------------------------------------------
-# Each kernel handles rows n0 <= n < n1. Per step and row, the loops run over contiguous 1-D
-# views (a row of the step's product, of xw[n, t], of the outputs), which LLVM vectorises.
+# Each kernel handles rows n0 <= n < n1. A step's rows of an (N, T, .) array, x[n0:n1, t],
+# are a 2-D view whose rows are contiguous (T * width apart): BLAS takes it as it is. The loops
+# over units index rows of the C-contiguous arrays themselves (x[n, t], not x[n0:n1, t][r],
+# whose stride Numba does not know: LLVM then does not vectorise, 7x slower gates).
 
 
 @njit_cached(**_JIT)
-def _rnn_rows(xw, Wh, h0, hs, one, n0, n1):
-    """hs[n, t] = tanh(xw[n, t] + hs[n, t-1] Wh)."""
-    h = h0[n0:n1].copy()  # (R, H)
-    for t in range(xw.shape[1]):
-        A = np.dot(h, Wh)  # (R, H)
-        for r in range(n1 - n0):
-            a, x, hr, out = A[r], xw[n0 + r, t], h[r], hs[n0 + r, t]
-            for j in range(hr.size):
-                v = _tanh(a[j] + x[j], one)
-                hr[j] = v
-                out[j] = v
+def _rnn_rows(Wh, h0, hs, one, n0, n1):
+    """hs[n, t]: xs Wx + b on entry, tanh(that + hs[n, t-1] Wh) on exit."""
+    coef = np.empty(2, hs.dtype)
+    for t in range(hs.shape[1]):
+        h = h0[n0:n1] if t == 0 else hs[n0:n1, t - 1]
+        A = hs[n0:n1, t]
+        gemm(False, False, h, Wh, A, one, one, coef)  # A += h Wh
+        for n in range(n0, n1):
+            a = hs[n, t]  # a row of a C-contiguous array: LLVM knows its stride
+            for j in range(a.size):
+                a[j] = _tanh(a[j], one)
 
 
 @njit_cached(**_JIT)
-def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
+def _rnn_back_rows(dhs, Wh, hs, dA, dh0, one, n0, n1):
     """dA[n, t] = (dhs[n, t] + dh) (1 - hs[n, t]^2), dh = dA[n, t] Wh^T, backwards in t."""
-    dh = np.zeros((n1 - n0, WhT.shape[0]), dhs.dtype)  # (R, H)
-    dt = np.empty_like(dh)  # the step's dA rows, contiguous for the product
+    coef = np.empty(2, dhs.dtype)
+    dh = np.zeros((n1 - n0, Wh.shape[0]), dhs.dtype)  # (R, H)
     for t in range(dhs.shape[1] - 1, -1, -1):
         for r in range(n1 - n0):
-            n = n0 + r
-            d, hr, dr, dtr = dhs[n, t], hs[n, t], dh[r], dt[r]
+            d, hr, dr, out = dhs[n0 + r, t], hs[n0 + r, t], dh[r], dA[n0 + r, t]
             for j in range(d.size):
-                dtr[j] = (d[j] + dr[j]) * (one - hr[j] * hr[j])
-            dA[n, t] = dtr
-        dh = np.dot(dt, WhT)  # (R, H)
+                out[j] = (d[j] + dr[j]) * (one - hr[j] * hr[j])
+        gemm(False, True, dA[n0:n1, t], Wh, dh, one, one - one, coef)  # dh = dA_t Wh^T
     dh0[n0:n1] = dh
 
 
@@ -103,42 +111,39 @@ def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
 
 
 @njit_cached(**_JIT)
-def _lstm_rows(xw, Wh, h0, c0, hs, cs, gates, one, n0, n1):
-    """The LSTM recurrence; gates[n, t] = [f, g, i, o] (4H,)."""
+def _lstm_rows(Wh, h0, c0, hs, cs, gates, one, n0, n1):
+    """The LSTM recurrence; gates[n, t]: xs Wx + b on entry, [f, g, i, o] (4H,) on exit."""
     H = Wh.shape[0]
-    h = h0[n0:n1].copy()  # (R, H)
-    c = c0[n0:n1].copy()
-    for t in range(xw.shape[1]):
-        A = np.dot(h, Wh)  # (R, 4H)
+    coef = np.empty(2, hs.dtype)
+    for t in range(hs.shape[1]):
+        h = h0[n0:n1] if t == 0 else hs[n0:n1, t - 1]
+        A = gates[n0:n1, t]
+        gemm(False, False, h, Wh, A, one, one, coef)  # A += h Wh
         for r in range(n1 - n0):
             n = n0 + r
-            a, x, g = A[r], xw[n, t], gates[n, t]
-            for k in range(H):  # f
-                g[k] = _sigmoid(a[k] + x[k], one)
-            for k in range(H, 2 * H):  # g
-                g[k] = _tanh(a[k] + x[k], one)
-            for k in range(2 * H, 4 * H):  # i, o
-                g[k] = _sigmoid(a[k] + x[k], one)
-            hr, cr, h_out, c_out = h[r], c[r], hs[n, t], cs[n, t]
+            g, h_out, c_out = gates[n, t], hs[n, t], cs[n, t]
+            c_prev = c0[n] if t == 0 else cs[n, t - 1]
             for j in range(H):
-                cj = g[j] * cr[j] + g[H + j] * g[2 * H + j]
-                hj = g[3 * H + j] * _tanh(cj, one)
-                cr[j] = cj
-                hr[j] = hj
+                f = _sigmoid(g[j], one)
+                gg = _tanh(g[H + j], one)
+                i = _sigmoid(g[2 * H + j], one)
+                o = _sigmoid(g[3 * H + j], one)
+                cj = f * c_prev[j] + gg * i
+                g[j], g[H + j], g[2 * H + j], g[3 * H + j] = f, gg, i, o
                 c_out[j] = cj
-                h_out[j] = hj
+                h_out[j] = o * _tanh(cj, one)
 
 
 @njit_cached(**_JIT)
-def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
+def _lstm_back_rows(dhs, Wh, c0, cs, gates, dA, dh0, dc, one, n0, n1):
     """dA[n, t] = [df, dg, di, do] backwards in t; dc: the last cell's gradient in, c0's out."""
-    H = WhT.shape[1]
+    H = Wh.shape[0]
+    coef = np.empty(2, dhs.dtype)
     dh = np.zeros((n1 - n0, H), dhs.dtype)  # (R, H)
-    dstep = np.empty((n1 - n0, 4 * H), dhs.dtype)  # the step's dA rows, contiguous
     for t in range(dhs.shape[1] - 1, -1, -1):
         for r in range(n1 - n0):
             n = n0 + r
-            g, c, d, dcr, dr, out = gates[n, t], cs[n, t], dhs[n, t], dc[n], dh[r], dstep[r]
+            g, c, d, dcr, dr, out = gates[n, t], cs[n, t], dhs[n, t], dc[n], dh[r], dA[n, t]
             c_prev = c0[n] if t == 0 else cs[n, t - 1]
             for j in range(H):
                 f, gg, i, o = g[j], g[H + j], g[2 * H + j], g[3 * H + j]
@@ -150,8 +155,7 @@ def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
                 out[2 * H + j] = ds * gg * i * (one - i)
                 out[3 * H + j] = dh_t * tc * o * (one - o)
                 dcr[j] = ds * f
-            dA[n, t] = out
-        dh = np.dot(dstep, WhT)  # (R, H)
+        gemm(False, True, dA[n0:n1, t], Wh, dh, one, one - one, coef)  # dh = dA_t Wh^T
     dh0[n0:n1] = dh
 
 
@@ -159,59 +163,58 @@ def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
 
 
 @njit_cached(**_JIT)
-def _gru_rows(xw, Whzr, Whh, h0, hs, gates, one, n0, n1):
-    """The GRU recurrence; gates[n, t] = [z, r, hh] (3H,)."""
-    H = Whh.shape[0]
-    h = h0[n0:n1].copy()  # (R, H)
-    rh = np.empty_like(h)  # r * h, the input of Whh
-    for t in range(xw.shape[1]):
-        Azr = np.dot(h, Whzr)  # (R, 2H)
+def _gru_rows(Wh, h0, hs, gates, one, n0, n1):
+    """The GRU recurrence; gates[n, t]: xs Wx + b on entry, [z, r, hh] (3H,) on exit."""
+    H = Wh.shape[0]
+    coef = np.empty(2, hs.dtype)
+    rh = np.empty((n1 - n0, H), hs.dtype)  # r * h, the input of Whh
+    for t in range(hs.shape[1]):
+        h = h0[n0:n1] if t == 0 else hs[n0:n1, t - 1]
+        A = gates[n0:n1, t]
+        gemm(False, False, h, Wh[:, :2 * H], A[:, :2 * H], one, one, coef)  # += h [Whz Whr]
         for r in range(n1 - n0):
-            a, x, g, hr, rhr = Azr[r], xw[n0 + r, t], gates[n0 + r, t], h[r], rh[r]
+            g, rhr = gates[n0 + r, t], rh[r]
+            hr = h0[n0 + r] if t == 0 else hs[n0 + r, t - 1]
             for k in range(2 * H):
-                g[k] = _sigmoid(a[k] + x[k], one)
+                g[k] = _sigmoid(g[k], one)
             for j in range(H):
                 rhr[j] = g[H + j] * hr[j]
-        Ah = np.dot(rh, Whh)  # (R, H)
+        gemm(False, False, rh, Wh[:, 2 * H:], A[:, 2 * H:], one, one, coef)  # += (r h) Whh
         for r in range(n1 - n0):
-            a, x, g, hr, out = Ah[r], xw[n0 + r, t], gates[n0 + r, t], h[r], hs[n0 + r, t]
+            g, out = gates[n0 + r, t], hs[n0 + r, t]
+            hr = h0[n0 + r] if t == 0 else hs[n0 + r, t - 1]
             for j in range(H):
-                hh = _tanh(a[j] + x[2 * H + j], one)
-                v = (one - g[j]) * hr[j] + g[j] * hh
+                hh = _tanh(g[2 * H + j], one)
                 g[2 * H + j] = hh
-                hr[j] = v
-                out[j] = v
+                out[j] = (one - g[j]) * hr[j] + g[j] * hh
 
 
 @njit_cached(**_JIT)
-def _gru_back_rows(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0, one, n0, n1):
+def _gru_back_rows(dhs, Wh, h0, hs, gates, dA, dh0, one, n0, n1):
     """dA[n, t] = [dz, dr, dhh] backwards in t; dh0."""
-    H = WhhT.shape[0]
+    H = Wh.shape[0]
+    coef = np.empty(2, dhs.dtype)
     dh = np.zeros((n1 - n0, H), dhs.dtype)  # (R, H)
-    dzr = np.empty((n1 - n0, 2 * H), dhs.dtype)  # [dz, dr] of the step
-    dth = np.empty_like(dh)  # dhh of the step
+    dhr = np.empty_like(dh)  # the gradient of r h_prev
     for t in range(dhs.shape[1] - 1, -1, -1):
+        D = dA[n0:n1, t]
         for r in range(n1 - n0):
-            g, d, dr, dthr = gates[n0 + r, t], dhs[n0 + r, t], dh[r], dth[r]
+            g, d, dr, out = gates[n0 + r, t], dhs[n0 + r, t], dh[r], dA[n0 + r, t]
             for j in range(H):  # through the candidate's tanh
                 hh = g[2 * H + j]
-                dthr[j] = (d[j] + dr[j]) * g[j] * (one - hh * hh)
-            dA[n0 + r, t, 2 * H:] = dthr
-        dhr = np.dot(dth, WhhT)  # (R, H): the gradient of r h_prev
+                out[2 * H + j] = (d[j] + dr[j]) * g[j] * (one - hh * hh)
+        gemm(False, True, D[:, 2 * H:], Wh[:, 2 * H:], dhr, one, one - one, coef)
         for r in range(n1 - n0):
             n = n0 + r
-            g, d, dr, out, dzr_r = gates[n, t], dhs[n, t], dh[r], dA[n, t], dzr[r]
+            g, d, dr, out, dhr_r = gates[n, t], dhs[n, t], dh[r], dA[n, t], dhr[r]
             h_prev = h0[n] if t == 0 else hs[n, t - 1]
             for j in range(H):
                 z, rr = g[j], g[H + j]
                 dh_next = d[j] + dr[j]
-                vz = dh_next * (g[2 * H + j] - h_prev[j]) * z * (one - z)
-                vr = dhr[r, j] * h_prev[j] * rr * (one - rr)
-                dzr_r[j] = vz
-                dzr_r[H + j] = vr
-                dr[j] = dh_next * (one - z) + rr * dhr[r, j]  # the direct paths to h_prev
-            out[:2 * H] = dzr_r
-        dh += np.dot(dzr, WhzrT)  # (R, H)
+                out[j] = dh_next * (g[2 * H + j] - h_prev[j]) * z * (one - z)
+                out[H + j] = dhr_r[j] * h_prev[j] * rr * (one - rr)
+                dr[j] = dh_next * (one - z) + rr * dhr_r[j]  # the direct paths to h_prev
+        gemm(False, True, D[:, :2 * H], Wh[:, :2 * H], dh, one, one, coef)  # dh += [dz dr] Wzr^T
     dh0[n0:n1] = dh
 
 
@@ -219,11 +222,11 @@ def _gru_back_rows(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0, one, n0, n1):
 
 
 def _shares(N, H, width):
-    """How many row shares to run in parallel (1: on the calling thread)."""
-    threads = get_num_threads()
-    if threads < 2 or N < 2 * _MIN_ROWS or N * H * width < _PARALLEL_MIN_MACS:
+    """How many row shares the N rows are cut into: a function of the shapes only (1: on the
+    calling thread, with BLAS's own threads)."""
+    if N < 2 * _ROWS or N * H * width < _PARALLEL_MIN_MACS:
         return 1
-    return min(threads, N // _MIN_ROWS)
+    return N // _ROWS
 
 
 _pool: dict = {}
@@ -242,58 +245,62 @@ def _executor(workers):
 
 
 def _dispatch(rows, fallback, args, N, H, width):
-    """Run the recurrence ``rows`` (a ``nogil`` kernel) on all N rows: on this thread, or in
-    row shares, one per thread (this one and pool threads), BLAS held at one thread."""
+    """Run the recurrence ``rows`` (a ``nogil`` kernel) on all N rows: in one share on this
+    thread, or in the row shares of :func:`_shares`, which this thread and pool threads take
+    from a counter, BLAS held at one thread."""
     if min(a.size for a in args if isinstance(a, np.ndarray)) == 0 or not _blas.available():
-        stats["shares"] = 0
+        stats.update(shares=0, threads=0)
         return fallback(*args)
     one = args[0].dtype.type(1)
     shares = _shares(N, H, width)
-    stats["shares"] = shares
+    workers = max(1, min(get_num_threads(), shares))
+    stats.update(shares=shares, threads=workers)
     if shares == 1:
         rows(*args, one, 0, N)
         return None
     bounds = [(k * N // shares, (k + 1) * N // shares) for k in range(shares)]
+    counter = itertools.count()  # next() is atomic: each share runs once
+
+    def work():
+        while (k := next(counter)) < shares:
+            rows(*args, one, *bounds[k])
+
     with _blas.OneThread():
-        futures = [_executor(shares - 1).submit(rows, *args, one, n0, n1)
-                   for n0, n1 in bounds[1:]]
+        futures = [_executor(workers - 1).submit(work) for _ in range(workers - 1)]
         try:
-            rows(*args, one, *bounds[0])
+            work()
         finally:
             for f in futures:
                 f.result()
     return None
 
 
-def _rnn_scan(xw, Wh, h0, hs):
-    _dispatch(_rnn_rows, _numpy.rnn_scan, (xw, Wh, h0, hs),
-              xw.shape[0], Wh.shape[0], Wh.shape[1])
+def _rnn_scan(Wh, h0, hs):
+    _dispatch(_rnn_rows, _numpy.rnn_scan, (Wh, h0, hs), hs.shape[0], *Wh.shape)
 
 
-def _rnn_scan_back(dhs, WhT, hs, dA, dh0):
-    _dispatch(_rnn_back_rows, _numpy.rnn_scan_back, (dhs, WhT, hs, dA, dh0),
-              dhs.shape[0], WhT.shape[0], WhT.shape[1])
+def _rnn_scan_back(dhs, Wh, hs, dA, dh0):
+    _dispatch(_rnn_back_rows, _numpy.rnn_scan_back, (dhs, Wh, hs, dA, dh0), dhs.shape[0],
+              *Wh.shape)
 
 
-def _lstm_scan(xw, Wh, h0, c0, hs, cs, gates):
-    _dispatch(_lstm_rows, _numpy.lstm_scan, (xw, Wh, h0, c0, hs, cs, gates),
-              xw.shape[0], Wh.shape[0], Wh.shape[1])
+def _lstm_scan(Wh, h0, c0, hs, cs, gates):
+    _dispatch(_lstm_rows, _numpy.lstm_scan, (Wh, h0, c0, hs, cs, gates), hs.shape[0],
+              *Wh.shape)
 
 
-def _lstm_scan_back(dhs, WhT, c0, cs, gates, dA, dh0, dc):
-    _dispatch(_lstm_back_rows, _numpy.lstm_scan_back,
-              (dhs, WhT, c0, cs, gates, dA, dh0, dc), dhs.shape[0], WhT.shape[1], WhT.shape[0])
+def _lstm_scan_back(dhs, Wh, c0, cs, gates, dA, dh0, dc):
+    _dispatch(_lstm_back_rows, _numpy.lstm_scan_back, (dhs, Wh, c0, cs, gates, dA, dh0, dc),
+              dhs.shape[0], *Wh.shape)
 
 
-def _gru_scan(xw, Whzr, Whh, h0, hs, gates):
-    _dispatch(_gru_rows, _numpy.gru_scan, (xw, Whzr, Whh, h0, hs, gates),
-              xw.shape[0], Whh.shape[0], 3 * Whh.shape[0])
+def _gru_scan(Wh, h0, hs, gates):
+    _dispatch(_gru_rows, _numpy.gru_scan, (Wh, h0, hs, gates), hs.shape[0], *Wh.shape)
 
 
-def _gru_scan_back(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0):
-    _dispatch(_gru_back_rows, _numpy.gru_scan_back,
-              (dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0), dhs.shape[0], WhhT.shape[0],
-              3 * WhhT.shape[0])
+def _gru_scan_back(dhs, Wh, h0, hs, gates, dA, dh0):
+    _dispatch(_gru_back_rows, _numpy.gru_scan_back, (dhs, Wh, h0, hs, gates, dA, dh0),
+              dhs.shape[0], *Wh.shape)
 
 
 rnn_forward, rnn_backward, lstm_forward, lstm_backward, gru_forward, gru_backward = (

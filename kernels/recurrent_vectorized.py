@@ -23,31 +23,31 @@ def _sigmoid(x):
 # ---- the recurrences: they fill the arrays they are given -----------------------------------
 
 
-def rnn_scan(xw, Wh, h0, hs):
-    """hs[:, t] = tanh(xw[:, t] + hs[:, t-1] Wh). xw (N, T, H) holds xs Wx + b."""
+def rnn_scan(Wh, h0, hs):
+    """hs[:, t]: xs Wx + b on entry, tanh(that + hs[:, t-1] Wh) on exit."""
     h = h0
-    for t in range(xw.shape[1]):
-        h = np.tanh(xw[:, t] + h @ Wh)
+    for t in range(hs.shape[1]):
+        h = np.tanh(hs[:, t] + h @ Wh)
         hs[:, t] = h
 
 
-def rnn_scan_back(dhs, WhT, hs, dA, dh0):
+def rnn_scan_back(dhs, Wh, hs, dA, dh0):
     """dA[:, t]: the gradient of step t's pre-activation; dh0 that of h0."""
     dh = np.zeros_like(dh0)
     for t in reversed(range(dhs.shape[1])):
         h = hs[:, t]
         dA[:, t] = dt = (dhs[:, t] + dh) * (1 - h * h)
-        dh = dt @ WhT
+        dh = dt @ Wh.T
     dh0[...] = dh
 
 
-def lstm_scan(xw, Wh, h0, c0, hs, cs, gates):
-    """The LSTM recurrence; xw (N, T, 4H) holds xs Wx + b, gates gets [f, g, i, o]."""
+def lstm_scan(Wh, h0, c0, hs, cs, gates):
+    """The LSTM recurrence; gates (N, T, 4H): xs Wx + b on entry, [f, g, i, o] on exit."""
     H = Wh.shape[0]
     h, c = h0, c0
-    for t in range(xw.shape[1]):
-        A = xw[:, t] + h @ Wh  # (N, 4H)
+    for t in range(hs.shape[1]):
         gt = gates[:, t]
+        A = gt + h @ Wh  # (N, 4H)
         gt[:, :H] = f = _sigmoid(A[:, :H])
         gt[:, H:2 * H] = g = np.tanh(A[:, H:2 * H])
         gt[:, 2 * H:] = io = _sigmoid(A[:, 2 * H:])  # i and o
@@ -56,9 +56,9 @@ def lstm_scan(xw, Wh, h0, c0, hs, cs, gates):
         hs[:, t], cs[:, t] = h, c
 
 
-def lstm_scan_back(dhs, WhT, c0, cs, gates, dA, dh0, dc):
+def lstm_scan_back(dhs, Wh, c0, cs, gates, dA, dh0, dc):
     """dA[:, t] = [df, dg, di, do] (pre-activation); dh0, and dc (last cell in, c0 out)."""
-    H = WhT.shape[1]
+    H = Wh.shape[0]
     dh = np.zeros_like(dh0)
     for t in reversed(range(dhs.shape[1])):
         gt = gates[:, t]
@@ -72,28 +72,27 @@ def lstm_scan_back(dhs, WhT, c0, cs, gates, dA, dh0, dc):
         d[:, H:2 * H] = ds * i * (1 - g * g)
         d[:, 2 * H:3 * H] = ds * g * i * (1 - i)
         d[:, 3 * H:] = dh_t * tc * o * (1 - o)
-        dh = d @ WhT
+        dh = d @ Wh.T
         dc[...] = ds * f
     dh0[...] = dh
 
 
-def gru_scan(xw, Whzr, Whh, h0, hs, gates):
-    """The GRU recurrence; xw (N, T, 3H) holds xs Wx + b, gates gets [z, r, hh]."""
-    H = Whh.shape[0]
+def gru_scan(Wh, h0, hs, gates):
+    """The GRU recurrence; gates (N, T, 3H): xs Wx + b on entry, [z, r, hh] on exit."""
+    H = Wh.shape[0]
     h = h0
-    for t in range(xw.shape[1]):
-        x = xw[:, t]
+    for t in range(hs.shape[1]):
         gt = gates[:, t]
-        gt[:, :2 * H] = zr = _sigmoid(x[:, :2 * H] + h @ Whzr)  # (N, 2H)
+        gt[:, :2 * H] = zr = _sigmoid(gt[:, :2 * H] + h @ Wh[:, :2 * H])  # (N, 2H)
         z = zr[:, :H]
-        gt[:, 2 * H:] = hh = np.tanh(x[:, 2 * H:] + (zr[:, H:] * h) @ Whh)
+        gt[:, 2 * H:] = hh = np.tanh(gt[:, 2 * H:] + (zr[:, H:] * h) @ Wh[:, 2 * H:])
         h = (1 - z) * h + z * hh
         hs[:, t] = h
 
 
-def gru_scan_back(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0):
+def gru_scan_back(dhs, Wh, h0, hs, gates, dA, dh0):
     """dA[:, t] = [dz, dr, dhh] (pre-activation); dh0 that of h0."""
-    H = WhhT.shape[0]
+    H = Wh.shape[0]
     dh = np.zeros_like(dh0)
     for t in reversed(range(dhs.shape[1])):
         gt = gates[:, t]
@@ -102,10 +101,10 @@ def gru_scan_back(dhs, WhzrT, WhhT, h0, hs, gates, dA, dh0):
         dh_next = dhs[:, t] + dh
         d = dA[:, t]
         d[:, 2 * H:] = dt_h = dh_next * z * (1 - hh * hh)
-        dhr = dt_h @ WhhT
+        dhr = dt_h @ Wh[:, 2 * H:].T
         d[:, :H] = dh_next * (hh - h_prev) * z * (1 - z)
         d[:, H:2 * H] = dhr * h_prev * r * (1 - r)
-        dh = dh_next * (1 - z) + r * dhr + d[:, :2 * H] @ WhzrT
+        dh = dh_next * (1 - z) + r * dhr + d[:, :2 * H] @ Wh[:, :2 * H].T
     dh0[...] = dh
 
 

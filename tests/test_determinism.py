@@ -9,8 +9,10 @@ Findings (what these tests pin down):
   has fewer entries than there are threads. The flash kernels split the work by the shapes
   only: the backward then splits each batch entry's key blocks into a number of shares that
   the shapes decide, each share sums into its own dq, and the shares are added in a fixed
-  order at the end; which thread runs a share does not change its bits. (The unfused
-  matrix products can still differ in the last bits at larger work with fewer batch entries
+  order at the end; which thread runs a share does not change its bits. The recurrent
+  kernels cut the batch into row shares that the shapes decide, too (BLAS may round a
+  product of fewer rows differently, so the shares must not follow the thread count).
+  (The unfused matrix products can still differ in the last bits at larger work with fewer batch entries
   than threads, where they move from per-entry gemms to NumPy's matmul; see
   ``kernels.numba_backend``. With 2 threads that needs B = 1, which always takes the gemms.)
 
@@ -163,10 +165,11 @@ def test_numba_kernel_does_not_depend_on_the_thread_count(threads, monkeypatch, 
         assert not (log.unfused or log.fused)
         assert name not in CHUNKED or (glue_chunks(40 * B) >= 2) == (B > 1), name
     elif name.split("_")[0] in ("rnn", "lstm", "gru"):
-        # serial at these shapes: the recurrent kernels cut rows into as many shares as there
-        # are threads, and OpenBLAS's AVX2 gemm rounds a share of rows differently from all
-        # of them, so forcing their parallel path makes results depend on the thread count
-        assert log.unfused == [False], log.unfused
+        # forced: 2 rows per share, so B = 5 runs 2 shares (2 and 3 rows), one per thread;
+        # the shares follow the shapes only, so 1 thread runs the same shares in turn (OpenBLAS's
+        # AVX2 gemm may round a share's rows differently from all rows: the same bits need
+        # the same shares)
+        assert log.unfused == [B > 1], log.unfused
     else:
         # every kernel shares B = 5 entries out; with B = 1 the fused forward shares query
         # blocks and the scatter-add token ids, while the others have nothing to share at

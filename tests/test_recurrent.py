@@ -242,36 +242,38 @@ def test_bilstm_gradients_match_central_differences(backend):
 
 
 @pytest.mark.parametrize("kind", list(GATES))
-def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind):
+def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind, monkeypatch):
+    """Row shares of uneven sizes (4 and 5 rows, a smaller share size than the kernels' own so
+    that the shapes stay small) on 2 threads and on 1: the same shares, bitwise the same
+    results, and as accurate as the loop reference."""
     numba = pytest.importorskip("numba")
     from fastattn.kernels import _recurrent_numba
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs at least 2 Numba threads")
-    N, T, D, H = 16, 3, 4, 128  # N * H * kH above the parallel threshold for every kind
+    monkeypatch.setattr(_recurrent_numba, "_ROWS", 4)
+    N, T, D, H = 18, 3, 4, 128  # N * H * kH above the parallel threshold for every kind
     W = _weights(kind, D, H, np.float32, seed=21)
     xs, dhs = _inputs(N, [T], D, H, np.float32, seed=22)
     before = numba.get_num_threads()
+    runs = []
     try:
-        numba.set_num_threads(2)
-        layer = TIME[kind][0](*_copies(W), backend="numba")
-        hs = layer.forward(xs[0])
-        assert _recurrent_numba.stats["shares"] == 2  # forward ran in two row shares
-        dxs = layer.backward(dhs[0])
-        assert _recurrent_numba.stats["shares"] == 2  # and so did the backward
-        numba.set_num_threads(1)
-        serial = TIME[kind][0](*_copies(W), backend="numba")
-        hs1, dxs1 = serial.forward(xs[0]), serial.backward(dhs[0])
-        assert _recurrent_numba.stats["shares"] == 1
+        for threads in (2, 1):
+            numba.set_num_threads(threads)
+            layer = TIME[kind][0](*_copies(W), backend="numba")
+            hs = layer.forward(xs[0])
+            assert _recurrent_numba.stats == {"shares": 4, "threads": threads}
+            dxs = layer.backward(dhs[0])  # and so did the backward
+            assert _recurrent_numba.stats == {"shares": 4, "threads": threads}
+            runs.append([hs, dxs, layer.dh, *layer.grads])
     finally:
         numba.set_num_threads(before)
     ref = TIME[kind][0](*_copies(W), backend="loop")
-    hs_ref, dxs_ref = ref.forward(xs[0]), ref.backward(dhs[0])
-    for a, b, r in [(hs, hs1, hs_ref), (dxs, dxs1, dxs_ref)] + [
-            (g, g1, gr) for g, g1, gr in zip(layer.grads, serial.grads, ref.grads, strict=True)]:
+    want = [ref.forward(xs[0]), ref.backward(dhs[0]), ref.dh, *ref.grads]
+    for two, one, r in zip(*runs, want, strict=True):
+        np.testing.assert_array_equal(two, one)
         bound = 64 * np.finfo(np.float32).eps * max(float(np.abs(r).max()), 1.0)
-        np.testing.assert_allclose(a, r, rtol=0, atol=bound)
-        np.testing.assert_allclose(b, r, rtol=0, atol=bound)
+        np.testing.assert_allclose(two, r, rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize("kind", list(GATES))

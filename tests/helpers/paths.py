@@ -5,11 +5,12 @@ threshold, batch)``; the fused ones (``kernels/_flash.py``) hand their work unit
 ``_in_parallel(fn, n_units, flops, serial_flops, ...)``, which runs ``fn`` on one thread or
 several; the recurrent ones (``kernels/_recurrent_numba.py``) cut the batch into
 ``_shares(N, H, width)`` row shares. ``record_paths`` wraps all three: the decisions of the
-first and the last (as "unfused": True when parallel), and the distinct threads that ran
-``fn`` in the second. With ``force=True`` the work thresholds are set to 0 (the unfused
-kernels' constants, the tuning setting's ``serial_flops``; not the recurrent kernels', whose
-row shares follow the thread count), so that small test
-shapes take the parallel paths whenever there are two threads and something to share. (The
+first and the last (as "unfused": True when parallel; for the recurrent kernels: more than
+one share, run on more than one thread), and the distinct threads that ran ``fn`` in the
+second. With ``force=True`` the work thresholds are set to 0 (the unfused kernels' constants,
+the tuning setting's ``serial_flops``, the recurrent kernels' work threshold, and their rows
+per share to 2), so that small test shapes take the parallel paths whenever there are two
+threads and something to share. (The
 glue kernels of ``kernels/_glue_numba.py`` always run ``prange`` over rows or row chunks;
 ``glue_chunks`` says into how many chunks the column-summing ones split N rows.)
 """
@@ -46,6 +47,8 @@ def record_paths(monkeypatch, force=False):
     if force:
         for name in ("_PARALLEL_MIN_ELEMENTS", "_PARALLEL_MIN_MACS", "_PARALLEL_MIN_SCATTER"):
             monkeypatch.setattr(numba_backend, name, 0)
+        monkeypatch.setattr(_recurrent_numba, "_PARALLEL_MIN_MACS", 0)
+        monkeypatch.setattr(_recurrent_numba, "_ROWS", 2)
         monkeypatch.setitem(_tuning._state, "setting",
                             dataclasses.replace(_tuning.current()[0], serial_flops=0))
     decide = numba_backend._parallel
@@ -68,15 +71,15 @@ def record_paths(monkeypatch, force=False):
         run(traced, n_units, flops, serial_flops, *args)
         log.fused.append(len(idents))
 
-    shares = _recurrent_numba._shares
+    dispatch = _recurrent_numba._dispatch
 
-    def recurrent_shares(N, H, width):
-        n = shares(N, H, width)
-        log.unfused.append(n > 1)
-        return n
+    def recurrent_dispatch(*args):
+        out = dispatch(*args)
+        log.unfused.append(_recurrent_numba.stats["threads"] > 1)
+        return out
 
     monkeypatch.setattr(numba_backend, "_parallel", parallel)
-    monkeypatch.setattr(_recurrent_numba, "_shares", recurrent_shares)
+    monkeypatch.setattr(_recurrent_numba, "_dispatch", recurrent_dispatch)
     monkeypatch.setattr(_flash, "_in_parallel", in_parallel)
     return log
 
