@@ -12,8 +12,8 @@ Findings (what these tests pin down):
   order at the end; which thread runs a share does not change its bits. The recurrent
   kernels cut the batch into row shares that the shapes decide, too (BLAS may round a
   product of fewer rows differently, so the shares must not follow the thread count).
-  (The unfused matrix products can still differ in the last bits at larger work with fewer batch entries
-  than threads, where they move from per-entry gemms to NumPy's matmul; see
+  (The unfused matrix products can still differ in the last bits at larger work with fewer
+  batch entries than threads, where they move from per-entry gemms to NumPy's matmul; see
   ``kernels.numba_backend``. With 2 threads that needs B = 1, which always takes the gemms.)
 
 The thread-count tests force the parallel paths (work thresholds at 0, ``helpers.paths``) and
