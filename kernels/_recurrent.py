@@ -11,8 +11,8 @@ The functions below take the recurrence (``scan``/``scan_back``) of a backend: N
 (``kernels.recurrent_vectorized``) or Numba (``kernels._recurrent_numba``). Their signatures
 and results are those of ``kernels.recurrent_loop``. A forward scan finds ``xs Wx + b`` in the
 array it fills (``gates``; the RNN's ``hs``) and overwrites it step by step: no separate
-(N, T, kH) array of input products. The scans take Wh as it is (products with ``Wh^T`` use
-transposed views).
+(N, T, kH) array of input products. The forward scans take Wh (H, kH), the backward ones a
+contiguous Wh^T (kH, H).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _rnn_forward(xs, Wx, Wh, b, h0, scan):
 def _rnn_backward(dhs, xs, Wx, Wh, h0, hs, scan_back):
     dA = np.empty_like(hs)  # (N, T, H)
     dh0 = np.empty_like(h0)
-    scan_back(dhs, Wh, hs, dA, dh0)
+    scan_back(dhs, np.ascontiguousarray(Wh.T), hs, dA, dh0)
     dxs, dWx, db = input_grads(dA, xs, Wx)
     H = Wh.shape[0]
     dWh = previous_states(h0, hs).reshape(-1, H).T @ dA.reshape(-1, H)  # (H, H)
@@ -81,7 +81,7 @@ def _lstm_backward(dhs, dc, xs, Wx, Wh, h0, c0, hs, cs, gates, scan_back):
     dA = np.empty_like(gates)  # (N, T, 4H)
     dh0 = np.empty_like(h0)
     dc0 = np.array(dc, copy=True)  # the scan turns the last cell's gradient into the first's
-    scan_back(dhs, Wh, c0, cs, gates, dA, dh0, dc0)
+    scan_back(dhs, np.ascontiguousarray(Wh.T), c0, cs, gates, dA, dh0, dc0)
     dxs, dWx, db = input_grads(dA, xs, Wx)
     H = Wh.shape[0]
     dWh = previous_states(h0, hs).reshape(-1, H).T @ dA.reshape(-1, 4 * H)  # (H, 4H)
@@ -100,7 +100,7 @@ def _gru_backward(dhs, xs, Wx, Wh, h0, hs, gates, scan_back):
     H = Wh.shape[0]
     dA = np.empty_like(gates)  # (N, T, 3H)
     dh0 = np.empty_like(h0)
-    scan_back(dhs, Wh, h0, hs, gates, dA, dh0)
+    scan_back(dhs, np.ascontiguousarray(Wh.T), h0, hs, gates, dA, dh0)  # Wh^T (3H, H)
     dxs, dWx, db = input_grads(dA, xs, Wx)
     h_prev = previous_states(h0, hs)  # (N, T, H)
     dWh = np.empty_like(Wh)

@@ -31,13 +31,13 @@ def rnn_scan(Wh, h0, hs):
         hs[:, t] = h
 
 
-def rnn_scan_back(dhs, Wh, hs, dA, dh0):
+def rnn_scan_back(dhs, WhT, hs, dA, dh0):
     """dA[:, t]: the gradient of step t's pre-activation; dh0 that of h0."""
     dh = np.zeros_like(dh0)
     for t in reversed(range(dhs.shape[1])):
         h = hs[:, t]
         dA[:, t] = dt = (dhs[:, t] + dh) * (1 - h * h)
-        dh = dt @ Wh.T
+        dh = dt @ WhT
     dh0[...] = dh
 
 
@@ -56,9 +56,9 @@ def lstm_scan(Wh, h0, c0, hs, cs, gates):
         hs[:, t], cs[:, t] = h, c
 
 
-def lstm_scan_back(dhs, Wh, c0, cs, gates, dA, dh0, dc):
+def lstm_scan_back(dhs, WhT, c0, cs, gates, dA, dh0, dc):
     """dA[:, t] = [df, dg, di, do] (pre-activation); dh0, and dc (last cell in, c0 out)."""
-    H = Wh.shape[0]
+    H = WhT.shape[1]
     dh = np.zeros_like(dh0)
     for t in reversed(range(dhs.shape[1])):
         gt = gates[:, t]
@@ -72,7 +72,7 @@ def lstm_scan_back(dhs, Wh, c0, cs, gates, dA, dh0, dc):
         d[:, H:2 * H] = ds * i * (1 - g * g)
         d[:, 2 * H:3 * H] = ds * g * i * (1 - i)
         d[:, 3 * H:] = dh_t * tc * o * (1 - o)
-        dh = d @ Wh.T
+        dh = d @ WhT
         dc[...] = ds * f
     dh0[...] = dh
 
@@ -90,9 +90,9 @@ def gru_scan(Wh, h0, hs, gates):
         hs[:, t] = h
 
 
-def gru_scan_back(dhs, Wh, h0, hs, gates, dA, dh0):
-    """dA[:, t] = [dz, dr, dhh] (pre-activation); dh0 that of h0."""
-    H = Wh.shape[0]
+def gru_scan_back(dhs, WhT, h0, hs, gates, dA, dh0):
+    """dA[:, t] = [dz, dr, dhh] (pre-activation); dh0 that of h0. WhT: Wh^T (3H, H)."""
+    H = WhT.shape[1]
     dh = np.zeros_like(dh0)
     for t in reversed(range(dhs.shape[1])):
         gt = gates[:, t]
@@ -101,10 +101,10 @@ def gru_scan_back(dhs, Wh, h0, hs, gates, dA, dh0):
         dh_next = dhs[:, t] + dh
         d = dA[:, t]
         d[:, 2 * H:] = dt_h = dh_next * z * (1 - hh * hh)
-        dhr = dt_h @ Wh[:, 2 * H:].T
+        dhr = dt_h @ WhT[2 * H:]
         d[:, :H] = dh_next * (hh - h_prev) * z * (1 - z)
         d[:, H:2 * H] = dhr * h_prev * r * (1 - r)
-        dh = dh_next * (1 - z) + r * dhr + d[:, :2 * H] @ Wh[:, :2 * H].T
+        dh = dh_next * (1 - z) + r * dhr + d[:, :2 * H] @ WhT[:2 * H]
     dh0[...] = dh
 
 
