@@ -11,6 +11,7 @@ reference are checked against float64 central differences.
 from __future__ import annotations
 
 import numpy as np
+from gradcheck import numerical_grad
 
 from fastattn import kernels
 from fastattn.kernels import glue_loop as ref
@@ -84,22 +85,8 @@ def test_layernorm_reference_gradients_match_central_differences(rng):
     _, mean, rstd = ref.layernorm_forward(x, g, b, 1e-5)
     dx, dg, db = ref.layernorm_backward(R, x, g, mean, rstd)
     for name, arr, grad in (("x", x, dx), ("g", g, dg), ("b", b, db)):
-        np.testing.assert_allclose(grad, _numerical(loss, arr), rtol=1e-6, atol=1e-8,
+        np.testing.assert_allclose(grad, numerical_grad(loss, arr), rtol=1e-6, atol=1e-8,
                                    err_msg=name)
-
-
-def _numerical(f, a, eps=1e-6):
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f()
-        flat[i] = old - eps
-        fm = f()
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return grad
 
 
 def test_bias_relu_matches_the_reference(backend, dtype, rng):
@@ -123,7 +110,7 @@ def test_bias_relu_reference_gradients_match_central_differences(rng):
     R = rng.standard_normal(h.shape)
     dh, db = ref.bias_relu_backward(R, ref.bias_relu_forward(h, b))
     np.testing.assert_allclose(
-        dh, _numerical(lambda: float((ref.bias_relu_forward(h, b) * R).sum()), h),
+        dh, numerical_grad(lambda: float((ref.bias_relu_forward(h, b) * R).sum()), h),
         rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(db, dh.sum(axis=0), rtol=1e-12)
 
@@ -155,7 +142,7 @@ def test_softmax_xent_matches_the_reference(backend, dtype, rng):
 def test_softmax_xent_reference_gradient_matches_central_differences(rng):
     x, t = _xent_inputs(rng, np.float64, N=6, V=5)
     dx = ref.softmax_xent_backward(x, t, ref.softmax_xent_forward(x, t)[1], 0.5)
-    num = _numerical(lambda: 0.5 * float(ref.softmax_xent_forward(x, t)[0].sum()), x)
+    num = numerical_grad(lambda: 0.5 * float(ref.softmax_xent_forward(x, t)[0].sum()), x)
     np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
 
 
