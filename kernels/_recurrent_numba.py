@@ -48,10 +48,11 @@ __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_
 
 _JIT = {"fastmath": set(FASTMATH), "nogil": True, "error_model": "numpy"}  # no division checks
 
-#: Rows per share at least (a per-step gemm of fewer rows on one BLAS thread runs slower than
-#: one of all rows on BLAS's threads), and the per-step work (N * H * kH multiply-adds) below
-#: which the recurrence runs in one share.
+#: Rows per share aimed at: N // _ROWS shares, but at least two (see _shares; a per-step gemm
+#: of few rows on one BLAS thread runs slower than one of many), and the per-step work
+#: (N * H * kH multiply-adds) below which the recurrence runs in one share.
 _ROWS = 64
+_MIN_SHARE_ROWS = 8  # fewer rows than this make no share of their own
 _PARALLEL_MIN_MACS = 1 << 18
 
 #: How the last recurrence ran: the number of row shares (1: on the calling thread, 0: the
@@ -224,10 +225,12 @@ def _gru_back_rows(dhs, WhT, h0, hs, gates, dA, dh0, one, n0, n1):
 
 def _shares(N, H, width):
     """How many row shares the N rows are cut into: a function of the shapes only (1: on the
-    calling thread, with BLAS's own threads)."""
-    if N < 2 * _ROWS or N * H * width < _PARALLEL_MIN_MACS:
+    calling thread, with BLAS's own threads). At least two when the work is large and there
+    are rows for two shares of _MIN_SHARE_ROWS: at (N=20, H=650) two shares of 10 rows took
+    0.70 of the time of one share on BLAS's two threads."""
+    if N < 2 * min(_ROWS, _MIN_SHARE_ROWS) or N * H * width < _PARALLEL_MIN_MACS:
         return 1
-    return N // _ROWS
+    return max(2, N // _ROWS)
 
 
 _pool: dict = {}
