@@ -62,3 +62,20 @@ def threads():
     before = numba.get_num_threads()
     yield numba.set_num_threads
     numba.set_num_threads(before)
+
+
+@pytest.fixture
+def looked_up(monkeypatch):
+    """The backends whose kernels are looked up through ``kernels.get``, in order (the
+    kernels still run)."""
+    from fastattn import kernels
+
+    names = []
+    real_get = kernels.get
+
+    def spy(kernel_name, backend):
+        names.append(backend)
+        return real_get(kernel_name, backend)
+
+    monkeypatch.setattr(kernels, "get", spy)
+    return names

@@ -32,20 +32,6 @@ def _clean_switch(monkeypatch):
     _backend._global_backend = previous
 
 
-@pytest.fixture
-def ran(monkeypatch):
-    """The backends whose kernels were looked up, in order (the kernels still run)."""
-    names = []
-    real_get = kernels.get
-
-    def spy(kernel_name, backend):
-        names.append(backend)
-        return real_get(kernel_name, backend)
-
-    monkeypatch.setattr(kernels, "get", spy)
-    return names
-
-
 def _tiny():
     x = np.random.default_rng(0).standard_normal((1, 3, 2))
     return x, x, x
@@ -128,13 +114,13 @@ def test_environment_variable_ignores_surrounding_whitespace_and_empty_means_uns
 
 
 def test_precedence_argument_over_use_backend_over_set_backend_over_env_over_default(
-        monkeypatch, ran):
+        monkeypatch, looked_up):
     q, k, v = _tiny()
 
     def used(**kw):
-        ran.clear()
+        looked_up.clear()
         fastattn.attention_forward(q, k, v, **kw)
-        return ran[-1]
+        return looked_up[-1]
 
     default = "numba" if _backend.numba_available() else "vectorized"
     assert used() == default == fastattn.get_backend()

@@ -52,7 +52,6 @@ from fastattn import (
     TransformerSeq2seq,
     WeightedValue,
     WeightSum,
-    kernels,
 )
 
 F64 = np.float64
@@ -153,20 +152,6 @@ def test_the_table_covers_every_public_layer_class():
 
 def _ones_like(out):
     return 1.0 if np.ndim(out) == 0 else np.ones_like(out)
-
-
-@pytest.fixture
-def looked_up(monkeypatch):
-    """The backends whose kernels are looked up, in order (the kernels still run)."""
-    names = []
-    real_get = kernels.get
-
-    def spy(kernel_name, backend):
-        names.append(backend)
-        return real_get(kernel_name, backend)
-
-    monkeypatch.setattr(kernels, "get", spy)
-    return names
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
