@@ -125,24 +125,34 @@ def _cross_entropy(y, t):
 
 class _AffineMap:
     """out = x W + b over the last axis of x (..., D) -> (..., H): the body of Affine and
-    TimeAffine, which differ in the shapes of x they accept (``_check_shape``)."""
+    TimeAffine, which differ in the shapes of x they accept (``_check_shape``). On the numba
+    backend the products run on the kernels' threads (``kernels._products``), else NumPy's."""
 
     def __init__(self, W, b, backend=None):
         W, b = _affine_params(W, b)
         self.params = [W, b]
         self.grads = [np.zeros_like(W), np.zeros_like(b)]
-        self.backend = check_backend(backend)  # no kernels here; kept for a uniform API
+        self.backend = check_backend(backend)
         self.x = None
+        self._backend = None
 
     def _check_shape(self, x, W):
         raise NotImplementedError
+
+    def _mm(self, a, b, ta=False, tb=False):
+        if self._backend == "numba":
+            from fastattn.kernels import _products
+
+            return _products.matmul(a, b, ta, tb)
+        return (a.T if ta else a) @ (b.T if tb else b)
 
     def forward(self, x):
         W, b = self.params
         x = float_input(x, "x", W.dtype, ndim_min=2)
         self._check_shape(x, W)
-        self.x = x
-        out = x.reshape(-1, W.shape[0]) @ W + b  # (N*T, H)
+        self.x, self._backend = x, forward_backend(self)
+        out = self._mm(x.reshape(-1, W.shape[0]), W)  # (N*T, H)
+        out += b
         return out.reshape(x.shape[:-1] + (W.shape[1],))
 
     def backward(self, dout):
@@ -153,9 +163,9 @@ class _AffineMap:
         dout = dout_array(dout, x.shape[:-1] + (W.shape[1],), W.dtype)
         rd = dout.reshape(-1, W.shape[1])  # (N*T, H)
         rx = x.reshape(-1, W.shape[0])  # (N*T, D)
-        self.grads[0][...] = rx.T @ rd  # (D, H)
+        self.grads[0][...] = self._mm(rx, rd, ta=True)  # (D, H)
         self.grads[1][...] = rd.sum(axis=0)  # (H,)
-        return (rd @ W.T).reshape(x.shape)
+        return self._mm(rd, W, tb=True).reshape(x.shape)
 
 
 class Affine(_AffineMap):

@@ -132,7 +132,13 @@ def bind(rnn_scans, lstm_scans, gru_scans):
     def gru_backward(dhs, xs, Wx, Wh, h0, hs, gates):
         return _gru_backward(dhs, xs, Wx, Wh, h0, hs, gates, gru_scans[1])
 
-    fns = (rnn_forward, rnn_backward, lstm_forward, lstm_backward, gru_forward, gru_backward)
+    return named(rnn_forward, rnn_backward, lstm_forward, lstm_backward, gru_forward,
+                 gru_backward)
+
+
+def named(*fns):
+    """fns, each given the name and documentation of ``kernels.recurrent_loop``'s kernel of its
+    name; returned as a tuple."""
     for fn in fns:
         functools.update_wrapper(fn, getattr(_reference, fn.__name__), updated=())
         del fn.__wrapped__  # the signature is the reference's; the code is not

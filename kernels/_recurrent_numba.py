@@ -1,32 +1,34 @@
 """The recurrent kernels in Numba: one kernel call runs the whole recurrence of a layer.
 
-Same names, signatures and results as ``kernels.recurrent_loop``; the products around the
-recurrence (``xs Wx + b`` for all steps, and the weight and input gradients from the saved
-pre-activation gradients) are NumPy products in ``kernels._recurrent``.
+Same names, signatures and results as ``kernels.recurrent_loop``. Every product is a call to
+:func:`kernels._blas.gemm`: one BLAS library, whose threads stay asleep while the shares run
+(BLAS's threads spin for a while after a product, and a product of another library, such as
+NumPy's, leaves them spinning on the cores the shares need).
 
-How the recurrence runs:
+How a layer runs:
 
-* The forward finds ``xs Wx + b`` in its output array (``gates``; the RNN: ``hs``) and works
-  in place: each step's ``h Wh`` (the GRU: ``h [Whz Whr]`` and ``(r h) Whh``) is added to
-  that step's rows by one BLAS gemm (``beta = 1``, :func:`kernels._blas.gemm`, which takes
-  the rows where they are: no copies of h, of the step's rows or of slices of Wh), and one
-  fused loop per row then applies the gates over contiguous units, with sigmoid and tanh
-  written on :func:`kernels._numba_math.vexp` so that LLVM vectorises them. The backward
-  writes each step's pre-activation gradients straight into ``dA`` and multiplies those rows
-  by a contiguous copy of ``Wh^T``, made once per call (OpenBLAS's gemm with the transpose
-  flag on Wh ran 15% slower at (128, 1024) x (1024, 256)).
-* Rows of the batch never interact, so the batch is cut into row shares of at least
-  ``_ROWS`` rows, by the shapes only (:func:`_shares`), and each share runs the whole time
-  loop of its rows: no barrier per time step. Threads (Numba's thread count: the calling
-  thread and a kept pool of Python threads; the kernels release the GIL) take shares from a
-  counter, one thread runs them one after another, and BLAS is held at one thread meanwhile.
-  A single share runs on the calling thread, where BLAS keeps its own threads.
-* Without SciPy (Numba's BLAS), or with an empty dimension, the NumPy recurrences of
-  ``kernels.recurrent_vectorized`` run instead.
+* Rows of the batch never interact, so the batch is cut into row shares of at least ``_ROWS``
+  rows, by the shapes only (:func:`_shares`). A share runs its rows' input products
+  (``xs Wx + b`` for all its steps at once, written into the output array: ``gates``, the
+  RNN's ``hs``) and then the whole time loop of its rows: no barrier per time step. Each step's
+  ``h Wh`` (the GRU: ``h [Whz Whr]`` and ``(r h) Whh``) is added to that step's rows by one
+  gemm (``beta = 1``, rows taken where they are), and one fused loop per row applies the gates
+  over contiguous units, with sigmoid and tanh written on :func:`kernels._numba_math.vexp` so
+  that LLVM vectorises them.
+* The backward share writes each step's pre-activation gradients straight into ``dA``,
+  multiplies them by a contiguous copy of ``Wh^T`` made once per call (OpenBLAS's gemm with
+  the transpose flag on Wh ran 15% slower at (128, 1024) x (1024, 256)), then finds its rows'
+  ``dxs = dA Wx^T`` and previous states. The weight gradients ``xs^T dA``, ``h_prev^T dA`` and
+  ``db`` follow as one product per part of the rows (:func:`_weight_grads`).
+* Threads (Numba's thread count: the calling thread and a kept pool of Python threads; the
+  kernels release the GIL) take shares, then parts, from a counter, BLAS held at one thread.
+  A single share or block runs on the calling thread, where BLAS keeps its own threads.
+* Without SciPy (Numba's BLAS), or with an empty dimension, ``kernels.recurrent_vectorized``
+  runs instead.
 
 A row's result depends on the share it falls in (BLAS may round a product of fewer rows
-differently), and the shares depend on the shapes only, so results do not depend on the
-thread count.
+differently), and shares and parts depend on the shapes only, so results do not depend on
+the thread count.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ from numba import get_num_threads
 from . import _blas, _recurrent
 from . import recurrent_vectorized as _numpy
 from ._blas import gemm
-from ._numba_math import FASTMATH, njit_cached, vexp
+from ._numba_math import njit_cached, vexp
+from ._products import _JIT, _back_rows_tail, _grad_part, _input_rows
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward",
            "gru_backward"]
 
-_JIT = {"fastmath": set(FASTMATH), "nogil": True, "error_model": "numpy"}  # no division checks
 
 #: Rows per share aimed at: N // _ROWS shares, but at least two (see _shares; a per-step gemm
 #: of few rows on one BLAS thread runs slower than one of many), and the per-step work
@@ -55,9 +57,13 @@ _ROWS = 64
 _MIN_SHARE_ROWS = 8  # fewer rows than this make no share of their own
 _PARALLEL_MIN_MACS = 1 << 18
 
-#: How the last recurrence ran: the number of row shares (1: on the calling thread, 0: the
-#: NumPy fallback) and of threads that ran them. Tests read it to prove a path ran.
-stats = {"shares": 0, "threads": 0}
+#: Parts of the batch rows whose weight gradients are summed (with more than one share).
+_PARTS = 2
+
+#: How the last kernel ran: the number of row shares (1: on the calling thread, 0: the NumPy
+#: fallback), of threads that ran them, and of the backward's parts of the weight gradients
+#: (0 in a forward). Tests read it to prove a path ran.
+stats = {"shares": 0, "threads": 0, "parts": 0}
 
 
 @njit_cached(**_JIT)
@@ -220,6 +226,46 @@ def _gru_back_rows(dhs, WhT, h0, hs, gates, dA, dh0, one, n0, n1):
     dh0[n0:n1] = dh
 
 
+# ---- one share: its rows' input products, recurrence and row-wise gradients -----------------
+
+
+@njit_cached(**_JIT)
+def _rnn_share(xs2, Wx, b, Wh, h0, hs, A2, one, n0, n1):
+    _input_rows(xs2, Wx, b, A2, hs.shape[1], n0, n1)
+    _rnn_rows(Wh, h0, hs, one, n0, n1)
+
+
+@njit_cached(**_JIT)
+def _rnn_back_share(dhs, WhT, hs, dA, dh0, dA2, Wx, dxs2, xs2, h0, xh2, one, n0, n1):
+    _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1)
+    _back_rows_tail(dA2, Wx, dxs2, xs2, h0, hs, xh2, n0, n1)
+
+
+@njit_cached(**_JIT)
+def _lstm_share(xs2, Wx, b, Wh, h0, c0, hs, cs, gates, A2, one, n0, n1):
+    _input_rows(xs2, Wx, b, A2, hs.shape[1], n0, n1)
+    _lstm_rows(Wh, h0, c0, hs, cs, gates, one, n0, n1)
+
+
+@njit_cached(**_JIT)
+def _lstm_back_share(dhs, WhT, c0, cs, gates, dA, dh0, dc, dA2, Wx, dxs2, xs2, h0, hs, xh2,
+                     one, n0, n1):
+    _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1)
+    _back_rows_tail(dA2, Wx, dxs2, xs2, h0, hs, xh2, n0, n1)
+
+
+@njit_cached(**_JIT)
+def _gru_share(xs2, Wx, b, Wh, h0, hs, gates, A2, one, n0, n1):
+    _input_rows(xs2, Wx, b, A2, hs.shape[1], n0, n1)
+    _gru_rows(Wh, h0, hs, gates, one, n0, n1)
+
+
+@njit_cached(**_JIT)
+def _gru_back_share(dhs, WhT, h0, hs, gates, dA, dh0, dA2, Wx, dxs2, xs2, xh2, one, n0, n1):
+    _gru_back_rows(dhs, WhT, h0, hs, gates, dA, dh0, one, n0, n1)
+    _back_rows_tail(dA2, Wx, dxs2, xs2, h0, hs, xh2, n0, n1)
+
+
 # ---- dispatch -------------------------------------------------------------------------------
 
 
@@ -248,26 +294,20 @@ def _executor(workers):
         return _pool["pool"]
 
 
-def _dispatch(rows, fallback, args, N, H, width):
-    """Run the recurrence ``rows`` (a ``nogil`` kernel) on all N rows: in one share on this
-    thread, or in the row shares of :func:`_shares`, which this thread and pool threads take
-    from a counter, BLAS held at one thread."""
-    if min(a.size for a in args if isinstance(a, np.ndarray)) == 0 or not _blas.available():
-        stats.update(shares=0, threads=0)
-        return fallback(*args)
-    one = args[0].dtype.type(1)
-    shares = _shares(N, H, width)
-    workers = max(1, min(get_num_threads(), shares))
-    stats.update(shares=shares, threads=workers)
-    if shares == 1:
-        rows(*args, one, 0, N)
-        return None
-    bounds = [(k * N // shares, (k + 1) * N // shares) for k in range(shares)]
-    counter = itertools.count()  # next() is atomic: each share runs once
+def _run(kernel, args, items):
+    """kernel(*args, *item) for every item (a tuple): on this thread, where BLAS keeps its own
+    threads, when there is one item; else this thread and pool threads take items from a
+    counter (Numba's thread count of them at most), BLAS held at one thread. Returns the
+    number of threads."""
+    workers = max(1, min(get_num_threads(), len(items)))
+    if len(items) == 1:
+        kernel(*args, *items[0])
+        return workers
+    counter = itertools.count()  # next() is atomic: each item runs once
 
     def work():
-        while (k := next(counter)) < shares:
-            rows(*args, one, *bounds[k])
+        while (k := next(counter)) < len(items):
+            kernel(*args, *items[k])
 
     with _blas.OneThread():
         futures = [_executor(workers - 1).submit(work) for _ in range(workers - 1)]
@@ -276,37 +316,136 @@ def _dispatch(rows, fallback, args, N, H, width):
         finally:
             for f in futures:
                 f.result()
-    return None
+    return workers
 
 
-def _rnn_scan(Wh, h0, hs):
-    _dispatch(_rnn_rows, _numpy.rnn_scan, (Wh, h0, hs), hs.shape[0], *Wh.shape)
+def _rows(kernel, args, N, H, width):
+    """The share kernel on the row shares of :func:`_shares`; returns the number of shares."""
+    shares = _shares(N, H, width)
+    one = args[0].dtype.type(1)
+    bounds = [(one, k * N // shares, (k + 1) * N // shares) for k in range(shares)]
+    stats.update(shares=shares, threads=_run(kernel, args, bounds), parts=0)
+    return shares
 
 
-def _rnn_scan_back(dhs, WhT, hs, dA, dh0):
-    _dispatch(_rnn_back_rows, _numpy.rnn_scan_back, (dhs, WhT, hs, dA, dh0), dhs.shape[0],
-              *WhT.shape[::-1])
+def _weight_grads(dA2, xh2, D, H, N, shares, r2=None):
+    """dWx, dWh, db from the rows of dA2 and xh2 = [xs, h_prev]; with r2 (the GRU's reset
+    gates, (N*T, H)), the last H columns of dWh take r2 h_prev instead of h_prev. With more
+    than one share, two parts of the batch rows run at once (a product of all rows cut by
+    columns ran 25% slower) and are summed: a function of the shapes only."""
+    kH = dA2.shape[1]
+    nparts = 1 if shares == 1 else _PARTS
+    parts = np.empty((nparts, D + H, kH), dA2.dtype)  # [dWx; dWh] of each part
+    dbs = np.empty((nparts, kH), dA2.dtype)
+    r2 = _stand_in(dA2.dtype) if r2 is None else r2
+    items = [(k, k * N // nparts, (k + 1) * N // nparts) for k in range(nparts)]
+    _run(_grad_part, (dA2, xh2, r2, parts, dbs, 2 * H if r2.shape[1] else kH, N), items)
+    stats["parts"] = nparts
+    for k in range(1, nparts):  # in order: the bits do not depend on the threads
+        parts[0] += parts[k]
+        dbs[0] += dbs[k]
+    return parts[0, :D], parts[0, D:], dbs[0]
 
 
-def _lstm_scan(Wh, h0, c0, hs, cs, gates):
-    _dispatch(_lstm_rows, _numpy.lstm_scan, (Wh, h0, c0, hs, cs, gates), hs.shape[0],
-              *Wh.shape)
+def _stand_in(dtype):
+    return np.zeros((1, 0), dtype)
 
 
-def _lstm_scan_back(dhs, WhT, c0, cs, gates, dA, dh0, dc):
-    _dispatch(_lstm_back_rows, _numpy.lstm_scan_back, (dhs, WhT, c0, cs, gates, dA, dh0, dc),
-              dhs.shape[0], *WhT.shape[::-1])
+def _fallback(xs, Wh):
+    """True when the NumPy kernels run instead: an empty dimension, or no BLAS for Numba."""
+    if min(xs.shape + Wh.shape) == 0 or not _blas.available():
+        stats.update(shares=0, threads=0, parts=0)
+        return True
+    return False
 
 
-def _gru_scan(Wh, h0, hs, gates):
-    _dispatch(_gru_rows, _numpy.gru_scan, (Wh, h0, hs, gates), hs.shape[0], *Wh.shape)
+def _contiguous(*arrays):
+    return [np.ascontiguousarray(a) for a in arrays]
 
 
-def _gru_scan_back(dhs, WhT, h0, hs, gates, dA, dh0):
-    _dispatch(_gru_back_rows, _numpy.gru_scan_back, (dhs, WhT, h0, hs, gates, dA, dh0),
-              dhs.shape[0], *WhT.shape[::-1])
+def rnn_forward(xs, Wx, Wh, b, h0):
+    if _fallback(xs, Wh):
+        return _numpy.rnn_forward(xs, Wx, Wh, b, h0)
+    xs, Wx, Wh, b, h0 = _contiguous(xs, Wx, Wh, b, h0)
+    N, T, D = xs.shape
+    hs = np.empty((N, T, Wh.shape[0]), xs.dtype)
+    _rows(_rnn_share, (xs.reshape(N * T, D), Wx, b, Wh, h0, hs, hs.reshape(N * T, -1)), N,
+          *Wh.shape)
+    return hs
+
+
+def rnn_backward(dhs, xs, Wx, Wh, h0, hs):
+    if _fallback(xs, Wh):
+        return _numpy.rnn_backward(dhs, xs, Wx, Wh, h0, hs)
+    dhs, xs, Wx, Wh, h0, hs = _contiguous(dhs, xs, Wx, Wh, h0, hs)
+    N, T, D = xs.shape
+    H = Wh.shape[0]
+    dA, dh0, dxs = np.empty_like(hs), np.empty_like(h0), np.empty_like(xs)
+    dA2, xs2, xh2 = dA.reshape(N * T, H), xs.reshape(N * T, D), np.empty((N * T, D + H), xs.dtype)
+    shares = _rows(_rnn_back_share, (dhs, np.ascontiguousarray(Wh.T), hs, dA, dh0, dA2, Wx,
+                                     dxs.reshape(N * T, D), xs2, h0, xh2), N, H, H)
+    return (dxs, *_weight_grads(dA2, xh2, D, H, N, shares), dh0)
+
+
+def lstm_forward(xs, Wx, Wh, b, h0, c0):
+    if _fallback(xs, Wh):
+        return _numpy.lstm_forward(xs, Wx, Wh, b, h0, c0)
+    xs, Wx, Wh, b, h0, c0 = _contiguous(xs, Wx, Wh, b, h0, c0)
+    N, T, D = xs.shape
+    H = Wh.shape[0]
+    hs, cs = np.empty((N, T, H), xs.dtype), np.empty((N, T, H), xs.dtype)
+    gates = np.empty((N, T, 4 * H), xs.dtype)
+    _rows(_lstm_share, (xs.reshape(N * T, D), Wx, b, Wh, h0, c0, hs, cs, gates,
+                        gates.reshape(N * T, 4 * H)), N, H, 4 * H)
+    return hs, cs, gates
+
+
+def lstm_backward(dhs, dc, xs, Wx, Wh, h0, c0, hs, cs, gates):
+    if _fallback(xs, Wh):
+        return _numpy.lstm_backward(dhs, dc, xs, Wx, Wh, h0, c0, hs, cs, gates)
+    dhs, xs, Wx, Wh, h0, c0, hs, cs, gates = _contiguous(dhs, xs, Wx, Wh, h0, c0, hs, cs,
+                                                         gates)
+    N, T, D = xs.shape
+    H = Wh.shape[0]
+    dA, dh0, dxs = np.empty_like(gates), np.empty_like(h0), np.empty_like(xs)
+    dc0 = np.array(dc, dtype=xs.dtype, order="C")  # the last cell's gradient in, c0's out
+    dA2, xs2, xh2 = dA.reshape(N * T, 4 * H), xs.reshape(N * T, D), np.empty((N * T, D + H),
+                                                                           xs.dtype)
+    shares = _rows(_lstm_back_share, (dhs, np.ascontiguousarray(Wh.T), c0, cs, gates, dA, dh0,
+                                      dc0, dA2, Wx, dxs.reshape(N * T, D), xs2, h0, hs, xh2),
+                   N, H, 4 * H)
+    dWx, dWh, db = _weight_grads(dA2, xh2, D, H, N, shares)
+    return dxs, dWx, dWh, db, dh0, dc0
+
+
+def gru_forward(xs, Wx, Wh, b, h0):
+    if _fallback(xs, Wh):
+        return _numpy.gru_forward(xs, Wx, Wh, b, h0)
+    xs, Wx, Wh, b, h0 = _contiguous(xs, Wx, Wh, b, h0)
+    N, T, D = xs.shape
+    H = Wh.shape[0]
+    hs, gates = np.empty((N, T, H), xs.dtype), np.empty((N, T, 3 * H), xs.dtype)
+    _rows(_gru_share, (xs.reshape(N * T, D), Wx, b, Wh, h0, hs, gates,
+                       gates.reshape(N * T, 3 * H)), N, H, 3 * H)
+    return hs, gates
+
+
+def gru_backward(dhs, xs, Wx, Wh, h0, hs, gates):
+    if _fallback(xs, Wh):
+        return _numpy.gru_backward(dhs, xs, Wx, Wh, h0, hs, gates)
+    dhs, xs, Wx, Wh, h0, hs, gates = _contiguous(dhs, xs, Wx, Wh, h0, hs, gates)
+    N, T, D = xs.shape
+    H = Wh.shape[0]
+    dA, dh0, dxs = np.empty_like(gates), np.empty_like(h0), np.empty_like(xs)
+    dA2, xs2, xh2 = dA.reshape(N * T, 3 * H), xs.reshape(N * T, D), np.empty((N * T, D + H),
+                                                                           xs.dtype)
+    shares = _rows(_gru_back_share, (dhs, np.ascontiguousarray(Wh.T), h0, hs, gates, dA, dh0,
+                                     dA2, Wx, dxs.reshape(N * T, D), xs2, xh2), N, H, 3 * H)
+    r2 = gates.reshape(N * T, 3 * H)[:, H:2 * H]
+    dWx, dWh, db = _weight_grads(dA2, xh2, D, H, N, shares, r2)
+    return dxs, dWx, dWh, db, dh0
 
 
 rnn_forward, rnn_backward, lstm_forward, lstm_backward, gru_forward, gru_backward = (
-    _recurrent.bind((_rnn_scan, _rnn_scan_back), (_lstm_scan, _lstm_scan_back),
-                    (_gru_scan, _gru_scan_back)))
+    _recurrent.named(rnn_forward, rnn_backward, lstm_forward, lstm_backward, gru_forward,
+                     gru_backward))

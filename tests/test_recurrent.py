@@ -244,8 +244,8 @@ def test_bilstm_gradients_match_central_differences(backend):
 @pytest.mark.parametrize("kind", list(GATES))
 def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind, monkeypatch):
     """Row shares of uneven sizes (4 and 5 rows, a smaller share size than the kernels' own so
-    that the shapes stay small) on 2 threads and on 1: the same shares, bitwise the same
-    results, and as accurate as the loop reference."""
+    that the shapes stay small) on 2 threads and on 1: the same shares and parts of the weight
+    gradients, bitwise the same results, and as accurate as the loop reference."""
     numba = pytest.importorskip("numba")
     from fastattn.kernels import _recurrent_numba
 
@@ -262,9 +262,9 @@ def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind, monkeypatc
             numba.set_num_threads(threads)
             layer = TIME[kind][0](*_copies(W), backend="numba")
             hs = layer.forward(xs[0])
-            assert _recurrent_numba.stats == {"shares": 4, "threads": threads}
-            dxs = layer.backward(dhs[0])  # and so did the backward
-            assert _recurrent_numba.stats == {"shares": 4, "threads": threads}
+            assert _recurrent_numba.stats == {"shares": 4, "threads": threads, "parts": 0}
+            dxs = layer.backward(dhs[0])  # and so did the backward, then the weight gradients
+            assert _recurrent_numba.stats == {"shares": 4, "threads": threads, "parts": 2}
             runs.append([hs, dxs, layer.dh, *layer.grads])
     finally:
         numba.set_num_threads(before)

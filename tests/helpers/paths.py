@@ -4,15 +4,15 @@ The unfused kernels (``kernels/numba_backend.py``) decide in one function, ``_pa
 threshold, batch)``; the fused ones (``kernels/_flash.py``) hand their work units to
 ``_in_parallel(fn, n_units, flops, serial_flops, ...)``, which runs ``fn`` on one thread or
 several; the recurrent ones (``kernels/_recurrent_numba.py``) cut the batch into
-``_shares(N, H, width)`` row shares. ``record_paths`` wraps all three: the decisions of the
-first and the last (as "unfused": True when parallel; for the recurrent kernels: more than
-one share, run on more than one thread), and the distinct threads that ran ``fn`` in the
-second. With ``force=True`` the work thresholds are set to 0 (the unfused kernels' constants,
-the tuning setting's ``serial_flops``, the recurrent kernels' work threshold, and their rows
-per share to 2), so that small test shapes take the parallel paths whenever there are two
-threads and something to share. (The
-glue kernels of ``kernels/_glue_numba.py`` always run ``prange`` over rows or row chunks;
-``glue_chunks`` says into how many chunks the column-summing ones split N rows.)
+``_shares(N, H, width)`` row shares (``_rows``). ``record_paths`` wraps all three: the
+decisions of the first and the last (as "unfused": True when parallel; for the recurrent
+kernels: more than one share, run on more than one thread), and the distinct threads that
+ran ``fn`` in the second. With ``force=True`` the work thresholds are set to 0 (the unfused
+kernels' constants, the tuning setting's ``serial_flops``, the recurrent kernels' work
+threshold, and their rows per share to 2), so that small test shapes take the parallel paths
+whenever there are two threads and something to share. (The glue kernels of
+``kernels/_glue_numba.py`` always run ``prange`` over rows or row chunks; ``glue_chunks``
+says into how many chunks the column-summing ones split N rows.)
 """
 
 from __future__ import annotations
@@ -71,15 +71,15 @@ def record_paths(monkeypatch, force=False):
         run(traced, n_units, flops, serial_flops, *args)
         log.fused.append(len(idents))
 
-    dispatch = _recurrent_numba._dispatch
+    rows = _recurrent_numba._rows
 
-    def recurrent_dispatch(*args):
-        out = dispatch(*args)
+    def recurrent_rows(*args):
+        out = rows(*args)
         log.unfused.append(_recurrent_numba.stats["threads"] > 1)
         return out
 
     monkeypatch.setattr(numba_backend, "_parallel", parallel)
-    monkeypatch.setattr(_recurrent_numba, "_dispatch", recurrent_dispatch)
+    monkeypatch.setattr(_recurrent_numba, "_rows", recurrent_rows)
     monkeypatch.setattr(_flash, "_in_parallel", in_parallel)
     return log
 
