@@ -154,6 +154,22 @@ def ones(n: int, dtype) -> np.ndarray:
     return v[:n]
 
 
+def matmul(backend, a, b, ta=False, tb=False, out=None):
+    """op(a) @ op(b) of 2-D arrays, op(x) = x.T when its flag is set, into ``out`` when given.
+    On the numba backend by ``kernels._products.matmul``: row blocks on the kernels' threads,
+    BLAS at one thread, so that no BLAS thread is left spinning on the cores the next kernel
+    needs. Else NumPy's product."""
+    if backend != "numba":
+        return np.matmul(a.T if ta else a, b.T if tb else b, out=out)
+    from fastattn.kernels import _products
+
+    c = _products.matmul(a, b, ta, tb)
+    if out is None:
+        return c
+    out[...] = c
+    return out
+
+
 def colsum(a2, out=None):
     """Column sums of a 2-D array (N, C) -> (C,), as ones (N,) @ a2 (one BLAS call)."""
     return np.matmul(ones(a2.shape[0], a2.dtype), a2, out=out)

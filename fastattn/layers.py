@@ -43,6 +43,7 @@ from fastattn._layer import (
     dout_array,
     float_input,
     forward_backend,
+    matmul,
     not_yet,
     scalar_dout,
 )
@@ -140,11 +141,7 @@ class _AffineMap:
         raise NotImplementedError
 
     def _mm(self, a, b, ta=False, tb=False):
-        if self._backend == "numba":
-            from fastattn.kernels import _products
-
-            return _products.matmul(a, b, ta, tb)
-        return (a.T if ta else a) @ (b.T if tb else b)
+        return matmul(self._backend, a, b, ta, tb)
 
     def forward(self, x):
         W, b = self.params
