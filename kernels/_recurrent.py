@@ -1,4 +1,4 @@
-"""What the fast recurrent kernels share: the big products around the recurrence.
+"""The big products around the recurrence, in NumPy, and the names of the recurrent kernels.
 
 A recurrent layer's forward is ``xs Wx + b`` for all steps at once (one (N*T, D) x (D, kH)
 product), then the recurrence over t, which needs ``h_{t-1} Wh`` step by step. Its backward
@@ -7,9 +7,11 @@ pre-activations of every step; the weight and input gradients then are big produ
 ``dWx = xs^T dA``, ``dWh = h_prev^T dA``, ``db = sum dA``, ``dxs = dA Wx^T``, over all N*T rows
 at once.
 
-The functions below take the recurrence (``scan``/``scan_back``) of a backend: NumPy
-(``kernels.recurrent_vectorized``) or Numba (``kernels._recurrent_numba``). Their signatures
-and results are those of ``kernels.recurrent_loop``. A forward scan finds ``xs Wx + b`` in the
+The functions below take the recurrence (``scan``/``scan_back``) of the NumPy backend
+(``kernels.recurrent_vectorized``; the Numba backend, ``kernels._recurrent_numba``, runs the
+same products on its own threads instead). Their signatures and results are those of
+``kernels.recurrent_loop``, whose names and documentation :func:`named` gives both backends'
+kernels. A forward scan finds ``xs Wx + b`` in the
 array it fills (``gates``; the RNN's ``hs``) and overwrites it step by step: no separate
 (N, T, kH) array of input products. The forward scans take Wh (H, kH), the backward ones a
 contiguous Wh^T (kH, H).
