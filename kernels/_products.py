@@ -57,14 +57,14 @@ def matmul(a, b, ta=False, tb=False):
         return c
     nblk = max(1, min(M // _BLOCK_ROWS, _MAX_BLOCKS))
     with OneThread():
-        _flash._in_parallel(_product_units, nblk, 2 * M * N * K, _tuning.current()[0].serial_flops,
-                     a, ta, b, tb, c, nblk)
+        _flash._in_parallel(_product_units, nblk, 2 * M * N * K,
+                            _tuning.current()[0].serial_flops, a, ta, b, tb, c, nblk)
     return c
 
 
 # ---- the recurrent layers' products (kernels._recurrent_numba) -----------------------------
-# xs2 (N*T, D), A2 (N*T, kH), dA2, dxs2, hp2 (N*T, H): the (N, T, .) arrays as rows, batch row n's
-# steps at rows n*T .. n*T + T - 1, so the rows of a share are one block.
+# xs2, dxs2 (N*T, D), A2, dA2 (N*T, kH), xh2 (N*T, D + H): (N, T, .) arrays as rows, batch row
+# n's steps at rows n*T .. n*T + T - 1, so the rows of a share are one block.
 
 
 @njit_cached(**_JIT)
