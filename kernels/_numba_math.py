@@ -1,8 +1,8 @@
 """The Numba configuration and small building blocks shared by every fastattn Numba kernel.
 
 * :data:`FASTMATH`: the one set of fastmath flags of the kernels.
-* :func:`njit_cached`: ``numba.njit(cache=True, ...)``, or plain ``njit`` where no cache
-  location is writable.
+* :func:`njit_cached`: ``numba.njit(cache=True, ...)`` whose cache goes stale with any module
+  of this package, or plain ``njit`` where no cache location is writable.
 * :func:`vexp`: an exp of ``x <= 0`` that LLVM vectorises.
 * :func:`fmax`: a max of two floats that LLVM vectorises.
 * :func:`take_unit`: hands out work units to threads from a shared counter.
@@ -42,7 +42,10 @@ From Python (or with ``NUMBA_DISABLE_JIT=1``) ``vexp`` is ``np.exp``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
@@ -60,14 +63,40 @@ FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
 _EXP_FASTMATH = FASTMATH - {"reassoc"}
 
 
+@functools.cache
+def _package_stamp() -> bytes | None:
+    """A digest of every module of this package (None when they cannot be read)."""
+    digest = hashlib.sha256()
+    try:
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    except OSError:
+        return None
+    return digest.digest()
+
+
+def _stale_with_the_package(dispatcher):
+    """Make the cached machine code of ``dispatcher`` stale when any module of this package
+    changes, not only the function's own file: Numba compares only that file with the cache,
+    and a kernel inlines helpers from the other modules (a changed helper would otherwise run
+    as its old machine code). Numba's cache index keeps a source stamp; the package's digest
+    joins it. Where that private attribute is missing (another Numba), nothing changes."""
+    index = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    stamp = _package_stamp()
+    if index is not None and hasattr(index, "_source_stamp") and stamp is not None:
+        index._source_stamp = (index._source_stamp, stamp)
+    return dispatcher
+
+
 def njit_cached(**options):
-    """Decorator: ``numba.njit(cache=True, **options)``, or ``numba.njit(**options)`` when
-    Numba finds no writable cache location for the function (a read-only install with a
-    read-only home), where it refuses ``cache=True`` at decoration time."""
+    """Decorator: ``numba.njit(cache=True, **options)``, its cache stale whenever any module
+    of this package changes; or ``numba.njit(**options)`` when Numba finds no writable cache
+    location for the function (a read-only install with a read-only home), where it refuses
+    ``cache=True`` at decoration time."""
 
     def decorate(fn):
         try:
-            return njit(cache=True, **options)(fn)
+            return _stale_with_the_package(njit(cache=True, **options)(fn))
         except RuntimeError as exc:  # "cannot cache function ...: no locator available"
             if "cannot cache" not in str(exc):
                 raise

@@ -191,6 +191,24 @@ def test_two_processes_compiling_into_one_fresh_cache_both_succeed_and_agree(tmp
         assert third["kernel_cache_hits"] >= 1, "the package's kernels load from the cache"
 
 
+def test_a_changed_helper_module_makes_every_kernel_compile_again(tmp_path):
+    """Numba compares a cached kernel only with its own source file, but the kernels inline
+    helpers from the package's other modules. After a change to one module (a line added to
+    _numba_math.py, where vexp lives; the softmax kernel's own file is unchanged), no kernel
+    may load its old machine code; a run after that loads the new one."""
+    site = _copy_packages(tmp_path)
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    first = _run(site, env)
+    assert _run(site, env)["kernel_cache_hits"] >= 1, "the cache works (else this proves nothing)"
+    helper = site / "fastattn" / "kernels" / "_numba_math.py"
+    helper.write_text(helper.read_text() + "\n# a change in a helper module\n")
+    third = _run(site, env)
+    _assert_package_works(third, site)
+    assert third["kernel_cache_hits"] == 0, "a kernel loaded machine code from before the change"
+    assert third["softmax_sha"] == first["softmax_sha"]
+    assert _run(site, env)["kernel_cache_hits"] >= 1, "the new machine code is cached"
+
+
 # ---- the test session's own cache: never stale --------------------------------------------
 
 def test_the_session_compiles_into_a_folder_keyed_by_every_kernel_source():
