@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import secrets
 import zipfile
 import zlib
 
 import numpy as np
+
+from fastattn.kernels._atomic import atomic_open
 
 __all__ = ["load_model", "save_model"]
 
@@ -48,21 +49,6 @@ MAX_TEXT_BYTES = 1 << 24
 
 def _text(obj) -> np.ndarray:
     return np.array(json.dumps(obj))  # a 0-d unicode array, loadable without pickle
-
-
-def _temporary(directory, base):
-    """A new hidden file in ``directory``, opened for writing: (path, file descriptor).
-
-    Created with mode 0o666 less the umask, as ``open`` would (``tempfile.mkstemp`` gives
-    0o600, which a rename would carry over to the checkpoint).
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = os.path.join(directory, f".tmp-{base}.{secrets.token_hex(6)}.part")
-        try:
-            return tmp, os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
 
 
 def save_model(model, path, *, meta=None):
@@ -90,20 +76,8 @@ def save_model(model, path, *, meta=None):
     }
     for i, p in enumerate(model.params):
         arrays[f"w{i:03d}"] = np.asarray(p)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp, fd = _temporary(directory, os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

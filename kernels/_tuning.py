@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
+
+from ._atomic import atomic_open
 
 FORMAT = 1
 
@@ -181,19 +182,8 @@ def write_file(path: str, key: dict, setting: Setting, measured: dict | None = N
     os.makedirs(folder, exist_ok=True)
     data = {"format": FORMAT, "key": key, "setting": asdict(setting),
             "measured": measured or {}}
-    fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 _state: dict = {}

@@ -146,7 +146,7 @@ def test_two_processes_writing_at_once_leave_a_whole_file(tune_file):
     assert all(w.wait(timeout=120) == 0 for w in writers)
     final = json.loads(tune_file.read_text())
     assert final["setting"]["block_q"] in (16, 32)
-    assert not list(tune_file.parent.glob(".tuning-*")), "no temporary file is left behind"
+    assert not list(tune_file.parent.glob(".tmp-*")), "no temporary file is left behind"
 
 
 def test_the_setting_in_force_decides_the_kernels_blocks(rng):
