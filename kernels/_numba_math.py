@@ -6,6 +6,7 @@
 * :func:`vexp`: an exp of ``x <= 0`` that LLVM vectorises.
 * :func:`fmax`: a max of two floats that LLVM vectorises.
 * :func:`take_unit`: hands out work units to threads from a shared counter.
+* :func:`finite_flat`: no NaN or inf in an array, in one pass (the input checks use it).
 
 ``vexp``
     ``np.exp`` inside ``@njit`` is a call to the scalar libm ``exp``, which stops LLVM's loop
@@ -103,6 +104,15 @@ def njit_cached(**options):
             return njit(**options)(fn)
 
     return decorate
+
+
+@njit_cached(nogil=True)  # no fastmath: it would let LLVM assume there is no NaN or inf
+def finite_flat(x):
+    """True when the 1-D x holds no NaN or inf (x - x is NaN for both), in one pass."""
+    ok = True
+    for i in range(x.size):
+        ok &= (x[i] - x[i]) == 0
+    return ok
 
 
 @intrinsic
