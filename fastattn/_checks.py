@@ -34,14 +34,28 @@ def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.n
     return np.ascontiguousarray(x)
 
 
+def _finite_flat():
+    """kernels._numba_math.finite_flat, or None without Numba (looked up once)."""
+    if "finite_flat" not in _FAST:
+        try:
+            from fastattn.kernels._numba_math import finite_flat
+        except ImportError:
+            finite_flat = None
+        _FAST["finite_flat"] = finite_flat
+    return _FAST["finite_flat"]
+
+
+_FAST: dict = {}
+
+
 def all_finite(x: np.ndarray) -> bool:
     """True when ``x`` (non-empty, float) holds no NaN or inf, with no temporary array of x's
     size (unlike np.isfinite(x).all()): one pass of a Numba loop when x is C-contiguous (2-3x
-    faster), else its max and min are finite (NaN propagates through both)."""
-    if x.flags.c_contiguous:
-        from fastattn.kernels._numba_math import finite_flat
-
-        return bool(finite_flat(x.reshape(-1)))
+    faster), else (or without Numba) its max and min are finite (NaN propagates through both).
+    """
+    fast = _finite_flat() if x.flags.c_contiguous else None
+    if fast is not None:
+        return bool(fast(x.reshape(-1)))
     return bool(np.isfinite(x.max()) and np.isfinite(x.min()))
 
 
