@@ -6,6 +6,8 @@ index or shape that reached one could corrupt memory silently.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -34,18 +36,14 @@ def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.n
     return np.ascontiguousarray(x)
 
 
+@functools.cache
 def _finite_flat():
-    """kernels._numba_math.finite_flat, or None without Numba (looked up once)."""
-    if "finite_flat" not in _FAST:
-        try:
-            from fastattn.kernels._numba_math import finite_flat
-        except ImportError:
-            finite_flat = None
-        _FAST["finite_flat"] = finite_flat
-    return _FAST["finite_flat"]
-
-
-_FAST: dict = {}
+    """kernels._numba_math.finite_flat, or None without Numba."""
+    try:
+        from fastattn.kernels._numba_math import finite_flat
+    except ImportError:
+        return None
+    return finite_flat
 
 
 def all_finite(x: np.ndarray) -> bool:

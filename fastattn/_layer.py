@@ -154,20 +154,16 @@ def ones(n: int, dtype) -> np.ndarray:
     return v[:n]
 
 
-def matmul(backend, a, b, ta=False, tb=False, out=None):
-    """op(a) @ op(b) of 2-D arrays, op(x) = x.T when its flag is set, into ``out`` when given.
-    On the numba backend by ``kernels._products.matmul``: row blocks on the kernels' threads,
-    BLAS at one thread, so that no BLAS thread is left spinning on the cores the next kernel
-    needs. Else NumPy's product."""
+def matmul(backend, a, b, ta=False, tb=False):
+    """op(a) @ op(b) of 2-D arrays, op(x) = x.T when its flag is set. On the numba backend by
+    ``kernels._products.matmul``: row blocks on the kernels' threads, BLAS at one thread, so
+    that no BLAS thread is left spinning on the cores the next kernel needs. Else NumPy's
+    product."""
     if backend != "numba":
-        return np.matmul(a.T if ta else a, b.T if tb else b, out=out)
+        return (a.T if ta else a) @ (b.T if tb else b)
     from fastattn.kernels import _products
 
-    c = _products.matmul(a, b, ta, tb)
-    if out is None:
-        return c
-    out[...] = c
-    return out
+    return _products.matmul(a, b, ta, tb)
 
 
 def colsum(a2, out=None):
