@@ -27,6 +27,8 @@ Run::
 
 from __future__ import annotations
 
+import functools
+
 import book_lstm
 import numpy as np
 import pytest
@@ -166,13 +168,7 @@ def _step_case(variant):
     first loss) compares it and every gradient of that step with the book path's."""
     (xs, ts), V = _step_batch()
     model = book_lstm.AttentionSeq2seq(V, WORDVEC, H, seed=0, **_STEP_KW[variant])
-    optimizer = book_lstm.adam(1e-3)
-
-    def fn():
-        loss = model.forward(xs, ts)
-        model.backward()
-        optimizer.update(model.params, model.grads)
-        return loss
+    fn = functools.partial(book_lstm.train_step, model, xs, ts, book_lstm.adam(1e-3))
 
     def check(loss):  # the grads of the first step were taken at the book path's weights
         (loss64, grads64), (loss32, grads32) = _step_reference()

@@ -152,14 +152,7 @@ def _step_case(variant, steps=25):
 
     xs, ts, V = _date_batches(1)
     model = book_lstm.AttentionSeq2seq(V, WORDVEC, H, seed=0, **_STEP_KW[variant])
-    optimizer = book_lstm.adam(1e-3)
-
-    def fn():
-        loss = model.forward(xs, ts)
-        model.backward()
-        optimizer.update(model.params, model.grads)
-        return loss
-
+    fn = functools.partial(book_lstm.train_step, model, xs, ts, book_lstm.adam(1e-3))
     return fn, check
 
 

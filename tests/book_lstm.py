@@ -297,12 +297,16 @@ def adam(lr=0.001):
     return Adam(lr)
 
 
+def train_step(model, xs, ts, optimizer):
+    """One training step on the batch (xs, ts): forward, backward, update; the loss."""
+    loss = model.forward(xs, ts)
+    model.backward()
+    optimizer.update(model.params, model.grads)
+    return loss
+
+
 def train_steps(model, xs, ts, batch_size, steps, optimizer):
     """Run ``steps`` training steps on consecutive batches; the list of losses."""
-    losses = []
-    for k in range(steps):
-        sl = slice(k * batch_size, (k + 1) * batch_size)
-        losses.append(model.forward(xs[sl], ts[sl]))
-        model.backward()
-        optimizer.update(model.params, model.grads)
-    return losses
+    return [train_step(model, xs[k * batch_size:(k + 1) * batch_size],
+                       ts[k * batch_size:(k + 1) * batch_size], optimizer)
+            for k in range(steps)]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from helpers import SMALL_VOCAB, ids, rand
 
 import fastattn
 from fastattn import _backend, _checks, kernels
@@ -58,7 +59,7 @@ from fastattn.transformer import (
 from fastattn.vocab import attach_vocab
 
 F64 = np.float64
-V = 6  # the vocabulary size of every id-taking layer here
+V = SMALL_VOCAB  # the vocabulary of every id-taking layer here
 
 
 @pytest.fixture
@@ -75,14 +76,6 @@ def tripwire(monkeypatch):
     monkeypatch.setattr(_backend, "kernel", kernel)
     monkeypatch.setattr(kernels, "get", kernel)
     return ran
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
-
-
-def ids(B=2, T=3, seed=0):
-    return np.random.default_rng(seed).integers(0, V, (B, T))
 
 
 def tiny_model(**kw):

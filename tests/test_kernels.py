@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_all_close, attention_bounds, kernel_attention_probs, kernel_bounds
+from helpers import (
+    assert_all_close,
+    attention_bounds,
+    kernel_attention_probs,
+    kernel_attention_scores,
+    kernel_bounds,
+)
 from helpers.paths import record_paths
 from numba import njit
 
@@ -252,13 +258,7 @@ def _mask(kind, B, Tq, Tk, rng):
 def _attention64(q, k, v, dout, scale, causal, mask):
     """out, lse and dq, dk, dv by the textbook formulas, in float64, with an explicit P."""
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
-    B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
-    allowed = np.ones((B, Tq, Tk), dtype=bool)
-    if causal:
-        allowed &= np.arange(Tk)[None, None, :] <= np.arange(Tq)[None, :, None]
-    if mask is not None:
-        allowed &= np.broadcast_to(mask, (B, Tq, Tk))
-    s = np.where(allowed, scale * np.einsum("bic,bjc->bij", q, k), -np.inf)
+    s = kernel_attention_scores(q, k, scale, causal, mask)
     m = s.max(-1, keepdims=True)
     empty = np.isneginf(m)
     e = np.exp(s - np.where(empty, 0.0, m))

@@ -18,6 +18,7 @@ import inspect
 
 import numpy as np
 import pytest
+from helpers import SMALL_VOCAB, ids, rand
 
 import fastattn
 from fastattn import (
@@ -55,15 +56,7 @@ from fastattn import (
 )
 
 F64 = np.float64
-V = 6  # the vocabulary of every id-taking layer here
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
-
-
-def ids(B=2, T=3, seed=0):
-    return np.random.default_rng(seed).integers(0, V, (B, T))
+V = SMALL_VOCAB  # the vocabulary of every id-taking layer here
 
 
 def _model(**kw):

@@ -50,6 +50,7 @@ from .bounds import (
     attention_probs,
     book_attention_bounds,
     kernel_attention_probs,
+    kernel_attention_scores,
     kernel_bounds,
     matmul_terms,
 )
@@ -64,8 +65,12 @@ __all__ = [
     "attention_probs",
     "book_attention_bounds",
     "kernel_attention_probs",
+    "kernel_attention_scores",
     "kernel_bounds",
     "matmul_terms",
+    "SMALL_VOCAB",
+    "rand",
+    "ids",
 ]
 
 
@@ -232,3 +237,17 @@ def assert_attention_close(got, want, q, k, v, dout=None, *, bounds=None, err_ms
         bounds = public_attention_bounds(q, k, v, dout, **kw)
     names = ATTENTION_RESULTS[:len(got)]
     return assert_all_close(got, want, [bounds[x] for x in names], names, err_msg)
+
+
+#: The vocabulary size of the id-taking layers in the layer tests.
+SMALL_VOCAB = 6
+
+
+def rand(*shape, seed=0):
+    """A float64 standard-normal array of ``shape``, the same for the same seed."""
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def ids(B=2, T=3, seed=0, V=SMALL_VOCAB):
+    """(B, T) int64 token ids in [0, V), the same for the same seed."""
+    return np.random.default_rng(seed).integers(0, V, (B, T))

@@ -80,10 +80,10 @@ def attention_probs(forward, q, k, **kw):
     return _f64(out)
 
 
-def kernel_attention_probs(q, k, scale, causal, mask):
-    """P (B, Tq, Tk) in float64 of the kernel-level attention (DESIGN's kernel table): softmax
-    of scale q k^T over the allowed keys (``mask`` broadcast to (B, Tq, Tk) and, with causal,
-    j <= i); rows with no allowed key are zeros."""
+def kernel_attention_scores(q, k, scale, causal, mask):
+    """S (B, Tq, Tk) in float64 of the kernel-level attention (DESIGN's kernel table): scale
+    q k^T where a key is allowed (``mask`` broadcast to (B, Tq, Tk) and, with causal, j <= i),
+    -inf elsewhere."""
     q, k = _f64(q), _f64(k)
     B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
     allowed = np.ones((B, Tq, Tk), dtype=bool)
@@ -91,7 +91,13 @@ def kernel_attention_probs(q, k, scale, causal, mask):
         allowed &= np.arange(Tk)[None, None, :] <= np.arange(Tq)[None, :, None]
     if mask is not None:
         allowed &= np.broadcast_to(mask, (B, Tq, Tk))
-    s = np.where(allowed, scale * (q @ _t(k)), -np.inf)
+    return np.where(allowed, scale * (q @ _t(k)), -np.inf)
+
+
+def kernel_attention_probs(q, k, scale, causal, mask):
+    """P (B, Tq, Tk) in float64 of the kernel-level attention: the softmax of
+    :func:`kernel_attention_scores` over each row; rows with no allowed key are zeros."""
+    s = kernel_attention_scores(q, k, scale, causal, mask)
     m = s.max(-1, keepdims=True)
     e = np.exp(s - np.where(np.isfinite(m), m, 0.0))
     total = e.sum(-1, keepdims=True)
