@@ -39,6 +39,8 @@ from fastattn.blocks import (
 )
 from fastattn.layers import TimeAffine, TimeEmbedding, TimeSoftmaxWithLoss
 
+_GENERATE_ROWS = 512  # generate_batch decodes at most this many questions at a time
+
 __all__ = [  # the blocks too, which this module offered before they had a module of their own
     "DecoderBlock",
     "EncoderBlock",
@@ -255,6 +257,10 @@ class TransformerSeq2seq:
         N = xs.shape[0]
         start = _checks.token_ids(np.broadcast_to(np.asarray(start_id), (N,)),
                                   self.config.vocab_size, "start_id", ndim=1)
+        if N > _GENERATE_ROWS:  # in chunks whose activations stay in the CPU's caches
+            return np.concatenate([
+                self.generate_batch(xs[i:i + _GENERATE_ROWS], start[i:i + _GENERATE_ROWS],
+                                    sample_size) for i in range(0, N, _GENERATE_ROWS)])
         memory = self.encode(xs)
         kv = [block.cross_attn.project_kv(memory) for block in self.decoder]
         caches = [{} for _ in self.decoder]

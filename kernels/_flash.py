@@ -43,6 +43,7 @@ from ._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
+FEW_ROWS = 2  # query rows per batch entry up to which the forward runs _few_rows_units
 _NO_KT = {np.dtype(t): np.zeros((1, 1, 1), dtype=t) for t in (np.float32, np.float64)}
 
 # ---- tile products: single-threaded BLAS (kernels._blas.gemm) -------------------------------
@@ -179,6 +180,51 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 lse[b, i0 + r] = m[r] + np.log(lsum[r])
             else:
                 lse[b, i0 + r] = ninf  # nothing to attend to: out stays 0
+
+
+@njit_cached(nogil=True, fastmath=_FM)
+def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, per):
+    """The forward for a few query rows per batch entry (decoding): unit u is batch entries
+    u per .. u per + per - 1, each row's scores over all its keys, softmax and P V by loops
+    (no BLAS call, no tiles). Same results and masking rule as _forward_units."""
+    B, Tq, d = q.shape
+    Tk, dv = k.shape[1], v.shape[2]
+    dt = q.dtype.type
+    ninf, zero, one = dt(-np.inf), dt(0), dt(1)
+    s = np.empty(max(Tk, 1), dtype=q.dtype)
+    while True:
+        u = take_unit(counter)
+        if u * per >= B:
+            break
+        for b in range(u * per, min(B, u * per + per)):
+            maskb = mask[min(b, mask.shape[0] - 1)]
+            for i in range(Tq):
+                qi, ob = q[b, i], out[b, i]
+                jend = min(Tk, i + 1) if causal else Tk
+                mrow = maskb[min(i, maskb.shape[0] - 1)]
+                mx = ninf
+                for j in range(jend):  # a dot product per key: measured faster than BLAS
+                    acc = zero
+                    for p in range(d):
+                        acc += qi[p] * k[b, j, p]
+                    s[j] = scale * acc if not has_mask or mrow[j] else ninf
+                    mx = fmax(mx, s[j])
+                ob[:] = zero
+                if mx == ninf:  # nothing allowed: out 0, lse -inf
+                    lse[b, i] = ninf
+                    continue
+                total = zero
+                for j in range(jend):
+                    s[j] = vexp(s[j] - mx)
+                    total += s[j]
+                for j in range(jend):
+                    f = s[j]
+                    for p in range(dv):
+                        ob[p] += f * v[b, j, p]
+                inv = one / total
+                for p in range(dv):
+                    ob[p] *= inv
+                lse[b, i] = mx + np.log(total)
 
 
 @njit_cached(nogil=True, fastmath=_FM)
@@ -338,9 +384,15 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     (q, k, v), scale, mask, has_mask = _prepare((q, k, v), scale, mask)
     B, Tq, _ = q.shape
     st = _tuning.current()[0]
-    bq, bk = tiles or _tiles(B, Tq, k.shape[1], causal, st)
     out = np.empty((B, Tq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((B, Tq), dtype=q.dtype)
+    if Tq <= FEW_ROWS and tiles is None:  # decoding: loops per entry, no BLAS or tiles
+        per = max(1, min(64, B // (8 * get_num_threads())))
+        _in_parallel(_few_rows_units, math.ceil(B / per), 4 * q.size * k.shape[1],
+                     st.serial_flops, q, k, v, out, lse, scale, bool(causal), mask,
+                     has_mask, per)
+        return out, lse
+    bq, bk = tiles or _tiles(B, Tq, k.shape[1], causal, st)
     with _OneBlasThread():
         use_kT = min(Tq, bq) >= st.kt_rows
         kT = np.ascontiguousarray(k.transpose(0, 2, 1)) if use_kT else _NO_KT[q.dtype]

@@ -18,6 +18,7 @@ from helpers import (
     kernel_attention_probs,
     public_attention_bounds,
 )
+from helpers.paths import record_paths
 
 import fastattn
 from fastattn import kernels
@@ -314,3 +315,37 @@ def test_backward_splits_key_blocks_when_batch_is_smaller_than_threads(monkeypat
     q, k, v, dout = _inputs(rng, 1, 30, 40, 8, 8, np.float64)
     _assert_matches_loop(q, k, v, dout, False, None, tiles=[(8, 8), (7, 16)])
     _assert_matches_loop(q, k, v, dout, True, None, tiles=[(8, 8)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_few_query_rows_take_the_loop_kernel(monkeypatch, threads, dtype):
+    """Up to FEW_ROWS query rows per entry (decoding), the forward runs _few_rows_units (loops
+    per entry, no tiles): it matches the loop reference with masks of every broadcast, causal,
+    rows with nothing allowed and a key sequence of one; it ran, on 2 threads when forced,
+    and gives the same bits on 1 thread."""
+    calls = []
+    few_rows = _flash._few_rows_units
+
+    def spy(counter, *args):
+        calls.append(args[-1])  # entries per unit
+        return few_rows(counter, *args)
+
+    monkeypatch.setattr(_flash, "_few_rows_units", spy)
+    log = record_paths(monkeypatch, force=True)
+    rng = np.random.default_rng(12)
+    for B, Tq, Tk in [(5, 1, 9), (4, _flash.FEW_ROWS, 17), (3, 2, 1)]:
+        q, k, v, dout = _inputs(rng, B, Tq, Tk, 8, 5, dtype)
+        masks = [None, rng.random((B, Tq, Tk)) < 0.6, rng.random((1, 1, Tk)) < 0.6]
+        masks[1][0, 0] = False  # a row with nothing allowed
+        for causal in (False, True):
+            for mask in masks:
+                threads(2)
+                calls.clear()
+                log.clear()
+                two = _flash.attention_forward(q, k, v, 0.5, causal, mask)
+                assert calls and log.fused == [2], (calls, log.fused)
+                _assert_matches_loop(q, k, v, dout, causal, mask, scale=0.5, tiles=[None])
+                threads(1)
+                one = _flash.attention_forward(q, k, v, 0.5, causal, mask)
+                for a, b in zip(one, two, strict=True):
+                    np.testing.assert_array_equal(a, b)

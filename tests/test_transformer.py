@@ -8,6 +8,7 @@ import pytest
 from gradcheck import check_layer_grads
 from helpers import assert_close, assert_within_float32_error, attention_bounds
 
+from fastattn import transformer
 from fastattn.attention import MultiHeadAttention
 from fastattn.kernels import BACKENDS
 from fastattn.transformer import (
@@ -306,6 +307,24 @@ def test_generate_batch_equals_full_recomputation(backend):
         ys = np.concatenate([ys, score[:, -1].argmax(-1)[:, None]], axis=1)
     np.testing.assert_array_equal(got, ys[:, 1:])
     assert got.shape == (6, 6) and got.dtype == np.int64
+
+
+@pytest.mark.parametrize("backend", ["vectorized", "numba"])
+def test_generate_batch_decodes_many_questions_in_chunks(backend, monkeypatch):
+    """More questions than _GENERATE_ROWS are decoded a chunk at a time, each with its own
+    start id, and give the ids of one pass over all of them."""
+    model = tiny_model(backend, d_model=8, n_heads=2, max_len=7, seed=6)
+    xs, _ = tiny_batch(N=10, S=6)
+    start = np.arange(10) % 3
+    whole = model.generate_batch(xs, start, 5)
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 4)
+    encoded = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda x: (encoded.append(len(x)), encode(x))[1])
+    chunked = model.generate_batch(xs, start, 5)
+    assert encoded == [4, 4, 2]
+    np.testing.assert_array_equal(chunked, whole)
+    assert chunked.shape == (10, 5) and chunked.dtype == np.int64
 
 
 def test_generate_follows_the_book():
