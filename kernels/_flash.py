@@ -185,13 +185,56 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 lse[b, i0 + r] = ninf  # nothing to attend to: out stays 0
 
 
+@njit_cached(fastmath=_FM)
+def _dots(qi, kb, s, jend, scale):
+    """s[j] = scale qi . kb[j] for j < jend, four keys per pass over qi (independent sums)."""
+    d = qi.shape[0]
+    zero = s.dtype.type(0)
+    j = 0
+    while j + 4 <= jend:
+        k0, k1, k2, k3 = kb[j], kb[j + 1], kb[j + 2], kb[j + 3]
+        a0, a1, a2, a3 = zero, zero, zero, zero
+        for p in range(d):
+            x = qi[p]
+            a0 += x * k0[p]
+            a1 += x * k1[p]
+            a2 += x * k2[p]
+            a3 += x * k3[p]
+        s[j], s[j + 1], s[j + 2], s[j + 3] = scale * a0, scale * a1, scale * a2, scale * a3
+        j += 4
+    for jj in range(j, jend):
+        acc = zero
+        for p in range(d):
+            acc += qi[p] * kb[jj, p]
+        s[jj] = scale * acc
+
+
+@njit_cached(fastmath=_FM)
+def _weighted_rows(s, vb, ob, jend):
+    """ob = sum_j s[j] vb[j] over j < jend, four value rows per pass over ob (ob may alias vb
+    for all the compiler knows, so each pass loads and stores it)."""
+    dv = ob.shape[0]
+    ob[:] = s.dtype.type(0)
+    j = 0
+    while j + 4 <= jend:
+        f0, f1, f2, f3 = s[j], s[j + 1], s[j + 2], s[j + 3]
+        v0, v1, v2, v3 = vb[j], vb[j + 1], vb[j + 2], vb[j + 3]
+        for p in range(dv):
+            ob[p] += (f0 * v0[p] + f1 * v1[p]) + (f2 * v2[p] + f3 * v3[p])
+        j += 4
+    for jj in range(j, jend):
+        f = s[jj]
+        for p in range(dv):
+            ob[p] += f * vb[jj, p]
+
+
 @njit_cached(nogil=True, fastmath=_FM)
 def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, per):
     """The forward for a few query rows per batch entry (decoding): unit u is batch entries
     u per .. u per + per - 1, each row's scores over all its keys, softmax and P V by loops
     (no BLAS call, no tiles). Same results and masking rule as _forward_units."""
-    B, Tq, d = q.shape
-    Tk, dv = k.shape[1], v.shape[2]
+    B, Tq, _ = q.shape
+    Tk = k.shape[1]
     dt = q.dtype.type
     ninf, zero, one = dt(-np.inf), dt(0), dt(1)
     s = np.empty(max(Tk, 1), dtype=q.dtype)
@@ -202,30 +245,26 @@ def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, p
         for b in range(u * per, min(B, u * per + per)):
             maskb = mask[min(b, mask.shape[0] - 1)]
             for i in range(Tq):
-                qi, ob = q[b, i], out[b, i]
+                ob = out[b, i]
                 jend = min(Tk, i + 1) if causal else Tk
+                _dots(q[b, i], k[b], s, jend, scale)
                 mrow = maskb[min(i, maskb.shape[0] - 1)]
                 mx = ninf
-                for j in range(jend):  # a dot product per key
-                    acc = zero
-                    for p in range(d):
-                        acc += qi[p] * k[b, j, p]
-                    s[j] = scale * acc if not has_mask or mrow[j] else ninf
+                for j in range(jend):
+                    if has_mask and not mrow[j]:
+                        s[j] = ninf
                     mx = fmax(mx, s[j])
-                ob[:] = zero
                 if mx == ninf:  # nothing allowed: out 0, lse -inf
+                    ob[:] = zero
                     lse[b, i] = ninf
                     continue
                 total = zero
                 for j in range(jend):
                     s[j] = vexp(s[j] - mx)
                     total += s[j]
-                for j in range(jend):
-                    f = s[j]
-                    for p in range(dv):
-                        ob[p] += f * v[b, j, p]
+                _weighted_rows(s, v[b], ob, jend)
                 inv = one / total
-                for p in range(dv):
+                for p in range(ob.shape[0]):
                     ob[p] *= inv
                 lse[b, i] = mx + np.log(total)
 
