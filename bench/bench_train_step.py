@@ -18,6 +18,12 @@ setting of ``fastattn train`` (``--threads`` for BLAS, all cores by default, and
 each other down when they share a process on 2 cores: for a fair ratio, time the contenders in
 processes of their own (``-k fastattn``, then ``-k torch``).
 
+Group ``greedy decoding``: ``generate_batch`` answering 2,000 test questions (as ``fastattn
+train`` scores the test split) with the default model, on each backend. Before it is timed,
+each answer is checked to be greedy: at every step, the chosen id's score in a float64
+recomputation of the whole decoder on the answer's prefix is the largest, to within
+``helpers.K_FLOAT32`` times that score row's float32 error.
+
 Run::
 
     python -m pytest bench/bench_train_step.py -k fastattn --benchmark-only   # timings
@@ -31,7 +37,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import assert_all_within_float32_error
+from helpers import K_FLOAT32, assert_all_within_float32_error
 
 from fastattn.commands.train import TrainSettings, build_model, limit_threads, load_task
 from fastattn.optim import Adam
@@ -341,3 +347,36 @@ def test_train_step_torch(benchmark, check_then_time):
     benchmark.extra_info["backend"] = "torch"
     benchmark.extra_info["threads"] = os.cpu_count()
     check_then_time(step, check=check, warmup=0)
+
+
+# --------------------------------------------------------------------------- greedy decoding
+
+
+def check_greedy(ids, xs, start, backend):
+    """Each id of ``ids`` (N, L) is the argmax of the default model's next-id scores after
+    the ids before it, recomputed by the whole decoder in float64 (and float32, for the error
+    level) from the same weights, to within K_FLOAT32 times that float32 error."""
+    m64, m32 = _model(backend, "float64"), _model(backend)
+    ys = np.concatenate([np.broadcast_to(start, (len(xs), 1)), ids[:, :-1]], axis=1)
+    s64 = m64._decode(ys, m64.encode(xs))  # (N, L, V)
+    s32 = m32._decode(ys, m32.encode(xs)).astype(np.float64)
+    chosen = np.take_along_axis(s64, ids[:, :, None], axis=2)[:, :, 0]
+    gap = s64.max(axis=2) - chosen  # 0 where the chosen id has the largest score
+    level = np.abs(s32 - s64).max(axis=2) + np.finfo(np.float32).eps * np.abs(s64).max(axis=2)
+    worst = np.unravel_index(np.argmax(gap - K_FLOAT32 * level), gap.shape)
+    assert np.all(gap <= K_FLOAT32 * level), (
+        f"{backend}: question {worst[0]}, step {worst[1]}: the chosen id scores {gap[worst]:.3g} "
+        f"below the best, more than {K_FLOAT32} x the float32 error {level[worst]:.3g}")
+
+
+@pytest.mark.parametrize("backend", ["numba", "vectorized"])
+def test_generate_batch_fastattn(benchmark, check_then_time, backend):
+    task, _, _ = _batch()
+    xs = task.x_test[:2000]
+    start, L = task.t_test[0, 0], task.t_test.shape[1] - 1
+    model = _model(backend)
+    benchmark.group = f"greedy decoding ({len(xs)} questions, {L} ids each, default model)"
+    benchmark.extra_info["backend"] = backend
+    check_then_time(model.generate_batch, (xs, start, L),
+                    check=lambda ids: check_greedy(ids, xs, start, backend),
+                    work={"kquestions/s": len(xs) * 1e6})
