@@ -34,7 +34,7 @@ class TrainSettings:
     that reaches >= 99.9% exact match on the date task."""
 
     data: str = "date.txt"
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 128
     lr: float = 3e-3
     warmup: int = 200
