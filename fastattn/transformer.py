@@ -39,7 +39,7 @@ from fastattn.blocks import (
 )
 from fastattn.layers import TimeAffine, TimeEmbedding, TimeSoftmaxWithLoss
 
-_GENERATE_ROWS = 512  # generate_batch decodes at most this many questions at a time
+_GENERATE_ROWS = 256  # generate_batch decodes at most this many questions at a time
 
 __all__ = [  # the blocks too, which this module offered before they had a module of their own
     "DecoderBlock",
