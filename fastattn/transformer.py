@@ -18,7 +18,7 @@ from dataclasses import asdict, astuple, dataclass
 
 import numpy as np
 
-from fastattn import _attention_args, _checks
+from fastattn import _attention_args, _backend, _checks
 from fastattn._layer import (
     check_backend,
     check_dtype,
@@ -257,10 +257,13 @@ class TransformerSeq2seq:
         N = xs.shape[0]
         start = _checks.token_ids(np.broadcast_to(np.asarray(start_id), (N,)),
                                   self.config.vocab_size, "start_id", ndim=1)
-        if N > _GENERATE_ROWS:  # in chunks whose activations stay in the CPU's caches
-            return np.concatenate([
-                self.generate_batch(xs[i:i + _GENERATE_ROWS], start[i:i + _GENERATE_ROWS],
-                                    sample_size) for i in range(0, N, _GENERATE_ROWS)])
+        R = _GENERATE_ROWS  # in chunks whose activations stay in the CPU's caches
+        with _backend.use_backend(_backend.resolve(self.backend)):  # resolved once, not per kernel
+            return np.concatenate([self._generate(xs[i:i + R], start[i:i + R], sample_size)
+                                   for i in range(0, N, R)])
+
+    def _generate(self, xs, start, sample_size):
+        N = xs.shape[0]
         memory = self.encode(xs)
         kv = [block.cross_attn.project_kv(memory) for block in self.decoder]
         caches = [{} for _ in self.decoder]

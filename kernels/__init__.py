@@ -95,11 +95,19 @@ def check_backend(name) -> str:
     return name
 
 
+_MODULES: dict = {}  # (backend, family) -> module, once imported (a lookup per kernel call)
+
+
 def module(backend: str, family: str = "attention"):
     """The module that implements ``backend``'s kernels of ``family`` (imported on first use)."""
+    mod = _MODULES.get((backend, family))
+    if mod is not None:
+        return mod
     if family not in FAMILIES:
         raise ValueError(f"unknown kernel family {family!r}; valid: {', '.join(FAMILIES)}")
-    return importlib.import_module(FAMILIES[family][1][check_backend(backend)], __name__)
+    mod = importlib.import_module(FAMILIES[family][1][check_backend(backend)], __name__)
+    _MODULES[(backend, family)] = mod
+    return mod
 
 
 def get(kernel_name: str, backend: str):

@@ -403,8 +403,8 @@ def _in_parallel(fn, n_units, flops, serial_flops, *args):
     thread slowed down by other work on the machine simply takes fewer. Small work
     (``flops``) runs on the calling thread alone."""
     counter = np.zeros(1, dtype=np.int64)
-    n = max(1, min(get_num_threads(), n_units))
-    if n == 1 or flops < serial_flops:
+    n = 1 if flops < serial_flops else max(1, min(get_num_threads(), n_units))
+    if n == 1:
         fn(counter, *args)
         return
     pool = _pool.get(n - 1)
@@ -429,7 +429,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     out = np.empty((B, Tq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((B, Tq), dtype=q.dtype)
     if Tq <= FEW_ROWS and tiles is None:  # decoding: loops per entry, no BLAS or tiles
-        per = max(1, min(64, B // (8 * get_num_threads())))
+        per = max(1, min(64, B // 16))  # entries per unit
         _in_parallel(_few_rows_units, math.ceil(B / per), 4 * q.size * k.shape[1],
                      st.serial_flops, q, k, v, out, lse, scale, bool(causal), mask,
                      has_mask, per)

@@ -224,3 +224,23 @@ def test_without_numba_the_package_imports_and_falls_back_to_vectorized_with_a_w
     assert got["explicit"][0] == "ImportError"
     assert "'numba' backend needs numba" in got["explicit"][1]
     assert got["use_backend"] == "ImportError"
+
+
+def test_generate_batch_runs_on_the_backend_in_force_or_its_own(monkeypatch, looked_up):
+    """generate_batch resolves the backend once per call: every kernel it looks up is the
+    model's own backend, else the one in force when it is called (the environment here)."""
+    from fastattn.transformer import TransformerSeq2seq
+
+    xs = np.arange(12).reshape(3, 4) % 7
+    free = TransformerSeq2seq(7, d_model=8, n_heads=2, max_len=6, seed=0)
+    for env in ("vectorized", "loop"):
+        monkeypatch.setenv(_backend.ENV_VAR, env)
+        looked_up.clear()
+        free.generate_batch(xs, 1, 3)
+        assert looked_up and set(looked_up) == {env}, looked_up
+    with fastattn.use_backend("numba"):
+        looked_up.clear()
+        TransformerSeq2seq(7, d_model=8, n_heads=2, max_len=6, seed=0,
+                           backend="vectorized").generate_batch(xs, 1, 3)
+        assert looked_up and set(looked_up) == {"vectorized"}, looked_up
+        assert fastattn.get_backend() == "numba"  # as it was before the call
