@@ -3,8 +3,10 @@
 The choices and where they are kept are described in :mod:`fastattn.kernels._tuning`. Tuning
 times forward+backward of the fused attention (numba backend, float32, d = 64) at a few shapes
 like those of the benchmark suite, for each candidate block size with and without transposed
-key/value tiles, and keeps the candidate with the lowest geometric mean of its time relative
-to the defaults. Work stops when the time budget is spent; what was measured by then decides.
+key/value tiles, then the causal tiles, then (at head dims 16 and 32, short sequences) up to
+which head dim the backward transposes its tiles; each stage keeps the candidate with the lowest
+geometric mean of its time relative to the stage's starting point. Work stops when the time
+budget is spent; what was measured by then decides.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ PLAIN_SHAPES = ((64, 128), (8, 512), (2, 2048))
 CAUSAL_SHAPES = ((64, 128), (8, 512))
 PLAIN_BLOCKS = ((64, 64), (128, 64), (64, 128), (128, 128), (256, 128), (128, 256), (256, 256))
 CAUSAL_BLOCKS = (32, 64, 128)
+# (B, T, d): the default model's heads (d = 16) and twice that, where kt_dim decides
+SMALL_HEAD_SHAPES = ((512, 29, 16), (256, 64, 32))
+KT_DIMS = (0, 16, 32)
 NEVER = _tuning.NEVER  # kt_rows that never transposes
 
 
 def _time_step(shape, causal, setting, reps, rng):
-    B, T = shape
-    q, k, v, dout = (rng.standard_normal((B, T, 64)).astype(np.float32) for _ in range(4))
-    scale = 1 / 8.0
+    B, T, d = (*shape, 64)[:3]
+    q, k, v, dout = (rng.standard_normal((B, T, d)).astype(np.float32) for _ in range(4))
+    scale = 1 / np.sqrt(d)
     _tuning.use(setting, "being tuned")
     times = []
     for _ in range(reps + 1):  # the first run warms up and is not counted
@@ -64,7 +69,7 @@ def _describe(st, causal):
     if causal:
         return f"causal {st.causal_block_small}/{st.causal_block}"
     kt = "kT" if st.kt_rows < NEVER else "no kT"
-    return f"{st.block_q}x{st.block_k} {kt}"
+    return f"{st.block_q}x{st.block_k} {kt}, kt_dim {st.kt_dim}"
 
 
 def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int = 0) -> dict:
@@ -90,6 +95,9 @@ def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int 
                   for small in CAUSAL_BLOCKS for large in CAUSAL_BLOCKS if large >= small]
         best = _score(causal, CAUSAL_SHAPES, True, best, deadline, reps, rng, measured,
                       "causal")
+        small = [dataclasses.replace(best, kt_dim=kd) for kd in KT_DIMS if kd != best.kt_dim]
+        best = _score(small, SMALL_HEAD_SHAPES, False, best, deadline, reps, rng, measured,
+                      "small heads")
     finally:
         _tuning.use(None)
     path = _tuning.tuning_file()

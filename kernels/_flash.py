@@ -460,7 +460,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     with _OneBlasThread():
         _in_parallel(_backward_units, B * nsplit, 10 * B * Tq * Tk * d, st.serial_flops,
                      *arrays, dq, dk, dv, dq_part, scale, bool(causal), mask, has_mask, bq, bk,
-                     nsplit, min(Tq, bq) >= st.kt_rows)
+                     nsplit, min(Tq, bq) >= st.kt_rows or d <= st.kt_dim)
     if nsplit > 1:
         dq += dq_part.reshape(B, nsplit, Tq, d).sum(axis=1)
     return dq, dk, dv

@@ -357,6 +357,7 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
         by_heads = group > 1
         nshare = min(group, want) if by_heads else max(1, min(len(ktiles), want))
     cfg[_NSHARE], cfg[_SPLIT_HEADS] = nshare, by_heads
+    cfg[_USE_KT] |= d <= st.kt_dim  # small heads: transposed tiles pay in the backward
     D = np.einsum("bic,bic->bi", dout, out)  # (B, Tq): rowsum(dO * O)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     no = _stand_ins(q.dtype)["dq_part"]

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ._atomic import atomic_open
 
-FORMAT = 1
+FORMAT = 2  # 2: kt_dim joined the setting
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Setting:
     causal_block_small: int  # square causal tiles when max(Tq, Tk) <= 256
     causal_block: int  # square causal tiles above that
     kt_rows: int  # from this many query rows per tile on, transpose the K and V tiles
+    kt_dim: int  # and, in the backward, whatever the rows at head dims up to this (0: never)
     serial_flops: int  # below this much work, one thread (handing out costs more)
     min_units: int  # work units wanted per call, so a few threads share it evenly
 
@@ -55,6 +56,8 @@ class Setting:
                 raise ValueError(f"{name} must be in [8, 1024], got {v}")
         if not 1 <= self.kt_rows <= 1 << 30:
             raise ValueError(f"kt_rows must be in [1, 2**30], got {self.kt_rows}")
+        if not 0 <= self.kt_dim <= 1024:
+            raise ValueError(f"kt_dim must be in [0, 1024], got {self.kt_dim}")
         if not 0 <= self.serial_flops <= 10**12:
             raise ValueError(f"serial_flops must be in [0, 1e12], got {self.serial_flops}")
         if not 1 <= self.min_units <= 1024:
@@ -69,14 +72,16 @@ NEVER = 1 << 30
 #: (AVX-512, OpenBLAS SkylakeX kernels) no candidate beat 128x64 tiles with transposed key
 #: tiles; with NUMBA_CPU_NAME=haswell and OPENBLAS_CORETYPE=Haswell (the AVX2 code paths of
 #: Numba and OpenBLAS, whose small products are slower) 256x128 tiles without the transposes
-#: took 0.93 of the time of 128x128 ones, and causal 64/128 tiles 0.92 of 32/64 ones.
+#: took 0.93 of the time of 128x128 ones, and causal 64/128 tiles 0.92 of 32/64 ones. At head
+#: dims 16 and 32, the backward with transposed tiles took 0.71-0.93 of the time without them
+#: natively (1 to 29 query rows), 0.94-1.15 on the AVX2 paths: kt_dim 32 and 0.
 DEFAULTS = {
     "avx512": Setting(block_q=128, block_k=64, causal_block_small=32, causal_block=64,
-                      kt_rows=64, serial_flops=4_000_000, min_units=8),
+                      kt_rows=64, kt_dim=32, serial_flops=4_000_000, min_units=8),
     "avx2": Setting(block_q=256, block_k=128, causal_block_small=64, causal_block=128,
-                    kt_rows=NEVER, serial_flops=4_000_000, min_units=8),
+                    kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8),
     "other": Setting(block_q=128, block_k=128, causal_block_small=64, causal_block=128,
-                     kt_rows=NEVER, serial_flops=4_000_000, min_units=8),
+                     kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8),
 }
 
 _AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake",

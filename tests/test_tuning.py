@@ -87,7 +87,7 @@ def test_a_file_tuned_for_another_machine_is_ignored_with_a_warning(tune_file):
 
 
 def _valid_data():
-    return {"format": 1, "key": _tuning.machine_key(),
+    return {"format": _tuning.FORMAT, "key": _tuning.machine_key(),
             "setting": dataclasses.asdict(_small_setting())}
 
 
@@ -101,8 +101,12 @@ def _valid_data():
     lambda d: json.dumps({**d, "setting": {**d["setting"], "kt_rows": 64.5}}).encode(),
     lambda d: json.dumps({**d, "setting": {**d["setting"], "extra": 1}}).encode(),
     lambda d: json.dumps({k: v for k, v in d.items() if k != "setting"}).encode(),
+    lambda d: json.dumps({**d, "setting": {**d["setting"], "kt_dim": -1}}).encode(),
+    # a file of format 1, which had no kt_dim
+    lambda d: json.dumps({**d, "format": 1, "setting": {
+        k: v for k, v in d["setting"].items() if k != "kt_dim"}}).encode(),
 ], ids=["binary", "truncated", "not-a-dict", "format", "zero-block", "huge-block",
-        "float", "extra-field", "no-setting"])
+        "float", "extra-field", "no-setting", "negative-kt-dim", "format-1"])
 def test_a_corrupt_file_is_ignored_with_a_warning(tune_file, corrupt):
     tune_file.write_bytes(corrupt(_valid_data()))
     with pytest.warns(UserWarning, match="ignoring the tuning file"):
@@ -165,6 +169,42 @@ def test_the_setting_in_force_decides_the_kernels_blocks(rng):
     bound = 40 * 4 * np.finfo(np.float32).eps * np.abs(v).max()
     assert np.abs(tuned_out - ref).max() <= bound
     assert np.abs(tuned_lse - ref_lse).max() <= bound
+
+
+@pytest.mark.parametrize("kt_dim", [0, 16])
+def test_kt_dim_decides_whether_the_backward_transposes_small_heads(kt_dim, monkeypatch, rng):
+    """Query tiles of fewer rows than kt_rows: the backward transposes its key and value tiles
+    exactly when the head dim is at most kt_dim, in both fused kernels (plain and features),
+    and either way matches the loop reference (float64, to 1e-10)."""
+    from fastattn.kernels import _flash_features as ff
+    from fastattn.kernels import _flash_tiles as tiles
+
+    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], kt_rows=64, kt_dim=kt_dim))
+    seen = []
+    run = _flash._in_parallel
+
+    def spy(fn, n_units, flops, serial_flops, *args):
+        if fn is _flash._backward_units:
+            seen.append(("plain", bool(args[-1])))
+        elif fn is ff._backward_units:
+            seen.append(("features", bool(args[15][tiles._USE_KT])))  # cfg
+        return run(fn, n_units, flops, serial_flops, *args)
+
+    monkeypatch.setattr(_flash, "_in_parallel", spy)
+    monkeypatch.setattr(ff, "_in_parallel", spy)
+    for d in (16, 24):
+        q, k, v, dout = (rng.standard_normal((3, 9, d)) for _ in range(4))
+        for kw in ({}, {"window": (4, 0)}):  # plain, then the features kernel
+            seen.clear()
+            out, lse = fastattn.attention_forward(q, k, v, causal=True, backend="numba", **kw)
+            got = (out, lse) + fastattn.attention_backward(dout, q, k, v, out, lse,
+                                                           causal=True, backend="numba", **kw)
+            assert seen == [("features" if kw else "plain", d <= kt_dim)], seen
+            want = fastattn.attention_forward(q, k, v, causal=True, backend="loop", **kw)
+            want = want + fastattn.attention_backward(dout, q, k, v, *want, causal=True,
+                                                      backend="loop", **kw)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
 def test_tune_measures_stores_and_puts_the_winner_in_force(tune_file):
