@@ -245,7 +245,8 @@ class TransformerSeq2seq:
         """Greedy decoding of many questions at once: xs (N, S) ids -> (N, sample_size) int64.
 
         ``start_id`` is one id (or N ids, one per row). The decoder runs one position per step
-        with cached keys and values (nothing is kept for backward).
+        with cached keys and values (nothing is kept for backward), on chunks of up to 256
+        questions, each chunk's results those of decoding it alone.
         """
         xs = self._ids(xs, "xs")
         if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)):
