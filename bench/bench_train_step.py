@@ -352,11 +352,13 @@ def test_train_step_torch(benchmark, check_then_time):
 # --------------------------------------------------------------------------- greedy decoding
 
 
-def check_greedy(ids, xs, start, backend):
-    """Each id of ``ids`` (N, L) is the argmax of the default model's next-id scores after
-    the ids before it, recomputed by the whole decoder in float64 (and float32, for the error
-    level) from the same weights, to within K_FLOAT32 times that float32 error."""
-    m64, m32 = _model(backend, "float64"), _model(backend)
+def check_greedy(ids, xs, start, model):
+    """Each id of ``ids`` (N, L) is the argmax of ``model``'s (the default model's) next-id
+    scores after the ids before it, recomputed by the whole decoder in float64 from the same
+    weights (and by ``model`` itself, for the float32 error level), to within K_FLOAT32 times
+    that float32 error."""
+    backend = model.backend
+    m64, m32 = _model(backend, "float64"), model
     ys = np.concatenate([np.broadcast_to(start, (len(xs), 1)), ids[:, :-1]], axis=1)
     s64 = m64._decode(ys, m64.encode(xs))  # (N, L, V)
     s32 = m32._decode(ys, m32.encode(xs)).astype(np.float64)
@@ -378,5 +380,5 @@ def test_generate_batch_fastattn(benchmark, check_then_time, backend):
     benchmark.group = f"greedy decoding ({len(xs)} questions, {L} ids each, default model)"
     benchmark.extra_info["backend"] = backend
     check_then_time(model.generate_batch, (xs, start, L),
-                    check=lambda ids: check_greedy(ids, xs, start, backend),
+                    check=lambda ids: check_greedy(ids, xs, start, model),
                     work={"kquestions/s": len(xs) * 1e6})
