@@ -81,11 +81,15 @@ def _stale_with_the_package(dispatcher):
     changes, not only the function's own file: Numba compares only that file with the cache,
     and a kernel inlines helpers from the other modules (a changed helper would otherwise run
     as its old machine code). Numba's cache index keeps a source stamp; the package's digest
-    joins it. Where that private attribute is missing (another Numba), nothing changes."""
+    joins it, and so does the module's name: the same file imported under another name (the
+    repository's ``kernels`` from its root, against the installed ``fastattn.kernels``) wrote
+    machine code whose environment imports that other name, and loading it failed with
+    ModuleNotFoundError. Where that private attribute is missing (another Numba), nothing
+    changes."""
     index = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
     stamp = _package_stamp()
     if index is not None and hasattr(index, "_source_stamp") and stamp is not None:
-        index._source_stamp = (index._source_stamp, stamp)
+        index._source_stamp = (index._source_stamp, stamp, dispatcher.py_func.__module__)
     return dispatcher
 
 

@@ -237,3 +237,25 @@ def test_the_cache_key_changes_with_an_edit_to_an_inlined_helper(tmp_path):
     helper = copy / "_numba_math.py"
     helper.write_text(helper.read_text().replace("def vexp(", "def vexp(  ", 1))
     assert numba_cache.source_key(copy) != key
+
+
+def test_the_kernels_imported_under_another_name_do_not_poison_the_cache(tmp_path):
+    """The same kernel files imported as a top-level ``kernels`` (from the repository's root)
+    and as ``fastattn.kernels`` (installed in editable mode) share cache files. Machine code
+    cached under one name must not be loaded under the other: its environment imports the
+    module by the name it was compiled under, which the other process may not have."""
+    site = _copy_packages(tmp_path)
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    first_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTATTN_")}
+    first_env.update(env, PYTHONPATH=os.pathsep.join([str(site / "fastattn"), str(site)]),
+                     NUMBA_NUM_THREADS="1")
+    script = ("import numpy as np, kernels; x = np.ones((2, 3, 4));"
+              "print(kernels.__file__, kernels.get('softmax_forward', 'numba')(x).sum())")
+    proc = subprocess.run([sys.executable, "-B", "-c", script], cwd=tmp_path, env=first_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(str(site / "fastattn" / "kernels")), "not the copy's files"
+    assert float(proc.stdout.split()[-1]) == pytest.approx(6.0)
+    assert list((tmp_path / "numba-cache").rglob("*softmax*.nbi")), "nothing was cached"
+    got = _run(site, env)  # fastattn.kernels, the same files
+    _assert_package_works(got, site)
