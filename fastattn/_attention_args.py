@@ -35,8 +35,10 @@ def check_causal(causal):
     raise TypeError(f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
 
 
-def check_window(window):
-    """None or (left, right), each an int >= 0 or None."""
+def check_window(window, reach=None):
+    """None or (left, right), each an int >= 0 or None. Given ``reach`` (Tq + Tk: no
+    difference of positions gets that far), a bound of at least ``reach`` becomes None, so
+    that the kernels' integers never see one beyond int64."""
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
@@ -50,7 +52,7 @@ def check_window(window):
             raise TypeError(f"window {name} must be an int >= 0 or None, got {x!r}")
         if x < 0:
             raise ValueError(f"window {name} must be >= 0 or None, got {x}")
-        out.append(int(x))
+        out.append(None if reach is not None and x >= reach else int(x))
     return None if out == [None, None] else tuple(out)
 
 

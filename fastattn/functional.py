@@ -103,7 +103,7 @@ def _prepare(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, seed,
     lead, (Tq, d), Tk = q.shape[:-2], q.shape[-2:], k.shape[-2]
     s = args.scale_of(scale, d)
     causal = args.check_causal(causal)
-    window = args.check_window(window)
+    window = args.check_window(window, Tq + Tk)
     p, seed = args.check_dropout(dropout_p, seed)
     cu_q, cu_k = args.check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, Tq, Tk)
     if causal == "bottom_right" and cu_q is None and Tq == Tk:

@@ -185,6 +185,19 @@ def test_alibi_without_a_head_axis_raises():
         fastattn.attention_forward(q, q, q, alibi_slopes=np.ones(1))
 
 
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+@pytest.mark.parametrize("window", [(None, 2**63 - 1), (2**63 - 1, 2**63 - 1), (2**64, 1),
+                                    (1, 2**100)], ids=str)
+def test_window_bounds_beyond_any_position_are_unbounded(backend, causal, window):
+    c = ac.make(np.random.default_rng(3), Tq=5, Tk=6)
+    q, k, v = c["q"], c["k"], c["v"]
+    kw = dict(window=tuple(None if w is None or w > 6 else w for w in window), causal=causal)
+    want = fastattn.attention_forward(q, k, v, backend="loop", **kw)
+    got = fastattn.attention_forward(q, k, v, window=window, causal=causal, backend=backend)
+    ac.assert_close(got, want, dict(c, kw=kw), backend)
+
+
 # ---- generated combinations -------------------------------------------------------------------
 
 
