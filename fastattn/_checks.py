@@ -17,8 +17,8 @@ def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.n
     """``x`` as a C-contiguous float32/float64 array, or TypeError/ValueError naming ``name``.
 
     Non-contiguous and negative-stride views, and non-native byte orders, are copied; the values
-    are unchanged. There is no dtype promotion: integer, float16, complex and object arrays raise
-    TypeError.
+    and the shape (a 0-d array too) are unchanged. There is no dtype promotion: integer, float16,
+    complex and object arrays raise TypeError.
     """
     if not isinstance(x, np.ndarray):
         if isinstance(x, (list, tuple)) or np.isscalar(x):
@@ -33,7 +33,7 @@ def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.n
         raise ValueError(f"{name} must have at least {ndim_min} dimensions, got shape {x.shape}")
     if finite and x.size and not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf")
-    return np.ascontiguousarray(x)
+    return np.asarray(x) if x.flags.c_contiguous else np.ascontiguousarray(x)  # 0-d stays 0-d
 
 
 @functools.cache

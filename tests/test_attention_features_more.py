@@ -116,6 +116,14 @@ def test_merge_bad_input_raises(outs, lses, exc, msg):
         fastattn.merge_attention(outs, lses)
 
 
+def test_merge_of_single_rows_with_scalar_lses():
+    outs = [np.array([1.0, 2.0]), np.array([3.0, 4.0])]
+    lses = [np.float64(0.0), np.array(-np.inf)]
+    out, lse = fastattn.merge_attention(outs, lses)
+    assert out.shape == (2,) and lse.shape == ()
+    np.testing.assert_array_equal(out, [1.0, 2.0])
+    assert lse == 0.0
+
 # ---- bad input --------------------------------------------------------------------------------
 
 
@@ -197,6 +205,13 @@ def test_window_bounds_beyond_any_position_are_unbounded(backend, causal, window
     got = fastattn.attention_forward(q, k, v, window=window, causal=causal, backend=backend)
     ac.assert_close(got, want, dict(c, kw=kw), backend)
 
+
+@pytest.mark.parametrize("bias", [np.float64(0.5), np.array(0.5), 0.5], ids=type)
+def test_dbias_of_a_scalar_bias_is_a_scalar(bias):
+    q, k, v = _qkv()
+    out, lse = fastattn.attention_forward(q, k, v, bias=bias)
+    *_, dbias = fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, bias=bias)
+    assert dbias.shape == ()
 
 # ---- generated combinations -------------------------------------------------------------------
 
