@@ -7,20 +7,22 @@ before any kernel sees the value.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fastattn import _checks
 
+_NOT_NUMBERS = (bool, np.bool_, np.timedelta64)  # NumPy counts timedelta64 as an integer
+
 
 def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+    return isinstance(x, (int, np.integer)) and not isinstance(x, _NOT_NUMBERS)
 
 
 def _is_real(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
-        x, (bool, np.bool_))
+    return isinstance(x, numbers.Real) and not isinstance(x, _NOT_NUMBERS)
 
 
 def check_causal(causal):
@@ -190,14 +192,10 @@ def scale_of(scale, d: int) -> float:
     """1/sqrt(d) for None, else a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(scale, (str, bytes)):
+    x = scale[()] if isinstance(scale, np.ndarray) and scale.ndim == 0 else scale
+    if not _is_real(x):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    try:
-        s = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"scale must be a real number or None, got {type(scale).__name__}"
-        ) from None
+    s = float(x)
     if not math.isfinite(s):
         raise ValueError(f"scale must be finite, got {scale!r}")
     return s

@@ -164,6 +164,10 @@ BAD = [
     (dict(alibi_slopes=np.array(["a"] * 4)), TypeError, "alibi_slopes must be a real"),
     (dict(causal="bottom"), ValueError, "causal must be"),
     (dict(mask=np.ones((5, 6), int)), TypeError, "mask must be a boolean"),
+    (dict(scale=np.complex128(1 + 2j)), TypeError, "scale must be a real number"),
+    (dict(scale=True), TypeError, "scale must be a real number"),
+    (dict(scale=np.timedelta64(3)), TypeError, "scale must be a real number"),
+    (dict(window=(np.timedelta64(3), 1)), TypeError, "window left must be an int"),
 ]
 
 
