@@ -17,22 +17,9 @@ from helpers import assert_attention_close, assert_close
 
 import fastattn
 from fastattn import _backend, kernels
-from fastattn.kernels import vectorized
 
 BACKENDS = kernels.BACKENDS
 DTYPES = [np.float32, np.float64]
-
-
-@pytest.fixture(autouse=True)
-def _numba_fused_kernels(monkeypatch):
-    """While the numba backend module still re-exports the NumPy kernels, run its fused
-    attention on the Numba kernels of ``kernels._flash``; a no-op once it provides its own."""
-    mod = kernels.module("numba")
-    if mod.attention_forward is vectorized.attention_forward:
-        from fastattn.kernels import _flash
-
-        monkeypatch.setattr(mod, "attention_forward", _flash.attention_forward)
-        monkeypatch.setattr(mod, "attention_backward", _flash.attention_backward)
 
 
 def _qkv(B=2, Tq=4, Tk=5, d=3, dv=2, dtype=np.float64, seed=0, lead=None):
