@@ -282,9 +282,10 @@ class TimeBiLSTM:
     def __init__(self, Wx1, Wh1, b1, Wx2, Wh2, b2, stateful=False, backend=None):
         _weights(Wx1, Wh1, b1, "lstm", "1")
         _weights(Wx2, Wh2, b2, "lstm", "2")
-        if Wx1.shape != Wx2.shape or Wx1.dtype != Wx2.dtype:
-            raise ValueError(f"Wx2 must have the shape and dtype of Wx1 {Wx1.shape} "
-                             f"{Wx1.dtype}, got {Wx2.shape} {Wx2.dtype}")
+        if Wx1.dtype != Wx2.dtype:
+            raise TypeError(f"Wx2 must have the dtype of Wx1 ({Wx1.dtype}), got {Wx2.dtype}")
+        if Wx1.shape != Wx2.shape:
+            raise ValueError(f"Wx2 must have the shape of Wx1 {Wx1.shape}, got {Wx2.shape}")
         self.forward_lstm = TimeLSTM(Wx1, Wh1, b1, stateful, backend)
         self.backward_lstm = TimeLSTM(Wx2, Wh2, b2, stateful, backend)
         self.params = self.forward_lstm.params + self.backward_lstm.params

@@ -424,6 +424,8 @@ def test_bad_step_and_bilstm_inputs_raise(backend):
         rec.TimeBiLSTM(*W1, *W2)
     with pytest.raises(ValueError, match="Wh1"):
         rec.TimeBiLSTM(W1[0], W1[1][:, :8], W1[2], *W1)
+    with pytest.raises(TypeError, match="Wx2"):  # halves of two dtypes: a dtype error
+        rec.TimeBiLSTM(*W1, *_copies(W1, np.float32))
     bi = rec.TimeBiLSTM(*W1, *_weights("lstm", 3, 4, seed=1), backend=backend)
     bi.forward(np.zeros((2, 5, 3)))
     with pytest.raises(ValueError, match="dhs"):
