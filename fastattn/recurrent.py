@@ -20,8 +20,9 @@ As in the book: a ``Time*`` layer starts from zeros unless ``stateful`` and a st
 after ``forward`` its ``h`` (and ``c``) hold the last step's state; ``backward`` leaves in
 ``dh`` the gradient of the initial ``h``; ``set_state(h)`` (``TimeLSTM``: ``set_state(h,
 c=None)``, where ``c=None`` means zeros) and ``reset_state()`` set the state. ``backward``
-writes each gradient in place (``self.grads[0][...] = dWx``). There are no per-step cell
-objects: ``layers`` stays None.
+writes each gradient in place (``self.grads[0][...] = dWx``). As the book's, a ``Time*``
+layer's ``hs`` and the ``LSTM``'s ``c_next`` are the caller's own arrays: changing them in place
+does not change ``backward``. There are no per-step cell objects: ``layers`` stays None.
 
 What fastattn adds: the weights fix the dtype (float32 or float64) and must be numpy arrays
 of matching shapes (``TypeError``/``ValueError`` naming the argument at construction); float
@@ -166,7 +167,7 @@ class LSTM(_Step):
 
     def forward(self, x, h_prev, c_prev):
         hs, (_, cs, _) = self._step_forward(x, [("h_prev", h_prev), ("c_prev", c_prev)])
-        return hs, cs[:, 0]
+        return hs, cs[:, 0].copy()  # the caller's own c_next; backward reads the cached cs
 
     def backward(self, dh_next, dc_next=None):
         if dc_next is None and self.cache is not None:
@@ -221,7 +222,7 @@ class TimeRNN:
         return hs
 
     def forward(self, xs):
-        return self._run(xs, ["h"])
+        return self._run(xs, ["h"]).copy()  # the caller's own hs; backward reads the cached hs
 
     def backward(self, dhs):
         if self.cache is None:
@@ -263,7 +264,7 @@ class TimeLSTM(TimeRNN):
 
     def forward(self, xs):
         # as the book: h and c start from zeros unless stateful and set (c=None: zeros)
-        return self._run(xs, ["h", "c"])
+        return self._run(xs, ["h", "c"]).copy()
 
     def set_state(self, h, c=None):
         self.h, self.c = h, c

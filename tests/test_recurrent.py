@@ -314,6 +314,37 @@ def test_non_contiguous_inputs_give_the_same_result(backend):
     np.testing.assert_array_equal(a.backward(dhs), b.backward(dhs.copy()))
 
 
+@pytest.mark.parametrize("kind", list(GATES))
+def test_changing_the_returned_states_in_place_leaves_backward_as_the_books(kind, backend):
+    """The book's Time layers return hs, and its LSTM c_next, as arrays the caller owns: a
+    caller that masks or scales them in place does not change the backward."""
+    N, D, H = 2, 3, 4
+    W = _weights(kind, D, H, seed=27)
+    xs, dhs = _inputs(N, [3], D, H, seed=28)
+    runs = []
+    for edit in (False, True):
+        layer = TIME[kind][0](*_copies(W), backend=backend)
+        hs = layer.forward(xs[0])
+        if edit:
+            hs[:, 1:] = 0  # e.g. padded steps masked
+        runs.append([layer.backward(dhs[0]), layer.dh, *layer.grads])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+    if kind != "lstm":
+        return
+    rng = np.random.default_rng(29)
+    x, h, c, dh, dc = (rng.standard_normal(s) for s in [(N, D)] + [(N, H)] * 4)
+    runs = []
+    for edit in (False, True):
+        step = rec.LSTM(*_copies(W), backend=backend)
+        _, c_next = step.forward(x, h, c)
+        if edit:
+            c_next *= 0
+        runs.append([*step.backward(dh, dc), *step.grads])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_backward_runs_on_the_backend_forward_ran_on(monkeypatch):
     calls = []
     original = _backend.kernel
