@@ -38,12 +38,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import get_num_threads
+from numba import get_num_threads, types
+from numba.extending import overload
 
 from . import _blas, _recurrent
 from . import recurrent_vectorized as _numpy
 from ._blas import gemm
-from ._numba_math import njit_cached, vexp
+from ._numba_math import FASTMATH, njit_cached, vexp
 from ._products import _JIT, _back_rows_tail, _grad_part, _input_rows
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward",
@@ -73,11 +74,57 @@ def _sigmoid(x, one):
     return s if x >= 0 else e * s
 
 
+def _vtanh(x):
+    """tanh of a float32/float64 scalar that LLVM vectorises in the kernels (as vexp)."""
+    return np.tanh(x)
+
+
+def _tanh_of(ft, p, q):
+    """The _vtanh of float type ``ft``: for |x| >= 0.625, (1 - e) / (1 + e) with e =
+    exp(-2|x|) (no cancellation: e <= 0.29); below, where 1 - e would lose the relative
+    accuracy of small x, Cephes' x + x^3 P(x^2) / Q(x^2) (coefficients highest degree
+    first; ``q=None``: Q = 1, no division)."""
+    zero, one, cut = ft(0.0), ft(1.0), ft(0.625)
+    ps, qs, rational = tuple(ft(c) for c in p), tuple(ft(c) for c in q or (1.0,)), bool(q)
+
+    def tanh(x):
+        a = abs(x)
+        e = vexp(-(a + a))
+        z = a * a
+        pz = zero
+        for c in ps:
+            pz = pz * z + c
+        if rational:
+            qz = zero
+            for c in qs:
+                qz = qz * z + c
+            pz = pz / qz
+        t = (one - e) / (one + e) if a >= cut else a + a * z * pz
+        return t if x >= 0 else -t
+
+    return tanh
+
+
+_tanh32 = _tanh_of(np.float32, (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
+                                1.33314422036e-1, -3.33332819422e-1), None)
+_tanh64 = _tanh_of(np.float64, (-9.64399179425052238628e-1, -9.92877231001918586564e1,
+                                -1.61468768441708447952e3),
+                   (1.0, 1.12811678491632931402e2, 2.23548839060100448583e3,
+                    4.84406305325125486048e3))
+
+
+@overload(_vtanh, jit_options={"fastmath": set(FASTMATH - {"reassoc"})})
+def _vtanh_overload(x):
+    if x == types.float32:
+        return _tanh32
+    if x == types.float64:
+        return _tanh64
+    return None
+
+
 @njit_cached(**_JIT)
 def _tanh(x, one):
-    e = vexp(-(abs(x) + abs(x)))
-    t = (one - e) / (one + e)
-    return t if x >= 0 else -t
+    return _vtanh(x)
 
 
 # ---- RNN ------------------------------------------------------------------------------------
