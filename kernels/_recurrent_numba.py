@@ -326,19 +326,20 @@ def _shares(N, H, width):
     return max(2, N // _ROWS)
 
 
-_pool: dict = {}
+_pools: dict = {}  # threads -> its ThreadPoolExecutor, kept until interpreter exit
 _pool_lock = threading.Lock()
 
 
 def _executor(workers):
-    """A thread pool of at least ``workers`` threads, kept for the next calls."""
+    """A thread pool of ``workers`` threads, kept for the next calls. A pool is never shut
+    down while the interpreter runs: another Python thread (with its own Numba thread count)
+    may be submitting to it."""
     with _pool_lock:
-        if _pool.get("size", 0) < workers:
-            if "pool" in _pool:
-                _pool["pool"].shutdown(wait=False)
-            _pool["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="fastattn-recurrent")
-            _pool["size"] = workers
-        return _pool["pool"]
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers,
+                                                        thread_name_prefix="fastattn-recurrent")
+        return pool
 
 
 def _run(kernel, args, items):
@@ -357,7 +358,8 @@ def _run(kernel, args, items):
             kernel(*args, *items[k])
 
     with _blas.OneThread():
-        futures = [_executor(workers - 1).submit(work) for _ in range(workers - 1)]
+        pool = _executor(workers - 1) if workers > 1 else None
+        futures = [pool.submit(work) for _ in range(workers - 1)]
         try:
             work()
         finally:

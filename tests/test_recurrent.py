@@ -277,6 +277,20 @@ def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind, monkeypatc
         np.testing.assert_allclose(two, r, rtol=0, atol=bound)
 
 
+def test_a_pool_handed_out_stays_usable_when_another_thread_asks_for_more_workers():
+    """Numba's thread count is per Python thread: one thread may get the pool of its count
+    while another asks for more workers. The first thread's pool must still take its work
+    (it was shut down under it: RuntimeError, cannot schedule new futures)."""
+    pytest.importorskip("numba")
+    from fastattn.kernels import _recurrent_numba
+
+    pool = _recurrent_numba._executor(1)
+    bigger = _recurrent_numba._executor(2)
+    assert pool.submit(sum, [1, 2]).result(timeout=60) == 3
+    assert bigger.submit(sum, [3, 4]).result(timeout=60) == 7
+    assert _recurrent_numba._executor(1) is pool, "kept for the next calls"
+
+
 @pytest.mark.parametrize("kind", list(GATES))
 def test_numba_without_blas_runs_the_numpy_recurrence(kind, monkeypatch):
     pytest.importorskip("numba")
