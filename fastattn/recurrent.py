@@ -293,8 +293,8 @@ class TimeBiLSTM:
         self.grads = self.forward_lstm.grads + self.backward_lstm.grads
 
     def forward(self, xs):
-        o1 = self.forward_lstm.forward(xs)
-        o2 = self.backward_lstm.forward(self.forward_lstm.cache[2][:, ::-1])
+        o1 = self.forward_lstm._run(xs, ["h", "c"])  # the cached hs: concatenate copies them
+        o2 = self.backward_lstm._run(self.forward_lstm.cache[2][:, ::-1], ["h", "c"])
         return np.concatenate((o1, o2[:, ::-1]), axis=2)  # (N, T, 2H)
 
     def backward(self, dhs):

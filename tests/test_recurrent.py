@@ -347,6 +347,15 @@ def test_changing_the_returned_states_in_place_leaves_backward_as_the_books(kind
         np.testing.assert_array_equal(a, b)
     if kind != "lstm":
         return
+    runs = []
+    for edit in (False, True):
+        bi = rec.TimeBiLSTM(*_copies(W), *_copies(W), backend=backend)
+        hs = bi.forward(xs[0])
+        if edit:
+            hs[:, 1:] = 0
+        runs.append([bi.backward(np.concatenate([dhs[0], dhs[0]], axis=2)), *bi.grads])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
     rng = np.random.default_rng(29)
     x, h, c, dh, dc = (rng.standard_normal(s) for s in [(N, D)] + [(N, H)] * 4)
     runs = []
