@@ -15,6 +15,7 @@ import book_rnn
 import numpy as np
 import pytest
 from gradcheck import check_layer_grads
+from helpers import assert_all_within_float32_error, assert_within_float32_error
 
 import fastattn
 from fastattn import _backend, kernels
@@ -269,12 +270,15 @@ def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind, monkeypatc
             runs.append([hs, dxs, layer.dh, *layer.grads])
     finally:
         numba.set_num_threads(before)
-    ref = TIME[kind][0](*_copies(W), backend="loop")
-    want = [ref.forward(xs[0]), ref.backward(dhs[0]), ref.dh, *ref.grads]
-    for two, one, r in zip(*runs, want, strict=True):
+    want = {}
+    for dt in (np.float32, np.float64):  # the loop reference in float32 and in float64
+        ref = TIME[kind][0](*_copies(W, dt), backend="loop")
+        want[dt] = [ref.forward(xs[0].astype(dt)), ref.backward(dhs[0].astype(dt)), ref.dh,
+                    *ref.grads]
+    for k, (two, one, r32, r64) in enumerate(zip(*runs, want[np.float32], want[np.float64],
+                                                 strict=True)):
         np.testing.assert_array_equal(two, one)
-        bound = 64 * np.finfo(np.float32).eps * max(float(np.abs(r).max()), 1.0)
-        np.testing.assert_allclose(two, r, rtol=0, atol=bound)
+        assert_within_float32_error(two, r64, r32, err_msg=f"{kind} result {k}")
 
 
 def test_a_pool_handed_out_stays_usable_when_another_thread_asks_for_more_workers():
@@ -401,10 +405,15 @@ def test_fast_time_lstm_is_a_drop_in_for_the_books_in_the_attention_seq2seq():
     fast = book_lstm.AttentionSeq2seq(V, 8, 16, backend="numba", seed=0,
                                       lstm=rec.TimeLSTM)
     assert isinstance(fast.encoder.lstm, rec.TimeLSTM)
+    ref64 = book_lstm.AttentionSeq2seq(V, 8, 16, backend="numba", seed=0, dtype=np.float64)
+    for p64, p32 in zip(ref64.params, ref.params, strict=True):  # the float32 run's weights
+        p64[...] = p32
     ref_losses = book_lstm.train_steps(ref, xs, ts, N, steps, book_lstm.adam(1e-2))
     losses = book_lstm.train_steps(fast, xs, ts, N, steps, book_lstm.adam(1e-2))
+    losses64 = book_lstm.train_steps(ref64, xs, ts, N, steps, book_lstm.adam(1e-2))
     assert ref_losses[-1] < ref_losses[0]
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=0)
+    assert_all_within_float32_error([np.asarray(losses, np.float32)], [np.asarray(losses64)],
+                                    [np.asarray(ref_losses)], ["losses"])
 
 
 # --- bad input ------------------------------------------------------------------------------
