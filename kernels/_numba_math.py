@@ -4,6 +4,7 @@
 * :func:`njit_cached`: ``numba.njit(cache=True, ...)`` whose cache goes stale with any module
   of this package, or plain ``njit`` where no cache location is writable.
 * :func:`vexp`: an exp of ``x <= 0`` that LLVM vectorises.
+* :func:`vtanh`: a tanh that LLVM vectorises (on :func:`vexp`; a polynomial near 0).
 * :func:`fmax`: a max of two floats that LLVM vectorises.
 * :func:`take_unit`: hands out work units to threads from a shared counter.
 * :func:`finite_flat`: no NaN or inf in an array, in one pass (the input checks use it).
@@ -182,15 +183,60 @@ _exp64 = _exp_of(np.float64, np.int64, -708.0, 6.93147180369123816490e-01,
                  tuple(1.0 / math.factorial(k) for k in range(13, -1, -1)), cephes=False)
 
 
-# Compiled as its own function with its own flags; LLVM inlines it into the calling loop and
-# keeps each instruction's flags.
-@overload(vexp, jit_options={"fastmath": set(_EXP_FASTMATH)})
-def _vexp_overload(x):
-    if x == types.float32:
-        return _exp32
-    if x == types.float64:
-        return _exp64
-    return None
+def _per_float_type(fn, impl32, impl64):
+    """Give ``fn`` inside Numba kernels the implementation of its argument's float type,
+    compiled as its own function with the flags of :func:`vexp` (LLVM inlines it into the
+    calling loop and keeps each instruction's flags)."""
+
+    @overload(fn, jit_options={"fastmath": set(_EXP_FASTMATH)})
+    def _overload(x):
+        return {types.float32: impl32, types.float64: impl64}.get(x)
+
+
+_per_float_type(vexp, _exp32, _exp64)
+
+
+# ---- vtanh ------------------------------------------------------------------------------------
+
+def vtanh(x):
+    """tanh(x) for a float32/float64 scalar, vectorisable inside Numba kernels as :func:`vexp`
+    is; ``np.tanh`` from Python."""
+    return np.tanh(x)
+
+
+def _tanh_of(ft, p, q):
+    """The vtanh of float type ``ft``: for |x| >= 0.625, (1 - e) / (1 + e) with e =
+    exp(-2|x|) (no cancellation: e <= 0.29); below, where 1 - e would lose the relative
+    accuracy of small x, Cephes' x + x^3 P(x^2) / Q(x^2) (coefficients highest degree
+    first; ``q=None``: Q = 1, no division)."""
+    zero, one, cut = ft(0.0), ft(1.0), ft(0.625)
+    ps, qs, rational = tuple(ft(c) for c in p), tuple(ft(c) for c in q or (1.0,)), bool(q)
+
+    def tanh(x):
+        a = abs(x)
+        e = vexp(-(a + a))
+        z = a * a
+        pz = zero
+        for c in ps:
+            pz = pz * z + c
+        if rational:
+            qz = zero
+            for c in qs:
+                qz = qz * z + c
+            pz = pz / qz
+        t = (one - e) / (one + e) if a >= cut else a + a * z * pz
+        return t if x >= 0 else -t
+
+    return tanh
+
+
+_per_float_type(vtanh,
+                _tanh_of(np.float32, (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
+                                      1.33314422036e-1, -3.33332819422e-1), None),
+                _tanh_of(np.float64, (-9.64399179425052238628e-1, -9.92877231001918586564e1,
+                                      -1.61468768441708447952e3),
+                         (1.0, 1.12811678491632931402e2, 2.23548839060100448583e3,
+                          4.84406305325125486048e3)))
 
 
 # ---- fmax, take_unit --------------------------------------------------------------------------

@@ -13,8 +13,8 @@ How a layer runs:
   RNN's ``hs``) and then the whole time loop of its rows: no barrier per time step. Each step's
   ``h Wh`` (the GRU: ``h [Whz Whr]`` and ``(r h) Whh``) is added to that step's rows by one
   gemm (``beta = 1``, rows taken where they are), and one fused loop per row applies the gates
-  over contiguous units, with sigmoid and tanh written on :func:`kernels._numba_math.vexp` so
-  that LLVM vectorises them.
+  over contiguous units, with a sigmoid written on :func:`kernels._numba_math.vexp` and
+  :func:`kernels._numba_math.vtanh`, so that LLVM vectorises them.
 * The backward share writes each step's pre-activation gradients straight into ``dA``,
   multiplies them by a contiguous copy of ``Wh^T`` made once per call (OpenBLAS's gemm with
   the transpose flag on Wh ran 15% slower at (128, 1024) x (1024, 256)), then finds its rows'
@@ -38,13 +38,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import get_num_threads, types
-from numba.extending import overload
+from numba import get_num_threads
 
 from . import _blas, _recurrent
 from . import recurrent_vectorized as _numpy
 from ._blas import gemm
-from ._numba_math import FASTMATH, njit_cached, vexp
+from ._numba_math import njit_cached, vexp, vtanh
 from ._products import _JIT, _back_rows_tail, _grad_part, _input_rows
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward",
@@ -74,59 +73,6 @@ def _sigmoid(x, one):
     return s if x >= 0 else e * s
 
 
-def _vtanh(x):
-    """tanh of a float32/float64 scalar that LLVM vectorises in the kernels (as vexp)."""
-    return np.tanh(x)
-
-
-def _tanh_of(ft, p, q):
-    """The _vtanh of float type ``ft``: for |x| >= 0.625, (1 - e) / (1 + e) with e =
-    exp(-2|x|) (no cancellation: e <= 0.29); below, where 1 - e would lose the relative
-    accuracy of small x, Cephes' x + x^3 P(x^2) / Q(x^2) (coefficients highest degree
-    first; ``q=None``: Q = 1, no division)."""
-    zero, one, cut = ft(0.0), ft(1.0), ft(0.625)
-    ps, qs, rational = tuple(ft(c) for c in p), tuple(ft(c) for c in q or (1.0,)), bool(q)
-
-    def tanh(x):
-        a = abs(x)
-        e = vexp(-(a + a))
-        z = a * a
-        pz = zero
-        for c in ps:
-            pz = pz * z + c
-        if rational:
-            qz = zero
-            for c in qs:
-                qz = qz * z + c
-            pz = pz / qz
-        t = (one - e) / (one + e) if a >= cut else a + a * z * pz
-        return t if x >= 0 else -t
-
-    return tanh
-
-
-_tanh32 = _tanh_of(np.float32, (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
-                                1.33314422036e-1, -3.33332819422e-1), None)
-_tanh64 = _tanh_of(np.float64, (-9.64399179425052238628e-1, -9.92877231001918586564e1,
-                                -1.61468768441708447952e3),
-                   (1.0, 1.12811678491632931402e2, 2.23548839060100448583e3,
-                    4.84406305325125486048e3))
-
-
-@overload(_vtanh, jit_options={"fastmath": set(FASTMATH - {"reassoc"})})
-def _vtanh_overload(x):
-    if x == types.float32:
-        return _tanh32
-    if x == types.float64:
-        return _tanh64
-    return None
-
-
-@njit_cached(**_JIT)
-def _tanh(x, one):
-    return _vtanh(x)
-
-
 # ---- RNN ------------------------------------------------------------------------------------
 # Each kernel handles rows n0 <= n < n1. A step's rows of an (N, T, .) array, x[n0:n1, t],
 # are a 2-D view whose rows are contiguous (T * width apart): BLAS takes it as it is. The loops
@@ -145,7 +91,7 @@ def _rnn_rows(Wh, h0, hs, one, n0, n1):
         for n in range(n0, n1):
             a = hs[n, t]  # a row of a C-contiguous array: LLVM knows its stride
             for j in range(a.size):
-                a[j] = _tanh(a[j], one)
+                a[j] = vtanh(a[j])
 
 
 @njit_cached(**_JIT)
@@ -180,13 +126,13 @@ def _lstm_rows(Wh, h0, c0, hs, cs, gates, one, n0, n1):
             c_prev = c0[n] if t == 0 else cs[n, t - 1]
             for j in range(H):
                 f = _sigmoid(g[j], one)
-                gg = _tanh(g[H + j], one)
+                gg = vtanh(g[H + j])
                 i = _sigmoid(g[2 * H + j], one)
                 o = _sigmoid(g[3 * H + j], one)
                 cj = f * c_prev[j] + gg * i
                 g[j], g[H + j], g[2 * H + j], g[3 * H + j] = f, gg, i, o
                 c_out[j] = cj
-                h_out[j] = o * _tanh(cj, one)
+                h_out[j] = o * vtanh(cj)
 
 
 @njit_cached(**_JIT)
@@ -202,7 +148,7 @@ def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
             c_prev = c0[n] if t == 0 else cs[n, t - 1]
             for j in range(H):
                 f, gg, i, o = g[j], g[H + j], g[2 * H + j], g[3 * H + j]
-                tc = _tanh(c[j], one)
+                tc = vtanh(c[j])
                 dh_t = d[j] + dr[j]
                 ds = dcr[j] + dh_t * o * (one - tc * tc)  # gradient of c_t
                 out[j] = ds * c_prev[j] * f * (one - f)
@@ -239,7 +185,7 @@ def _gru_rows(Wh, h0, hs, gates, one, n0, n1):
             g, out = gates[n0 + r, t], hs[n0 + r, t]
             hr = h0[n0 + r] if t == 0 else hs[n0 + r, t - 1]
             for j in range(H):
-                hh = _tanh(g[2 * H + j], one)
+                hh = vtanh(g[2 * H + j])
                 g[2 * H + j] = hh
                 out[j] = (one - g[j]) * hr[j] + g[j] * hh
 
