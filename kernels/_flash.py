@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -388,13 +389,28 @@ def _prepare(arrays, scale, mask):
 
 
 _pool = {}  # threads beside the calling one -> its ThreadPoolExecutor
+_pool_lock = threading.Lock()
+
+
+def pool(workers):
+    """The kept ThreadPoolExecutor of ``workers`` threads, made on first use; the fused and the
+    recurrent kernels share them. None is shut down while the interpreter runs: another
+    Python thread (with its own Numba thread count) may be submitting to it."""
+    with _pool_lock:
+        p = _pool.get(workers)
+        if p is None:
+            p = _pool[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fastattn")
+        return p
 
 
 @atexit.register
 def _shutdown_pools():
     """Stop the pools' threads at interpreter exit (and let a test do it)."""
-    while _pool:
-        _pool.popitem()[1].shutdown(wait=True)
+    with _pool_lock:
+        pools = list(_pool.values())
+        _pool.clear()
+    for p in pools:
+        p.shutdown(wait=True)
 
 
 def _in_parallel(fn, n_units, flops, serial_flops, *args):
@@ -407,10 +423,7 @@ def _in_parallel(fn, n_units, flops, serial_flops, *args):
     if n == 1:
         fn(counter, *args)
         return
-    pool = _pool.get(n - 1)
-    if pool is None:
-        pool = _pool[n - 1] = ThreadPoolExecutor(n - 1, thread_name_prefix="fastattn")
-    futures = [pool.submit(fn, counter, *args) for _ in range(n - 1)]
+    futures = [pool(n - 1).submit(fn, counter, *args) for _ in range(n - 1)]
     try:
         fn(counter, *args)
     finally:

@@ -20,9 +20,10 @@ How a layer runs:
   the transpose flag on Wh ran 15% slower at (128, 1024) x (1024, 256)), then finds its rows'
   ``dxs = dA Wx^T`` and previous states. The weight gradients ``xs^T dA``, ``h_prev^T dA`` and
   ``db`` follow as one product per part of the rows (:func:`_weight_grads`).
-* Threads (Numba's thread count: the calling thread and a kept pool of Python threads; the
-  kernels release the GIL) take shares, then parts, from a counter, BLAS held at one thread.
-  A single share or block runs on the calling thread, where BLAS keeps its own threads.
+* Threads (Numba's thread count: the calling thread and a kept pool of Python threads, the
+  fused kernels' :func:`kernels._flash.pool`; the kernels release the GIL) take shares, then
+  parts, from a counter, BLAS held at one thread. A single share or block runs on the calling
+  thread, where BLAS keeps its own threads.
 * Without SciPy (Numba's BLAS), or with an empty dimension, ``kernels.recurrent_vectorized``
   runs instead.
 
@@ -34,13 +35,11 @@ the thread count.
 from __future__ import annotations
 
 import itertools
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import get_num_threads
 
-from . import _blas, _recurrent
+from . import _blas, _flash, _recurrent
 from . import recurrent_vectorized as _numpy
 from ._blas import gemm
 from ._numba_math import njit_cached, vexp, vtanh
@@ -272,22 +271,6 @@ def _shares(N, H, width):
     return max(2, N // _ROWS)
 
 
-_pools: dict = {}  # threads -> its ThreadPoolExecutor, kept until interpreter exit
-_pool_lock = threading.Lock()
-
-
-def _executor(workers):
-    """A thread pool of ``workers`` threads, kept for the next calls. A pool is never shut
-    down while the interpreter runs: another Python thread (with its own Numba thread count)
-    may be submitting to it."""
-    with _pool_lock:
-        pool = _pools.get(workers)
-        if pool is None:
-            pool = _pools[workers] = ThreadPoolExecutor(workers,
-                                                        thread_name_prefix="fastattn-recurrent")
-        return pool
-
-
 def _run(kernel, args, items):
     """kernel(*args, *item) for every item (a tuple): on this thread, where BLAS keeps its own
     threads, when there is one item; else this thread and pool threads take items from a
@@ -304,8 +287,7 @@ def _run(kernel, args, items):
             kernel(*args, *items[k])
 
     with _blas.OneThread():
-        pool = _executor(workers - 1) if workers > 1 else None
-        futures = [pool.submit(work) for _ in range(workers - 1)]
+        futures = [_flash.pool(workers - 1).submit(work) for _ in range(workers - 1)]
         try:
             work()
         finally:

@@ -286,13 +286,13 @@ def test_a_pool_handed_out_stays_usable_when_another_thread_asks_for_more_worker
     while another asks for more workers. The first thread's pool must still take its work
     (it was shut down under it: RuntimeError, cannot schedule new futures)."""
     pytest.importorskip("numba")
-    from fastattn.kernels import _recurrent_numba
+    from fastattn.kernels import _flash
 
-    pool = _recurrent_numba._executor(1)
-    bigger = _recurrent_numba._executor(2)
+    pool = _flash.pool(1)
+    bigger = _flash.pool(2)
     assert pool.submit(sum, [1, 2]).result(timeout=60) == 3
     assert bigger.submit(sum, [3, 4]).result(timeout=60) == 7
-    assert _recurrent_numba._executor(1) is pool, "kept for the next calls"
+    assert _flash.pool(1) is pool, "kept for the next calls"
 
 
 @pytest.mark.parametrize("kind", list(GATES))
