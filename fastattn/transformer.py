@@ -18,7 +18,7 @@ from dataclasses import asdict, astuple, dataclass
 
 import numpy as np
 
-from fastattn import _attention_args, _backend, _checks
+from fastattn import _attention_args, _backend, _checks, _threads
 from fastattn._layer import (
     check_backend,
     check_dtype,
@@ -246,7 +246,8 @@ class TransformerSeq2seq:
 
         ``start_id`` is one id (or N ids, one per row). The decoder runs one position per step
         with cached keys and values (nothing is kept for backward), on chunks of up to 256
-        questions, each chunk's results those of decoding it alone.
+        questions, each chunk's results those of decoding it alone. The chunks run on the
+        kernels' threads (``numba.set_num_threads``), one chunk per thread at a time.
         """
         xs = self._ids(xs, "xs")
         if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)):
@@ -260,8 +261,9 @@ class TransformerSeq2seq:
                                   self.config.vocab_size, "start_id", ndim=1)
         R = _GENERATE_ROWS  # in chunks whose activations stay in the CPU's caches
         with _backend.use_backend(_backend.resolve(self.backend)):  # resolved once, not per kernel
-            return np.concatenate([self._generate(xs[i:i + R], start[i:i + R], sample_size)
-                                   for i in range(0, N, R)])
+            return np.concatenate(_threads.map_in_threads(
+                lambda i: self._generate(xs[i:i + R], start[i:i + R], sample_size),
+                range(0, N, R)))
 
     def _generate(self, xs, start, sample_size):
         N = xs.shape[0]

@@ -29,10 +29,11 @@ def available() -> bool:
             from numba.np.linalg import ensure_blas
 
             ensure_blas()  # imports scipy.linalg.cython_blas: its BLAS is loaded from here on
-            _state["ok"] = True
+            ok = True
         except Exception:  # no SciPy: the Numba kernels cannot run
-            _state["ok"] = False
-        _state["pools"] = _find_pools() if _state["ok"] else []
+            ok = False
+        _state["pools"] = _find_pools() if ok else []
+        _state["ok"] = ok  # last: another thread that sees "ok" finds "pools" too
     return _state["ok"]
 
 

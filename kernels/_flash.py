@@ -388,18 +388,21 @@ def _prepare(arrays, scale, mask):
     return arrays, dtype.type(scale), mask, has_mask
 
 
-_pool = {}  # threads beside the calling one -> its ThreadPoolExecutor
+_pool = {}  # (user, threads beside the calling one) -> its ThreadPoolExecutor
 _pool_lock = threading.Lock()
 
 
-def pool(workers):
-    """The kept ThreadPoolExecutor of ``workers`` threads, made on first use; the fused and the
-    recurrent kernels share them. None is shut down while the interpreter runs: another
-    Python thread (with its own Numba thread count) may be submitting to it."""
+def pool(workers, user="kernels"):
+    """The kept ThreadPoolExecutor of ``workers`` threads for ``user``, made on first use; the
+    fused and the recurrent kernels share theirs. None is shut down while the interpreter runs:
+    another Python thread (with its own Numba thread count) may be submitting to it. Work
+    that calls kernels (``fastattn._threads``) has pools of its own, so a kernel that it runs
+    never waits for a thread that is waiting for the kernel."""
     with _pool_lock:
-        p = _pool.get(workers)
+        p = _pool.get((user, workers))
         if p is None:
-            p = _pool[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fastattn")
+            p = _pool[(user, workers)] = ThreadPoolExecutor(
+                workers, thread_name_prefix=f"fastattn-{user}")
         return p
 
 

@@ -196,9 +196,10 @@ _state: dict = {}
 
 def current() -> tuple[Setting, str]:
     """The setting in force and where it comes from (read once per process)."""
-    if "setting" not in _state:
-        _state["setting"], _state["source"] = _load()
-    return _state["setting"], _state["source"]
+    now = _state.get("current")
+    if now is None:  # one entry, so that a thread reading it meanwhile sees all or nothing
+        now = _state["current"] = _load()
+    return now
 
 
 def _load():
@@ -215,4 +216,4 @@ def use(setting: Setting | None, source: str = "set in this process") -> None:
     """Put ``setting`` in force in this process (None: read the defaults and file again)."""
     _state.clear()
     if setting is not None:
-        _state["setting"], _state["source"] = setting.check(), source
+        _state["current"] = setting.check(), source

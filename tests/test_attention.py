@@ -264,8 +264,8 @@ def test_matches_torch_sdpa(numba_flash, causal, with_mask):
 def _no_serial_threshold(monkeypatch, threads):
     """``threads`` threads, and even the smallest work handed out to them."""
     monkeypatch.setattr(_flash, "get_num_threads", lambda: threads)
-    monkeypatch.setitem(_tuning._state, "setting",
-                        dataclasses.replace(_tuning.current()[0], serial_flops=0))
+    monkeypatch.setitem(_tuning._state, "current", (dataclasses.replace(
+        _tuning.current()[0], serial_flops=0), "no serial threshold (a test)"))
 
 
 def test_thread_pools_are_shut_down_at_exit(monkeypatch):

@@ -205,6 +205,36 @@ def test_blas_gemm_matches_float64_products_for_every_transpose(dtype, rng):
                 assert np.all(np.abs(c - want) <= bound), (ta, tb, m)
 
 
+def test_a_thread_never_sees_blas_half_loaded(monkeypatch):
+    """Two Python threads making their first kernel calls at once: one still finding the
+    BLAS's thread pools must not leave the other with "available" but no pools."""
+    import threading
+
+    monkeypatch.setattr(_blas, "_state", {})
+    inside, go_on = threading.Event(), threading.Event()
+    find = _blas._find_pools
+
+    def slow_find():
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            go_on.wait(30)
+        return find()
+
+    monkeypatch.setattr(_blas, "_find_pools", slow_find)
+    def paths(pools):
+        return sorted(p.filepath for p in pools)
+
+    first = threading.Thread(target=_blas.available)
+    first.start()
+    assert inside.wait(30)
+    try:
+        assert paths(_blas.pools()) == paths(find())  # while the first thread finds them
+    finally:
+        go_on.set()
+        first.join()
+    assert paths(_blas.pools()) == paths(find())
+
+
 def test_softmax_of_all_minus_inf_rows_is_zero(rng):
     x = np.full((2, 3, 4), -np.inf, dtype=np.float32)
     x[1, 2] = rng.standard_normal(4)

@@ -322,9 +322,78 @@ def test_generate_batch_decodes_many_questions_in_chunks(backend, monkeypatch):
     encode = model.encode
     monkeypatch.setattr(model, "encode", lambda x: (encoded.append(len(x)), encode(x))[1])
     chunked = model.generate_batch(xs, start, 5)
-    assert encoded == [4, 4, 2]
+    assert sorted(encoded) == [2, 4, 4]  # the chunks may run on several threads
     np.testing.assert_array_equal(chunked, whole)
     assert chunked.shape == (10, 5) and chunked.dtype == np.int64
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info()
+                  if i["user_api"] == "blas")
+
+
+@pytest.mark.parametrize("backend", ["vectorized", "numba"])
+def test_generate_batch_runs_chunks_on_the_kernels_threads(backend, monkeypatch, threads):
+    """With 2 Numba threads the chunks run on 2 threads at once (a barrier that both must
+    reach proves it), each with its Numba kernels and every BLAS at one thread, and give the
+    ids of a one-thread run; the thread settings come back afterwards."""
+    import threading
+
+    import numba
+
+    model = tiny_model(backend, dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=6)
+    xs, _ = tiny_batch(N=10, S=6)
+    start = np.arange(10) % 3
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 4)
+    threads(1)
+    serial = model.generate_batch(xs, start, 5)
+    threads(2)
+    blas_before = _blas_threads()
+    seen = []
+    barrier = threading.Barrier(2, timeout=30)
+    generate = model._generate
+
+    def spy(x, st, n):
+        seen.append((threading.get_ident(), numba.get_num_threads(),
+                     {t for _, t in _blas_threads()}))
+        if len(seen) <= 2:
+            barrier.wait()  # the first two chunks only pass together, on two threads
+        return generate(x, st, n)
+
+    monkeypatch.setattr(model, "_generate", spy)
+    got = model.generate_batch(xs, start, 5)
+    np.testing.assert_array_equal(got, serial)
+    assert len(seen) == 3 and len({ident for ident, _, _ in seen}) == 2
+    assert all(n == 1 and blas == {1} for _, n, blas in seen), seen
+    assert numba.get_num_threads() == 2 and _blas_threads() == blas_before
+
+
+def test_generate_batch_raises_a_chunks_error_and_restores_the_threads(monkeypatch, threads):
+    import numba
+
+    model = tiny_model("numba", dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=6)
+    xs, _ = tiny_batch(N=10, S=6)
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 2)
+    threads(2)
+    blas_before = _blas_threads()
+    calls = []
+    generate = model._generate
+
+    def failing(x, st, n):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise RuntimeError("chunk failed")
+        return generate(x, st, n)
+
+    monkeypatch.setattr(model, "_generate", failing)
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        model.generate_batch(xs, 1, 5)
+    assert len(calls) < 5  # no chunk is started after the error is seen ...
+    assert numba.get_num_threads() == 2 and _blas_threads() == blas_before
+    monkeypatch.setattr(model, "_generate", generate)  # ... and the threads work on
+    assert model.generate_batch(xs, 1, 5).shape == (10, 5)
 
 
 def test_generate_follows_the_book():

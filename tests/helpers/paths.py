@@ -49,8 +49,8 @@ def record_paths(monkeypatch, force=False):
             monkeypatch.setattr(numba_backend, name, 0)
         monkeypatch.setattr(_recurrent_numba, "_PARALLEL_MIN_MACS", 0)
         monkeypatch.setattr(_recurrent_numba, "_ROWS", 2)
-        monkeypatch.setitem(_tuning._state, "setting",
-                            dataclasses.replace(_tuning.current()[0], serial_flops=0))
+        monkeypatch.setitem(_tuning._state, "current", (dataclasses.replace(
+            _tuning.current()[0], serial_flops=0), "no serial threshold (a test)"))
     decide = numba_backend._parallel
 
     def parallel(work, threshold, batch):
