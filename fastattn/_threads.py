@@ -1,9 +1,9 @@
 """Independent pieces of Python-level work (``generate_batch``'s chunks) on several threads.
 
 Greedy decoding runs one small kernel or product after another. Each is too short to share
-well between threads: on 2 cores, 2,000 questions took 0.77 of their one-thread time when
+well between threads: on 2 cores, 2,000 questions took 0.78 of their one-thread time when
 every kernel and product used both cores. Whole chunks of questions on threads of their own,
-each thread's kernels and BLAS at one thread, took 0.6 of the one-thread time (NumPy's
+each thread's kernels and BLAS at one thread, took 0.58 of the one-thread time (NumPy's
 products and the Numba kernels release the GIL; the Python between them is a small part).
 """
 
