@@ -14,6 +14,7 @@ import contextvars
 import threading
 
 _state: dict = {}
+_busy = threading.Lock()  # one map_in_threads at a time holds the process-wide BLAS limit
 
 
 def threads() -> int:
@@ -27,9 +28,15 @@ def threads() -> int:
 
 
 def _blas_controller():
-    """A threadpoolctl controller of every BLAS loaded (NumPy's and SciPy's), made once."""
+    """A threadpoolctl controller of every BLAS loaded (NumPy's and SciPy's), made once,
+    after SciPy's BLAS (the one the Numba kernels call) is loaded: a controller made before
+    would never see it."""
     if "blas" not in _state:
         from threadpoolctl import ThreadpoolController
+
+        from fastattn.kernels import _blas
+
+        _blas.available()  # loads SciPy's BLAS
 
         _state["blas"] = ThreadpoolController().select(user_api="blas")
     return _state["blas"]
@@ -56,8 +63,17 @@ def map_in_threads(fn, items, n_threads: int | None = None) -> list:
     others from taking more items and is raised here."""
     items = list(items)
     n = min(len(items), threads() if n_threads is None else n_threads)
-    if n <= 1:
+    if n <= 1 or not _busy.acquire(blocking=False):
+        # another thread's call holds the BLAS limit: its restore would undo ours under our
+        # threads (and leave one of them threadpoolctl's OpenBLAS controlling thread)
         return [fn(item) for item in items]
+    try:
+        return _run(fn, items, n)
+    finally:
+        _busy.release()
+
+
+def _run(fn, items, n):
     from fastattn.kernels._flash import pool
 
     results = [None] * len(items)

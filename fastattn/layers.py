@@ -258,9 +258,9 @@ class Embedding:
         W, = self.params
         backend = forward_backend(self)
         name, ndim = self._ids
-        self.idx = _checks.token_ids(idx, W.shape[0], name, ndim=ndim)
-        self._ran_on = backend
-        return W[self.idx]  # idx.shape + (D,)
+        idx = _checks.token_ids(idx, W.shape[0], name, ndim=ndim)
+        self.idx, self._ran_on = idx, backend
+        return W[idx]  # idx.shape + (D,); not self.idx, which another thread may have set
 
     def backward(self, dout):
         if self.idx is None:

@@ -14,6 +14,7 @@ a layer's *total* includes the layers it calls, its *self* time does not.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -76,28 +77,31 @@ class Profile:
         self.names = names or [f"model{i}" if len(models) > 1 else "model"
                                for i in range(len(models))]
         self.entries: dict[tuple, Entry] = {}
-        self._stack: list[list[float]] = []  # child-time accumulators of open calls
+        self._open = threading.local()  # per thread: child-time accumulators of open calls
+        self._lock = threading.Lock()  # for entries, which the threads share
         self._patched: list[tuple] = []
         self.wall = 0.0
 
     # -- timing -------------------------------------------------------------------------
     def _timed(self, key, fn):
         def wrapper(*args, **kwargs):
-            self._stack.append([0.0])
+            stack = self._open.__dict__.setdefault("stack", [])
+            stack.append([0.0])
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - t0
-                children = self._stack.pop()[0]
-                if self._stack:
-                    self._stack[-1][0] += elapsed
-                e = self.entries.get(key)
-                if e is None:
-                    e = self.entries[key] = Entry(*key)
-                e.calls += 1
-                e.total += elapsed
-                e.self_time += elapsed - children
+                children = stack.pop()[0]
+                if stack:
+                    stack[-1][0] += elapsed
+                with self._lock:
+                    e = self.entries.get(key)
+                    if e is None:
+                        e = self.entries[key] = Entry(*key)
+                    e.calls += 1
+                    e.total += elapsed
+                    e.self_time += elapsed - children
 
         wrapper.__wrapped__ = fn
         return wrapper

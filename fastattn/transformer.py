@@ -247,7 +247,9 @@ class TransformerSeq2seq:
         ``start_id`` is one id (or N ids, one per row). The decoder runs one position per step
         with cached keys and values (nothing is kept for backward), on chunks of up to 256
         questions, each chunk's results those of decoding it alone. The chunks run on the
-        kernels' threads (``numba.set_num_threads``), one chunk per thread at a time.
+        kernels' threads (``numba.set_num_threads``), one chunk per thread at a time (on one
+        thread while an attention with dropout has ``train_flg`` set, so that a seeded model
+        draws its dropout in the same order every time).
         """
         xs = self._ids(xs, "xs")
         if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)):
@@ -260,10 +262,17 @@ class TransformerSeq2seq:
         start = _checks.token_ids(np.broadcast_to(np.asarray(start_id), (N,)),
                                   self.config.vocab_size, "start_id", ndim=1)
         R = _GENERATE_ROWS  # in chunks whose activations stay in the CPU's caches
+        # dropout seeds come from each attention's generator in the order of the calls: one
+        # thread keeps that order, and a seeded model's answers with it
+        serial = any(a.dropout > 0 and a.train_flg for a in self._attentions())
         with _backend.use_backend(_backend.resolve(self.backend)):  # resolved once, not per kernel
             return np.concatenate(_threads.map_in_threads(
                 lambda i: self._generate(xs[i:i + R], start[i:i + R], sample_size),
-                range(0, N, R)))
+                range(0, N, R), 1 if serial else None))
+
+    def _attentions(self):
+        return ([block.attn for block in self.encoder]
+                + [a for block in self.decoder for a in (block.self_attn, block.cross_attn)])
 
     def _generate(self, xs, start, sample_size):
         N = xs.shape[0]

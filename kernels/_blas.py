@@ -60,6 +60,7 @@ class OneThread:
 
     def __enter__(self):
         available()
+        _ownership().increment()  # given back on exit, as threadpool_limits does
         self.saved = []
         for lib in _state["pools"]:
             n = lib.num_threads
@@ -71,7 +72,27 @@ class OneThread:
     def __exit__(self, *exc):
         for lib, n in self.saved:
             lib.set_num_threads(n)
+        _ownership().decrement()  # so that no thread keeps OpenBLAS's control afterwards
         return False
+
+
+class _NoOwnership:
+    def increment(self):
+        pass
+
+    def decrement(self):
+        pass
+
+
+def _ownership():
+    """threadpoolctl's count of this thread's open limits. Where OpenBLAS has one process-wide
+    pool, threadpoolctl (3.8) lets only one Python thread, the first to set a limit, change
+    it; a pool thread that set one would keep that role for good, and the limits of every
+    other thread would silently do nothing. When the count drops to 0 the role is free
+    again. Older threadpoolctl versions have no such count and no such role."""
+    import threadpoolctl
+
+    return getattr(threadpoolctl, "CONTROLLING_THREAD_OWNERSHIP", _NoOwnership())
 
 
 # Numba's own entry point to the ?gemm of the BLAS that SciPy links (what np.dot calls inside

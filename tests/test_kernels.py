@@ -235,6 +235,39 @@ def test_a_thread_never_sees_blas_half_loaded(monkeypatch):
     assert paths(_blas.pools()) == paths(find())
 
 
+def test_one_blas_thread_in_another_thread_leaves_the_limits_working():
+    """A thread (a pool's, say) that held BLAS at one thread and lives on must not keep
+    threadpoolctl's control of OpenBLAS: the next OneThread of this thread still holds it."""
+    import threading
+
+    import threadpoolctl
+
+    pools = _blas.pools()
+    if not pools or min(lib.num_threads for lib in pools) < 2:
+        pytest.skip("needs a BLAS that threadpoolctl sees running 2 or more threads")
+    clear = getattr(threadpoolctl.OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)  # no thread has taken control yet
+    done, leave = threading.Event(), threading.Event()
+
+    def other():
+        with _blas.OneThread():
+            pass
+        done.set()
+        leave.wait(30)  # alive, as a pool's thread stays
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert done.wait(30)
+        with _blas.OneThread():
+            inside = [lib.num_threads for lib in pools]
+    finally:
+        leave.set()
+        t.join()
+    assert inside == [1] * len(pools)
+
+
 def test_softmax_of_all_minus_inf_rows_is_zero(rng):
     x = np.full((2, 3, 4), -np.inf, dtype=np.float32)
     x[1, 2] = rng.standard_normal(4)

@@ -94,3 +94,27 @@ def test_profile_command_rejects_bad_flags(bad):
     with pytest.raises(SystemExit) as exc:
         main(["profile", *bad])
     assert exc.value.code == 2
+
+
+def test_profile_of_generate_batch_on_two_threads_adds_up(monkeypatch, threads):
+    """generate_batch's chunks on 2 threads: each thread keeps its own open calls, so every
+    self time is >= 0 and a parent's total is at least its children's."""
+    from fastattn import transformer
+
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 16)
+    model = TransformerSeq2seq(30, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=10,
+                               backend="numba", seed=0)
+    xs = np.random.default_rng(0).integers(0, 30, (256, 8))
+    threads(2)
+    with fastattn.profile(model) as prof:
+        model.generate_batch(xs, 1, 8)
+    rows = {e.name: e for e in prof.rows()}
+    assert all(e.self_time >= 0 for e in rows.values()), [
+        (e.name, e.self_time) for e in rows.values() if e.self_time < 0]
+    assert rows["model.encoder[0].ln1 (LayerNorm)"].calls == 16  # one per chunk
+    assert rows["model.decoder[0].ln1 (LayerNorm)"].calls == 16 * 8  # and per step
+    block = rows["model.encoder[0] (EncoderBlock)"]
+    inner = sum(rows[f"model.encoder[0].{n}"].total for n in (
+        "ln1 (LayerNorm)", "attn (MultiHeadAttention)", "ln2 (LayerNorm)",
+        "ffn (FeedForward)"))
+    assert block.total >= inner

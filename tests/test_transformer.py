@@ -330,6 +330,10 @@ def test_generate_batch_decodes_many_questions_in_chunks(backend, monkeypatch):
 def _blas_threads():
     from threadpoolctl import threadpool_info
 
+    from fastattn.kernels import _blas
+
+    _blas.available()  # SciPy's BLAS loaded, so that every call sees the same libraries
+
     return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info()
                   if i["user_api"] == "blas")
 
@@ -394,6 +398,71 @@ def test_generate_batch_raises_a_chunks_error_and_restores_the_threads(monkeypat
     assert numba.get_num_threads() == 2 and _blas_threads() == blas_before
     monkeypatch.setattr(model, "_generate", generate)  # ... and the threads work on
     assert model.generate_batch(xs, 1, 5).shape == (10, 5)
+
+
+def test_two_generate_batch_calls_at_once(monkeypatch, threads):
+    """Two Python threads decoding at once: both get the one-thread answers, and afterwards
+    the BLAS thread counts are back and the kernels can still hold BLAS at one thread."""
+    import threading
+
+    from fastattn.kernels import _blas
+
+    model = tiny_model("numba", dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=6)
+    xs, _ = tiny_batch(N=12, S=6)
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 2)
+    threads(1)
+    want = model.generate_batch(xs, 1, 5)
+    threads(2)
+    blas_before = _blas_threads()
+    together = threading.Barrier(2, timeout=30)
+    generate = model._generate
+
+    def spy(x, st, n, first=[]):  # noqa: B006 -- the first call of each caller waits
+        if threading.current_thread().name in ("caller-0", "caller-1") and len(first) < 2:
+            first.append(1)
+            together.wait()
+        return generate(x, st, n)
+
+    monkeypatch.setattr(model, "_generate", spy)
+    got = {}
+
+    def caller(k):
+        threads(2)  # Numba's thread count is per thread
+        got[k] = model.generate_batch(xs, 1, 5)
+
+    callers = [threading.Thread(target=caller, args=(k,), name=f"caller-{k}") for k in (0, 1)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(60)
+    assert set(got) == {0, 1}
+    for k in (0, 1):
+        np.testing.assert_array_equal(got[k], want)
+    assert _blas_threads() == blas_before
+    with _blas.OneThread():
+        assert {lib.num_threads for lib in _blas.pools()} == {1}
+
+
+def test_generate_batch_with_dropout_on_runs_its_chunks_on_one_thread(monkeypatch, threads):
+    """An attention with dropout in training mode draws a seed per call from its generator:
+    the chunks then run one after another on the calling thread, and a seeded model answers
+    the same with 1 or 2 Numba threads."""
+    import threading
+
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 2)
+    xs, _ = tiny_batch(N=10, S=6)
+    answers = []
+    for n in (1, 2):
+        threads(n)
+        model = tiny_model("numba", dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=6,
+                           dropout=0.5)
+        seen, generate = set(), model._generate
+        monkeypatch.setattr(model, "_generate",
+                            lambda *a, g=generate, s=seen: (s.add(threading.get_ident()),
+                                                            g(*a))[1])
+        answers.append(model.generate_batch(xs, 1, 5))
+        assert seen == {threading.get_ident()}
+    np.testing.assert_array_equal(answers[0], answers[1])
 
 
 def test_generate_follows_the_book():
@@ -509,3 +578,48 @@ def test_the_model_modules_do_not_import_the_dataset_package():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_generate_batch_holds_scipys_blas_too_in_a_fresh_process():
+    """The first generate_batch of a process, before any kernel loaded SciPy's BLAS (the one
+    the Numba kernels call), holds that BLAS at one thread too."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import numpy as np, numba
+        from threadpoolctl import threadpool_info
+        from fastattn import transformer
+        numba.set_num_threads(2)
+        transformer._GENERATE_ROWS = 2
+        m = transformer.TransformerSeq2seq(20, 8, 2, 1, 16, 8, backend="numba", seed=0)
+        seen, g = [], m._generate
+        def spy(*a):
+            seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+            return g(*a)
+        m._generate = spy
+        m.generate_batch(np.ones((4, 3), np.int64), 1, 2)
+        m.generate_batch(np.ones((4, 3), np.int64), 1, 2)
+        print(seen)
+        assert all(s == {1} for s in seen), seen
+    """
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs at least 2 Numba threads (NUMBA_NUM_THREADS)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_generate_batch_chunks_on_threads_keep_the_backend_in_force(monkeypatch, threads,
+                                                                   looked_up):
+    """A model without a backend of its own decodes every chunk, on every thread, on the
+    backend of the caller's ``use_backend`` block."""
+    import fastattn
+
+    model = tiny_model(None, dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=6)
+    xs, _ = tiny_batch(N=10, S=6)
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 2)
+    threads(2)
+    with fastattn.use_backend("vectorized"):
+        model.generate_batch(xs, 1, 5)
+    assert looked_up and set(looked_up) == {"vectorized"}
