@@ -152,6 +152,14 @@ class MultiHeadAttention:
         return p.reshape(B, self.n_heads, Tq, Tk)
 
     def forward(self, x_q, x_kv=None, mask=None):
+        y, self.cache = self._forward(x_q, x_kv, mask)
+        return y
+
+    def infer(self, x_q, x_kv=None, mask=None):
+        """forward without keeping anything for backward or the plots (generation)."""
+        return self._forward(x_q, x_kv, mask, keep=False)[0]
+
+    def _forward(self, x_q, x_kv, mask, keep=True):
         W_in, b_in, W_out, b_out = self.params
         C = self.d_model
         backend = forward_backend(self)
@@ -188,10 +196,10 @@ class MultiHeadAttention:
         a2 = self._merge(att, B, Tq)  # (B*Tq, C)
         y = a2 @ W_out  # (B*Tq, C)
         y += b_out
-        if self.keep_weights:
+        if keep and self.keep_weights:
             self.attention_weights = self._weights(backend, q, k, mask3, B, Tq, Tk)
-        self.cache = (backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq, Tk, feats)
-        return y.reshape(B, Tq, C)
+        return y.reshape(B, Tq, C), (backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq,
+                                     Tk, feats)
 
     def backward(self, dout):
         if self.cache is None:

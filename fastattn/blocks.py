@@ -66,6 +66,14 @@ class LayerNorm:
         self.cache = None
 
     def forward(self, x):
+        y, self.cache = self._forward(x)  # the row statistics, for backward
+        return y
+
+    def infer(self, x):
+        """forward without keeping anything for backward (generation)."""
+        return self._forward(x)[0]
+
+    def _forward(self, x):
         g, b = self.params
         C = g.shape[0]
         x = float_input(x, "x", g.dtype)
@@ -74,8 +82,7 @@ class LayerNorm:
         backend = forward_backend(self)
         x2 = x.reshape(-1, C)  # (N, C)
         y, mean, rstd = _backend.kernel("layernorm_forward", backend)(x2, g, b, self.eps)
-        self.cache = (x2, mean, rstd, x.shape, backend)  # the row statistics, for backward
-        return y.reshape(x.shape)
+        return y.reshape(x.shape), (x2, mean, rstd, x.shape, backend)
 
     def backward(self, dout):
         if self.cache is None:
@@ -187,6 +194,14 @@ class FeedForward:
         self.cache = None
 
     def forward(self, x):
+        y, self.cache = self._forward(x)
+        return y
+
+    def infer(self, x):
+        """forward without keeping anything for backward (generation)."""
+        return self._forward(x)[0]
+
+    def _forward(self, x):
         W1, b1, W2, b2 = self.params
         x = sequence_input(x, "x", self.dtype, self.d_model)
         backend = forward_backend(self)
@@ -194,8 +209,7 @@ class FeedForward:
         h = _backend.kernel("bias_relu_forward", backend)(x2 @ W1, b1)  # (N, F)
         y = h @ W2  # (N, C)
         y += b2
-        self.cache = (x2, h, x.shape, backend)
-        return y.reshape(x.shape)
+        return y.reshape(x.shape), (x2, h, x.shape, backend)
 
     def backward(self, dout):
         if self.cache is None:
@@ -239,6 +253,11 @@ class EncoderBlock:
         x = add_to(self.ffn.forward(self.ln2.forward(x)), x)
         self._ran = True
         return x
+
+    def infer(self, x, mask=None):
+        """forward without keeping anything for backward (generation)."""
+        x = add_to(self.attn.infer(self.ln1.infer(x), mask=mask), x)
+        return add_to(self.ffn.infer(self.ln2.infer(x)), x)
 
     def backward(self, dout):
         if not self._ran:
@@ -294,6 +313,6 @@ class DecoderBlock:
         """One generation step for the newest position x_new (B, 1, C), with the memory's
         cross-attention keys/values (from ``cross_attn.project_kv``) and the self-attention
         cache (a dict). Keeps nothing for backward."""
-        x = x_new + self.self_attn.step(self.ln1.forward(x_new), cache)
-        x = x + self.cross_attn.attend(self.ln2.forward(x), k_mem, v_mem)
-        return x + self.ffn.forward(self.ln3.forward(x))
+        x = x_new + self.self_attn.step(self.ln1.infer(x_new), cache)
+        x = x + self.cross_attn.attend(self.ln2.infer(x), k_mem, v_mem)
+        return x + self.ffn.infer(self.ln3.infer(x))

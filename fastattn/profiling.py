@@ -1,4 +1,5 @@
-"""Time spent per layer and per kernel, forward and backward apart.
+"""Time spent per layer and per kernel, forward and backward apart (and generation's
+``infer``, ``step``, ``attend`` and ``project_kv``, where a layer has them).
 
 >>> with fastattn.profile(model) as prof:
 ...     loss = model.forward(xs, ts)
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from fastattn import _backend
 
 _PHASES = ("forward", "backward")
+_GENERATION = ("infer", "step", "attend", "project_kv")  # timed too where a layer has them
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Entry:
 
     kind: str  # "layer" or "kernel"
     name: str  # attribute path and class for a layer, "backend:kernel" for a kernel
-    phase: str  # "forward", "backward" or "-" for kernels
+    phase: str  # "forward", "backward", a generation method ("infer", ...), "-" for kernels
     calls: int = 0
     total: float = 0.0  # seconds, children included
     self_time: float = 0.0  # seconds, children excluded
@@ -115,7 +117,7 @@ class Profile:
         for model, root in zip(self.models, self.names, strict=True):
             for path, layer in find_layers(model, root):
                 label = f"{path} ({type(layer).__name__})"
-                for phase in _PHASES:
+                for phase in _PHASES + tuple(p for p in _GENERATION if hasattr(layer, p)):
                     had_own = phase in vars(layer)
                     original = getattr(layer, phase)
                     setattr(layer, phase, self._timed(("layer", label, phase), original))

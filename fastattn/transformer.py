@@ -203,6 +203,13 @@ class TransformerSeq2seq:
             h = block.forward(h)
         return self.enc_ln.forward(h)
 
+    def _encode_only(self, xs):
+        """encode for checked ids xs, keeping nothing for backward (generation)."""
+        h = self.src_embed.params[0][xs] + self.src_pos.table(xs.shape[1])
+        for block in self.encoder:
+            h = block.infer(h)
+        return self.enc_ln.infer(h)
+
     def _decode(self, ys, memory):
         h = self.tgt_pos.forward(self.tgt_embed.forward(ys))
         for block in self.decoder:
@@ -276,7 +283,7 @@ class TransformerSeq2seq:
 
     def _generate(self, xs, start, sample_size):
         N = xs.shape[0]
-        memory = self.encode(xs)
+        memory = self._encode_only(xs)
         kv = [block.cross_attn.project_kv(memory) for block in self.decoder]
         caches = [{} for _ in self.decoder]
         W_emb = self.tgt_embed.params[0]
@@ -286,7 +293,7 @@ class TransformerSeq2seq:
             h = (W_emb[y] + self.tgt_pos.table(1, t))[:, None, :]  # (N, 1, C)
             for block, (k, v), cache in zip(self.decoder, kv, caches, strict=True):
                 h = block.step(h, k, v, cache)
-            h = self.dec_ln.forward(h)
+            h = self.dec_ln.infer(h)
             W, b = self.out.params
             score = h.reshape(N, -1) @ W + b  # (N, V)
             y = score.argmax(axis=1)

@@ -108,13 +108,14 @@ def test_profile_of_generate_batch_on_two_threads_adds_up(monkeypatch, threads):
     threads(2)
     with fastattn.profile(model) as prof:
         model.generate_batch(xs, 1, 8)
-    rows = {e.name: e for e in prof.rows()}
+    rows = {(e.name, e.phase): e for e in prof.rows()}
     assert all(e.self_time >= 0 for e in rows.values()), [
         (e.name, e.self_time) for e in rows.values() if e.self_time < 0]
-    assert rows["model.encoder[0].ln1 (LayerNorm)"].calls == 16  # one per chunk
-    assert rows["model.decoder[0].ln1 (LayerNorm)"].calls == 16 * 8  # and per step
-    block = rows["model.encoder[0] (EncoderBlock)"]
-    inner = sum(rows[f"model.encoder[0].{n}"].total for n in (
+    assert rows["model.encoder[0].ln1 (LayerNorm)", "infer"].calls == 16  # one per chunk
+    assert rows["model.decoder[0].ln1 (LayerNorm)", "infer"].calls == 16 * 8  # and per step
+    assert not any(phase == "forward" for _, phase in rows), "generation keeps no caches"
+    block = rows["model.encoder[0] (EncoderBlock)", "infer"]
+    inner = sum(rows[f"model.encoder[0].{n}", "infer"].total for n in (
         "ln1 (LayerNorm)", "attn (MultiHeadAttention)", "ln2 (LayerNorm)",
         "ffn (FeedForward)"))
     assert block.total >= inner

@@ -319,8 +319,9 @@ def test_generate_batch_decodes_many_questions_in_chunks(backend, monkeypatch):
     whole = model.generate_batch(xs, start, 5)
     monkeypatch.setattr(transformer, "_GENERATE_ROWS", 4)
     encoded = []
-    encode = model.encode
-    monkeypatch.setattr(model, "encode", lambda x: (encoded.append(len(x)), encode(x))[1])
+    encode = model._encode_only
+    monkeypatch.setattr(model, "_encode_only",
+                        lambda x: (encoded.append(len(x)), encode(x))[1])
     chunked = model.generate_batch(xs, start, 5)
     assert sorted(encoded) == [2, 4, 4]  # the chunks may run on several threads
     np.testing.assert_array_equal(chunked, whole)
@@ -463,6 +464,24 @@ def test_generate_batch_with_dropout_on_runs_its_chunks_on_one_thread(monkeypatc
         answers.append(model.generate_batch(xs, 1, 5))
         assert seen == {threading.get_ident()}
     np.testing.assert_array_equal(answers[0], answers[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [2, 5])  # decoder inputs of 1 (the shape of a decoding step) and 4
+def test_generate_between_forward_and_backward_leaves_the_gradients_alone(backend, T):
+    """Decoding other questions between a forward and its backward (say, a progress check in
+    a training loop) keeps nothing for backward: the gradients are those of the forward."""
+    model = tiny_model(backend, max_len=6, seed=3)
+    xs, ts = tiny_batch(seed=4, N=3, S=5, T=T)
+    other, _ = tiny_batch(seed=5, N=3, S=5)
+    model.forward(xs, ts)
+    model.backward()
+    want = [g.copy() for g in model.grads]
+    model.forward(xs, ts)
+    model.generate_batch(other, 1, 4)
+    model.backward()
+    for g, w in zip(model.grads, want, strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_generate_follows_the_book():
