@@ -9,6 +9,7 @@ products and the Numba kernels release the GIL; the Python between them is a sma
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import threading
@@ -99,9 +100,15 @@ def _run(fn, items, n):
         # each worker runs in a copy of this thread's context (the backend in force)
         futures = [pool(n - 1, "chunks").submit(contextvars.copy_context().run, work)
                    for _ in range(n - 1)]
-        work()
-        for f in futures:
-            f.result()
+        try:
+            work()
+        except BaseException as e:  # an interrupt between two items: the others stop too
+            with lock:
+                errors.append(e)
+        finally:
+            concurrent.futures.wait(futures)  # none runs on once this returns
+    for f in futures:
+        f.result()
     if errors:
         raise errors[0]
     return results

@@ -401,6 +401,48 @@ def test_generate_batch_raises_a_chunks_error_and_restores_the_threads(monkeypat
     assert model.generate_batch(xs, 1, 5).shape == (10, 5)
 
 
+def test_an_interrupt_between_chunks_stops_the_other_threads_first(monkeypatch, threads):
+    """An interrupt that reaches the calling thread outside a chunk (here, before its first)
+    is raised only once the other thread has finished its chunk, and no more are begun."""
+    import contextlib
+    import threading
+    import time
+
+    from fastattn import _threads
+
+    model = tiny_model("numba", dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=6)
+    xs, _ = tiny_batch(N=20, S=6)
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 2)
+    threads(2)
+    caller = threading.get_ident()
+    running, ended = threading.Event(), []
+    one_thread = _threads._numba_threads
+
+    @contextlib.contextmanager
+    def interrupted(n):
+        if threading.get_ident() == caller:
+            assert running.wait(30)  # the pool's thread is inside its first chunk
+            raise KeyboardInterrupt
+        with one_thread(n):
+            yield
+
+    generate = model._generate
+
+    def slow(x, st, n):
+        running.set()
+        time.sleep(0.2)
+        out = generate(x, st, n)
+        ended.append(time.perf_counter())
+        return out
+
+    monkeypatch.setattr(_threads, "_numba_threads", interrupted)
+    monkeypatch.setattr(model, "_generate", slow)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate_batch(xs, 1, 5)
+    raised = time.perf_counter()
+    assert 1 <= len(ended) < 10 and max(ended) < raised
+
+
 def test_two_generate_batch_calls_at_once(monkeypatch, threads):
     """Two Python threads decoding at once: both get the one-thread answers, and afterwards
     the BLAS thread counts are back and the kernels can still hold BLAS at one thread."""
