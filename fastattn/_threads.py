@@ -38,7 +38,6 @@ def _blas_controller():
         from fastattn.kernels import _blas
 
         _blas.available()  # loads SciPy's BLAS
-
         _state["blas"] = ThreadpoolController().select(user_api="blas")
     return _state["blas"]
 
@@ -61,7 +60,9 @@ def map_in_threads(fn, items, n_threads: int | None = None) -> list:
     a thread slowed down by other work on the machine takes fewer). Meanwhile every BLAS runs
     one thread and each of these threads runs its Numba kernels on one thread. ``fn`` must
     not depend on which thread runs it. The first exception raised by a call stops the
-    others from taking more items and is raised here."""
+    others from taking more items and is raised here. One call at a time runs on threads (it
+    holds the process-wide BLAS limit); a call from another thread meanwhile runs its items
+    one after another on its own thread."""
     items = list(items)
     n = min(len(items), threads() if n_threads is None else n_threads)
     if n <= 1 or not _busy.acquire(blocking=False):
