@@ -97,17 +97,25 @@ def _run(fn, items, n):
                         errors.append(e)
                     return
 
+    futures = []
     with _blas_controller().limit(limits=1, user_api="blas"):
-        # each worker runs in a copy of this thread's context (the backend in force)
-        futures = [pool(n - 1, "chunks").submit(contextvars.copy_context().run, work)
-                   for _ in range(n - 1)]
         try:
+            # each worker runs in a copy of this thread's context (the backend in force)
+            for _ in range(n - 1):
+                futures.append(pool(n - 1, "chunks").submit(
+                    contextvars.copy_context().run, work))
             work()
         except BaseException as e:  # an interrupt between two items: the others stop too
             with lock:
                 errors.append(e)
         finally:
-            concurrent.futures.wait(futures)  # none runs on once this returns
+            while True:  # none runs on once this returns, even if interrupted while waiting
+                try:
+                    concurrent.futures.wait(futures)
+                    break
+                except BaseException as e:
+                    with lock:
+                        errors.append(e)
     for f in futures:
         f.result()
     if errors:

@@ -117,7 +117,8 @@ class Profile:
         for model, root in zip(self.models, self.names, strict=True):
             for path, layer in find_layers(model, root):
                 label = f"{path} ({type(layer).__name__})"
-                for phase in _PHASES + tuple(p for p in _GENERATION if hasattr(layer, p)):
+                for phase in _PHASES + tuple(
+                        p for p in _GENERATION if callable(getattr(layer, p, None))):
                     had_own = phase in vars(layer)
                     original = getattr(layer, phase)
                     setattr(layer, phase, self._timed(("layer", label, phase), original))
@@ -156,12 +157,13 @@ class Profile:
             if not rows:
                 continue
             width = max(len(e.name) for e in rows)
+            pw = max(8, *(len(e.phase) for e in rows))  # "project_kv" is 10 wide
             lines.append("")
-            lines.append(f"{kind + 's':<{width}}  {'phase':>8}  {'calls':>6}  "
+            lines.append(f"{kind + 's':<{width}}  {'phase':>{pw}}  {'calls':>6}  "
                          f"{'total ms':>9}  {'self ms':>9}  {'self %':>6}")
             for e in rows:
                 share = 100.0 * e.self_time / self.wall if self.wall else 0.0
-                lines.append(f"{e.name:<{width}}  {e.phase:>8}  {e.calls:>6}  "
+                lines.append(f"{e.name:<{width}}  {e.phase:>{pw}}  {e.calls:>6}  "
                              f"{e.total * 1e3:>9.2f}  {e.self_time * 1e3:>9.2f}  {share:>6.1f}")
         return "\n".join(lines)
 

@@ -119,3 +119,20 @@ def test_profile_of_generate_batch_on_two_threads_adds_up(monkeypatch, threads):
         "ln1 (LayerNorm)", "attn (MultiHeadAttention)", "ln2 (LayerNorm)",
         "ffn (FeedForward)"))
     assert block.total >= inner
+
+
+def test_profile_wraps_only_methods_and_fits_every_phase_in_its_column():
+    """A layer attribute named like a generation method but not callable (a step counter) is
+    left alone; the table's phase column is as wide as its longest phase ("project_kv")."""
+    model = TransformerSeq2seq(11, d_model=8, n_heads=2, n_layers=1, d_ff=12, max_len=6,
+                               backend="vectorized", seed=0)
+    layer = model.encoder[0].ln1
+    layer.step = 0
+    xs = np.random.default_rng(0).integers(0, 11, (3, 5))
+    with fastattn.profile(model) as prof:
+        layer.step += 1
+        model.generate_batch(xs, 1, 4)
+    assert layer.step == 1
+    table = prof.table().split("\n\n")
+    layers = next(part for part in table if "project_kv" in part).strip().splitlines()
+    assert len({len(line) for line in layers}) == 1, layers  # every column lines up

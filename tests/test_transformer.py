@@ -443,6 +443,44 @@ def test_an_interrupt_between_chunks_stops_the_other_threads_first(monkeypatch, 
     assert 1 <= len(ended) < 10 and max(ended) < raised
 
 
+def test_an_interrupt_while_waiting_for_the_other_thread_waits_on(monkeypatch, threads):
+    """An interrupt that reaches the calling thread while it waits for the pool's thread (its
+    own items done) is raised only once that thread's chunk has ended."""
+    import concurrent.futures
+    import threading
+    import time
+
+    model = tiny_model("numba", dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=6)
+    xs, _ = tiny_batch(N=4, S=6)
+    monkeypatch.setattr(transformer, "_GENERATE_ROWS", 2)
+    threads(2)
+    caller = threading.get_ident()
+    ended = []
+    generate = model._generate
+
+    def uneven(x, st, n):
+        out = generate(x, st, n)
+        if threading.get_ident() != caller:
+            time.sleep(0.5)  # the calling thread runs out of items first and waits
+        ended.append(time.perf_counter())
+        return out
+
+    real_wait = concurrent.futures.wait
+    interrupted = []
+
+    def wait(futures, *a, **kw):
+        if not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        return real_wait(futures, *a, **kw)
+
+    monkeypatch.setattr(model, "_generate", uneven)
+    monkeypatch.setattr(concurrent.futures, "wait", wait)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate_batch(xs, 1, 5)
+    assert interrupted and len(ended) == 2 and max(ended) < time.perf_counter()
+
+
 def test_two_generate_batch_calls_at_once(monkeypatch, threads):
     """Two Python threads decoding at once: both get the one-thread answers, and afterwards
     the BLAS thread counts are back and the kernels can still hold BLAS at one thread."""
