@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import threading
 
-_state: dict = {}
 _busy = threading.Lock()  # one map_in_threads at a time holds the process-wide BLAS limit
 
 
@@ -26,20 +25,6 @@ def threads() -> int:
     except ImportError:
         return 1
     return numba.get_num_threads()
-
-
-def _blas_controller():
-    """A threadpoolctl controller of every BLAS loaded (NumPy's and SciPy's), made once,
-    after SciPy's BLAS (the one the Numba kernels call) is loaded: a controller made before
-    would never see it."""
-    if "blas" not in _state:
-        from threadpoolctl import ThreadpoolController
-
-        from fastattn.kernels import _blas
-
-        _blas.available()  # loads SciPy's BLAS
-        _state["blas"] = ThreadpoolController().select(user_api="blas")
-    return _state["blas"]
 
 
 @contextlib.contextmanager
@@ -76,6 +61,7 @@ def map_in_threads(fn, items, n_threads: int | None = None) -> list:
 
 
 def _run(fn, items, n):
+    from fastattn.kernels import _blas
     from fastattn.kernels._flash import pool
 
     results = [None] * len(items)
@@ -98,7 +84,7 @@ def _run(fn, items, n):
                     return
 
     futures = []
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _blas.every_blas().limit(limits=1, user_api="blas"):
         try:
             # each worker runs in a copy of this thread's context (the backend in force)
             for _ in range(n - 1):

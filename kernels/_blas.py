@@ -43,6 +43,17 @@ def pools():
     return list(_state["pools"])
 
 
+def every_blas():
+    """A threadpoolctl controller of every BLAS loaded (NumPy's and SciPy's), made once, after
+    SciPy's BLAS (the one Numba calls) is loaded: a controller made before would miss it."""
+    if "every" not in _state:
+        from threadpoolctl import ThreadpoolController
+
+        available()
+        _state["every"] = ThreadpoolController().select(user_api="blas")
+    return _state["every"]
+
+
 def _find_pools():
     """threadpoolctl controllers of SciPy's own BLAS when it ships one, else of every BLAS."""
     import scipy
