@@ -30,6 +30,11 @@ from fastattn._layer import (
 __all__ = ["MultiHeadAttention"]
 
 
+def _flat_heads(a):
+    """(B, H, T, dh) heads -> a contiguous (B*H, T, dh) copy."""
+    return np.ascontiguousarray(a).reshape(-1, a.shape[2], a.shape[3])
+
+
 class MultiHeadAttention:
     """Multi-head scaled dot-product attention on the fused attention kernels.
 
@@ -103,6 +108,15 @@ class MultiHeadAttention:
         a = a2.reshape(B, T, n, H, dh).transpose(2, 0, 3, 1, 4)  # (n, B, H, T, dh)
         return np.ascontiguousarray(a).reshape(n, B * H, T, dh)
 
+    def _heads(self, a2, B, T, widths):
+        """(B, Hi, T, dh) views of the consecutive column blocks (widths) of a2 (B*T, .), for
+        the numba kernels, which read and write heads in place: no copies."""
+        dh, c, views = self.d_head, 0, []
+        for w in widths:
+            views.append(a2[:, c:c + w].reshape(B, T, w // dh, dh).transpose(0, 2, 1, 3))
+            c += w
+        return views
+
     def _merge(self, o, B, T):
         dh = self.d_head
         o = o.reshape(B, -1, T, dh).transpose(0, 2, 1, 3)  # (B, T, H, dh)
@@ -167,11 +181,15 @@ class MultiHeadAttention:
         B, Tq, _ = x_q.shape
         xq2 = x_q.reshape(B * Tq, C)
         Hkv = self.n_kv_heads
+        Ckv = Hkv * self.d_head
+        heads = backend == "numba"  # its kernels take the heads in place, (B, H, T, dh) views
         if x_kv is None:  # self-attention: one product for q, k and v
             Tk = Tq
             qkv = xq2 @ W_in  # (B*T, C + 2Ckv)
             qkv += b_in
-            if Hkv == self.n_heads:
+            if heads:
+                q, k, v = self._heads(qkv, B, Tq, (C, Ckv, Ckv))
+            elif Hkv == self.n_heads:
                 q, k, v = self._split(qkv, B, Tq, 3)  # each (B*H, T, dh)
             else:
                 q = self._split(qkv[:, :C], B, Tq, 1)[0]  # (B*H, T, dh)
@@ -187,17 +205,24 @@ class MultiHeadAttention:
             qp += b_in[:C]
             kv = xkv2 @ W_in[:, C:]  # (B*Tk, 2C)
             kv += b_in[C:]
-            q = self._split(qp, B, Tq, 1)[0]  # (B*H, Tq, dh)
-            k, v = self._split(kv, B, Tk, 2, Hkv)  # (B*Hkv, Tk, dh)
+            if heads:
+                (q,), (k, v) = self._heads(qp, B, Tq, (C,)), self._heads(kv, B, Tk, (Ckv, Ckv))
+            else:
+                q = self._split(qp, B, Tq, 1)[0]  # (B*H, Tq, dh)
+                k, v = self._split(kv, B, Tk, 2, Hkv)  # (B*Hkv, Tk, dh)
         mask3 = self._mask(mask, B, Tq, Tk)
         feats = self._features(self.train_flg)
         att, lse = _backend.kernel("attention_forward", backend)(
             q, k, v, self.scale, self.causal, mask3, **feats)  # (B*H, Tq, dh), (B*H, Tq)
-        a2 = self._merge(att, B, Tq)  # (B*Tq, C)
+        if heads:  # a view of a (B, Tq, H, dh) array: the merge is a reshape
+            a2 = att.transpose(0, 2, 1, 3).reshape(B * Tq, C)
+        else:
+            a2 = self._merge(att, B, Tq)  # (B*Tq, C)
         y = a2 @ W_out  # (B*Tq, C)
         y += b_out
         if keep and self.keep_weights:
-            self.attention_weights = self._weights(backend, q, k, mask3, B, Tq, Tk)
+            qw, kw = (_flat_heads(a) for a in (q, k)) if heads else (q, k)
+            self.attention_weights = self._weights(backend, qw, kw, mask3, B, Tq, Tk)
         return y.reshape(B, Tq, C), (backend, xq2, xkv2, q, k, v, att, lse, a2, mask3, B, Tq,
                                      Tk, feats)
 
@@ -211,16 +236,32 @@ class MultiHeadAttention:
         dy = dout_array(dout, (B, Tq, C), self.dtype).reshape(B * Tq, C)
         np.matmul(a2.T, dy, out=dW_out)  # (C, C)
         colsum(dy, out=db_out)
-        da = self._split(dy @ W_out.T, B, Tq, 1)[0]  # (B*H, Tq, dh)
-        dq, dk, dv = _backend.kernel("attention_backward", backend)(
-            da, q, k, v, att, lse, self.scale, self.causal, mask3, **feats)
+        backward = _backend.kernel("attention_backward", backend)
+        if q.ndim == 4:  # heads in place: the kernel writes dq, dk, dv into their columns
+            Ckv = self.n_kv_heads * self.d_head
+            (da,) = self._heads(dy @ W_out.T, B, Tq, (C,))
+            if xkv2 is None:
+                dqkv = np.zeros((B * Tq, C + 2 * Ckv), self.dtype)
+                grads = self._heads(dqkv, B, Tq, (C, Ckv, Ckv))
+            else:
+                dq2 = np.zeros((B * Tq, C), self.dtype)
+                dkv = np.zeros((B * Tk, 2 * Ckv), self.dtype)
+                grads = self._heads(dq2, B, Tq, (C,)) + self._heads(dkv, B, Tk, (Ckv, Ckv))
+            backward(da, q, k, v, att, lse, self.scale, self.causal, mask3, grads=grads,
+                     **feats)
+        else:
+            da = self._split(dy @ W_out.T, B, Tq, 1)[0]  # (B*H, Tq, dh)
+            dq, dk, dv = backward(da, q, k, v, att, lse, self.scale, self.causal, mask3,
+                                  **feats)
+            if xkv2 is None:
+                dqkv = self._merge_n((dq, dk, dv), B, Tq)  # (B*T, 3C)
+            else:
+                dq2 = self._merge(dq, B, Tq)  # (B*Tq, C)
+                dkv = self._merge_n((dk, dv), B, Tk)  # (B*Tk, 2Ckv)
         if xkv2 is None:
-            dqkv = self._merge_n((dq, dk, dv), B, Tq)  # (B*T, 3C)
             np.matmul(xq2.T, dqkv, out=dW_in)
             colsum(dqkv, out=db_in)
             return (dqkv @ W_in.T).reshape(B, Tq, C)
-        dq2 = self._merge(dq, B, Tq)  # (B*Tq, C)
-        dkv = self._merge_n((dk, dv), B, Tk)  # (B*Tk, 2Ckv)
         np.matmul(xq2.T, dq2, out=dW_in[:, :C])
         np.matmul(xkv2.T, dkv, out=dW_in[:, C:])
         colsum(dq2, out=db_in[:C])

@@ -394,7 +394,8 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
 
 def _plain(q, k, causal, features) -> bool:
     """True when kernels._flash alone computes this: no feature but mask and top-left causal,
-    one query entry per key/value entry, and not a decode shape (few rows, many keys)."""
+    one query entry per key/value entry, and not a decode shape (few rows, many keys).
+    (_heads_plain says the same of heads.)"""
     return (not features and k.shape[0] == q.shape[0] and causal in (False, True)
             and not (q.shape[1] <= _LOOP_ROWS and k.shape[1] >= 512))
 
@@ -411,16 +412,57 @@ def scans_kv(q, k, causal, features) -> bool:
             and not _plain(q, k, causal, features))
 
 
+def _heads_plain(q, k, causal, features) -> bool:
+    """For (B, H, T, .) heads (see kernels._flash.attention_forward): True when _flash takes
+    them as they are (the plain case, as _plain says of their (B H, T, .) form)."""
+    return (k.shape[:2] == q.shape[:2] and not features and causal in (False, True)
+            and not (q.shape[2] <= _LOOP_ROWS and k.shape[2] >= 512))
+
+
+def _flat(a):
+    """(B, H, T, c) -> a contiguous (B H, T, c) copy."""
+    return np.ascontiguousarray(a).reshape(-1, a.shape[2], a.shape[3])
+
+
+def _unflat(a, B, H):
+    """(B H, T, c) -> the (B, H, T, c) view of a (B, T, H, c) copy, as _flash returns heads."""
+    a4 = a.reshape(B, H, a.shape[1], a.shape[2])
+    return np.ascontiguousarray(a4.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+
+
 def attention_forward(q, k, v, scale, causal, mask, **features):
     """The numba backend's fused forward: kernels._flash for the plain case, else
-    features_forward. Arguments as kernels.loop_attention.attention_forward."""
+    features_forward. Arguments as kernels.loop_attention.attention_forward; also takes
+    (B, H, T, .) heads (no bias) as kernels._flash.attention_forward does, and gives out and
+    lse in its form whichever kernel runs."""
+    if q.ndim == 4:
+        B, H, Tq, _ = q.shape
+        if _heads_plain(q, k, causal, features):
+            return _flash.attention_forward(q, k, v, scale, causal, mask)
+        out, lse = attention_forward(_flat(q), _flat(k), _flat(v), scale, causal, mask,
+                                     **features)
+        return _unflat(out, B, H), lse.reshape(B, H, Tq)
     if _plain(q, k, causal, features):
         return _flash.attention_forward(q, k, v, scale, causal, mask)
     return features_forward(q, k, v, scale, causal, mask, **features)
 
 
-def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, **features):
-    """The numba backend's fused backward (as attention_forward chooses)."""
+def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, grads=None,
+                       **features):
+    """The numba backend's fused backward (as attention_forward chooses). Heads too, and then
+    ``grads`` as kernels._flash.attention_backward takes it."""
+    if q.ndim == 4:
+        if _heads_plain(q, k, causal, features):
+            return _flash.attention_backward(dout, q, k, v, out, lse, scale, causal, mask,
+                                             grads=grads)
+        flat = attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out),
+                                  np.reshape(lse, (-1, q.shape[2])), scale, causal, mask,
+                                  **features)
+        if grads is None:
+            return tuple(_unflat(g, *a.shape[:2]) for g, a in zip(flat, (q, k, v), strict=True))
+        for g, into in zip(flat, grads, strict=True):
+            into[...] = g.reshape(into.shape)
+        return grads
     if _plain(q, k, causal, features):
         return _flash.attention_backward(dout, q, k, v, out, lse, scale, causal, mask)
     return features_backward(dout, q, k, v, out, lse, scale, causal, mask, **features)

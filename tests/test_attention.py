@@ -349,3 +349,95 @@ def test_few_query_rows_take_the_loop_kernel(monkeypatch, threads, dtype):
                 one = _flash.attention_forward(q, k, v, 0.5, causal, mask)
                 for a, b in zip(one, two, strict=True):
                     np.testing.assert_array_equal(a, b)
+
+
+# ---- heads read and written in place: (B, H, T, d) views of (B, T, H, d) columns
+
+
+def _heads_of(buf, i, B, H):
+    """The (B, H, T, d) heads view of part i of buf (B, T, n, H, d): rows strided, no copy."""
+    return buf[:, :, i].transpose(0, 2, 1, 3)
+
+
+def _to_entries(a4):
+    """(B, H, T, c) -> (B*H, T, c), entry b*H + h, as the 3-D kernels number them."""
+    return np.ascontiguousarray(a4).reshape(-1, a4.shape[2], a4.shape[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 11, 11, 8), (2, 2, 1, 9, 4), (1, 2, 6, 40, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_kernel_takes_heads_in_place(monkeypatch, shape, causal, masked, dtype):
+    """q, k, v given as the heads of (B, T, 3, H, d) columns (MultiHeadAttention's layout):
+    the kernels read them with no copy (a spy sees the strided views), out comes back as the
+    heads of a (B, Tq, H, dv) array, the gradients go into the columns given, and all match
+    the loop reference on the (B*H, T, d) entries, with the mask's first axis over them. The
+    last shape, with 3 threads, no serial threshold and small tiles, splits the key blocks
+    (private dq per share)."""
+    B, H, Tq, Tk, d = shape
+    if Tk > 20:
+        _no_serial_threshold(monkeypatch, 3)
+    rng = np.random.default_rng(14)
+    qbuf = rng.standard_normal((B, Tq, 1, H, d)).astype(dtype)
+    kvbuf = rng.standard_normal((B, Tk, 2, H, d)).astype(dtype)
+    q, k, v = _heads_of(qbuf, 0, B, H), _heads_of(kvbuf, 0, B, H), _heads_of(kvbuf, 1, B, H)
+    dout = rng.standard_normal((B, H, Tq, d)).astype(dtype)
+    mask = rng.random((B * H, 1, Tk)) < 0.7 if masked else None
+    if masked:
+        mask[..., 0] = True
+    seen = []
+    for name in ("_forward_units", "_few_rows_units", "_backward_units"):
+        real = getattr(_flash, name)
+        monkeypatch.setattr(_flash, name, lambda counter, *a, real=real, name=name: (
+            seen.append((name, a[0], a[1], name == "_backward_units" and len(a[9]))),
+            real(counter, *a))[1])
+    scale = 1 / np.sqrt(d)
+    tiles = (4, 8) if Tk > 20 else None
+    out, lse = _flash.attention_forward(q, k, v, scale, causal, mask, tiles=tiles)
+    assert out.shape == (B, H, Tq, d) and lse.shape == (B, H, Tq)
+    assert out.transpose(0, 2, 1, 3).flags.c_contiguous  # the merged heads, no copy needed
+    gbuf = np.zeros((B, Tq, 1, H, d), dtype)
+    gkv = np.zeros((B, Tk, 2, H, d), dtype)
+    grads = (_heads_of(gbuf, 0, B, H), _heads_of(gkv, 0, B, H), _heads_of(gkv, 1, B, H))
+    got = _flash.attention_backward(dout, q, k, v, out, lse, scale, causal, mask, grads=grads,
+                                    tiles=tiles)
+    assert all(g is w for g, w in zip(got, grads, strict=True))
+    forward = "_few_rows_units" if Tq <= _flash.FEW_ROWS else "_forward_units"
+    assert list(dict.fromkeys(n for n, *_ in seen)) == [forward, "_backward_units"]
+    for name, a0, a1, _ in seen:  # the views themselves reached the kernels: no copies
+        assert (a0, a1) == ((q, k) if name == forward else (dout, q))
+    split = [n_part for name, *_, n_part in seen if name == "_backward_units"]
+    assert split[0] == (B * H * 4 if Tk > 20 else 0)  # private dq per key share, or none
+    flat = [_to_entries(a) for a in (q, k, v, dout)]
+    want = _run(loop, *flat, scale, causal, mask)
+    P = kernel_attention_probs(flat[0], flat[1], scale, causal, mask)
+    bounds = attention_bounds(*flat[:3], P, scale=scale, dout=flat[3])
+    have = (_to_entries(out), lse.reshape(B * H, Tq)) + tuple(_to_entries(g) for g in got)
+    assert_attention_close(have, want, *flat, bounds=bounds)
+
+
+def test_numba_backend_takes_heads_with_features_through_copies():
+    """Heads with a feature that kernels._flash does not have (a window, grouped keys): the
+    numba backend computes them on (B*H, T, d) copies and gives them back as heads; the same
+    numbers as the 3-D call."""
+    from fastattn.kernels import numba_backend as nb
+
+    rng = np.random.default_rng(15)
+    B, H, Hkv, T, d = 2, 4, 2, 9, 8
+    q = rng.standard_normal((B, T, H, d)).transpose(0, 2, 1, 3)
+    k = rng.standard_normal((B, T, Hkv, d)).transpose(0, 2, 1, 3)
+    v = rng.standard_normal((B, T, Hkv, d)).transpose(0, 2, 1, 3)
+    dout = rng.standard_normal((B, H, T, d))
+    for kw in ({"window": (2, 1)}, {}):
+        out, lse = nb.attention_forward(q, k, v, 0.4, True, None, **kw)
+        grads = nb.attention_backward(dout, q, k, v, out, lse, 0.4, True, None, **kw)
+        flat = [_to_entries(a) for a in (q, k, v, dout)]
+        out3, lse3 = nb.attention_forward(*flat[:3], 0.4, True, None, **kw)
+        grads3 = nb.attention_backward(flat[3], *flat[:3], out3, lse3, 0.4, True, None, **kw)
+        np.testing.assert_array_equal(_to_entries(out), out3)
+        np.testing.assert_array_equal(lse.reshape(-1, T), lse3)
+        for g, g3 in zip(grads, grads3, strict=True):
+            np.testing.assert_array_equal(_to_entries(g), g3)
+            assert g.transpose(0, 2, 1, 3).flags.c_contiguous

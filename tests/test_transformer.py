@@ -132,6 +132,40 @@ def test_cross_attention_gradients(backend):
                       expect={"params", "inputs[0]", "inputs[1]"})
 
 
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_numba_attention_takes_its_heads_in_place(monkeypatch, cross):
+    """On the numba backend MultiHeadAttention gives the fused kernels its heads as views of
+    the projections' columns (no split copies), takes their out as the merged heads (no merge
+    copy) and has dq, dk, dv written into the columns of its gradient arrays; the results are
+    the loop backend's (float64, both via the same arithmetic up to rounding)."""
+    from fastattn.kernels import _flash
+
+    calls = []
+    real_fwd, real_bwd = _flash.attention_forward, _flash.attention_backward
+
+    def fwd(q, k, v, *a, **kw):
+        calls.append(("forward", q.ndim, q.base is not None, k.base is not None))
+        return real_fwd(q, k, v, *a, **kw)
+
+    def bwd(dout, q, *a, grads=None, **kw):
+        calls.append(("backward", q.ndim, grads is not None
+                      and all(g.base is not None for g in grads), dout.base is not None))
+        return real_bwd(dout, q, *a, grads=grads, **kw)
+
+    monkeypatch.setattr(_flash, "attention_forward", fwd)
+    monkeypatch.setattr(_flash, "attention_backward", bwd)
+    xq, xkv, dy = rand((2, 3, 8), seed=1), rand((2, 5, 8), seed=2), rand((2, 3, 8), seed=3)
+    results = {}
+    for backend in ("numba", "loop"):
+        layer = MultiHeadAttention(8, 2, causal=not cross, backend=backend, dtype=F64, seed=0)
+        y = layer.forward(xq, xkv) if cross else layer.forward(xq)
+        dx = layer.backward(dy)
+        results[backend] = [y, *(dx if cross else (dx,)), *layer.grads]
+    assert calls == [("forward", 4, True, True), ("backward", 4, True, True)]
+    for got, want in zip(results["numba"], results["loop"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_feed_forward_gradients(backend):
     layer = FeedForward(4, 6, backend=backend, dtype=F64, seed=0)
