@@ -30,6 +30,17 @@ from fastattn._layer import (
 __all__ = ["MultiHeadAttention"]
 
 
+_IN_PLACE_ROWS = 64  # query rows (B*Tq) from which the numba kernels take heads in place
+
+
+def _in_place(backend, rows) -> bool:
+    """Whether the fused kernels get the heads in place, as (B, H, T, dh) views of the
+    projections' columns, with out and the gradients in (B, T, H, dh) order: no split or
+    merge copies. The numba kernels can; below _IN_PLACE_ROWS query rows the copies are
+    smaller than the views' handling (one question's greedy decoding, measured)."""
+    return backend == "numba" and rows >= _IN_PLACE_ROWS
+
+
 def _flat_heads(a):
     """(B, H, T, dh) heads -> a contiguous (B*H, T, dh) copy."""
     return np.ascontiguousarray(a).reshape(-1, a.shape[2], a.shape[3])
@@ -182,7 +193,7 @@ class MultiHeadAttention:
         xq2 = x_q.reshape(B * Tq, C)
         Hkv = self.n_kv_heads
         Ckv = Hkv * self.d_head
-        heads = backend == "numba"  # its kernels take the heads in place, (B, H, T, dh) views
+        heads = _in_place(backend, B * Tq)
         if x_kv is None:  # self-attention: one product for q, k and v
             Tk = Tq
             qkv = xq2 @ W_in  # (B*T, C + 2Ckv)
@@ -299,16 +310,30 @@ class MultiHeadAttention:
         """Attention of x_q (B, Tq, C) to precomputed keys and values (from :meth:`project_kv`
         or :meth:`step`) -> (B, Tq, C). Keeps nothing for backward. ``causal`` and ``window``
         as for :func:`fastattn.attention_forward` (kernel form: True, "bottom_right")."""
-        W_in, b_in, W_out, b_out = self.params
+        W_in, b_in, _, _ = self.params
         C = self.d_model
         B, Tq, _ = x_q.shape
         qp = x_q.reshape(B * Tq, C) @ W_in[:, :C]
         qp += b_in[:C]
-        q = self._split(qp, B, Tq, 1)[0]
+        return self._attend(qp, B, Tq, k, v, causal, window)
+
+    def _attend(self, qp, B, Tq, k, v, causal, window):
+        """attend from the projected queries qp (B*Tq, C)."""
+        _, _, W_out, b_out = self.params
+        C = self.d_model
         kw = {} if window is None else {"window": window}
-        att, _ = _backend.kernel("attention_forward", self.backend)(
-            q, k, v, self.scale, causal, None, **kw)
-        y = self._merge(att, B, Tq) @ W_out
+        backend = _backend.resolve(self.backend)
+        forward = _backend.kernel("attention_forward", backend)
+        if _in_place(backend, B * Tq):  # as in forward
+            (q,) = self._heads(qp, B, Tq, (C,))
+            k, v = (a.reshape(B, -1, a.shape[1], a.shape[2]) for a in (k, v))
+            att, _ = forward(q, k, v, self.scale, causal, None, **kw)
+            a2 = att.transpose(0, 2, 1, 3).reshape(B * Tq, C)
+        else:
+            q = self._split(qp, B, Tq, 1)[0]
+            att, _ = forward(q, k, v, self.scale, causal, None, **kw)
+            a2 = self._merge(att, B, Tq)
+        y = a2 @ W_out
         y += b_out
         return y.reshape(B, Tq, C)
 
@@ -319,9 +344,9 @@ class MultiHeadAttention:
         W_in, b_in, _, _ = self.params
         C = self.d_model
         B = x_new.shape[0]
-        kv = x_new.reshape(B, C) @ W_in[:, C:]
-        kv += b_in[C:]
-        k_new, v_new = self._split(kv, B, 1, 2, self.n_kv_heads)  # (B*Hkv, 1, dh)
+        qkv = x_new.reshape(B, C) @ W_in  # one product for the query, key and value
+        qkv += b_in
+        k_new, v_new = self._split(qkv[:, C:], B, 1, 2, self.n_kv_heads)  # (B*Hkv, 1, dh)
         if cache:
             k = np.concatenate([cache["k"], k_new], axis=1)  # (B*H, t+1, dh)
             v = np.concatenate([cache["v"], v_new], axis=1)
@@ -329,6 +354,6 @@ class MultiHeadAttention:
             k, v = k_new, v_new
         cache["k"], cache["v"] = k, v
         if self.window is None:
-            return self.attend(x_new, k, v, causal=False)
+            return self._attend(qkv[:, :C], B, 1, k, v, False, None)
         # the newest position is the last query: bottom-right alignment puts it at t
-        return self.attend(x_new, k, v, causal="bottom_right", window=self.window)
+        return self._attend(qkv[:, :C], B, 1, k, v, "bottom_right", self.window)

@@ -116,8 +116,9 @@ def get(kernel_name: str, backend: str):
     Raises ValueError for an unknown kernel or backend name, ImportError when the backend's
     dependency (numba) cannot be imported.
     """
-    if kernel_name not in KERNEL_NAMES:
+    family = _FAMILY_OF.get(kernel_name)  # (a dict: this runs once per kernel call)
+    if family is None:
         raise ValueError(
             f"unknown kernel {kernel_name!r}; valid kernels are: {', '.join(KERNEL_NAMES)}"
         )
-    return getattr(module(backend, _FAMILY_OF[kernel_name]), kernel_name)
+    return getattr(module(backend, family), kernel_name)

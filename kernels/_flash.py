@@ -403,15 +403,19 @@ def _as_heads(a):
     return a
 
 
-def _heads_last(B, H, T, c, dtype, zero=False):
-    """A (B, H, T, c) view of a new (B, T, H, c) array: written head by head by the kernels,
-    it is the heads' merge (B, T, H c) with no copy."""
-    a = (np.zeros if zero else np.empty)((B, T, H, c), dtype=dtype)
-    return a.transpose(0, 2, 1, 3)
+def _new(heads, B, H, T, c, dtype, zero=False):
+    """A new result as the kernels index it, (B, H, T, c), and as it is returned: with heads,
+    a (B, H, T, c) view of a (B, T, H, c) array (written head by head, it is the heads'
+    merge (B, T, H c) with no copy); else (B, T, c) (H is 1)."""
+    a = (np.zeros if zero else np.empty)((B, T, H, c) if heads else (B, T, c), dtype=dtype)
+    return (a.transpose(0, 2, 1, 3),) * 2 if heads else (a[:, None], a)
 
 
 def _prepare(arrays, scale, mask):
-    arrays = [_as_heads(a) for a in arrays]
+    if arrays[0].ndim == 3:  # the common case, with the least Python work (decoding steps)
+        arrays = [np.ascontiguousarray(a)[:, None] for a in arrays]
+    else:
+        arrays = [_as_heads(a) for a in arrays]
     dtype = arrays[0].dtype
     if mask is None:
         mask, has_mask = _NO_MASK, False
@@ -480,7 +484,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     (q, k, v), scale, mask, has_mask = _prepare((q, k, v), scale, mask)
     B, H, Tq, _ = q.shape
     st = _tuning.current()[0]
-    out = _heads_last(B, H, Tq, v.shape[3], q.dtype)
+    out, result = _new(heads, B, H, Tq, v.shape[3], q.dtype)
     lse = np.empty((B * H, Tq), dtype=q.dtype)
     flops = 4 * q.size * k.shape[2]
     if Tq <= FEW_ROWS and tiles is None:  # decoding: loops per entry, no BLAS or tiles
@@ -496,9 +500,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
             _in_parallel(_forward_units, B * H * math.ceil(Tq / bq), flops, st.serial_flops,
                          q, k, kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk,
                          use_kT)
-    if heads:
-        return out, lse.reshape(B, H, Tq)
-    return out[:, 0], lse
+    return result, (lse.reshape(B, H, Tq) if heads else lse)
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=None,
@@ -521,11 +523,11 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     bq, bk = tiles or _tiles(B * H, Tq, Tk, causal, st)
     nsplit = _key_shares(B * H, Tq, Tk, d, bk, st)
     if grads is None:
-        dq = _heads_last(B, H, Tq, d, q.dtype, zero=True)
-        dk = _heads_last(B, H, Tk, d, q.dtype, zero=True)
-        dv = _heads_last(B, H, Tk, v.shape[3], q.dtype, zero=True)
+        (dq, dq_r), (dk, dk_r), (dv, dv_r) = (
+            _new(heads, B, H, T, c, q.dtype, zero=True)
+            for T, c in ((Tq, d), (Tk, d), (Tk, v.shape[3])))
     else:
-        dq, dk, dv = grads
+        dq, dk, dv = dq_r, dk_r, dv_r = grads
     dq_part = np.zeros((B * H * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
     with _OneBlasThread():
         _in_parallel(_backward_units, B * H * nsplit, 10 * B * H * Tq * Tk * d,
@@ -534,6 +536,4 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
                      min(Tq, bq) >= st.kt_rows or d <= st.kt_dim)
     if nsplit > 1:
         dq += dq_part.reshape(B, H, nsplit, Tq, d).sum(axis=2)
-    if heads:
-        return dq, dk, dv
-    return dq[:, 0], dk[:, 0], dv[:, 0]
+    return dq_r, dk_r, dv_r

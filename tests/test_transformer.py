@@ -132,12 +132,15 @@ def test_cross_attention_gradients(backend):
                       expect={"params", "inputs[0]", "inputs[1]"})
 
 
+@pytest.mark.parametrize("B", [8, 2])
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
-def test_numba_attention_takes_its_heads_in_place(monkeypatch, cross):
-    """On the numba backend MultiHeadAttention gives the fused kernels its heads as views of
-    the projections' columns (no split copies), takes their out as the merged heads (no merge
-    copy) and has dq, dk, dv written into the columns of its gradient arrays; the results are
-    the loop backend's (float64, both via the same arithmetic up to rounding)."""
+def test_numba_attention_takes_its_heads_in_place(monkeypatch, cross, B):
+    """On the numba backend, from _IN_PLACE_ROWS query rows on (B 8 x T 8), MultiHeadAttention
+    gives the fused kernels its heads as views of the projections' columns (no split copies),
+    takes their out as the merged heads (no merge copy) and has dq, dk, dv written into the
+    columns of its gradient arrays; with fewer rows (B 2) it copies, as the other backends'
+    kernels need. Either way the results are the loop backend's (float64)."""
+    from fastattn import attention
     from fastattn.kernels import _flash
 
     calls = []
@@ -154,14 +157,18 @@ def test_numba_attention_takes_its_heads_in_place(monkeypatch, cross):
 
     monkeypatch.setattr(_flash, "attention_forward", fwd)
     monkeypatch.setattr(_flash, "attention_backward", bwd)
-    xq, xkv, dy = rand((2, 3, 8), seed=1), rand((2, 5, 8), seed=2), rand((2, 3, 8), seed=3)
+    xq, xkv, dy = rand((B, 8, 8), seed=1), rand((B, 5, 8), seed=2), rand((B, 8, 8), seed=3)
+    assert (B * 8 >= attention._IN_PLACE_ROWS) == (B == 8)
     results = {}
     for backend in ("numba", "loop"):
         layer = MultiHeadAttention(8, 2, causal=not cross, backend=backend, dtype=F64, seed=0)
         y = layer.forward(xq, xkv) if cross else layer.forward(xq)
         dx = layer.backward(dy)
         results[backend] = [y, *(dx if cross else (dx,)), *layer.grads]
-    assert calls == [("forward", 4, True, True), ("backward", 4, True, True)]
+    if B == 8:
+        assert calls == [("forward", 4, True, True), ("backward", 4, True, True)]
+    else:
+        assert [c[:2] for c in calls] == [("forward", 3), ("backward", 3)]
     for got, want in zip(results["numba"], results["loop"], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
