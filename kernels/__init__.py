@@ -11,7 +11,10 @@ finds any kernel.
 
 Kernels trust their inputs: arrays are float32 or float64 (all one dtype), 3-D (the
 recurrent kernels' weights and states 1-D or 2-D) and C-contiguous, indices are in range.
-The public functions and layers of ``fastattn`` check inputs before calling a kernel.
+The public functions and layers of ``fastattn`` check inputs before calling a kernel. (One
+addition, the numba backend's alone: its fused attention kernels also take (B, H, T, d) heads
+as strided views of a (B, T, H d) array, which MultiHeadAttention passes to avoid copying
+them; ``kernels._flash.attention_forward`` says how.)
 
 >>> from fastattn import kernels
 >>> f = kernels.get("softmax_forward", "vectorized")
