@@ -159,6 +159,11 @@ def test_numba_attention_takes_its_heads_in_place(monkeypatch, cross, B):
     monkeypatch.setattr(_flash, "attention_backward", bwd)
     xq, xkv, dy = rand((B, 8, 8), seed=1), rand((B, 5, 8), seed=2), rand((B, 8, 8), seed=3)
     assert (B * 8 >= attention._IN_PLACE_ROWS) == (B == 8)
+    assert attention._FEW_ROWS == _flash.FEW_ROWS  # the copy of the kernels' constant
+    # decoding (few rows per sequence) and the other backends copy, whatever the batch
+    assert not attention._in_place("numba", 1000, _flash.FEW_ROWS)
+    assert not attention._in_place("vectorized", 1000, 29)
+    assert attention._in_place("numba", 32, 3)
     results = {}
     for backend in ("numba", "loop"):
         layer = MultiHeadAttention(8, 2, causal=not cross, backend=backend, dtype=F64, seed=0)
