@@ -98,6 +98,9 @@ def float_input(x, name: str, dtype, *, ndim_min: int = 1) -> np.ndarray:
     """A float input as a C-contiguous array of ``dtype`` (no NaN scan): float32/float64
     arrays (or lists) are cast; other dtypes and objects raise TypeError, fewer than
     ``ndim_min`` dimensions ValueError."""
+    if (type(x) is np.ndarray and x.dtype == dtype and x.ndim >= ndim_min
+            and x.flags.c_contiguous):  # already what it would become (a decoding step's)
+        return x
     x = _checks.float_array(x, name, ndim_min=ndim_min, finite=False)
     return x.astype(dtype, copy=False)
 

@@ -119,6 +119,9 @@ class MultiHeadAttention:
     # -- shape helpers: (B*T, n*C) rows <-> (n, B*H, T, dh) heads
     def _split(self, a2, B, T, n, H=None):
         H, dh = H or self.n_heads, self.d_head
+        if T == 1:  # one position (decoding): fewer axes to move (none when n is 1)
+            a = a2.reshape(B, n, H, dh).transpose(1, 0, 2, 3)  # (n, B, H, dh)
+            return np.ascontiguousarray(a).reshape(n, B * H, 1, dh)
         a = a2.reshape(B, T, n, H, dh).transpose(2, 0, 3, 1, 4)  # (n, B, H, T, dh)
         return np.ascontiguousarray(a).reshape(n, B * H, T, dh)
 
@@ -133,6 +136,8 @@ class MultiHeadAttention:
 
     def _merge(self, o, B, T):
         dh = self.d_head
+        if T == 1:  # one position (decoding): a reshape
+            return np.ascontiguousarray(o).reshape(B, -1)
         o = o.reshape(B, -1, T, dh).transpose(0, 2, 1, 3)  # (B, T, H, dh)
         return np.ascontiguousarray(o).reshape(B * T, -1)
 
