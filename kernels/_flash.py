@@ -398,7 +398,8 @@ def _as_heads(a):
     heads of a (B, T, H, c) array, say) as it is; anything else a contiguous copy."""
     if a.ndim == 3:
         return np.ascontiguousarray(a)[:, None]
-    if a.strides[3] != a.itemsize or a.strides[2] < a.shape[3] * a.itemsize:
+    if (a.strides[3] != a.itemsize or a.strides[2] < a.shape[3] * a.itemsize
+            or a.strides[2] % a.itemsize):  # BLAS takes rows a whole number of items apart
         return np.ascontiguousarray(a)
     return a
 
