@@ -119,7 +119,10 @@ def get(kernel_name: str, backend: str):
     Raises ValueError for an unknown kernel or backend name, ImportError when the backend's
     dependency (numba) cannot be imported.
     """
-    family = _FAMILY_OF.get(kernel_name)  # (a dict: this runs once per kernel call)
+    try:
+        family = _FAMILY_OF.get(kernel_name)  # (a dict: this runs once per kernel call)
+    except TypeError:  # unhashable
+        family = None
     if family is None:
         raise ValueError(
             f"unknown kernel {kernel_name!r}; valid kernels are: {', '.join(KERNEL_NAMES)}"

@@ -412,7 +412,28 @@ def _new(heads, B, H, T, c, dtype, zero=False):
     return (a.transpose(0, 2, 1, 3),) * 2 if heads else (a[:, None], a)
 
 
+def _check_grads(grads, shapes, dtype):
+    """grads (three arrays the backward accumulates into) must be writeable (B, H, T, c)
+    arrays of the inputs' dtype and shapes whose rows BLAS can write: contiguous rows, a
+    whole number of items apart. They cannot be copied, so anything else is an error."""
+    if len(grads) != 3:
+        raise ValueError(f"grads must be three arrays (dq, dk, dv), got {len(grads)}")
+    for name, g, shape in zip(("dq", "dk", "dv"), grads, shapes, strict=True):
+        if not isinstance(g, np.ndarray) or g.dtype != dtype or g.shape != shape:
+            raise ValueError(f"grads' {name} must be a {dtype} array of shape {shape}, got "
+                             f"{getattr(g, 'dtype', type(g).__name__)} "
+                             f"{getattr(g, 'shape', '')}")
+        if (not g.flags.writeable or g.strides[3] != g.itemsize
+                or g.strides[2] < shape[3] * g.itemsize or g.strides[2] % g.itemsize
+                or min(g.strides) < 0):
+            raise ValueError(f"grads' {name} must be writeable with contiguous rows a whole "
+                             f"number of items apart, got strides {g.strides}")
+
+
 def _prepare(arrays, scale, mask):
+    if len({a.ndim for a in arrays}) != 1 or arrays[0].ndim not in (3, 4):
+        raise ValueError(f"the arrays must all be 3-D (B, T, .) or all 4-D heads "
+                         f"(B, H, T, .), got ndims {[a.ndim for a in arrays]}")
     if arrays[0].ndim == 3:  # the common case, with the least Python work (decoding steps)
         arrays = [np.ascontiguousarray(a)[:, None] for a in arrays]
     else:
@@ -523,6 +544,10 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     st = _tuning.current()[0]
     bq, bk = tiles or _tiles(B * H, Tq, Tk, causal, st)
     nsplit = _key_shares(B * H, Tq, Tk, d, bk, st)
+    if grads is not None:
+        if not heads:
+            raise ValueError("grads is for heads (4-D arrays) only")
+        _check_grads(grads, (q.shape, k.shape, (B, H, Tk, v.shape[3])), q.dtype)
     if grads is None:
         (dq, dq_r), (dk, dk_r), (dv, dv_r) = (
             _new(heads, B, H, T, c, q.dtype, zero=True)

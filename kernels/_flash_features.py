@@ -419,6 +419,12 @@ def _heads_plain(q, k, causal, features) -> bool:
             and not (q.shape[2] <= _LOOP_ROWS and k.shape[2] >= 512))
 
 
+def _all_heads(*arrays):
+    if any(a.ndim != 4 for a in arrays):
+        raise ValueError(f"with 4-D heads every array must be 4-D, got ndims "
+                         f"{[a.ndim for a in arrays]}")
+
+
 def _flat(a):
     """(B, H, T, c) -> a contiguous (B H, T, c) copy."""
     return np.ascontiguousarray(a).reshape(-1, a.shape[2], a.shape[3])
@@ -436,6 +442,7 @@ def attention_forward(q, k, v, scale, causal, mask, **features):
     (B, H, T, .) heads (no bias) as kernels._flash.attention_forward does, and gives out and
     lse in its form whichever kernel runs."""
     if q.ndim == 4:
+        _all_heads(q, k, v)
         B, H, Tq, _ = q.shape
         if _heads_plain(q, k, causal, features):
             return _flash.attention_forward(q, k, v, scale, causal, mask)
@@ -452,9 +459,12 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, grads=No
     """The numba backend's fused backward (as attention_forward chooses). Heads too, and then
     ``grads`` as kernels._flash.attention_backward takes it."""
     if q.ndim == 4:
+        _all_heads(dout, q, k, v, out)
         if _heads_plain(q, k, causal, features):
             return _flash.attention_backward(dout, q, k, v, out, lse, scale, causal, mask,
                                              grads=grads)
+        if grads is not None:  # checked as kernels._flash checks them
+            _flash._check_grads(grads, (q.shape, k.shape, v.shape), q.dtype)
         flat = attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out),
                                   np.reshape(lse, (-1, q.shape[2])), scale, causal, mask,
                                   **features)
@@ -463,6 +473,8 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, grads=No
         for g, into in zip(flat, grads, strict=True):
             into[...] = g.reshape(into.shape)
         return grads
+    if grads is not None:
+        raise ValueError("grads is for heads (4-D arrays) only")
     if _plain(q, k, causal, features):
         return _flash.attention_backward(dout, q, k, v, out, lse, scale, causal, mask)
     return features_backward(dout, q, k, v, out, lse, scale, causal, mask, **features)

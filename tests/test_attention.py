@@ -441,3 +441,47 @@ def test_numba_backend_takes_heads_with_features_through_copies():
         for g, g3 in zip(grads, grads3, strict=True):
             np.testing.assert_array_equal(_to_entries(g), g3)
             assert g.transpose(0, 2, 1, 3).flags.c_contiguous
+
+
+def test_heads_calls_reject_bad_grads_and_mixed_ranks():
+    """grads (written, so never copied) must have the heads' shapes, the dtype, and rows BLAS
+    can write; a 3-D call takes no grads; 3-D and 4-D arrays do not mix. Each is a ValueError
+    before any kernel runs, from kernels._flash and from the numba backend alike (whose
+    fallback for features checks grads the same way)."""
+    from fastattn.kernels import numba_backend as nb
+
+    rng = np.random.default_rng(16)
+    B, H, T, d = 2, 2, 5, 4
+    buf = rng.standard_normal((B, T, 3, H, d))
+    q, k, v = (buf[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    out, lse = _flash.attention_forward(q, k, v, 0.5, False, None)
+    dout = np.ones_like(out)
+
+    def grads_like(make):
+        return tuple(make(np.zeros((B, H, T, d))) for _ in range(3))
+
+    bad = {
+        "reversed rows": grads_like(lambda a: a[..., ::-1]),
+        "column-major": grads_like(np.asfortranarray),
+        "float32": grads_like(lambda a: a.astype(np.float32)),
+        "shape": grads_like(lambda a: a[:, :, :-1]),
+        "read-only": grads_like(lambda a: np.lib.stride_tricks.as_strided(a, writeable=False)),
+        "two arrays": grads_like(lambda a: a)[:2],
+    }
+    for fn in (_flash.attention_backward, nb.attention_backward):
+        for kw in ({}, {"window": (1, 1)}):
+            if fn is _flash.attention_backward and kw:
+                continue
+            for what, grads in bad.items():
+                with pytest.raises(ValueError, match="grads"):
+                    fn(dout, q, k, v, out, lse, 0.5, False, None, grads=grads, **kw)
+                assert all(not np.any(g) for g in grads if g.dtype == np.float64), what
+        flat = [np.ascontiguousarray(a).reshape(B * H, T, d) for a in (q, k, v, dout, out)]
+        with pytest.raises(ValueError, match="grads"):
+            fn(flat[3], *flat[:3], flat[4], lse.reshape(B * H, T), 0.5, False, None,
+               grads=grads_like(lambda a: a))
+        with pytest.raises(ValueError, match="4-D|3-D"):
+            fn(dout, q, k, v, flat[4], lse, 0.5, False, None)
+    for fn in (_flash.attention_forward, nb.attention_forward):
+        with pytest.raises(ValueError, match="4-D|3-D"):
+            fn(q, flat[1], v, 0.5, False, None)

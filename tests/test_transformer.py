@@ -530,6 +530,7 @@ def test_an_interrupt_while_waiting_for_the_other_thread_waits_on(monkeypatch, t
 def test_two_generate_batch_calls_at_once(monkeypatch, threads):
     """Two Python threads decoding at once: both get the one-thread answers, and afterwards
     the BLAS thread counts are back and the kernels can still hold BLAS at one thread."""
+    import contextvars
     import threading
 
     from fastattn.kernels import _blas
@@ -543,10 +544,15 @@ def test_two_generate_batch_calls_at_once(monkeypatch, threads):
     blas_before = _blas_threads()
     together = threading.Barrier(2, timeout=30)
     generate = model._generate
+    caller_of = contextvars.ContextVar("caller_of", default=None)  # chunks run in a copy
+    waited, lock = set(), threading.Lock()
 
-    def spy(x, st, n, first=[]):  # noqa: B006 -- the first call of each caller waits
-        if threading.current_thread().name in ("caller-0", "caller-1") and len(first) < 2:
-            first.append(1)
+    def spy(x, st, n):  # each caller's first chunk, on whichever thread, waits for the other's
+        k = caller_of.get()
+        with lock:
+            first = k is not None and k not in waited
+            waited.add(k)
+        if first:
             together.wait()
         return generate(x, st, n)
 
@@ -554,6 +560,7 @@ def test_two_generate_batch_calls_at_once(monkeypatch, threads):
     got = {}
 
     def caller(k):
+        caller_of.set(k)
         threads(2)  # Numba's thread count is per thread
         got[k] = model.generate_batch(xs, 1, 5)
 
