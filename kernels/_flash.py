@@ -544,15 +544,14 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     st = _tuning.current()[0]
     bq, bk = tiles or _tiles(B * H, Tq, Tk, causal, st)
     nsplit = _key_shares(B * H, Tq, Tk, d, bk, st)
-    if grads is not None:
-        if not heads:
-            raise ValueError("grads is for heads (4-D arrays) only")
-        _check_grads(grads, (q.shape, k.shape, (B, H, Tk, v.shape[3])), q.dtype)
     if grads is None:
         (dq, dq_r), (dk, dk_r), (dv, dv_r) = (
             _new(heads, B, H, T, c, q.dtype, zero=True)
             for T, c in ((Tq, d), (Tk, d), (Tk, v.shape[3])))
+    elif not heads:
+        raise ValueError("grads is for heads (4-D arrays) only")
     else:
+        _check_grads(grads, (q.shape, k.shape, v.shape), q.dtype)
         dq, dk, dv = dq_r, dk_r, dv_r = grads
     dq_part = np.zeros((B * H * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
     with _OneBlasThread():

@@ -395,9 +395,9 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
 def _plain(q, k, causal, features) -> bool:
     """True when kernels._flash alone computes this: no feature but mask and top-left causal,
     one query entry per key/value entry, and not a decode shape (few rows, many keys).
-    (_heads_plain says the same of heads.)"""
-    return (not features and k.shape[0] == q.shape[0] and causal in (False, True)
-            and not (q.shape[1] <= _LOOP_ROWS and k.shape[1] >= 512))
+    q, k are (B, T, .), or (B, H, T, .) heads."""
+    return (not features and k.shape[:-2] == q.shape[:-2] and causal in (False, True)
+            and not (q.shape[-2] <= _LOOP_ROWS and k.shape[-2] >= 512))
 
 
 def scans_kv(q, k, causal, features) -> bool:
@@ -410,13 +410,6 @@ def scans_kv(q, k, causal, features) -> bool:
     reaches_all = causal in (False, "bottom_right") or Tq >= Tk
     return (not features and Tq <= _LOOP_ROWS and reaches_all
             and not _plain(q, k, causal, features))
-
-
-def _heads_plain(q, k, causal, features) -> bool:
-    """For (B, H, T, .) heads (see kernels._flash.attention_forward): True when _flash takes
-    them as they are (the plain case, as _plain says of their (B H, T, .) form)."""
-    return (k.shape[:2] == q.shape[:2] and not features and causal in (False, True)
-            and not (q.shape[2] <= _LOOP_ROWS and k.shape[2] >= 512))
 
 
 def _all_heads(*arrays):
@@ -444,7 +437,7 @@ def attention_forward(q, k, v, scale, causal, mask, **features):
     if q.ndim == 4:
         _all_heads(q, k, v)
         B, H, Tq, _ = q.shape
-        if _heads_plain(q, k, causal, features):
+        if _plain(q, k, causal, features):
             return _flash.attention_forward(q, k, v, scale, causal, mask)
         out, lse = attention_forward(_flat(q), _flat(k), _flat(v), scale, causal, mask,
                                      **features)
@@ -460,7 +453,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, grads=No
     ``grads`` as kernels._flash.attention_backward takes it."""
     if q.ndim == 4:
         _all_heads(dout, q, k, v, out)
-        if _heads_plain(q, k, causal, features):
+        if _plain(q, k, causal, features):
             return _flash.attention_backward(dout, q, k, v, out, lse, scale, causal, mask,
                                              grads=grads)
         if grads is not None:  # checked as kernels._flash checks them
