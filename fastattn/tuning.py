@@ -2,11 +2,12 @@
 
 The choices and where they are kept are described in :mod:`fastattn.kernels._tuning`. Tuning
 times forward+backward of the fused attention (numba backend, float32, d = 64) at a few shapes
-like those of the benchmark suite, for each candidate block size with and without transposed
-key/value tiles, then the causal tiles, then (at head dims 16 and 32, short sequences) up to
-which head dim the backward transposes its tiles; each stage keeps the candidate with the lowest
-geometric mean of its time relative to the stage's starting point. Work stops when the time
-budget is spent; what was measured by then decides.
+like those of the benchmark suite: first whose tile products (BLAS or the kernels' own
+micro-kernel), then each candidate block size with and without transposed key/value tiles
+(the own products always transpose), then the causal tiles, then (at head dims 16 and 32,
+short sequences) up to which head dim the backward transposes its tiles; each stage keeps
+the candidate with the lowest geometric mean of its time relative to the stage's starting
+point. Work stops when the time budget is spent; what was measured by then decides.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ CAUSAL_BLOCKS = (32, 64, 128)
 # (B, T, d): the default model's heads (d = 16) and twice that, where kt_dim decides
 SMALL_HEAD_SHAPES = ((512, 29, 16), (256, 64, 32))
 KT_DIMS = (0, 16, 32)
+# whose tile products (BLAS or the kernels' own): short and long sequences, small heads
+PRODUCT_SHAPES = ((64, 128), (2, 2048), (512, 29, 16))
 NEVER = _tuning.NEVER  # kt_rows that never transposes
 
 
@@ -69,7 +72,8 @@ def _describe(st, causal):
     if causal:
         return f"causal {st.causal_block_small}/{st.causal_block}"
     kt = "kT" if st.kt_rows < NEVER else "no kT"
-    return f"{st.block_q}x{st.block_k} {kt}, kt_dim {st.kt_dim}"
+    own = ", own products" if st.own_products else ""
+    return f"{st.block_q}x{st.block_k} {kt}, kt_dim {st.kt_dim}{own}"
 
 
 def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int = 0) -> dict:
@@ -88,14 +92,19 @@ def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int 
     deadline = time.perf_counter() + seconds
     measured: dict = {}
     try:
-        plain = [dataclasses.replace(base, block_q=bq, block_k=bk, kt_rows=kt)
-                 for bq, bk in PLAIN_BLOCKS for kt in (64, NEVER)]
-        best = _score(plain, PLAIN_SHAPES, False, base, deadline, reps, rng, measured, "plain")
+        other = [dataclasses.replace(base, own_products=1 - base.own_products)]
+        best = _score(other, PRODUCT_SHAPES, False, base, deadline, reps, rng, measured,
+                      "products")
+        kts = (best.kt_rows,) if best.own_products else (64, NEVER)
+        plain = [dataclasses.replace(best, block_q=bq, block_k=bk, kt_rows=kt)
+                 for bq, bk in PLAIN_BLOCKS for kt in kts]
+        best = _score(plain, PLAIN_SHAPES, False, best, deadline, reps, rng, measured, "plain")
         causal = [dataclasses.replace(best, causal_block_small=small, causal_block=large)
                   for small in CAUSAL_BLOCKS for large in CAUSAL_BLOCKS if large >= small]
         best = _score(causal, CAUSAL_SHAPES, True, best, deadline, reps, rng, measured,
                       "causal")
-        small = [dataclasses.replace(best, kt_dim=kd) for kd in KT_DIMS if kd != best.kt_dim]
+        small = [dataclasses.replace(best, kt_dim=kd) for kd in KT_DIMS
+                 if kd != best.kt_dim and not best.own_products]  # own: always transposed
         best = _score(small, SMALL_HEAD_SHAPES, False, best, deadline, reps, rng, measured,
                       "small heads")
     finally:

@@ -19,8 +19,10 @@ How it is built (flash attention, as in Dao et al.):
   ``_few_rows_units`` takes a few entries per unit and computes each row's scores, softmax and
   P V with loops, which at these sizes beats two BLAS calls per entry (3-10x, measured).
 * Tile products go to single-threaded BLAS sgemm/dgemm (``kernels._blas.gemm``), with the
-  BLAS thread pool set to one thread for the duration of the call. Exponentials use a
-  polynomial exp that LLVM vectorises (``kernels._numba_math``).
+  BLAS thread pool set to one thread for the duration of the call, or, where the setting in
+  force says so (``own_products``, the default on AVX2), to the kernels' own micro-kernel
+  (``kernels._micro``), which beats BLAS at tile sizes there. Exponentials use a polynomial
+  exp that LLVM vectorises (``kernels._numba_math``).
 
 Heads in place: the kernels index every array as (B, H, T, .), and a 3-D (B, T, .) call is
 H = 1. MultiHeadAttention passes its heads as strided views of the projections' (B T, H d)
@@ -50,6 +52,7 @@ from numba import get_num_threads
 from . import _tuning
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
+from ._micro import mm
 from ._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
@@ -57,32 +60,42 @@ _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask
 FEW_ROWS = 2  # query rows per batch entry up to which the forward runs _few_rows_units
 _NO_KT = {np.dtype(t): np.zeros((1, 1, 1, 1), dtype=t) for t in (np.float32, np.float64)}
 
-# ---- tile products: single-threaded BLAS (kernels._blas.gemm) -------------------------------
+# ---- tile products: single-threaded BLAS (kernels._blas.gemm) or, with own, the kernels' own
+# micro-kernel (kernels._micro.mm; the setting's own_products) --------------------------------
 
 
 @njit_cached(fastmath=_FM)
-def _mm_nn(a, b, c, alpha, coef):
-    """c = alpha a b. a (m, k), b (k, n), c (m, n); b's rows may be strided."""
-    gemm(False, False, a, b, c, alpha, c.dtype.type(0), coef)
+def _mm_nn(a, b, c, alpha, coef, own):
+    """c = alpha a b. a (m, k), b (k, n), c (m, n); rows may be strided."""
+    if own:
+        mm(a, False, b, c, alpha, False)
+    else:
+        gemm(False, False, a, b, c, alpha, c.dtype.type(0), coef)
 
 
 @njit_cached(fastmath=_FM)
 def _mm_nt(a, b, c, alpha, coef):
-    """c = alpha a b^T. a (m, k), b (n, k), c (m, n), all C-contiguous (slower BLAS path than
-    _mm_nn: used when a transposed copy of b would not be reused)."""
+    """c = alpha a b^T. a (m, k), b (n, k), c (m, n), BLAS only (slower than _mm_nn: used
+    when a transposed copy of b would not be reused; with own, the kernels transpose)."""
     gemm(False, True, a, b, c, alpha, c.dtype.type(0), coef)
 
 
 @njit_cached(fastmath=_FM)
-def _mm_nn_acc(a, b, c, alpha, coef):
-    """c += alpha a b. a (m, k), b (k, n), c (m, n), all C-contiguous."""
-    gemm(False, False, a, b, c, alpha, c.dtype.type(1), coef)
+def _mm_nn_acc(a, b, c, alpha, coef, own):
+    """c += alpha a b. a (m, k), b (k, n), c (m, n)."""
+    if own:
+        mm(a, False, b, c, alpha, True)
+    else:
+        gemm(False, False, a, b, c, alpha, c.dtype.type(1), coef)
 
 
 @njit_cached(fastmath=_FM)
-def _mm_tn_acc(a, b, c, alpha, coef):
-    """c += alpha a^T b. a (k, m), b (k, n), c (m, n), all C-contiguous."""
-    gemm(True, False, a, b, c, alpha, c.dtype.type(1), coef)
+def _mm_tn_acc(a, b, c, alpha, coef, own):
+    """c += alpha a^T b. a (k, m), b (k, n), c (m, n)."""
+    if own:
+        mm(a, True, b, c, alpha, True)
+    else:
+        gemm(True, False, a, b, c, alpha, c.dtype.type(1), coef)
 
 
 # ---- the pieces of a tile ---------------------------------------------------------------------
@@ -117,13 +130,14 @@ def _mask_tile(s, i0, j0, causal, maskb, has_mask):
 
 @njit_cached(nogil=True, fastmath=_FM)
 def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask, bq, bk,
-                   use_kT):
+                   use_kT, own):
     """Takes work units from counter until none are left; unit u is batch entry and head
     bh = u // nqb (b = bh // H, h = bh % H), query block u % nqb: fills those rows of out
     (B, H, Tq, dv) and lse (B H, Tq). q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) and
     out may be strided views (rows contiguous), the mask is indexed by bh. With use_kT,
     kT (B, H, d, Tk) is k transposed, so that both tile products are plain BLAS products (the
-    fastest kind); worth it for query tiles of the setting's kt_rows rows and more."""
+    fastest kind); worth it for query tiles of the setting's kt_rows rows and more, and
+    always with own (the tile products by kernels._micro, which takes no transposed b)."""
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     dv = v.shape[3]
@@ -157,7 +171,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
             nk = j1 - j0
             s = sbuf[: nq * nk].reshape((nq, nk))
             if use_kT:  # S = scale Q_i K_j^T (nq, nk)
-                _mm_nn(qb, kT[b, h, :, j0:j1], s, scale, coef)
+                _mm_nn(qb, kT[b, h, :, j0:j1], s, scale, coef, own)
             else:
                 _mm_nt(qb, k[b, h, j0:j1], s, scale, coef)
             if has_mask or (causal and j1 - 1 > i0):
@@ -185,7 +199,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 if rescale[r] != one:
                     for c in range(dv):
                         ob[r, c] *= rescale[r]
-            _mm_nn_acc(s, vb[j0:j1], ob, one, coef)  # O_i += P V_j
+            _mm_nn_acc(s, vb[j0:j1], ob, one, coef, own)  # O_i += P V_j
         for r in range(nq):
             if lsum[r] > zero:
                 inv = one / lsum[r]
@@ -283,7 +297,7 @@ def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, p
 
 @njit_cached(nogil=True, fastmath=_FM)
 def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale, causal,
-                    mask, has_mask, bq, bk, nsplit, use_kT):
+                    mask, has_mask, bq, bk, nsplit, use_kT, own):
     """Takes work units from counter until none are left; unit u is batch entry and head
     bh = u // nsplit (b = bh // H, h = bh % H) and its key blocks share, share + nsplit, ...
     (share = u % nsplit). Accumulates into dk, dv (those key rows) and into dq, or
@@ -337,7 +351,7 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
                 dp = pbuf[: nq * nk].reshape((nq, nk))
                 qi, doi = qb[i0:i1], dob[i0:i1]  # (nq, d), (nq, dv)
                 if use_kT:  # S = scale Q_i K_j^T
-                    _mm_nn(qi, kTj, s, scale, coef)
+                    _mm_nn(qi, kTj, s, scale, coef, own)
                 else:
                     _mm_nt(qi, kj, s, scale, coef)
                 if has_mask or (causal and j1 - 1 > i0):
@@ -351,17 +365,17 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
                         for c in range(nk):
                             row[c] -= lr
                 _exp_inplace(sbuf[: nq * nk])
-                _mm_tn_acc(s, doi, dvj, one, coef)  # dV_j += P^T dO_i
+                _mm_tn_acc(s, doi, dvj, one, coef, own)  # dV_j += P^T dO_i
                 if use_kT:  # dP = dO_i V_j^T
-                    _mm_nn(doi, vTj, dp, one, coef)
+                    _mm_nn(doi, vTj, dp, one, coef, own)
                 else:
                     _mm_nt(doi, vj, dp, one, coef)
                 for r in range(nq):  # dS = P (dP - D_i), in place of dP
                     d_r = D[i0 + r]
                     for c in range(nk):
                         dp[r, c] = s[r, c] * (dp[r, c] - d_r)
-                _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef)  # dQ_i += sc dS K_j
-                _mm_tn_acc(dp, qi, dkj, scale, coef)  # dK_j += sc dS^T Q_i
+                _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef, own)  # dQ_i += sc dS K_j
+                _mm_tn_acc(dp, qi, dkj, scale, coef, own)  # dK_j += sc dS^T Q_i
 
 
 # ---- Python side ------------------------------------------------------------------------------
@@ -516,12 +530,13 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     else:
         bq, bk = tiles or _tiles(B * H, Tq, k.shape[2], causal, st)
         with _OneBlasThread():
-            use_kT = min(Tq, bq) >= st.kt_rows
+            own = st.own_products == 1
+            use_kT = own or min(Tq, bq) >= st.kt_rows
             kT = (np.ascontiguousarray(k.transpose(0, 1, 3, 2)) if use_kT
                   else _NO_KT[q.dtype])
             _in_parallel(_forward_units, B * H * math.ceil(Tq / bq), flops, st.serial_flops,
                          q, k, kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk,
-                         use_kT)
+                         use_kT, own)
     return result, (lse.reshape(B, H, Tq) if heads else lse)
 
 
@@ -554,11 +569,12 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
         _check_grads(grads, (q.shape, k.shape, v.shape), q.dtype)
         dq, dk, dv = dq_r, dk_r, dv_r = grads
     dq_part = np.zeros((B * H * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
+    own = st.own_products == 1
     with _OneBlasThread():
         _in_parallel(_backward_units, B * H * nsplit, 10 * B * H * Tq * Tk * d,
                      st.serial_flops, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale,
                      bool(causal), mask, has_mask, bq, bk, nsplit,
-                     min(Tq, bq) >= st.kt_rows or d <= st.kt_dim)
+                     own or min(Tq, bq) >= st.kt_rows or d <= st.kt_dim, own)
     if nsplit > 1:
         dq += dq_part.reshape(B, H, nsplit, Tq, d).sum(axis=2)
     return dq_r, dk_r, dv_r

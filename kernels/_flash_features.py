@@ -55,6 +55,7 @@ from ._flash_tiles import (
     _LOOP_ROWS,
     _NCFG,
     _NSHARE,
+    _OWN,
     _RIGHT,
     _SPLIT_HEADS,
     _UNBOUNDED,
@@ -90,6 +91,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
     i0, i1), key share u % nshare of the tile's keys. Writes out[share, b, i0:i1] (dv) and
     lse[share, b, i0:i1]."""
     bq, bk, nshare, group = cfg[_BQ], cfg[_BK], cfg[_NSHARE], cfg[_GROUP]
+    own = cfg[_OWN] != 0
     nt = qtiles.shape[0]
     dt = q.dtype.type
     ninf, zero, one = dt(-np.inf), dt(0), dt(1)
@@ -127,7 +129,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
                 _scores_loop(qb, k[bkv, j0:j1], s, scale)
                 bad |= not _finite(sbuf[: nq * nk])
             elif cfg[_USE_KT]:
-                _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef)
+                _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef, own)
             else:
                 _mm_nt(qb, k[bkv, j0:j1], s, scale, coef)
             _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alibi)
@@ -139,7 +141,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
             if nq <= _LOOP_ROWS:
                 _pv_loop(s, v[bkv, j0:j1], ob)
             else:
-                _mm_nn_acc(s, v[bkv, j0:j1], ob, one, coef)
+                _mm_nn_acc(s, v[bkv, j0:j1], ob, one, coef, own)
         for r in range(nq):
             if lsum[r] > zero:
                 f = one / lsum[r]
@@ -169,6 +171,7 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part
     dbias (B, Tq or 1, Tk) rows of a query entry have one writer either way. All outputs are
     zeroed by the caller. D (B, Tq) = rowsum(dout * out)."""
     bq, bk, nshare, group = cfg[_BQ], cfg[_BK], cfg[_NSHARE], cfg[_GROUP]
+    own = cfg[_OWN] != 0
     d, dvd = q.shape[2], v.shape[2]
     one = q.dtype.type(1)
     coef = np.empty(2, dtype=q.dtype)
@@ -214,8 +217,8 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part
                     z = zbuf[: nq * nk].reshape((nq, nk))
                     qi, doi = q[b, i0:i1], dout[b, i0:i1]
                     if cfg[_USE_KT]:  # S = scale Q_i K_j^T, dP = dO_i V_j^T
-                        _mm_nn(qi, kTj, s, scale, coef)
-                        _mm_nn(doi, vTj, dp, one, coef)
+                        _mm_nn(qi, kTj, s, scale, coef, own)
+                        _mm_nn(doi, vTj, dp, one, coef, own)
                     else:
                         _mm_nt(qi, kj, s, scale, coef)
                         _mm_nt(doi, vj, dp, one, coef)
@@ -226,11 +229,11 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part
                     _dscores(s, dp, z, D[b, i0:i1], lse[b, i0:i1], cfg[_HAS_DROP])
                     if cfg[_HAS_DROP]:
                         _times(s, z)
-                    _mm_tn_acc(s, doi, dvj, one, coef)  # dV_j += (P Z)^T dO_i
+                    _mm_tn_acc(s, doi, dvj, one, coef, own)  # dV_j += (P Z)^T dO_i
                     if cfg[_HAS_BIAS]:
                         _add_dbias(dp, dbias[b], i0, j0)
-                    _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef)  # dQ_i += sc dS K_j
-                    _mm_tn_acc(dp, qi, dkj, scale, coef)  # dK_j += sc dS^T Q_i
+                    _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef, own)  # dQ_i += sc dS K_j
+                    _mm_tn_acc(dp, qi, dkj, scale, coef, own)  # dK_j += sc dS^T Q_i
 
 
 # ---- Python side ------------------------------------------------------------------------------
@@ -277,7 +280,8 @@ def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, t
     cfg[_HAS_BIAS] = bias is not None
     cfg[_HAS_ALIBI] = alibi is not None
     cfg[_HAS_DROP] = dropout_p > 0
-    cfg[_USE_KT] = min(Tq, bq) >= st.kt_rows
+    cfg[_OWN] = st.own_products
+    cfg[_USE_KT] = cfg[_OWN] or min(Tq, bq) >= st.kt_rows  # own products take no b^T
     if bias is not None and bias_map is None:
         bias_map = np.minimum(np.arange(B), bias.shape[0] - 1)
     arrays = dict(

@@ -27,7 +27,7 @@ _LOOP_ROWS = 4  # query tiles of at most this many rows take loops instead of BL
 
 # indices into the int64 configuration array of the kernels
 (_GROUP, _BQ, _BK, _HAS_MASK, _HAS_BIAS, _HAS_ALIBI, _HAS_DROP, _LEFT, _RIGHT, _BOTTOM_RIGHT,
- _USE_KT, _NSHARE, _SPLIT_HEADS, _NCFG) = range(14)
+ _USE_KT, _NSHARE, _SPLIT_HEADS, _OWN, _NCFG) = range(15)
 
 
 @njit_cached(fastmath=_FM)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ._atomic import atomic_open
 
-FORMAT = 2  # 2: kt_dim joined the setting
+FORMAT = 3  # 2: kt_dim joined the setting; 3: own_products
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Setting:
     kt_dim: int  # and, in the backward, whatever the rows at head dims up to this (0: never)
     serial_flops: int  # below this much work, one thread (handing out costs more)
     min_units: int  # work units wanted per call, so a few threads share it evenly
+    own_products: int  # 1: tile products by the kernels' own micro-kernel (_micro), 0: BLAS
 
     def check(self) -> Setting:
         """Return self when every value is in its sane range, else raise ValueError."""
@@ -62,6 +63,8 @@ class Setting:
             raise ValueError(f"serial_flops must be in [0, 1e12], got {self.serial_flops}")
         if not 1 <= self.min_units <= 1024:
             raise ValueError(f"min_units must be in [1, 1024], got {self.min_units}")
+        if self.own_products not in (0, 1):
+            raise ValueError(f"own_products must be 0 or 1, got {self.own_products}")
         return self
 
 
@@ -77,11 +80,14 @@ NEVER = 1 << 30
 #: natively (1 to 29 query rows), 0.94-1.15 on the AVX2 paths: kt_dim 32 and 0.
 DEFAULTS = {
     "avx512": Setting(block_q=128, block_k=64, causal_block_small=32, causal_block=64,
-                      kt_rows=64, kt_dim=32, serial_flops=4_000_000, min_units=8),
+                      kt_rows=64, kt_dim=32, serial_flops=4_000_000, min_units=8,
+                      own_products=0),
     "avx2": Setting(block_q=256, block_k=128, causal_block_small=64, causal_block=128,
-                    kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8),
+                    kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8,
+                    own_products=1),
     "other": Setting(block_q=128, block_k=128, causal_block_small=64, causal_block=128,
-                     kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8),
+                     kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8,
+                     own_products=0),
 }
 
 _AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake",

@@ -185,6 +185,10 @@ def _kt(rows):
     return "no transposed tiles" if rows >= NEVER else f"transposed tiles from {rows} rows"
 
 
+def _products(own):
+    return "own micro-kernel" if own else "BLAS"
+
+
 def _tuning_rows(t):
     if "setting" not in t:
         return [("tuning", t["source"])]
@@ -196,6 +200,7 @@ def _tuning_rows(t):
         ("fused attention blocks",
          f"{st['block_q']}x{st['block_k']}, causal {st['causal_block_small']} (T <= 256) / "
          f"{st['causal_block']}, {_kt(st['kt_rows'])}"),
+        ("fused attention tile products", _products(st["own_products"])),
     ]
 
 
