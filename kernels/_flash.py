@@ -136,8 +136,10 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     (B, H, Tq, dv) and lse (B H, Tq). q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) and
     out may be strided views (rows contiguous), the mask is indexed by bh. With use_kT,
     kT (B, H, d, Tk) is k transposed, so that both tile products are plain BLAS products (the
-    fastest kind); worth it for query tiles of the setting's kt_rows rows and more, and
-    always with own (the tile products by kernels._micro, which takes no transposed b)."""
+    fastest kind); worth it for query tiles of the setting's kt_rows rows and more. With own
+    (the tile products by kernels._micro, which takes no transposed b) and without kT, each
+    unit transposes its key tiles itself (when there is one query block, each key tile is
+    used once: cheaper than a transposed copy of k made beforehand)."""
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     dv = v.shape[3]
@@ -147,6 +149,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     zero, one = dt(0), dt(1)
     coef = np.empty(2, dtype=q.dtype)
     sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
+    ktbuf = np.empty(q.shape[3] * min(bk, Tk) if own and not use_kT else 0, dtype=q.dtype)
     m = np.empty(bq, dtype=q.dtype)  # running row maximum
     lsum = np.empty(bq, dtype=q.dtype)  # running row sum of exp(s - m)
     rescale = np.empty(bq, dtype=q.dtype)  # exp(old m - new m) of the current tile
@@ -172,6 +175,13 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
             s = sbuf[: nq * nk].reshape((nq, nk))
             if use_kT:  # S = scale Q_i K_j^T (nq, nk)
                 _mm_nn(qb, kT[b, h, :, j0:j1], s, scale, coef, own)
+            elif own:
+                kj = k[b, h, j0:j1]
+                kTj = ktbuf[: kj.shape[1] * nk].reshape((kj.shape[1], nk))
+                for c in range(nk):
+                    for p in range(kj.shape[1]):
+                        kTj[p, c] = kj[c, p]
+                _mm_nn(qb, kTj, s, scale, coef, own)
             else:
                 _mm_nt(qb, k[b, h, j0:j1], s, scale, coef)
             if has_mask or (causal and j1 - 1 > i0):
@@ -531,7 +541,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
         bq, bk = tiles or _tiles(B * H, Tq, k.shape[2], causal, st)
         with _OneBlasThread():
             own = st.own_products == 1
-            use_kT = own or min(Tq, bq) >= st.kt_rows
+            use_kT = min(Tq, bq) >= st.kt_rows and not own
             kT = (np.ascontiguousarray(k.transpose(0, 1, 3, 2)) if use_kT
                   else _NO_KT[q.dtype])
             _in_parallel(_forward_units, B * H * math.ceil(Tq / bq), flops, st.serial_flops,

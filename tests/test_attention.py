@@ -18,7 +18,7 @@ from helpers import (
     kernel_attention_probs,
     public_attention_bounds,
 )
-from helpers.paths import record_paths
+from helpers.paths import record_paths, use_products
 
 import fastattn
 from fastattn import kernels
@@ -83,13 +83,21 @@ SHAPES = [
 ]
 
 
+PRODUCTS = pytest.mark.parametrize("own", [0, 1], ids=["blas", "own"])
+
+
+@PRODUCTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_kernel_matches_loop_without_mask(shape, causal, dtype):
+def test_kernel_matches_loop_without_mask(shape, causal, dtype, own, monkeypatch):
+    """Both kinds of tile product (BLAS, the kernels' own micro-kernel), whichever is this
+    machine's default; the kernels were given the flag (the spy)."""
+    seen = use_products(monkeypatch, own)
     rng = np.random.default_rng(0)
     q, k, v, dout = _inputs(rng, *shape, dtype)
     _assert_matches_loop(q, k, v, dout, causal, None)
+    assert seen and set(seen) == {own}
 
 
 def test_kernel_matches_loop_across_long_key_tiles():
@@ -102,10 +110,12 @@ def test_kernel_matches_loop_across_long_key_tiles():
     _assert_matches_loop(q, k, v, dout, True, None)
 
 
+@PRODUCTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kind", ["key_padding", "full", "shared", "row"])
-def test_kernel_matches_loop_with_mask(kind, causal, dtype):
+def test_kernel_matches_loop_with_mask(kind, causal, dtype, own, monkeypatch):
+    use_products(monkeypatch, own)
     rng = np.random.default_rng(2)
     B, Tq, Tk, d = 3, 11, 9, 8
     q, k, v, dout = _inputs(rng, B, Tq, Tk, d, d, dtype)
@@ -369,7 +379,8 @@ def _to_entries(a4):
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_kernel_takes_heads_in_place(monkeypatch, shape, causal, masked, dtype):
+@PRODUCTS
+def test_kernel_takes_heads_in_place(monkeypatch, shape, causal, masked, dtype, own):
     """q, k, v given as the heads of (B, T, 3, H, d) columns (MultiHeadAttention's layout):
     the kernels read them with no copy (a spy sees the strided views), out comes back as the
     heads of a (B, Tq, H, dv) array, the gradients go into the columns given, and all match
@@ -379,6 +390,7 @@ def test_kernel_takes_heads_in_place(monkeypatch, shape, causal, masked, dtype):
     B, H, Tq, Tk, d = shape
     if Tk > 20:
         _no_serial_threshold(monkeypatch, 3)
+    own_seen = use_products(monkeypatch, own)
     rng = np.random.default_rng(14)
     qbuf = rng.standard_normal((B, Tq, 1, H, d)).astype(dtype)
     kvbuf = rng.standard_normal((B, Tk, 2, H, d)).astype(dtype)
@@ -408,6 +420,7 @@ def test_kernel_takes_heads_in_place(monkeypatch, shape, causal, masked, dtype):
     assert list(dict.fromkeys(n for n, *_ in seen)) == [forward, "_backward_units"]
     for name, a0, a1, _ in seen:  # the views themselves reached the kernels: no copies
         assert (a0, a1) == ((q, k) if name == forward else (dout, q))
+    assert own_seen and set(own_seen) == {own}
     split = [n_part for name, *_, n_part in seen if name == "_backward_units"]
     assert split[0] == (B * H * 4 if Tk > 20 else 0)  # private dq per key share, or none
     flat = [_to_entries(a) for a in (q, k, v, dout)]

@@ -15,6 +15,7 @@ import attention_cases as ac
 import numpy as np
 import pytest
 from gradcheck import numerical_grad
+from helpers.paths import use_products
 
 import fastattn
 from fastattn import kernels
@@ -296,6 +297,21 @@ def test_numba_tiles_and_shares_match_loop(name, tiles, shares, split, numba_wit
     case, want = loop_results(name)
     numba_with(tiles, shares, split)
     ac.assert_close(ac.run(case, "numba"), want, case, f"{name} tiles {tiles} {split} x{shares}")
+
+
+@pytest.mark.parametrize("own", [0, 1], ids=["blas", "own"])
+@pytest.mark.parametrize("name", PATH_CASES)
+def test_numba_features_take_either_tile_product(name, own, numba_with, loop_results,
+                                                 monkeypatch):
+    """The features kernels with BLAS tile products and with their own micro-kernel (one of
+    them is this machine's default), at 5x4 tiles and at 64x8 (transposed key tiles); the
+    kernels were given the flag (the spy)."""
+    seen = use_products(monkeypatch, own)
+    case, want = loop_results(name)
+    for tiles in ((5, 4), (64, 8)):
+        numba_with(tiles, 1, "key")
+        ac.assert_close(ac.run(case, "numba"), want, case, f"{name} tiles {tiles} own {own}")
+    assert seen and set(seen) == {own}
 
 
 def _visited(Tq, Tk, tiles, causal=False, **kw):

@@ -89,3 +89,31 @@ def glue_chunks(N):
     from fastattn.kernels import _glue_numba
 
     return _glue_numba._chunks(N)
+
+
+def use_products(monkeypatch, own):
+    """Put the tuning choice ``own_products = own`` in force (the fused kernels' tile products
+    by their own micro-kernel, 1, or by BLAS, 0), undone with ``monkeypatch``. Returns a list
+    that receives, per call of a fused kernel (plain or features), the flag it was given."""
+    from fastattn.kernels import _flash, _tuning
+    from fastattn.kernels import _flash_features as ff
+    from fastattn.kernels._flash_tiles import _OWN
+
+    monkeypatch.setitem(_tuning._state, "current", (dataclasses.replace(
+        _tuning.current()[0], own_products=own), f"own_products={own} (a test)"))
+    seen = []
+
+    def spy(run):
+        def in_parallel(fn, n_units, flops, serial_flops, *args):
+            if fn in (_flash._forward_units, _flash._backward_units):
+                seen.append(int(args[-1]))
+            elif fn is ff._forward_units:
+                seen.append(int(args[8][_OWN]))  # cfg
+            elif fn is ff._backward_units:
+                seen.append(int(args[15][_OWN]))
+            return run(fn, n_units, flops, serial_flops, *args)
+        return in_parallel
+
+    monkeypatch.setattr(_flash, "_in_parallel", spy(_flash._in_parallel))
+    monkeypatch.setattr(ff, "_in_parallel", spy(ff._in_parallel))
+    return seen

@@ -1,0 +1,86 @@
+"""kernels._micro.mm, the fused kernels' own tile product, against float64 products.
+
+Every block height (1..6 rows) and width (one or two vectors, whole or masked, for float32's
+8-item and float64's 4-item vectors), a transposed or plain ``a``, accumulating or not, rows
+strided inside wider arrays: within the error bound of a k-term sum (each item of c is one sum
+over k, scaled once and added once), and nothing outside c's view is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from helpers import assert_close
+
+from fastattn.kernels._micro import MR, mm
+
+DTYPES = (np.float32, np.float64)
+
+SIZES_M = range(1, 2 * MR + 2)  # every block height, one and two blocks and a remainder
+SIZES_N = (1, 3, 4, 5, 8, 9, 12, 16, 17, 24, 31, 33)  # inside, at and across vector edges
+SIZES_K = (0, 1, 7, 64)
+
+
+def _strided(rng, rows, cols, dtype, pad=5):
+    """A (rows, cols) view with rows pad items further apart than its width, inside a
+    buffer that is filled with a sentinel around it; returns (view, buffer)."""
+    buf = np.full((rows + 2, cols + pad), 7.25, dtype=dtype)
+    view = buf[1:-1, 2:2 + cols]
+    view[...] = rng.standard_normal((rows, cols))
+    return view, buf
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("a_t", [False, True], ids=["a", "a_T"])
+@pytest.mark.parametrize("acc", [False, True], ids=["set", "add"])
+def test_mm_matches_float64_product(dtype, a_t, acc):
+    rng = np.random.default_rng(31)
+    alpha = dtype(0.37)
+    for m, n, k in itertools.product(SIZES_M, SIZES_N, SIZES_K):
+        a = rng.standard_normal((k, m) if a_t else (m, k)).astype(dtype)
+        b = rng.standard_normal((k, n)).astype(dtype)
+        c = rng.standard_normal((m, n)).astype(dtype)
+        c0 = c.astype(np.float64)
+        A = (a.T if a_t else a).astype(np.float64)
+        want = float(alpha) * (A @ b.astype(np.float64)) + (c0 if acc else 0)
+        terms = abs(float(alpha)) * (np.abs(A) @ np.abs(b.astype(np.float64)))
+        terms = terms + (np.abs(c0) if acc else 0)
+        mm(a, a_t, b, c, alpha, acc)
+        assert_close(c, want, terms=terms, n=k + 2, err_msg=f"m {m} n {n} k {k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mm_reads_and_writes_strided_rows_only_inside_the_views(dtype):
+    """a, b and c as views whose rows lie apart inside bigger buffers (as the heads of a
+    (B, T, H, d) array do): the same numbers as contiguous copies give, bit for bit, and the
+    sentinels around c's view are untouched."""
+    rng = np.random.default_rng(32)
+    for (m, n, k), a_t, acc in itertools.product(
+            [(13, 33, 9), (6, 16, 64), (1, 5, 3), (29, 29, 16)], [False, True], [False, True]):
+        a, _ = _strided(rng, *((k, m) if a_t else (m, k)), dtype)
+        b, _ = _strided(rng, k, n, dtype, pad=11)
+        c, cbuf = _strided(rng, m, n, dtype, pad=3)
+        before = cbuf.copy()
+        want = np.ascontiguousarray(c)
+        mm(np.ascontiguousarray(a), a_t, np.ascontiguousarray(b), want, dtype(1.5), acc)
+        mm(a, a_t, b, c, dtype(1.5), acc)
+        np.testing.assert_array_equal(c, want)
+        outside = np.ones(cbuf.shape, bool)
+        outside[1:-1, 2:2 + n] = False
+        np.testing.assert_array_equal(cbuf[outside], before[outside])
+
+
+def test_mm_is_exact_on_small_integers():
+    """Sums of products of small integers are exact in float32: any misplaced row, column
+    or lane shows as a wrong integer."""
+    rng = np.random.default_rng(33)
+    for m, n, k in [(7, 17, 5), (12, 9, 13), (2, 32, 1)]:
+        a = rng.integers(-4, 5, (m, k)).astype(np.float32)
+        b = rng.integers(-4, 5, (k, n)).astype(np.float32)
+        c = np.ones((m, n), np.float32)
+        mm(a, False, b, c, np.float32(1), True)
+        np.testing.assert_array_equal(c, a.astype(np.int64) @ b.astype(np.int64) + 1)
+        mm(np.ascontiguousarray(a.T), True, b, c, np.float32(2), False)
+        np.testing.assert_array_equal(c, 2 * (a.astype(np.int64) @ b.astype(np.int64)))
