@@ -15,8 +15,9 @@ sgemm and 72 from 128 up; its SkylakeX kernels have a fast path for small produc
   defaults. A corrupt file, or one tuned elsewhere, is ignored with a warning;
   ``FASTATTN_TUNE=off`` ignores the file altogether.
 
-A setting only changes the block sizes and the work split; for a given setting, results do not
-depend on the thread count.
+A setting only changes the block sizes, the work split and what multiplies the tiles (BLAS or
+the kernels' own micro-kernel, ``kernels._micro``); for a given setting, results do not depend
+on the thread count.
 """
 
 from __future__ import annotations
@@ -77,12 +78,15 @@ NEVER = 1 << 30
 #: Numba and OpenBLAS, whose small products are slower) 256x128 tiles without the transposes
 #: took 0.93 of the time of 128x128 ones, and causal 64/128 tiles 0.92 of 32/64 ones. At head
 #: dims 16 and 32, the backward with transposed tiles took 0.71-0.93 of the time without them
-#: natively (1 to 29 query rows), 0.94-1.15 on the AVX2 paths: kt_dim 32 and 0.
+#: natively (1 to 29 query rows), 0.94-1.15 on the AVX2 paths: kt_dim 32 and 0. The kernels'
+#: own tile products (kernels._micro) took 0.88 of the time of BLAS's on the AVX2 paths
+#: (geometric mean over T = 29, 128 and 2048) and 1.1-1.4 natively, where OpenBLAS has a
+#: fast path for small products; with them, causal 64/64 tiles took 0.92 of 64/128 ones.
 DEFAULTS = {
     "avx512": Setting(block_q=128, block_k=64, causal_block_small=32, causal_block=64,
                       kt_rows=64, kt_dim=32, serial_flops=4_000_000, min_units=8,
                       own_products=0),
-    "avx2": Setting(block_q=256, block_k=128, causal_block_small=64, causal_block=128,
+    "avx2": Setting(block_q=256, block_k=128, causal_block_small=64, causal_block=64,
                     kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8,
                     own_products=1),
     "other": Setting(block_q=128, block_k=128, causal_block_small=64, causal_block=128,

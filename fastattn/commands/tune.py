@@ -43,7 +43,7 @@ def run(args) -> int:
     else:
         print("time relative to the defaults (below 1: faster):")
     for name, ratio in result["measured"].items():
-        print(f"  {name:<28}{ratio:.3f}")
+        print(f"  {name:<44} {ratio:.3f}")
     st = result["setting"]
     print(f"chosen: blocks {st['block_q']}x{st['block_k']}, {info._kt(st['kt_rows'])}, "
           f"causal {st['causal_block_small']}/{st['causal_block']}, "
