@@ -30,6 +30,7 @@ SMALL_HEAD_SHAPES = ((512, 29, 16), (256, 64, 32))
 KT_DIMS = (0, 16, 32)
 # whose tile products (BLAS or the kernels' own): short and long sequences, small heads
 PRODUCT_SHAPES = ((64, 128), (2, 2048), (512, 29, 16))
+OWN_DIMS = (0, 16, 32, 1024)  # own products never, for small heads, for all
 NEVER = _tuning.NEVER  # kt_rows that never transposes
 
 
@@ -72,7 +73,7 @@ def _describe(st, causal):
     if causal:
         return f"causal {st.causal_block_small}/{st.causal_block}"
     kt = "kT" if st.kt_rows < NEVER else "no kT"
-    own = ", own products" if st.own_products else ""
+    own = f", own products to d {st.own_dim}" if st.own_dim else ""
     return f"{st.block_q}x{st.block_k} {kt}, kt_dim {st.kt_dim}{own}"
 
 
@@ -92,10 +93,10 @@ def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int 
     deadline = time.perf_counter() + seconds
     measured: dict = {}
     try:
-        other = [dataclasses.replace(base, own_products=1 - base.own_products)]
+        other = [dataclasses.replace(base, own_dim=od) for od in OWN_DIMS if od != base.own_dim]
         best = _score(other, PRODUCT_SHAPES, False, base, deadline, reps, rng, measured,
                       "products")
-        kts = (best.kt_rows,) if best.own_products else (64, NEVER)
+        kts = (best.kt_rows,) if best.own_dim >= 64 else (64, NEVER)  # own: kT never used
         plain = [dataclasses.replace(best, block_q=bq, block_k=bk, kt_rows=kt)
                  for bq, bk in PLAIN_BLOCKS for kt in kts]
         best = _score(plain, PLAIN_SHAPES, False, best, deadline, reps, rng, measured, "plain")
@@ -104,7 +105,7 @@ def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int 
         best = _score(causal, CAUSAL_SHAPES, True, best, deadline, reps, rng, measured,
                       "causal")
         small = [dataclasses.replace(best, kt_dim=kd) for kd in KT_DIMS
-                 if kd != best.kt_dim and not best.own_products]  # own: always transposed
+                 if kd != best.kt_dim and best.own_dim < 32]  # own: tiles always transposed
         best = _score(small, SMALL_HEAD_SHAPES, False, best, deadline, reps, rng, measured,
                       "small heads")
     finally:

@@ -20,7 +20,7 @@ How it is built (flash attention, as in Dao et al.):
   P V with loops, which at these sizes beats two BLAS calls per entry (3-10x, measured).
 * Tile products go to single-threaded BLAS sgemm/dgemm (``kernels._blas.gemm``), with the
   BLAS thread pool set to one thread for the duration of the call, or, where the setting in
-  force says so (``own_products``, the default on AVX2), to the kernels' own micro-kernel
+  force says so (heads up to ``own_dim`` wide: all on AVX2), to the kernels' own micro-kernel
   (``kernels._micro``), which beats BLAS at tile sizes there. Exponentials use a polynomial
   exp that LLVM vectorises (``kernels._numba_math``).
 
@@ -61,7 +61,7 @@ FEW_ROWS = 2  # query rows per batch entry up to which the forward runs _few_row
 _NO_KT = {np.dtype(t): np.zeros((1, 1, 1, 1), dtype=t) for t in (np.float32, np.float64)}
 
 # ---- tile products: single-threaded BLAS (kernels._blas.gemm) or, with own, the kernels' own
-# micro-kernel (kernels._micro.mm; the setting's own_products) --------------------------------
+# micro-kernel (kernels._micro.mm; heads up to the setting's own_dim) -------------------------
 
 
 @njit_cached(fastmath=_FM)
@@ -540,7 +540,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     else:
         bq, bk = tiles or _tiles(B * H, Tq, k.shape[2], causal, st)
         with _OneBlasThread():
-            own = st.own_products == 1
+            own = q.shape[3] <= st.own_dim
             use_kT = min(Tq, bq) >= st.kt_rows and not own
             kT = (np.ascontiguousarray(k.transpose(0, 1, 3, 2)) if use_kT
                   else _NO_KT[q.dtype])
@@ -579,7 +579,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
         _check_grads(grads, (q.shape, k.shape, v.shape), q.dtype)
         dq, dk, dv = dq_r, dk_r, dv_r = grads
     dq_part = np.zeros((B * H * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
-    own = st.own_products == 1
+    own = d <= st.own_dim
     with _OneBlasThread():
         _in_parallel(_backward_units, B * H * nsplit, 10 * B * H * Tq * Tk * d,
                      st.serial_flops, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale,

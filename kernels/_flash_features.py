@@ -280,7 +280,7 @@ def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, t
     cfg[_HAS_BIAS] = bias is not None
     cfg[_HAS_ALIBI] = alibi is not None
     cfg[_HAS_DROP] = dropout_p > 0
-    cfg[_OWN] = st.own_products
+    cfg[_OWN] = q.shape[2] <= st.own_dim
     cfg[_USE_KT] = cfg[_OWN] or min(Tq, bq) >= st.kt_rows  # own products take no b^T
     if bias is not None and bias_map is None:
         bias_map = np.minimum(np.arange(B), bias.shape[0] - 1)

@@ -12,7 +12,7 @@ with OpenBLAS's Haswell (AVX2) kernels, one thread, float32, a 29 x 29 x 64 prod
 product with a transposed ``a`` (the backward's P^T dO and dS^T Q) at 98 against 78.
 OpenBLAS's SkylakeX (AVX-512) kernels have a fast path of their own for small products, so
 there the two are about level; which one the fused kernels call is a tuning choice
-(``kernels._tuning``, ``own_products``).
+(``kernels._tuning``, ``own_dim``).
 
 How: ``c`` is cut into blocks of up to 6 rows by two vectors of 32 bytes (16 float32 or 8
 float64 columns). A block's 12 sums stay in vector registers while it runs over k: per step

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ._atomic import atomic_open
 
-FORMAT = 3  # 2: kt_dim joined the setting; 3: own_products
+FORMAT = 3  # 2: kt_dim joined the setting; 3: own_dim
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Setting:
     kt_dim: int  # and, in the backward, whatever the rows at head dims up to this (0: never)
     serial_flops: int  # below this much work, one thread (handing out costs more)
     min_units: int  # work units wanted per call, so a few threads share it evenly
-    own_products: int  # 1: tile products by the kernels' own micro-kernel (_micro), 0: BLAS
+    own_dim: int  # heads up to this wide: tile products by the own micro-kernel (_micro)
 
     def check(self) -> Setting:
         """Return self when every value is in its sane range, else raise ValueError."""
@@ -64,8 +64,8 @@ class Setting:
             raise ValueError(f"serial_flops must be in [0, 1e12], got {self.serial_flops}")
         if not 1 <= self.min_units <= 1024:
             raise ValueError(f"min_units must be in [1, 1024], got {self.min_units}")
-        if self.own_products not in (0, 1):
-            raise ValueError(f"own_products must be 0 or 1, got {self.own_products}")
+        if not 0 <= self.own_dim <= 1024:
+            raise ValueError(f"own_dim must be in [0, 1024], got {self.own_dim}")
         return self
 
 
@@ -80,18 +80,20 @@ NEVER = 1 << 30
 #: dims 16 and 32, the backward with transposed tiles took 0.71-0.93 of the time without them
 #: natively (1 to 29 query rows), 0.94-1.15 on the AVX2 paths: kt_dim 32 and 0. The kernels'
 #: own tile products (kernels._micro) took 0.88 of the time of BLAS's on the AVX2 paths
-#: (geometric mean over T = 29, 128 and 2048) and 1.1-1.4 natively, where OpenBLAS has a
-#: fast path for small products; with them, causal 64/64 tiles took 0.92 of 64/128 ones.
+#: (geometric mean over T = 29, 128 and 2048) and 1.1-1.4 natively at head dims 32 and 64,
+#: where OpenBLAS has a fast path for small products; natively at the default model's heads
+#: (16 wide), a training step took 0.97-0.98 of its time with BLAS's (three alternations):
+#: own_dim 1024 and 16. With them, causal 64/64 tiles took 0.92 of 64/128 ones on AVX2.
 DEFAULTS = {
     "avx512": Setting(block_q=128, block_k=64, causal_block_small=32, causal_block=64,
                       kt_rows=64, kt_dim=32, serial_flops=4_000_000, min_units=8,
-                      own_products=0),
+                      own_dim=16),
     "avx2": Setting(block_q=256, block_k=128, causal_block_small=64, causal_block=64,
                     kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8,
-                    own_products=1),
+                    own_dim=1024),
     "other": Setting(block_q=128, block_k=128, causal_block_small=64, causal_block=128,
                      kt_rows=NEVER, kt_dim=0, serial_flops=4_000_000, min_units=8,
-                     own_products=0),
+                     own_dim=0),
 }
 
 _AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake",

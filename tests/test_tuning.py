@@ -179,7 +179,8 @@ def test_kt_dim_decides_whether_the_backward_transposes_small_heads(kt_dim, monk
     from fastattn.kernels import _flash_features as ff
     from fastattn.kernels import _flash_tiles as tiles
 
-    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], kt_rows=64, kt_dim=kt_dim))
+    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], kt_rows=64, kt_dim=kt_dim,
+                                    own_dim=0))  # BLAS products: kt_dim decides
     seen = []
     run = _flash._in_parallel
 
@@ -200,6 +201,41 @@ def test_kt_dim_decides_whether_the_backward_transposes_small_heads(kt_dim, monk
             got = (out, lse) + fastattn.attention_backward(dout, q, k, v, out, lse,
                                                            causal=True, backend="numba", **kw)
             assert seen == [("features" if kw else "plain", d <= kt_dim)], seen
+            want = fastattn.attention_forward(q, k, v, causal=True, backend="loop", **kw)
+            want = want + fastattn.attention_backward(dout, q, k, v, *want, causal=True,
+                                                      backend="loop", **kw)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_own_dim_decides_which_heads_take_the_own_products(monkeypatch, rng):
+    """The tile products go to the kernels' own micro-kernel exactly for heads up to own_dim
+    wide, in both fused kernels (plain and features) and both directions, and either way
+    match the loop reference (float64, to 1e-10)."""
+    from fastattn.kernels import _flash_features as ff
+    from fastattn.kernels._flash_tiles import _OWN
+
+    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], own_dim=16))
+    seen = []
+    run = _flash._in_parallel
+
+    def spy(fn, n_units, flops, serial_flops, *args):
+        if fn in (_flash._forward_units, _flash._backward_units):
+            seen.append(("plain", bool(args[-1])))
+        elif fn in (ff._forward_units, ff._backward_units):
+            seen.append(("features", bool(args[8 if fn is ff._forward_units else 15][_OWN])))
+        return run(fn, n_units, flops, serial_flops, *args)
+
+    monkeypatch.setattr(_flash, "_in_parallel", spy)
+    monkeypatch.setattr(ff, "_in_parallel", spy)
+    for d in (16, 24):
+        q, k, v, dout = (rng.standard_normal((3, 9, d)) for _ in range(4))
+        for kw in ({}, {"window": (4, 0)}):
+            seen.clear()
+            out, lse = fastattn.attention_forward(q, k, v, causal=True, backend="numba", **kw)
+            got = (out, lse) + fastattn.attention_backward(dout, q, k, v, out, lse,
+                                                           causal=True, backend="numba", **kw)
+            assert seen == [("features" if kw else "plain", d <= 16)] * 2, seen
             want = fastattn.attention_forward(q, k, v, causal=True, backend="loop", **kw)
             want = want + fastattn.attention_backward(dout, q, k, v, *want, causal=True,
                                                       backend="loop", **kw)

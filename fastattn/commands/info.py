@@ -185,8 +185,10 @@ def _kt(rows):
     return "no transposed tiles" if rows >= NEVER else f"transposed tiles from {rows} rows"
 
 
-def _products(own):
-    return "own micro-kernel" if own else "BLAS"
+def _products(own_dim):
+    if own_dim >= 1024:
+        return "own micro-kernel"
+    return f"own micro-kernel up to head dim {own_dim}, BLAS above" if own_dim else "BLAS"
 
 
 def _tuning_rows(t):
@@ -200,7 +202,7 @@ def _tuning_rows(t):
         ("fused attention blocks",
          f"{st['block_q']}x{st['block_k']}, causal {st['causal_block_small']} (T <= 256) / "
          f"{st['causal_block']}, {_kt(st['kt_rows'])}"),
-        ("fused attention tile products", _products(st["own_products"])),
+        ("fused attention tile products", _products(st["own_dim"])),
     ]
 
 

@@ -47,6 +47,6 @@ def run(args) -> int:
     st = result["setting"]
     print(f"chosen: blocks {st['block_q']}x{st['block_k']}, {info._kt(st['kt_rows'])}, "
           f"causal {st['causal_block_small']}/{st['causal_block']}, "
-          f"tile products by {info._products(st['own_products'])}")
+          f"tile products by {info._products(st['own_dim'])}")
     print(f"stored in {result['file']}" if result["file"] else "not stored (--dry-run)")
     return 0

@@ -92,15 +92,15 @@ def glue_chunks(N):
 
 
 def use_products(monkeypatch, own):
-    """Put the tuning choice ``own_products = own`` in force (the fused kernels' tile products
-    by their own micro-kernel, 1, or by BLAS, 0), undone with ``monkeypatch``. Returns a list
+    """Put the fused kernels' tile products by their own micro-kernel (own = 1: ``own_dim``
+    1024) or by BLAS (own = 0: ``own_dim`` 0) in force, undone with ``monkeypatch``. Returns a list
     that receives, per call of a fused kernel (plain or features), the flag it was given."""
     from fastattn.kernels import _flash, _tuning
     from fastattn.kernels import _flash_features as ff
     from fastattn.kernels._flash_tiles import _OWN
 
     monkeypatch.setitem(_tuning._state, "current", (dataclasses.replace(
-        _tuning.current()[0], own_products=own), f"own_products={own} (a test)"))
+        _tuning.current()[0], own_dim=1024 if own else 0), f"own products {own} (a test)"))
     seen = []
 
     def spy(run):
