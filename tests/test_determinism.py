@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.paths import glue_chunks, record_paths
+from helpers.paths import glue_chunks, record_paths, use_products
 
 import fastattn
 from fastattn import kernels
@@ -182,16 +182,19 @@ def test_numba_kernel_does_not_depend_on_the_thread_count(threads, monkeypatch, 
 
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
-def test_public_attention_across_thread_counts(threads, monkeypatch, dtype, shape):
+@pytest.mark.parametrize("own", [0, 1], ids=["blas", "own"])
+def test_public_attention_across_thread_counts(threads, monkeypatch, dtype, shape, own):
     """Bitwise equal with 1 and 2 threads, including dq when there are fewer batch entries than
-    threads (the backward then splits key blocks into shares that the shapes decide). The two
-    largest shapes reach the parallel backward at the kernels' own thresholds; the others are
-    forced onto the parallel paths."""
+    threads (the backward then splits key blocks into shares that the shapes decide), with
+    both kinds of tile product (BLAS, the kernels' own). The two largest shapes reach the
+    parallel backward at the kernels' own thresholds; the others are forced onto the parallel
+    paths."""
     q, k, v, dout = _qkv(*shape, dtype, seed=3)
     # the backward's work, B Tq Tk d, against the setting's threshold
     natural = 10 * np.prod(shape) >= _tuning.current()[0].serial_flops
     assert natural == (shape in ATTN_SHAPES[-2:])
     log = record_paths(monkeypatch, force=not natural)
+    seen = use_products(monkeypatch, own)  # after record_paths: its spy sees the kernels
     for causal in (False, True):
         threads(1)
         one = _attention(q, k, v, dout, causal=causal)
@@ -205,3 +208,4 @@ def test_public_attention_across_thread_counts(threads, monkeypatch, dtype, shap
         assert ran == 2, f"fused calls ran on {log.fused} thread(s)"
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, two, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"{name}, causal={causal}")
+    assert seen and set(seen) == {own}
