@@ -29,7 +29,7 @@ CAUSAL_BLOCKS = (32, 64, 128)
 SMALL_HEAD_SHAPES = ((512, 29, 16), (256, 64, 32))
 KT_DIMS = (0, 16, 32)
 # whose tile products (BLAS or the kernels' own): short and long sequences, small heads
-PRODUCT_SHAPES = ((64, 128), (2, 2048), (512, 29, 16))
+PRODUCT_SHAPES = ((64, 128), (2, 2048), (256, 64, 32), (512, 29, 16))
 OWN_DIMS = (0, 16, 32, 1024)  # own products never, for small heads, for all
 NEVER = _tuning.NEVER  # kt_rows that never transposes
 
@@ -73,7 +73,7 @@ def _describe(st, causal):
     if causal:
         return f"causal {st.causal_block_small}/{st.causal_block}"
     kt = "kT" if st.kt_rows < NEVER else "no kT"
-    own = f", own products to d {st.own_dim}" if st.own_dim else ""
+    own = f", own products to d {st.own_dim}" if st.own_dim else ", BLAS products"
     return f"{st.block_q}x{st.block_k} {kt}, kt_dim {st.kt_dim}{own}"
 
 

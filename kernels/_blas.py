@@ -1,8 +1,9 @@
 """BLAS for the Numba kernels: the one gemm they call, and holding BLAS at one thread.
 
-SciPy and threadpoolctl are required dependencies: every matrix product of the Numba kernels
-(the unfused products of ``numba_backend`` and the fused kernels' tile products in ``_flash``)
-is a call to :func:`gemm`, the ?gemm of the BLAS that SciPy links.
+SciPy and threadpoolctl are required dependencies: the Numba kernels' matrix products (the
+unfused products of ``numba_backend``, and the fused kernels' tile products in ``_flash``
+unless the setting gives them to their own micro-kernel, ``_micro``) are calls to
+:func:`gemm`, the ?gemm of the BLAS that SciPy links.
 
 The kernels call BLAS from several threads of their own at once, so BLAS must not start
 threads of its own meanwhile: nested threads oversubscribe the cores (a weighted_sum_backward

@@ -137,9 +137,9 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     out may be strided views (rows contiguous), the mask is indexed by bh. With use_kT,
     kT (B, H, d, Tk) is k transposed, so that both tile products are plain BLAS products (the
     fastest kind); worth it for query tiles of the setting's kt_rows rows and more. With own
-    (the tile products by kernels._micro, which takes no transposed b) and without kT, each
-    unit transposes its key tiles itself (when there is one query block, each key tile is
-    used once: cheaper than a transposed copy of k made beforehand)."""
+    (the tile products by kernels._micro, which takes no transposed b; never with use_kT),
+    each unit transposes its key tiles itself: the micro-kernel reads b's rows in place, and
+    the rows of a transposed copy of k, Tk items apart, thrash its caches."""
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     dv = v.shape[3]
@@ -149,7 +149,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     zero, one = dt(0), dt(1)
     coef = np.empty(2, dtype=q.dtype)
     sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
-    ktbuf = np.empty(q.shape[3] * min(bk, Tk) if own and not use_kT else 0, dtype=q.dtype)
+    ktbuf = np.empty(q.shape[3] * min(bk, Tk) if own else 0, dtype=q.dtype)
     m = np.empty(bq, dtype=q.dtype)  # running row maximum
     lsum = np.empty(bq, dtype=q.dtype)  # running row sum of exp(s - m)
     rescale = np.empty(bq, dtype=q.dtype)  # exp(old m - new m) of the current tile
@@ -174,7 +174,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
             nk = j1 - j0
             s = sbuf[: nq * nk].reshape((nq, nk))
             if use_kT:  # S = scale Q_i K_j^T (nq, nk)
-                _mm_nn(qb, kT[b, h, :, j0:j1], s, scale, coef, own)
+                _mm_nn(qb, kT[b, h, :, j0:j1], s, scale, coef, False)
             elif own:
                 kj = k[b, h, j0:j1]
                 kTj = ktbuf[: kj.shape[1] * nk].reshape((kj.shape[1], nk))

@@ -3,7 +3,8 @@
 Grouped-query heads, causal alignment, windows, bias (and dbias), ALiBi, dropout and packed
 sequences, in any combination, forward and backward, with the rules of
 ``kernels._attention_rules``. Built as ``kernels._flash`` (flash attention: (bq, bk) tiles,
-BLAS tile products, an online softmax, P recomputed from lse in the backward), plus:
+tile products by BLAS or by the kernels' own micro-kernel (``kernels._micro``, heads up to the
+setting's ``own_dim``), an online softmax, P recomputed from lse in the backward), plus:
 
 * **Work units.** Forward: (query entry b, query tile, key share), a query tile being bq rows
   of one packed sequence. Backward: (key/value entry, share); a unit runs the query heads of
@@ -98,6 +99,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
     coef = np.empty(2, dtype=q.dtype)
     sbuf = np.empty(bq * bk, dtype=q.dtype)
     zbuf = np.empty(bq * bk, dtype=q.dtype)
+    ktbuf = np.empty(q.shape[2] * bk if own else 0, dtype=q.dtype)  # own: K_j^T per tile
     m = np.empty(bq, dtype=q.dtype)
     lsum = np.empty(bq, dtype=q.dtype)
     while True:
@@ -128,8 +130,15 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
             if nq <= _LOOP_ROWS:
                 _scores_loop(qb, k[bkv, j0:j1], s, scale)
                 bad |= not _finite(sbuf[: nq * nk])
+            elif own:  # the micro-kernel takes no b^T: this tile's keys transposed here
+                kj = k[bkv, j0:j1]
+                kTj = ktbuf[: kj.shape[1] * nk].reshape((kj.shape[1], nk))
+                for c in range(nk):
+                    for p in range(kj.shape[1]):
+                        kTj[p, c] = kj[c, p]
+                _mm_nn(qb, kTj, s, scale, coef, True)
             elif cfg[_USE_KT]:
-                _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef, own)
+                _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef, False)
             else:
                 _mm_nt(qb, k[bkv, j0:j1], s, scale, coef)
             _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alibi)
@@ -281,7 +290,8 @@ def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, t
     cfg[_HAS_ALIBI] = alibi is not None
     cfg[_HAS_DROP] = dropout_p > 0
     cfg[_OWN] = q.shape[2] <= st.own_dim
-    cfg[_USE_KT] = cfg[_OWN] or min(Tq, bq) >= st.kt_rows  # own products take no b^T
+    # the forward's transposed copy of k (BLAS products only: the own ones transpose per tile)
+    cfg[_USE_KT] = not cfg[_OWN] and min(Tq, bq) >= st.kt_rows
     if bias is not None and bias_map is None:
         bias_map = np.minimum(np.arange(B), bias.shape[0] - 1)
     arrays = dict(
@@ -361,7 +371,8 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
         by_heads = group > 1
         nshare = min(group, want) if by_heads else max(1, min(len(ktiles), want))
     cfg[_NSHARE], cfg[_SPLIT_HEADS] = nshare, by_heads
-    cfg[_USE_KT] |= d <= st.kt_dim  # small heads: transposed tiles pay in the backward
+    # small heads: transposed tiles pay in the backward; the own products always take them
+    cfg[_USE_KT] |= d <= st.kt_dim or cfg[_OWN]
     D = np.einsum("bic,bic->bi", dout, out)  # (B, Tq): rowsum(dO * O)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     no = _stand_ins(q.dtype)["dq_part"]

@@ -176,8 +176,13 @@ def read_file(path: str, key: dict):
         warnings.warn(f"ignoring the tuning file {path}: unreadable ({exc})", stacklevel=3)
         return None
     try:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"not a format-{FORMAT} tuning file")
+        if not isinstance(data, dict) or "format" not in data:
+            raise ValueError("no format")
+        if data["format"] != FORMAT:
+            warnings.warn(f"ignoring the tuning file {path}: written in format "
+                          f"{data['format']!r}, this fastattn reads format {FORMAT} (run "
+                          f"'fastattn tune' again)", stacklevel=3)
+            return None
         if data.get("key") != key:
             warnings.warn(f"ignoring the tuning file {path}: it was tuned for "
                           f"{data.get('key')}, this machine is {key}", stacklevel=3)

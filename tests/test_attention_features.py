@@ -314,6 +314,32 @@ def test_numba_features_take_either_tile_product(name, own, numba_with, loop_res
     assert seen and set(seen) == {own}
 
 
+@pytest.mark.parametrize("own", [0, 1], ids=["blas", "own"])
+def test_numba_decoding_makes_no_transposed_copy_of_the_keys(own, monkeypatch):
+    """A decoding step (one query row, its keys in loops): the features forward gets the
+    stand-in, not a transposed copy of k (which cost more than the step itself), whichever
+    the tile products."""
+    from fastattn.kernels import _flash_features as ff
+
+    seen = use_products(monkeypatch, own)
+    kts = []
+    run = ff._in_parallel
+
+    def spy(fn, n_units, flops, serial_flops, *args):
+        if fn is ff._forward_units:
+            kts.append(args[2].size)  # kT
+        return run(fn, n_units, flops, serial_flops, *args)
+
+    monkeypatch.setattr(ff, "_in_parallel", spy)
+    rng = np.random.default_rng(21)
+    q = rng.standard_normal((2, 4, 1, 16))
+    k, v = (rng.standard_normal((2, 2, 700, 16)) for _ in range(2))  # grouped keys
+    got = fastattn.attention_forward(q, k, v, backend="numba")
+    want = fastattn.attention_forward(q, k, v, backend="loop")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-12)
+    assert kts == [1] and set(seen) == {own}
+
+
 def _visited(Tq, Tk, tiles, causal=False, **kw):
     from fastattn.kernels import _flash_features as ff
 

@@ -102,14 +102,28 @@ def _valid_data():
     lambda d: json.dumps({**d, "setting": {**d["setting"], "extra": 1}}).encode(),
     lambda d: json.dumps({k: v for k, v in d.items() if k != "setting"}).encode(),
     lambda d: json.dumps({**d, "setting": {**d["setting"], "kt_dim": -1}}).encode(),
+    lambda d: json.dumps({**d, "setting": {**d["setting"], "own_dim": 2000}}).encode(),
+    lambda d: json.dumps({**d, "setting": {**d["setting"], "own_dim": True}}).encode(),
     # a file of format 1, which had no kt_dim
     lambda d: json.dumps({**d, "format": 1, "setting": {
         k: v for k, v in d["setting"].items() if k != "kt_dim"}}).encode(),
 ], ids=["binary", "truncated", "not-a-dict", "format", "zero-block", "huge-block",
-        "float", "extra-field", "no-setting", "negative-kt-dim", "format-1"])
+        "float", "extra-field", "no-setting", "negative-kt-dim", "huge-own-dim", "bool-own-dim",
+        "format-1"])
 def test_a_corrupt_file_is_ignored_with_a_warning(tune_file, corrupt):
     tune_file.write_bytes(corrupt(_valid_data()))
     with pytest.warns(UserWarning, match="ignoring the tuning file"):
+        got, _ = _tuning.current()
+    assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
+
+
+def test_a_file_of_the_previous_format_is_ignored_and_said_to_be_old(tune_file):
+    """A format-2 file (before own_dim) is not called corrupt: the warning says to tune
+    again."""
+    d = _valid_data()
+    d = {**d, "format": 2, "setting": {k: v for k, v in d["setting"].items() if k != "own_dim"}}
+    tune_file.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="written in format 2.*run 'fastattn tune' again"):
         got, _ = _tuning.current()
     assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
 

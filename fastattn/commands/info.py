@@ -164,8 +164,8 @@ def format_facts(facts: dict) -> str:
         ("numba threads", f"{facts['numba_threads']} (max {facts['numba_max_threads']})"),
         ("threading layer", facts["threading_layer"]),
         ("numba cache dir", facts["numba_cache_dir"]),
-        ("attention tile products",
-         "BLAS (SciPy)" if facts["numba_blas_tile_products"] else "none (SciPy missing)"),
+        ("numba kernels' BLAS",
+         "SciPy's" if facts["numba_blas_tile_products"] else "none (SciPy missing)"),
     ]
     lines += [f"{k + ':':<26}{v}" for k, v in rows]
     libs = facts["blas"]
@@ -186,9 +186,9 @@ def _kt(rows):
 
 
 def _products(own_dim):
-    if own_dim >= 1024:
-        return "own micro-kernel"
-    return f"own micro-kernel up to head dim {own_dim}, BLAS above" if own_dim else "BLAS"
+    if not own_dim:
+        return "BLAS"
+    return f"own micro-kernel for heads up to {own_dim} wide, BLAS above"
 
 
 def _tuning_rows(t):
@@ -202,7 +202,7 @@ def _tuning_rows(t):
         ("fused attention blocks",
          f"{st['block_q']}x{st['block_k']}, causal {st['causal_block_small']} (T <= 256) / "
          f"{st['causal_block']}, {_kt(st['kt_rows'])}"),
-        ("fused attention tile products", _products(st["own_dim"])),
+        ("fused tile products", _products(st["own_dim"])),
     ]
 
 

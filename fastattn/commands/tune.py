@@ -42,8 +42,9 @@ def run(args) -> int:
         print("no candidate was measured within the time budget: the defaults stay")
     else:
         print("time relative to the defaults (below 1: faster):")
+    width = max(map(len, result["measured"]), default=0) + 2
     for name, ratio in result["measured"].items():
-        print(f"  {name:<44} {ratio:.3f}")
+        print(f"  {name:<{width}}{ratio:.3f}")
     st = result["setting"]
     print(f"chosen: blocks {st['block_q']}x{st['block_k']}, {info._kt(st['kt_rows'])}, "
           f"causal {st['causal_block_small']}/{st['causal_block']}, "
