@@ -102,6 +102,14 @@ def _mm_tn_acc(a, b, c, alpha, coef, own):
 
 
 @njit_cached(fastmath=_FM)
+def _transpose_into(x, xt):
+    """xt (c, n) = x (n, c) transposed."""
+    for r in range(x.shape[0]):
+        for p in range(x.shape[1]):
+            xt[p, r] = x[r, p]
+
+
+@njit_cached(fastmath=_FM)
 def _exp_inplace(x):
     """x = exp(x) for a 1-D array, in one loop that LLVM vectorises."""
     for i in range(x.shape[0]):
@@ -178,9 +186,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
             elif own:
                 kj = k[b, h, j0:j1]
                 kTj = ktbuf[: kj.shape[1] * nk].reshape((kj.shape[1], nk))
-                for c in range(nk):
-                    for p in range(kj.shape[1]):
-                        kTj[p, c] = kj[c, p]
+                _transpose_into(kj, kTj)
                 _mm_nn(qb, kTj, s, scale, coef, own)
             else:
                 _mm_nt(qb, k[b, h, j0:j1], s, scale, coef)
@@ -346,12 +352,9 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
             kj, vj = kb[j0:j1], vb[j0:j1]  # (nk, d), (nk, dv)
             kTj = ktbuf[: kj.shape[1] * nk].reshape((kj.shape[1], nk))  # K_j^T (d, nk)
             vTj = vtbuf[: vj.shape[1] * nk].reshape((vj.shape[1], nk))  # V_j^T (dv, nk)
-            if use_kT:
-                for c in range(nk):  # transposed once, used by every query block
-                    for p in range(kj.shape[1]):
-                        kTj[p, c] = kj[c, p]
-                    for p in range(vj.shape[1]):
-                        vTj[p, c] = vj[c, p]
+            if use_kT:  # transposed once, used by every query block
+                _transpose_into(kj, kTj)
+                _transpose_into(vj, vTj)
             dkj, dvj = dk[b, h, j0:j1], dv[b, h, j0:j1]
             istart = (j0 // bq) * bq if causal else 0  # causal: rows i < j0 see none of these
             for i0 in range(istart, Tq, bq):

@@ -42,6 +42,7 @@ from ._flash import (
     _mm_nt,
     _mm_tn_acc,
     _tiles,
+    _transpose_into,
 )
 from ._flash_tiles import (
     _BK,
@@ -133,9 +134,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
             elif own:  # the micro-kernel takes no b^T: this tile's keys transposed here
                 kj = k[bkv, j0:j1]
                 kTj = ktbuf[: kj.shape[1] * nk].reshape((kj.shape[1], nk))
-                for c in range(nk):
-                    for p in range(kj.shape[1]):
-                        kTj[p, c] = kj[c, p]
+                _transpose_into(kj, kTj)
                 _mm_nn(qb, kTj, s, scale, coef, True)
             elif cfg[_USE_KT]:
                 _mm_nn(qb, kT[bkv, :, j0:j1], s, scale, coef, False)
@@ -208,12 +207,9 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part
             kj, vj = k[bkv, j0:j1], v[bkv, j0:j1]  # (nk, d), (nk, dv)
             kTj = ktbuf[: d * nk].reshape((d, nk))
             vTj = vtbuf[: dvd * nk].reshape((dvd, nk))
-            if cfg[_USE_KT]:
-                for c in range(nk):  # transposed once, used by every query tile
-                    for p in range(d):
-                        kTj[p, c] = kj[c, p]
-                    for p in range(dvd):
-                        vTj[p, c] = vj[c, p]
+            if cfg[_USE_KT]:  # transposed once, used by every query tile
+                _transpose_into(kj, kTj)
+                _transpose_into(vj, vTj)
             dkj, dvj = dkb[j0:j1], dvb[j0:j1]
             for b in range(bkv * group + h_first, (bkv + 1) * group, h_step):
                 dqb = dq[b] if by_heads or share == 0 else dq_part[share - 1, b]
