@@ -97,14 +97,31 @@ def resolve(backend: str | None) -> str:
     return kernels.check_backend(backend)
 
 
+_checked: dict = {}  # (kernel name, backend) -> its module, once the pair has been checked
+
+
 def kernel(name: str, backend: str | None = None):
-    """The kernel ``name`` of the resolved backend."""
-    b = resolve(backend)
-    if b == "numba" and not numba_available():
-        raise ImportError(
-            f"the 'numba' backend needs numba, which cannot be imported: {_numba_error}"
-        )
-    fn = kernels.get(name, b)
+    """The kernel ``name`` of the resolved backend.
+
+    A pair already checked takes one dict lookup (layers call this once per kernel call; a
+    decoding step makes about a dozen calls). The kernel is read from its module on every
+    call, so a function that a test puts in its place is found.
+    """
+    b = get_backend() if backend is None else backend
+    try:
+        mod = _checked.get((name, b))
+    except TypeError:  # unhashable: kernels.get below names the bad argument
+        mod = None
+    if mod is not None:
+        fn = getattr(mod, name)
+    else:
+        b = resolve(backend)
+        if b == "numba" and not numba_available():
+            raise ImportError(
+                f"the 'numba' backend needs numba, which cannot be imported: {_numba_error}"
+            )
+        fn = kernels.get(name, b)
+        _checked[(name, b)] = kernels.module(b, kernels.family_of(name))
     if _profiler is not None:
         fn = _profiler.wrap_kernel(name, b, fn)
     return fn

@@ -113,18 +113,23 @@ def module(backend: str, family: str = "attention"):
     return mod
 
 
-def get(kernel_name: str, backend: str):
-    """Return the kernel ``kernel_name`` of ``backend``.
-
-    Raises ValueError for an unknown kernel or backend name, ImportError when the backend's
-    dependency (numba) cannot be imported.
-    """
+def family_of(kernel_name: str) -> str:
+    """The family of the kernel ``kernel_name``; ValueError for an unknown name."""
     try:
-        family = _FAMILY_OF.get(kernel_name)  # (a dict: this runs once per kernel call)
+        family = _FAMILY_OF.get(kernel_name)
     except TypeError:  # unhashable
         family = None
     if family is None:
         raise ValueError(
             f"unknown kernel {kernel_name!r}; valid kernels are: {', '.join(KERNEL_NAMES)}"
         )
-    return getattr(module(backend, family), kernel_name)
+    return family
+
+
+def get(kernel_name: str, backend: str):
+    """Return the kernel ``kernel_name`` of ``backend``.
+
+    Raises ValueError for an unknown kernel or backend name, ImportError when the backend's
+    dependency (numba) cannot be imported.
+    """
+    return getattr(module(backend, family_of(kernel_name)), kernel_name)

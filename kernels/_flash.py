@@ -175,9 +175,10 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
         maskb = mask[min(bh, mask.shape[0] - 1)]  # (1 or Tq, Tk)
         m[:] = ninf
         lsum[:] = zero
-        ob[:, :] = zero
         jend = min(Tk, i1) if causal else Tk  # causal: no row here sees a key j >= i1
-        for j0 in range(0, jend, bk):
+        if jend == 0:
+            ob[:, :] = zero
+        for j0 in range(0, jend, bk):  # the first tile sets ob, the next ones add to it
             j1 = min(j0 + bk, jend)
             nk = j1 - j0
             s = sbuf[: nq * nk].reshape((nq, nk))
@@ -201,7 +202,9 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 if m_new == ninf:  # nothing allowed in this row so far: S stays -inf, P 0
                     rescale[r] = one
                     continue
-                rescale[r] = vexp(m[r] - m_new)  # 0 when m[r] is -inf
+                # (none on the first tile, where lsum and ob are yet to be set; 0 when m[r]
+                # is -inf)
+                rescale[r] = one if j0 == 0 else vexp(m[r] - m_new)
                 m[r] = m_new
                 for c in range(nk):
                     row[c] -= m_new
@@ -215,7 +218,10 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 if rescale[r] != one:
                     for c in range(dv):
                         ob[r, c] *= rescale[r]
-            _mm_nn_acc(s, vb[j0:j1], ob, one, coef, own)  # O_i += P V_j
+            if j0 == 0:  # O_i = P V_0
+                _mm_nn(s, vb[j0:j1], ob, one, coef, own)
+            else:  # O_i += P V_j
+                _mm_nn_acc(s, vb[j0:j1], ob, one, coef, own)
         for r in range(nq):
             if lsum[r] > zero:
                 inv = one / lsum[r]

@@ -67,9 +67,15 @@ def threads():
 @pytest.fixture
 def looked_up(monkeypatch):
     """The backends whose kernels are looked up through ``kernels.get``, in order (the
-    kernels still run)."""
-    from fastattn import kernels
+    kernels still run). ``fastattn._backend.kernel`` keeps no checked pairs meanwhile, so
+    that every lookup goes through ``kernels.get``."""
+    from fastattn import _backend, kernels
 
+    class KeepsNothing(dict):
+        def __setitem__(self, key, value):
+            pass
+
+    monkeypatch.setattr(_backend, "_checked", KeepsNothing())
     names = []
     real_get = kernels.get
 

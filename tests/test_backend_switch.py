@@ -74,6 +74,38 @@ def test_unknown_kernel_name_raises_listing_the_kernels():
         kernels.get("softmax", "loop")
 
 
+def test_a_kernel_lookup_checks_each_pair_once_and_finds_a_replaced_kernel(monkeypatch):
+    """_backend.kernel keeps the (name, backend) pairs it has checked: the second lookup
+    skips kernels.get, the backend in force still decides, a kernel replaced in its module
+    is found, and bad names still raise."""
+    looked = []
+    real_get = kernels.get
+    monkeypatch.setattr(kernels, "get", lambda n, b: looked.append((n, b)) or real_get(n, b))
+    monkeypatch.setattr(_backend, "_checked", {})
+    fn = _backend.kernel("softmax_forward", "loop")
+    assert _backend.kernel("softmax_forward", "loop") is fn
+    assert looked == [("softmax_forward", "loop")]
+    with fastattn.use_backend("vectorized"):
+        assert _backend.kernel("softmax_forward") is real_get("softmax_forward", "vectorized")
+        assert _backend.kernel("softmax_forward") is real_get("softmax_forward", "vectorized")
+    assert _backend.kernel("softmax_forward") is real_get("softmax_forward",
+                                                          _backend.get_backend())
+    assert looked.count(("softmax_forward", "vectorized")) == 1
+
+    def spy(x):
+        return x
+
+    module = kernels.module("loop", kernels.family_of("softmax_forward"))
+    monkeypatch.setattr(module, "softmax_forward", spy)
+    assert _backend.kernel("softmax_forward", "loop") is spy
+    for bad in ("bogus", " loop", 3, ["loop"]):
+        with pytest.raises(ValueError, match=VALID):
+            _backend.kernel("softmax_forward", bad)
+    for bad in ("softmax", ["softmax_forward"]):
+        with pytest.raises(ValueError, match="unknown kernel"):
+            _backend.kernel(bad, "loop")
+
+
 def test_bogus_environment_variable_raises_listing_the_valid_names(monkeypatch):
     monkeypatch.setenv(_backend.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match=rf"FASTATTN_BACKEND='cuda' names no backend; {VALID}"):
