@@ -177,3 +177,26 @@ def test_translated_answers_have_no_start_symbol(trained):
                                model.char_to_id["_"], 10)
     assert answers[0] == sequence.decode(ids[0], model.id_to_char).rstrip(" ")
     assert np.all(ids >= 0)
+
+
+def test_train_compiles_the_kernels_of_a_training_step_before_it_trains():
+    """build's first steps compile what a training step runs (the heads in place take other
+    array layouts than two examples do), so ms/step does not count compilation."""
+    pytest.importorskip("numba")
+    from types import SimpleNamespace
+
+    from numba.core.registry import CPUDispatcher
+
+    from fastattn.commands.train import build, load_task
+    from fastattn.kernels import _flash, _micro
+
+    task = load_task("date.txt")
+    args = SimpleNamespace(seed=0, d_model=16, heads=2, layers=1, d_ff=32, batch_size=32)
+    model = build(args, task, "numba", {})
+    dispatchers = [f for mod in (_flash, _micro) for f in vars(mod).values()
+                   if isinstance(f, CPUDispatcher)]
+    before = {f: len(f.signatures) for f in dispatchers}
+    assert before[_flash._forward_units] and before[_flash._backward_units]
+    model.forward(task.x_train[40:72], task.t_train[40:72])
+    model.backward()
+    assert {f: len(f.signatures) for f in dispatchers} == before

@@ -268,14 +268,16 @@ def _make_dir(out_dir: str) -> None:
 
 
 def build(args, task: Task, backend: str, seconds: dict):
-    """Step 2: the model of the flags, and a first step on two examples that compiles the
-    kernels (timed apart)."""
+    """Step 2: the model of the flags, and first steps that compile the kernels (timed
+    apart): on two examples, and on a batch, whose attention takes its heads in place (other
+    array layouts, so other compilations)."""
     model = build_model(task, backend=backend, seed=args.seed, d_model=args.d_model,
                         n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff)
     T = task.widths[1]
     t0 = time.perf_counter()
-    model.forward(task.x_train[:2], task.t_train[:2])
-    model.backward()
+    for n in (2, args.batch_size):
+        model.forward(task.x_train[:n], task.t_train[:n])
+        model.backward()
     model.generate_batch(task.x_test[:2], task.t_test[:2, 0], T - 1)
     seconds["compile"] = time.perf_counter() - t0
     return model
