@@ -53,7 +53,7 @@ from . import _tuning
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._micro import mm
-from ._numba_math import FASTMATH, fmax, njit_cached, take_unit, vexp
+from ._numba_math import FASTMATH, borrow, fmax, keep_alive, njit_cached, take_unit, vexp
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
@@ -155,12 +155,16 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     dt = q.dtype.type
     ninf = dt(-np.inf)
     zero, one = dt(0), dt(1)
-    coef = np.empty(2, dtype=q.dtype)
-    sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
-    ktbuf = np.empty(q.shape[3] * min(bk, Tk) if own else 0, dtype=q.dtype)
-    m = np.empty(bq, dtype=q.dtype)  # running row maximum
-    lsum = np.empty(bq, dtype=q.dtype)  # running row sum of exp(s - m)
-    rescale = np.empty(bq, dtype=q.dtype)  # exp(old m - new m) of the current tile
+    q, k, kT, v, out, lse, mask = (borrow(q), borrow(k), borrow(kT), borrow(v), borrow(out),
+                                   borrow(lse), borrow(mask))
+    owned = (np.empty(2, dtype=q.dtype), np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype),
+             np.empty(q.shape[3] * min(bk, Tk) if own else 0, dtype=q.dtype),
+             np.empty(bq, dtype=q.dtype), np.empty(bq, dtype=q.dtype),
+             np.empty(bq, dtype=q.dtype))
+    coef, sbuf, ktbuf = borrow(owned[0]), borrow(owned[1]), borrow(owned[2])
+    m, lsum, rescale = borrow(owned[3]), borrow(owned[4]), borrow(owned[5])
+    # m: running row maximum; lsum: running row sum of exp(s - m); rescale: exp(old m - new
+    # m) of the current tile
     while True:
         u = take_unit(counter)
         if u >= B * H * nqb:
@@ -230,6 +234,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 lse[bh, i0 + r] = m[r] + np.log(lsum[r])
             else:
                 lse[bh, i0 + r] = ninf  # nothing to attend to: out stays 0
+    keep_alive(owned)
 
 
 @njit_cached(fastmath=_FM)
@@ -284,7 +289,10 @@ def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, p
     Tk = k.shape[2]
     dt = q.dtype.type
     ninf, zero, one = dt(-np.inf), dt(0), dt(1)
-    s = np.empty(max(Tk, 1), dtype=q.dtype)
+    q, k, v, out, lse, mask = (borrow(q), borrow(k), borrow(v), borrow(out), borrow(lse),
+                               borrow(mask))  # (kernels._numba_math.borrow: why)
+    owned = np.empty(max(Tk, 1), dtype=q.dtype)
+    s = borrow(owned)
     while True:
         u = take_unit(counter)
         if u * per >= B * H:
@@ -315,6 +323,7 @@ def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, p
                 for p in range(ob.shape[0]):
                     ob[p] *= inv
                 lse[bh, i] = mx + np.log(total)
+    keep_alive(owned)
 
 
 @njit_cached(nogil=True, fastmath=_FM)
@@ -330,12 +339,15 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
     dt = q.dtype.type
     ninf = dt(-np.inf)
     zero, one = dt(0), dt(1)
-    coef = np.empty(2, dtype=q.dtype)
-    sbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
-    pbuf = np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype)
-    ktbuf = np.empty(q.shape[3] * min(bk, Tk), dtype=q.dtype)
-    vtbuf = np.empty(v.shape[3] * min(bk, Tk), dtype=q.dtype)
-    D = np.empty(Tq, dtype=q.dtype)
+    dout, q, k, v, out, lse, mask = (borrow(dout), borrow(q), borrow(k), borrow(v),
+                                     borrow(out), borrow(lse), borrow(mask))
+    dq, dk, dv, dq_part = borrow(dq), borrow(dk), borrow(dv), borrow(dq_part)
+    owned = (np.empty(2, dtype=q.dtype), np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype),
+             np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype),
+             np.empty(q.shape[3] * min(bk, Tk), dtype=q.dtype),
+             np.empty(v.shape[3] * min(bk, Tk), dtype=q.dtype), np.empty(Tq, dtype=q.dtype))
+    coef, sbuf, pbuf = borrow(owned[0]), borrow(owned[1]), borrow(owned[2])
+    ktbuf, vtbuf, D = borrow(owned[3]), borrow(owned[4]), borrow(owned[5])
     while True:
         u = take_unit(counter)
         if u >= B * H * nsplit:
@@ -395,6 +407,7 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
                         dp[r, c] = s[r, c] * (dp[r, c] - d_r)
                 _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef, own)  # dQ_i += sc dS K_j
                 _mm_tn_acc(dp, qi, dkj, scale, coef, own)  # dK_j += sc dS^T Q_i
+    keep_alive(owned)
 
 
 # ---- Python side ------------------------------------------------------------------------------

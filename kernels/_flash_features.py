@@ -75,7 +75,7 @@ from ._flash_tiles import (
     _seq,
     _times,
 )
-from ._numba_math import njit_cached, take_unit
+from ._numba_math import borrow, keep_alive, njit_cached, take_unit
 from .vectorized_attention import merge_parts
 
 # (n_units,) per call, tiles visited; summed into LAST_TILES (a test shows blocks skipped)
@@ -97,12 +97,17 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
     nt = qtiles.shape[0]
     dt = q.dtype.type
     ninf, zero, one = dt(-np.inf), dt(0), dt(1)
-    coef = np.empty(2, dtype=q.dtype)
-    sbuf = np.empty(bq * bk, dtype=q.dtype)
-    zbuf = np.empty(bq * bk, dtype=q.dtype)
-    ktbuf = np.empty(q.shape[2] * bk if own else 0, dtype=q.dtype)  # own: K_j^T per tile
-    m = np.empty(bq, dtype=q.dtype)
-    lsum = np.empty(bq, dtype=q.dtype)
+    # no reference counting on the arrays or any view of them (_numba_math.borrow: why)
+    q, k, kT, v, out, lse = borrow(q), borrow(k), borrow(kT), borrow(v), borrow(out), borrow(lse)
+    drop, qtiles, cu_q, cu_k = borrow(drop), borrow(qtiles), borrow(cu_q), borrow(cu_k)
+    mask, bias, alibi, visited = borrow(mask), borrow(bias), borrow(alibi), borrow(visited)
+    cfg, bias_map = borrow(cfg), borrow(bias_map)
+    owned = (np.empty(2, dtype=q.dtype), np.empty(bq * bk, dtype=q.dtype),
+             np.empty(bq * bk, dtype=q.dtype),
+             np.empty(q.shape[2] * bk if own else 0, dtype=q.dtype),  # own: K_j^T per tile
+             np.empty(bq, dtype=q.dtype), np.empty(bq, dtype=q.dtype))
+    coef, sbuf, zbuf = borrow(owned[0]), borrow(owned[1]), borrow(owned[2])
+    ktbuf, m, lsum = borrow(owned[3]), borrow(owned[4]), borrow(owned[5])
     while True:
         u = take_unit(counter)
         if u >= q.shape[0] * nt * nshare:
@@ -161,6 +166,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
         if bad:  # a score from non-finite q or k (or overflow): NaN results tell the caller
             ob[:, :] = np.nan
             lse[share, b, i0:i1] = np.nan
+    keep_alive(owned)
 
 
 @njit_cached(nogil=True, fastmath=_FM)
@@ -182,12 +188,18 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part
     own = cfg[_OWN] != 0
     d, dvd = q.shape[2], v.shape[2]
     one = q.dtype.type(1)
-    coef = np.empty(2, dtype=q.dtype)
-    sbuf = np.empty(bq * bk, dtype=q.dtype)
-    pbuf = np.empty(bq * bk, dtype=q.dtype)
-    zbuf = np.empty(bq * bk, dtype=q.dtype)
-    ktbuf = np.empty(d * bk, dtype=q.dtype)
-    vtbuf = np.empty(dvd * bk, dtype=q.dtype)
+    # no reference counting on the arrays or any view of them (_numba_math.borrow: why)
+    dout, q, k, v, lse, D = borrow(dout), borrow(q), borrow(k), borrow(v), borrow(lse), borrow(D)
+    dq, dk, dv, dq_part = borrow(dq), borrow(dk), borrow(dv), borrow(dq_part)
+    dk_part, dv_part, dbias, drop = borrow(dk_part), borrow(dv_part), borrow(dbias), borrow(drop)
+    ktiles, cu_q, cu_k, mask = borrow(ktiles), borrow(cu_q), borrow(cu_k), borrow(mask)
+    bias, bias_map, alibi, visited = borrow(bias), borrow(bias_map), borrow(alibi), borrow(visited)
+    cfg = borrow(cfg)
+    owned = (np.empty(2, dtype=q.dtype), np.empty(bq * bk, dtype=q.dtype),
+             np.empty(bq * bk, dtype=q.dtype), np.empty(bq * bk, dtype=q.dtype),
+             np.empty(d * bk, dtype=q.dtype), np.empty(dvd * bk, dtype=q.dtype))
+    coef, sbuf, pbuf = borrow(owned[0]), borrow(owned[1]), borrow(owned[2])
+    zbuf, ktbuf, vtbuf = borrow(owned[3]), borrow(owned[4]), borrow(owned[5])
     while True:
         u = take_unit(counter)
         if u >= k.shape[0] * nshare:
@@ -239,6 +251,7 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part
                         _add_dbias(dp, dbias[b], i0, j0)
                     _mm_nn_acc(dp, kj, dqb[i0:i1], scale, coef, own)  # dQ_i += sc dS K_j
                     _mm_tn_acc(dp, qi, dkj, scale, coef, own)  # dK_j += sc dS^T Q_i
+    keep_alive(owned)
 
 
 # ---- Python side ------------------------------------------------------------------------------

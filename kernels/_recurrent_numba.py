@@ -42,7 +42,7 @@ from numba import get_num_threads
 from . import _blas, _flash, _recurrent
 from . import recurrent_vectorized as _numpy
 from ._blas import gemm
-from ._numba_math import njit_cached, vexp, vtanh
+from ._numba_math import borrow, keep_alive, njit_cached, vexp, vtanh
 from ._products import _JIT, _back_rows_tail, _grad_part, _input_rows
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward",
@@ -82,7 +82,8 @@ def _sigmoid(x, one):
 @njit_cached(**_JIT)
 def _rnn_rows(Wh, h0, hs, one, n0, n1):
     """hs[n, t]: xs Wx + b on entry, tanh(that + hs[n, t-1] Wh) on exit."""
-    coef = np.empty(2, hs.dtype)
+    owned = np.empty(2, hs.dtype)
+    coef = borrow(owned)
     for t in range(hs.shape[1]):
         h = h0[n0:n1] if t == 0 else hs[n0:n1, t - 1]
         A = hs[n0:n1, t]
@@ -91,13 +92,14 @@ def _rnn_rows(Wh, h0, hs, one, n0, n1):
             a = hs[n, t]  # a row of a C-contiguous array: LLVM knows its stride
             for j in range(a.size):
                 a[j] = vtanh(a[j])
+    keep_alive(owned)
 
 
 @njit_cached(**_JIT)
 def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
     """dA[n, t] = (dhs[n, t] + dh) (1 - hs[n, t]^2), dh = dA[n, t] Wh^T, backwards in t."""
-    coef = np.empty(2, dhs.dtype)
-    dh = np.zeros((n1 - n0, WhT.shape[1]), dhs.dtype)  # (R, H)
+    owned = (np.empty(2, dhs.dtype), np.zeros((n1 - n0, WhT.shape[1]), dhs.dtype))
+    coef, dh = borrow(owned[0]), borrow(owned[1])  # dh (R, H)
     for t in range(dhs.shape[1] - 1, -1, -1):
         for r in range(n1 - n0):
             d, hr, dr, out = dhs[n0 + r, t], hs[n0 + r, t], dh[r], dA[n0 + r, t]
@@ -105,6 +107,7 @@ def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
                 out[j] = (d[j] + dr[j]) * (one - hr[j] * hr[j])
         gemm(False, False, dA[n0:n1, t], WhT, dh, one, one - one, coef)  # dh = dA_t Wh^T
     dh0[n0:n1] = dh
+    keep_alive(owned)
 
 
 # ---- LSTM -----------------------------------------------------------------------------------
@@ -114,7 +117,8 @@ def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
 def _lstm_rows(Wh, h0, c0, hs, cs, gates, one, n0, n1):
     """The LSTM recurrence; gates[n, t]: xs Wx + b on entry, [f, g, i, o] (4H,) on exit."""
     H = Wh.shape[0]
-    coef = np.empty(2, hs.dtype)
+    owned = np.empty(2, hs.dtype)
+    coef = borrow(owned)
     for t in range(hs.shape[1]):
         h = h0[n0:n1] if t == 0 else hs[n0:n1, t - 1]
         A = gates[n0:n1, t]
@@ -132,14 +136,15 @@ def _lstm_rows(Wh, h0, c0, hs, cs, gates, one, n0, n1):
                 g[j], g[H + j], g[2 * H + j], g[3 * H + j] = f, gg, i, o
                 c_out[j] = cj
                 h_out[j] = o * vtanh(cj)
+    keep_alive(owned)
 
 
 @njit_cached(**_JIT)
 def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
     """dA[n, t] = [df, dg, di, do] backwards in t; dc: the last cell's gradient in, c0's out."""
     H = WhT.shape[1]
-    coef = np.empty(2, dhs.dtype)
-    dh = np.zeros((n1 - n0, H), dhs.dtype)  # (R, H)
+    owned = (np.empty(2, dhs.dtype), np.zeros((n1 - n0, H), dhs.dtype))
+    coef, dh = borrow(owned[0]), borrow(owned[1])  # dh (R, H)
     for t in range(dhs.shape[1] - 1, -1, -1):
         for r in range(n1 - n0):
             n = n0 + r
@@ -157,6 +162,7 @@ def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
                 dcr[j] = ds * f
         gemm(False, False, dA[n0:n1, t], WhT, dh, one, one - one, coef)  # dh = dA_t Wh^T
     dh0[n0:n1] = dh
+    keep_alive(owned)
 
 
 # ---- GRU ------------------------------------------------------------------------------------
@@ -166,8 +172,8 @@ def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
 def _gru_rows(Wh, h0, hs, gates, one, n0, n1):
     """The GRU recurrence; gates[n, t]: xs Wx + b on entry, [z, r, hh] (3H,) on exit."""
     H = Wh.shape[0]
-    coef = np.empty(2, hs.dtype)
-    rh = np.empty((n1 - n0, H), hs.dtype)  # r * h, the input of Whh
+    owned = (np.empty(2, hs.dtype), np.empty((n1 - n0, H), hs.dtype))
+    coef, rh = borrow(owned[0]), borrow(owned[1])  # rh: r * h, the input of Whh
     for t in range(hs.shape[1]):
         h = h0[n0:n1] if t == 0 else hs[n0:n1, t - 1]
         A = gates[n0:n1, t]
@@ -187,15 +193,16 @@ def _gru_rows(Wh, h0, hs, gates, one, n0, n1):
                 hh = vtanh(g[2 * H + j])
                 g[2 * H + j] = hh
                 out[j] = (one - g[j]) * hr[j] + g[j] * hh
+    keep_alive(owned)
 
 
 @njit_cached(**_JIT)
 def _gru_back_rows(dhs, WhT, h0, hs, gates, dA, dh0, one, n0, n1):
     """dA[n, t] = [dz, dr, dhh] backwards in t; dh0. WhT: Wh^T (3H, H)."""
     H = WhT.shape[1]
-    coef = np.empty(2, dhs.dtype)
-    dh = np.zeros((n1 - n0, H), dhs.dtype)  # (R, H)
-    dhr = np.empty_like(dh)  # the gradient of r h_prev
+    owned = (np.empty(2, dhs.dtype), np.zeros((n1 - n0, H), dhs.dtype),
+             np.empty((n1 - n0, H), dhs.dtype))
+    coef, dh, dhr = borrow(owned[0]), borrow(owned[1]), borrow(owned[2])  # dhr: of r h_prev
     for t in range(dhs.shape[1] - 1, -1, -1):
         D = dA[n0:n1, t]
         for r in range(n1 - n0):
@@ -216,25 +223,39 @@ def _gru_back_rows(dhs, WhT, h0, hs, gates, dA, dh0, one, n0, n1):
                 dr[j] = dh_next * (one - z) + rr * dhr_r[j]  # the direct paths to h_prev
         gemm(False, False, D[:, :2 * H], WhT[:2 * H], dh, one, one, coef)  # dh += [dz dr] Wzr^T
     dh0[n0:n1] = dh
+    keep_alive(owned)
 
 
 # ---- one share: its rows' input products, recurrence and row-wise gradients -----------------
+# The share kernels borrow their arrays (no reference counting on them or any view of them:
+# kernels._numba_math.borrow says why); the row kernels borrow their own buffers.
 
 
 @njit_cached(**_JIT)
 def _rnn_share(xs2, Wx, b, Wh, h0, hs, A2, one, n0, n1):
+    xs2, Wx, b = borrow(xs2), borrow(Wx), borrow(b)
+    Wh, h0, hs = borrow(Wh), borrow(h0), borrow(hs)
+    A2 = borrow(A2)
     _input_rows(xs2, Wx, b, A2, hs.shape[1], n0, n1)
     _rnn_rows(Wh, h0, hs, one, n0, n1)
 
 
 @njit_cached(**_JIT)
 def _rnn_back_share(dhs, WhT, hs, dA, dh0, dA2, Wx, dxs2, xs2, h0, xh2, one, n0, n1):
+    dhs, WhT, hs = borrow(dhs), borrow(WhT), borrow(hs)
+    dA, dh0, dA2 = borrow(dA), borrow(dh0), borrow(dA2)
+    Wx, dxs2, xs2 = borrow(Wx), borrow(dxs2), borrow(xs2)
+    h0, xh2 = borrow(h0), borrow(xh2)
     _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1)
     _back_rows_tail(dA2, Wx, dxs2, xs2, h0, hs, xh2, n0, n1)
 
 
 @njit_cached(**_JIT)
 def _lstm_share(xs2, Wx, b, Wh, h0, c0, hs, cs, gates, A2, one, n0, n1):
+    xs2, Wx, b = borrow(xs2), borrow(Wx), borrow(b)
+    Wh, h0, c0 = borrow(Wh), borrow(h0), borrow(c0)
+    hs, cs, gates = borrow(hs), borrow(cs), borrow(gates)
+    A2 = borrow(A2)
     _input_rows(xs2, Wx, b, A2, hs.shape[1], n0, n1)
     _lstm_rows(Wh, h0, c0, hs, cs, gates, one, n0, n1)
 
@@ -242,18 +263,30 @@ def _lstm_share(xs2, Wx, b, Wh, h0, c0, hs, cs, gates, A2, one, n0, n1):
 @njit_cached(**_JIT)
 def _lstm_back_share(dhs, WhT, c0, cs, gates, dA, dh0, dc, dA2, Wx, dxs2, xs2, h0, hs, xh2,
                      one, n0, n1):
+    dhs, WhT, c0 = borrow(dhs), borrow(WhT), borrow(c0)
+    cs, gates, dA = borrow(cs), borrow(gates), borrow(dA)
+    dh0, dc, dA2 = borrow(dh0), borrow(dc), borrow(dA2)
+    Wx, dxs2, xs2 = borrow(Wx), borrow(dxs2), borrow(xs2)
+    h0, hs, xh2 = borrow(h0), borrow(hs), borrow(xh2)
     _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1)
     _back_rows_tail(dA2, Wx, dxs2, xs2, h0, hs, xh2, n0, n1)
 
 
 @njit_cached(**_JIT)
 def _gru_share(xs2, Wx, b, Wh, h0, hs, gates, A2, one, n0, n1):
+    xs2, Wx, b = borrow(xs2), borrow(Wx), borrow(b)
+    Wh, h0, hs = borrow(Wh), borrow(h0), borrow(hs)
+    gates, A2 = borrow(gates), borrow(A2)
     _input_rows(xs2, Wx, b, A2, hs.shape[1], n0, n1)
     _gru_rows(Wh, h0, hs, gates, one, n0, n1)
 
 
 @njit_cached(**_JIT)
 def _gru_back_share(dhs, WhT, h0, hs, gates, dA, dh0, dA2, Wx, dxs2, xs2, xh2, one, n0, n1):
+    dhs, WhT, h0 = borrow(dhs), borrow(WhT), borrow(h0)
+    hs, gates, dA = borrow(hs), borrow(gates), borrow(dA)
+    dh0, dA2, Wx = borrow(dh0), borrow(dA2), borrow(Wx)
+    dxs2, xs2, xh2 = borrow(dxs2), borrow(xs2), borrow(xh2)
     _gru_back_rows(dhs, WhT, h0, hs, gates, dA, dh0, one, n0, n1)
     _back_rows_tail(dA2, Wx, dxs2, xs2, h0, hs, xh2, n0, n1)
 

@@ -20,11 +20,13 @@ from helpers import (
     kernel_bounds,
 )
 from helpers.paths import record_paths
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from fastattn import kernels
 from fastattn.kernels import _blas, numba_backend
-from fastattn.kernels._numba_math import FASTMATH, vexp
+from fastattn.kernels._numba_math import FASTMATH, borrow, keep_alive, vexp
 
 FAST = ("vectorized", "numba")
 UNFUSED = (
@@ -482,6 +484,54 @@ def test_numba_kernels_are_bitwise_deterministic(rng, monkeypatch):
     assert log.parallel == parallel and len(log.fused) == 4, log.fused
     for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@intrinsic
+def _counted(typingctx, a):
+    """True when the array has a meminfo, i.e. when Numba counts its references."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0])
+        return cgutils.is_not_null(builder, ary.meminfo)
+
+    return types.boolean(a), codegen
+
+
+@njit
+def _borrowed_views(x):
+    """Whether x, its borrow and views of that borrow are counted; the borrow's rows doubled."""
+    y = borrow(x)
+    for r in range(y.shape[0]):
+        row = y[r]
+        for c in range(row.shape[0]):
+            row[c] *= 2
+    return _counted(x), _counted(y), _counted(y[1:, ::2]), _counted(y.reshape(-1))
+
+
+def test_a_borrowed_array_is_the_same_data_without_a_reference_count():
+    x = np.arange(12.0).reshape(3, 4)
+    counted = _borrowed_views(x)
+    assert counted == (True, False, False, False)
+    np.testing.assert_array_equal(x, 2 * np.arange(12.0).reshape(3, 4))
+
+
+@njit
+def _sum_of_a_kept_buffer(n):
+    owned = np.zeros(n)
+    b = borrow(owned)
+    other = np.full(n, 7.0)  # would take owned's memory if owned were released by now
+    total = b.sum() + 0 * other[0]
+    keep_alive(owned)
+    return total
+
+
+def test_keep_alive_keeps_a_borrowed_local_buffer():
+    """Numba releases a local array after its last use; keep_alive is a use. (Without it,
+    the borrowed buffer here reads the 7s of the next allocation: the hazard it is for.)"""
+    for n in (16, 4096, 1 << 16):
+        assert _sum_of_a_kept_buffer(n) == 0.0
 
 
 @njit(cache=True, fastmath=set(FASTMATH))
