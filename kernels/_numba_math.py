@@ -8,6 +8,8 @@
 * :func:`fmax`: a max of two floats that LLVM vectorises.
 * :func:`take_unit`: hands out work units to threads from a shared counter.
 * :func:`finite_flat`: no NaN or inf in an array, in one pass (the input checks use it).
+* :func:`borrow`, :func:`keep_alive`: an array without its reference count, and keeping a
+  borrowed local array alive.
 
 ``vexp``
     ``np.exp`` inside ``@njit`` is a call to the scalar libm ``exp``, which stops LLVM's loop

@@ -43,7 +43,7 @@ from . import ATTENTION_NAMES
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._flash_features import attention_backward, attention_forward  # noqa: F401  (in __all__)
-from ._numba_math import FASTMATH, njit_cached, vexp
+from ._numba_math import FASTMATH, borrow, keep_alive, njit_cached, vexp
 
 __all__ = list(ATTENTION_NAMES)
 
@@ -67,6 +67,7 @@ def _parallel(work, threshold, batch):
 @njit_cached(**_JIT)
 def _softmax_forward_range(x, y, b0, b1):
     """y[b] = softmax(x[b]) for b in [b0, b1). x, y (B, Tq, Tk)."""
+    x, y = borrow(x), borrow(y)  # no reference counts on the rows' views
     _, Tq, Tk = x.shape
     zero = x.dtype.type(0.0)
     one = x.dtype.type(1.0)
@@ -104,6 +105,7 @@ def _softmax_forward_parallel(x, y):
 @njit_cached(**_JIT)
 def _softmax_backward_range(dy, y, dx, b0, b1):
     """dx[b] = y[b] * (dy[b] - rowsum(y[b] * dy[b])) for b in [b0, b1). (B, Tq, Tk) each."""
+    dy, y, dx = borrow(dy), borrow(y), borrow(dx)  # no reference counts on the rows' views
     _, Tq, Tk = y.shape
     zero = y.dtype.type(0.0)
     for b in range(b0, b1):
@@ -161,10 +163,13 @@ def _bmm_blas_range(a, ta, m, tm, alpha, c, b0, b1):
     a is (B, M, K), or (B, K, M) when ta; m is (B, K, N), or (B, N, K) when tm; c is
     (B, M, N); all C-contiguous, one dtype.
     """
-    coef = np.empty(2, dtype=c.dtype)  # gemm's scratch
+    a, m, c = borrow(a), borrow(m), borrow(c)  # no reference counts on the entries' views
+    owned = np.empty(2, dtype=c.dtype)  # gemm's scratch
+    coef = borrow(owned)
     zero = c.dtype.type(0)
     for b in range(b0, b1):
         gemm(ta, tm, a[b], m[b], c[b], alpha, zero, coef)
+    keep_alive(owned)
 
 
 @njit_cached(**_PJIT)
