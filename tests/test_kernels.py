@@ -10,6 +10,9 @@ are tiny: the loop backend is slow on purpose.
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import (
@@ -532,6 +535,44 @@ def test_keep_alive_keeps_a_borrowed_local_buffer():
     the borrowed buffer here reads the 7s of the next allocation: the hazard it is for.)"""
     for n in (16, 4096, 1 << 16):
         assert _sum_of_a_kept_buffer(n) == 0.0
+
+
+def _borrowed_locals(fn):
+    """Names of fn's local arrays (not its arguments) that it borrows: borrow(x), borrow(x[i])."""
+    params = {a.arg for a in fn.args.args}
+    names = set()
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "borrow":
+            arg = node.args[0]
+            base = arg.value if isinstance(arg, ast.Subscript) else arg
+            if isinstance(base, ast.Name) and base.id not in params:
+                names.add(base.id)
+    return names
+
+
+def test_every_kernel_that_borrows_a_local_array_keeps_it_alive_to_its_end():
+    """A borrowed local buffer is only valid while its owner lives, and Numba releases the
+    owner after its last use, which may be long before the kernel stops using the borrow (a
+    thread's next allocation may then take the same memory). So a kernel that borrows one
+    ends with keep_alive of it."""
+    checked = 0
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            owned = _borrowed_locals(fn)
+            if not owned:
+                continue
+            last = fn.body[-1]
+            kept = (isinstance(last, ast.Expr) and isinstance(last.value, ast.Call)
+                    and getattr(last.value.func, "id", None) == "keep_alive"
+                    and {getattr(a, "id", None) for a in last.value.args} >= owned)
+            assert kept, f"{path.name}: {fn.name} borrows {sorted(owned)} but does not end " \
+                         "with keep_alive of them"
+            assert not any(isinstance(n, ast.Return) for n in ast.walk(fn)), (
+                f"{path.name}: {fn.name} returns before its keep_alive")
+            checked += 1
+    assert checked >= 8  # the fused, recurrent and unfused kernels' buffers
 
 
 @njit(cache=True, fastmath=set(FASTMATH))
