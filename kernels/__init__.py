@@ -42,10 +42,10 @@ Threads of the Numba kernels (the one place that says why there are two ways):
 Reference counts: Numba counts the references to an array (and to every view taken of it: a
 row, a tile, an argument passed to a helper) with atomic instructions, which cost far more on
 some CPUs than on others (a third of the fused forward's time on an Intel Xeon of the Emerald
-Rapids generation, little on an AMD EPYC Zen 4). The kernels that take views per row or per
-tile (the fused attention, the recurrences, the unfused softmax and products) first
-``borrow`` their arrays (``_numba_math.borrow``): the same arrays, uncounted, valid while the
-caller holds them.
+Rapids generation; far less, by the kernels' times, on an AMD EPYC Zen 4). The kernels that
+take views per row or per tile (the fused attention, the recurrences, the unfused softmax and
+products) first ``borrow`` their arrays (``_numba_math.borrow``): the same arrays, uncounted,
+valid while the caller holds them.
 """
 
 from __future__ import annotations

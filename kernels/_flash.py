@@ -155,6 +155,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     dt = q.dtype.type
     ninf = dt(-np.inf)
     zero, one = dt(0), dt(1)
+    # no reference counting on the arrays or any view of them (_numba_math.borrow: why)
     q, k, kT, v, out, lse, mask = (borrow(q), borrow(k), borrow(kT), borrow(v), borrow(out),
                                    borrow(lse), borrow(mask))
     owned = (np.empty(2, dtype=q.dtype), np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype),
@@ -289,8 +290,9 @@ def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, p
     Tk = k.shape[2]
     dt = q.dtype.type
     ninf, zero, one = dt(-np.inf), dt(0), dt(1)
+    # no reference counting on the arrays or any view of them (_numba_math.borrow: why)
     q, k, v, out, lse, mask = (borrow(q), borrow(k), borrow(v), borrow(out), borrow(lse),
-                               borrow(mask))  # (kernels._numba_math.borrow: why)
+                               borrow(mask))
     owned = np.empty(max(Tk, 1), dtype=q.dtype)
     s = borrow(owned)
     while True:
@@ -339,6 +341,7 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
     dt = q.dtype.type
     ninf = dt(-np.inf)
     zero, one = dt(0), dt(1)
+    # no reference counting on the arrays or any view of them (_numba_math.borrow: why)
     dout, q, k, v, out, lse, mask = (borrow(dout), borrow(q), borrow(k), borrow(v),
                                      borrow(out), borrow(lse), borrow(mask))
     dq, dk, dv, dq_part = borrow(dq), borrow(dk), borrow(dv), borrow(dq_part)
