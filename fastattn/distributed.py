@@ -52,6 +52,9 @@ _LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
 #: allreduce (1-based); "diverge:RANK" changes a weight on rank RANK before the checksum.
 FAULT_VAR = "FASTATTN_TEST_FAULT"
 
+#: Seconds an aborting rank waits after flushing its error, before MPI_Abort (see Comm.abort).
+ABORT_GRACE = 1.0
+
 _world = None  # the Comm of MPI_COMM_WORLD once init() has run
 
 
@@ -193,9 +196,14 @@ class Comm:
         return crc
 
     def abort(self, code: int = 1):
-        """End every rank now (MPI_Abort), with exit status ``code``."""
+        """End every rank (MPI_Abort), with exit status ``code``, after ``ABORT_GRACE`` seconds.
+
+        The pause lets the launcher forward what this rank just wrote: MPICH's launcher can
+        handle the abort before it has read the rank's standard error, and then the message
+        that says why is lost (the launcher's own "MPI_Abort" line with it)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE)
         self._comm.Abort(int(code))
 
     def _inject_raise(self):
