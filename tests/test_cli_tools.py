@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from importlib import metadata
 
 import pytest
 
 from fastattn import cli
-from fastattn.commands import bench
+from fastattn.commands import bench, info
 
 
 def test_info_prints_versions_threads_and_cache(capsys):
@@ -29,6 +31,44 @@ def test_info_json_names_a_threading_layer_and_the_backend(capsys, monkeypatch):
     assert facts["threading_layer"] in ("tbb", "omp", "workqueue")
     assert facts["numba_threads"] >= 1
     assert facts["numba_cache_dir"]
+
+
+def _without_isa_limits(monkeypatch):
+    for var in info.TORCH_ISA_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_the_machine_line_names_pytorchs_code_paths_only_when_pytorch_is_loaded(monkeypatch):
+    """A benchmark table with PyTorch in it says which instruction sets PyTorch was held to:
+    ATen's capability (asked of torch) and the limits on MKL and oneDNN, which
+    ATEN_CPU_CAPABILITY does not set."""
+    _without_isa_limits(monkeypatch)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    plain = info.machine()
+    assert "PyTorch" not in plain
+    fake = types.SimpleNamespace(backends=types.SimpleNamespace(
+        cpu=types.SimpleNamespace(get_cpu_capability=lambda: "AVX2")))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    line = info.machine()
+    assert line.startswith(plain + "; PyTorch: ATen AVX2; ")
+    assert "ATEN_CPU_CAPABILITY=avx2" in line and "MKL_ENABLE_INSTRUCTIONS" not in line
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    line = info.machine()
+    assert "MKL_ENABLE_INSTRUCTIONS=AVX2" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
+
+
+def test_info_shows_pytorchs_limits_when_pytorch_is_installed(capsys, monkeypatch):
+    _without_isa_limits(monkeypatch)
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert cli.main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["torch_isa_limits"] == "MKL_ENABLE_INSTRUCTIONS=AVX2"
+    text = info.format_facts(dict(facts, versions=dict(facts["versions"], torch="2.13.0")))
+    assert "pytorch isa limits:" in text and "MKL_ENABLE_INSTRUCTIONS=AVX2" in text
+    text = info.format_facts(dict(facts, versions=dict(facts["versions"], torch=None)))
+    assert "pytorch isa limits:" not in text
 
 
 def test_bench_help_lists_its_options(capsys):
