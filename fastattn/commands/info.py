@@ -112,7 +112,8 @@ TORCH_ISA_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_
 
 
 def _torch_limits():
-    """The settings of TORCH_ISA_VARS, as 'NAME=value' (unset ones left out), or 'none'."""
+    """The settings of TORCH_ISA_VARS, as 'NAME=value, ...' (unset ones left out), or 'none
+    (...)' when none is set."""
     set_ = [f"{v}={os.environ[v]}" for v in TORCH_ISA_VARS if os.environ.get(v)]
     return ", ".join(set_) or "none (each library picks the CPU's best)"
 
@@ -126,8 +127,8 @@ def torch_paths(torch=None) -> str:
     if torch is not None:
         try:
             aten = f"ATen {torch.backends.cpu.get_cpu_capability()}; "
-        except Exception:  # an older PyTorch without the query
-            aten = ""
+        except Exception:  # an older PyTorch without the query: the limits alone
+            pass
     return f"{aten}limits: {_torch_limits()}"
 
 
