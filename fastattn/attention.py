@@ -330,7 +330,10 @@ class MultiHeadAttention:
         _, _, W_out, b_out = self.params
         C = self.d_model
         kw = {} if window is None else {"window": window}
-        q = self._split(qp, B, Tq, 1)[0]
+        if Tq == 1:  # one position (decoding): the heads of a row are consecutive
+            q = np.ascontiguousarray(qp).reshape(B * self.n_heads, 1, self.d_head)
+        else:
+            q = self._split(qp, B, Tq, 1)[0]
         att, _ = _backend.kernel("attention_forward", self.backend)(
             q, k, v, self.scale, causal, None, **kw)
         y = self._merge(att, B, Tq) @ W_out
@@ -346,12 +349,17 @@ class MultiHeadAttention:
         B = x_new.shape[0]
         qkv = x_new.reshape(B, C) @ W_in  # one product for the query, key and value
         qkv += b_in
-        k_new, v_new = self._split(qkv[:, C:], B, 1, 2, self.n_kv_heads)  # (B*Hkv, 1, dh)
-        if cache:
-            k = np.concatenate([cache["k"], k_new], axis=1)  # (B*H, t+1, dh)
-            v = np.concatenate([cache["v"], v_new], axis=1)
+        Hkv, dh = self.n_kv_heads, self.d_head
+        Ckv = Hkv * dh
+        k_new = qkv[:, C:C + Ckv].reshape(B, Hkv, 1, dh)  # views: the copies come next
+        v_new = qkv[:, C + Ckv:].reshape(B, Hkv, 1, dh)
+        if cache:  # (B*Hkv, t, dh) -> (B*Hkv, t+1, dh), the new position last
+            t = cache["k"].shape[1]
+            k = np.concatenate([cache["k"].reshape(B, Hkv, t, dh), k_new], axis=2)
+            v = np.concatenate([cache["v"].reshape(B, Hkv, t, dh), v_new], axis=2)
         else:
-            k, v = k_new, v_new
+            k, v = np.ascontiguousarray(k_new), np.ascontiguousarray(v_new)
+        k, v = k.reshape(B * Hkv, -1, dh), v.reshape(B * Hkv, -1, dh)
         cache["k"], cache["v"] = k, v
         if self.window is None:
             return self._attend(qkv[:, :C], B, 1, k, v, False, None)

@@ -42,6 +42,7 @@ never depends on the thread count or on which thread ran it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -564,8 +565,8 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
                      v, out, lse, scale, bool(causal), mask, has_mask, per)
     else:
         bq, bk = tiles or _tiles(B * H, Tq, k.shape[2], causal, st)
-        with _OneBlasThread():
-            own = q.shape[3] <= st.own_dim
+        own = q.shape[3] <= st.own_dim
+        with _blas_held(own):
             use_kT = min(Tq, bq) >= st.kt_rows and not own
             kT = (np.ascontiguousarray(k.transpose(0, 1, 3, 2)) if use_kT
                   else _NO_KT[q.dtype])
@@ -573,6 +574,29 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
                          q, k, kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk,
                          use_kT, own)
     return result, (lse.reshape(B, H, Tq) if heads else lse)
+
+
+def _blas_held(own):
+    """BLAS at one thread while the kernel runs, unless ``own``: with the own tile products
+    the forward and backward units call no BLAS, and holding it costs some 10 us a call (a
+    small attention's own time)."""
+    return contextlib.nullcontext() if own else _OneBlasThread()
+
+
+def few_rows_forward(q, k, v, scale, causal):
+    """attention_forward for 3-D q (B, Tq, d), k, v with Tq <= FEW_ROWS and no mask (a
+    decoding step's call), with the least Python work around the kernel: the same kernel and
+    arguments as attention_forward gives it, so the same results. A decoding step makes a few
+    such calls per layer, each some microseconds of kernel, so the Python around it counts."""
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+    B, Tq, _ = q.shape
+    out = np.empty((B, Tq, v.shape[2]), dtype=q.dtype)
+    lse = np.empty((B, Tq), dtype=q.dtype)
+    per = max(1, min(64, B // 16))
+    _in_parallel(_few_rows_units, -(-B // per), 4 * q.size * k.shape[1],
+                 _tuning.current()[0].serial_flops, q[:, None], k[:, None], v[:, None],
+                 out[:, None], lse, q.dtype.type(scale), bool(causal), _NO_MASK, False, per)
+    return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=None,
@@ -605,7 +629,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
         dq, dk, dv = dq_r, dk_r, dv_r = grads
     dq_part = np.zeros((B * H * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
     own = d <= st.own_dim
-    with _OneBlasThread():
+    with _blas_held(own):
         _in_parallel(_backward_units, B * H * nsplit, 10 * B * H * Tq * Tk * d,
                      st.serial_flops, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale,
                      bool(causal), mask, has_mask, bq, bk, nsplit,

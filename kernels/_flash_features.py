@@ -458,6 +458,9 @@ def attention_forward(q, k, v, scale, causal, mask, **features):
     features_forward. Arguments as kernels.loop_attention.attention_forward; also takes
     (B, H, T, .) heads (no bias) as kernels._flash.attention_forward does, and gives out and
     lse in its form whichever kernel runs."""
+    if (q.ndim == 3 and mask is None and q.shape[1] <= _flash.FEW_ROWS
+            and _plain(q, k, causal, features)):  # decoding: as _flash would, less Python
+        return _flash.few_rows_forward(q, k, v, scale, causal)
     if q.ndim == 4:
         _all_heads(q, k, v)
         B, H, Tq, _ = q.shape

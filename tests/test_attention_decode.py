@@ -119,3 +119,63 @@ def test_decode_finds_nan_and_inf_in_k_and_v_without_a_separate_scan(dtype, name
         (kk if name == "k" else vv)[0, h, j, 3] = value
         with pytest.raises(ValueError, match=f"^{name} contains NaN or inf"):
             fastattn.attention_forward(q, kk, vv, causal=causal, backend="numba")
+
+
+# ---- decoding steps' calls: the short way to the few-rows kernel ---------------------------
+
+
+@pytest.mark.parametrize("Tq, Tk, causal", [(1, 1, False), (1, 29, False), (2, 7, True),
+                                            (2, 300, False), (1, 511, True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_decoding_calls_take_the_short_way_with_the_same_results(monkeypatch, Tq, Tk, causal,
+                                                                 dtype):
+    """The numba backend's attention_forward sends 3-D calls with at most FEW_ROWS query rows,
+    no mask, no feature and fewer than 512 keys (a decoding step's) to few_rows_forward, which
+    skips attention_forward's general preparation. Its results are bitwise those of the
+    general way, which runs the same kernel, and agree with the loop reference."""
+    from fastattn.kernels import _flash
+
+    calls = []
+    short = _flash.few_rows_forward
+    monkeypatch.setattr(_flash, "few_rows_forward",
+                        lambda *a: calls.append(a[0].shape) or short(*a))
+    rng = np.random.default_rng(Tk)
+    q = rng.standard_normal((6, Tq, 8)).astype(dtype)
+    k = rng.standard_normal((6, Tk, 8)).astype(dtype)
+    v = rng.standard_normal((6, Tk, 5)).astype(dtype)
+    got = fastattn.kernels.get("attention_forward", "numba")(q, k, v, 0.3, causal, None)
+    assert calls == [q.shape]
+    general = _flash.attention_forward(q, k, v, 0.3, causal, None)  # _prepare, _new, ...
+    for g, w in zip(got, general, strict=True):
+        np.testing.assert_array_equal(g, w)
+    if dtype == np.float64:  # (float32: the general way's own tests hold it to the reference)
+        want = fastattn.kernels.get("attention_forward", "loop")(q, k, v, 0.3, causal, None)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_other_calls_do_not_take_the_short_way(monkeypatch):
+    """A mask, a feature, three query rows, 512 keys and more (the key-shares decode path) or
+    heads (4-D) go the general way; a non-contiguous view takes the short way and gives what
+    its contiguous copy gives."""
+    from fastattn.kernels import _flash
+
+    calls = []
+    short = _flash.few_rows_forward
+    monkeypatch.setattr(_flash, "few_rows_forward",
+                        lambda *a: calls.append(a[0].shape) or short(*a))
+    fwd = fastattn.kernels.get("attention_forward", "numba")
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, T, 4)) for T in (1, 9, 9))
+    fwd(q, k, v, 0.5, False, np.ones((2, 1, 9), bool))
+    fwd(q, k, v, 0.5, False, None, window=(3, None))
+    fwd(rng.standard_normal((2, 3, 4)), k, v, 0.5, False, None)
+    fwd(q, *(rng.standard_normal((2, 512, 4)) for _ in range(2)), 0.5, False, None)
+    fwd(q[:, None], k[:, None], v[:, None], 0.5, False, None)
+    assert calls == []
+    wide = rng.standard_normal((2, 9, 8))
+    view = fwd(q, wide[:, :, ::2], v, 0.5, False, None)
+    assert calls == [q.shape]
+    for g, w in zip(view, fwd(q, np.ascontiguousarray(wide[:, :, ::2]), v, 0.5, False, None),
+                    strict=True):
+        np.testing.assert_array_equal(g, w)

@@ -257,6 +257,37 @@ def test_own_dim_decides_which_heads_take_the_own_products(monkeypatch, rng):
                 np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_blas_is_held_at_one_thread_exactly_when_the_plain_kernels_call_it(monkeypatch, rng):
+    """The plain fused kernels hold BLAS at one thread around their units when their tile
+    products go to BLAS (heads wider than own_dim), and skip that hold (some microseconds a
+    call) when the own micro-kernel takes every product; either way the results match the
+    loop reference (float64, to 1e-10)."""
+    from fastattn.kernels import _blas
+
+    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], own_dim=16))
+    held = []
+
+    class Spy(_blas.OneThread):
+        def __enter__(self):
+            super().__enter__()
+            held.append({lib.num_threads for lib in _blas.pools()})
+            return self
+
+    monkeypatch.setattr(_flash, "_OneBlasThread", Spy)
+    for d in (16, 24):
+        q, k, v, dout = (rng.standard_normal((3, 9, d)) for _ in range(4))
+        held.clear()
+        out, lse = fastattn.attention_forward(q, k, v, causal=True, backend="numba")
+        got = (out, lse) + fastattn.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                                       backend="numba")
+        assert held == ([] if d <= 16 else [{1}, {1}] if _blas.pools() else [set()] * 2), held
+        want = fastattn.attention_forward(q, k, v, causal=True, backend="loop")
+        want = want + fastattn.attention_backward(dout, q, k, v, *want, causal=True,
+                                                  backend="loop")
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_tune_measures_stores_and_puts_the_winner_in_force(tune_file):
     result = fastattn.tune(0.2, reps=1)
     assert result["file"] == str(tune_file)
