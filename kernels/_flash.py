@@ -560,9 +560,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     lse = np.empty((B * H, Tq), dtype=q.dtype)
     flops = 4 * q.size * k.shape[2]
     if Tq <= FEW_ROWS and tiles is None:  # decoding: loops per entry, no BLAS or tiles
-        per = max(1, min(64, B * H // 16))  # entries per unit
-        _in_parallel(_few_rows_units, math.ceil(B * H / per), flops, st.serial_flops, q, k,
-                     v, out, lse, scale, bool(causal), mask, has_mask, per)
+        _few_rows(q, k, v, out, lse, scale, causal, mask, has_mask, st)
     else:
         bq, bk = tiles or _tiles(B * H, Tq, k.shape[2], causal, st)
         own = q.shape[3] <= st.own_dim
@@ -592,11 +590,18 @@ def few_rows_forward(q, k, v, scale, causal):
     B, Tq, _ = q.shape
     out = np.empty((B, Tq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((B, Tq), dtype=q.dtype)
-    per = max(1, min(64, B // 16))
-    _in_parallel(_few_rows_units, -(-B // per), 4 * q.size * k.shape[1],
-                 _tuning.current()[0].serial_flops, q[:, None], k[:, None], v[:, None],
-                 out[:, None], lse, q.dtype.type(scale), bool(causal), _NO_MASK, False, per)
+    _few_rows(q[:, None], k[:, None], v[:, None], out[:, None], lse, q.dtype.type(scale),
+              causal, _NO_MASK, False, _tuning.current()[0])
     return out, lse
+
+
+def _few_rows(q, k, v, out, lse, scale, causal, mask, has_mask, st):
+    """_few_rows_units on (B, H, T, .) arrays, in units of up to 64 batch entries and heads
+    (by the shapes only), on the kernels' threads above the setting's serial_flops."""
+    BH = q.shape[0] * q.shape[1]
+    per = max(1, min(64, BH // 16))  # entries per unit
+    _in_parallel(_few_rows_units, math.ceil(BH / per), 4 * q.size * k.shape[2],
+                 st.serial_flops, q, k, v, out, lse, scale, bool(causal), mask, has_mask, per)
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=None,
