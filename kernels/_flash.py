@@ -576,7 +576,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
 
 def _blas_held(own):
     """BLAS at one thread while the kernel runs, unless ``own``: with the own tile products
-    the forward and backward units call no BLAS, and holding it costs some 10 us a call (a
+    the forward and backward units call no BLAS, and holding it costs some 5-10 us a call (a
     small attention's own time)."""
     return contextlib.nullcontext() if own else _OneBlasThread()
 
