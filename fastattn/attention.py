@@ -120,6 +120,8 @@ class MultiHeadAttention:
     def _split(self, a2, B, T, n, H=None):
         H, dh = H or self.n_heads, self.d_head
         if T == 1:  # one position (decoding): fewer axes to move (none when n is 1)
+            if n == 1:  # the heads of a row are consecutive: a copy, then a reshape
+                return np.ascontiguousarray(a2).reshape(1, B * H, 1, dh)
             a = a2.reshape(B, n, H, dh).transpose(1, 0, 2, 3)  # (n, B, H, dh)
             return np.ascontiguousarray(a).reshape(n, B * H, 1, dh)
         a = a2.reshape(B, T, n, H, dh).transpose(2, 0, 3, 1, 4)  # (n, B, H, T, dh)
@@ -330,10 +332,7 @@ class MultiHeadAttention:
         _, _, W_out, b_out = self.params
         C = self.d_model
         kw = {} if window is None else {"window": window}
-        if Tq == 1:  # one position (decoding): the heads of a row are consecutive
-            q = np.ascontiguousarray(qp).reshape(B * self.n_heads, 1, self.d_head)
-        else:
-            q = self._split(qp, B, Tq, 1)[0]
+        q = self._split(qp, B, Tq, 1)[0]
         att, _ = _backend.kernel("attention_forward", self.backend)(
             q, k, v, self.scale, causal, None, **kw)
         y = self._merge(att, B, Tq) @ W_out

@@ -118,17 +118,15 @@ def _torch_limits():
     return ", ".join(set_) or "none (each library picks the CPU's best)"
 
 
-def torch_paths(torch=None) -> str:
+def torch_paths(torch) -> str:
     """PyTorch's code paths: ATen's instruction set (asked of an imported ``torch``) and the
     limits set on MKL and oneDNN. ``ATEN_CPU_CAPABILITY=avx2`` alone leaves MKL's products on
     AVX-512: on a 2-core Intel Xeon (Emerald Rapids) a 2048^3 float32 product ran at 236
     GFLOP/s with it and 137 with ``MKL_ENABLE_INSTRUCTIONS=AVX2`` as well."""
-    aten = ""
-    if torch is not None:
-        try:
-            aten = f"ATen {torch.backends.cpu.get_cpu_capability()}; "
-        except Exception:  # an older PyTorch without the query: the limits alone
-            pass
+    try:
+        aten = f"ATen {torch.backends.cpu.get_cpu_capability()}; "
+    except Exception:  # an older PyTorch without the query: the limits alone
+        aten = ""
     return f"{aten}limits: {_torch_limits()}"
 
 
