@@ -124,21 +124,30 @@ def test_decode_finds_nan_and_inf_in_k_and_v_without_a_separate_scan(dtype, name
 # ---- decoding steps' calls: the short way to the few-rows kernel ---------------------------
 
 
-@pytest.mark.parametrize("Tq, Tk, causal", [(1, 1, False), (1, 29, False), (2, 7, True),
-                                            (2, 300, False), (1, 511, True)])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_decoding_calls_take_the_short_way_with_the_same_results(monkeypatch, Tq, Tk, causal,
-                                                                 dtype):
-    """The numba backend's attention_forward sends 3-D calls with at most FEW_ROWS query rows,
-    no mask, no feature and fewer than 512 keys (a decoding step's) to few_rows_forward, which
-    skips attention_forward's general preparation. Its results are bitwise those of the
-    general way, which runs the same kernel, and agree with the loop reference."""
+@pytest.fixture
+def short_way_calls(monkeypatch):
+    """The q shapes of the calls of kernels._flash.few_rows_forward from here on."""
     from fastattn.kernels import _flash
 
     calls = []
     short = _flash.few_rows_forward
     monkeypatch.setattr(_flash, "few_rows_forward",
                         lambda *a: calls.append(a[0].shape) or short(*a))
+    return calls
+
+
+@pytest.mark.parametrize("Tq, Tk, causal", [(1, 1, False), (1, 29, False), (2, 7, True),
+                                            (2, 300, False), (1, 511, True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_decoding_calls_take_the_short_way_with_the_same_results(short_way_calls, Tq, Tk,
+                                                                 causal, dtype):
+    """The numba backend's attention_forward sends 3-D calls with at most FEW_ROWS query rows,
+    no mask, no feature and fewer than 512 keys (a decoding step's) to few_rows_forward, which
+    skips attention_forward's general preparation. Its results are bitwise those of the
+    general way, which runs the same kernel, and agree with the loop reference."""
+    from fastattn.kernels import _flash
+
+    calls = short_way_calls
     rng = np.random.default_rng(Tk)
     q = rng.standard_normal((6, Tq, 8)).astype(dtype)
     k = rng.standard_normal((6, Tk, 8)).astype(dtype)
@@ -154,16 +163,11 @@ def test_decoding_calls_take_the_short_way_with_the_same_results(monkeypatch, Tq
             np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_other_calls_do_not_take_the_short_way(monkeypatch):
+def test_other_calls_do_not_take_the_short_way(short_way_calls):
     """A mask, a feature, three query rows, 512 keys and more (the key-shares decode path) or
     heads (4-D) go the general way; a non-contiguous view takes the short way and gives what
     its contiguous copy gives."""
-    from fastattn.kernels import _flash
-
-    calls = []
-    short = _flash.few_rows_forward
-    monkeypatch.setattr(_flash, "few_rows_forward",
-                        lambda *a: calls.append(a[0].shape) or short(*a))
+    calls = short_way_calls
     fwd = fastattn.kernels.get("attention_forward", "numba")
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((2, T, 4)) for T in (1, 9, 9))
