@@ -16,10 +16,12 @@ How the kernels are built:
   inside ``@njit`` is a scalar libm call), then each row is normalised. An all ``-inf`` row
   gives zeros.
 * ``weighted_sum_*`` and ``scores_*`` are small matrix products per batch entry, all six done
-  by one kernel: one BLAS gemm per batch entry (:func:`kernels._blas.gemm`, with the
-  transposes and the scale folded in), BLAS held at one thread while the batch is shared
-  between threads; with fewer batch entries than threads, NumPy's matmul, whose BLAS threads
-  then share each product.
+  by one kernel: one product per batch entry, with the transposes and the scale folded in,
+  by BLAS gemm (:func:`kernels._blas.gemm`), held at one thread while the batch is shared
+  between threads, or, for heads up to the setting's ``own_dim`` wide (``kernels._tuning``:
+  all on AVX2), by the fused kernels' own micro-kernel (:func:`kernels._micro.mm`), which
+  beats BLAS at these sizes there; with fewer batch entries than threads, NumPy's matmul,
+  whose BLAS threads then share each product.
 * ``embedding_backward``: large scatter-adds split the rows of dW (token ids) between
   threads, each scanning all ids, so there are no races and no partial copies of dW.
 * ``attention_forward``/``attention_backward`` come from ``kernels._flash_features`` (every
@@ -39,10 +41,11 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, prange
 
-from . import ATTENTION_NAMES
-from ._blas import OneThread as _OneBlasThread
+from . import ATTENTION_NAMES, _tuning
 from ._blas import gemm
+from ._flash import _blas_held, _transpose_into
 from ._flash_features import attention_backward, attention_forward  # noqa: F401  (in __all__)
+from ._micro import mm
 from ._numba_math import FASTMATH, borrow, keep_alive, njit_cached, vexp
 
 __all__ = list(ATTENTION_NAMES)
@@ -157,37 +160,48 @@ def softmax_backward(dy, y):
 # matrix products: c[b] = alpha op(a[b]) @ op(m[b]), op(x) = x or x^T, one kernel for all six
 
 @njit_cached(**_JIT)
-def _bmm_blas_range(a, ta, m, tm, alpha, c, b0, b1):
-    """c[b] = alpha op(a[b]) @ op(m[b]) for b in [b0, b1): one gemm per batch entry.
+def _bmm_range(a, ta, m, tm, alpha, c, b0, b1, own):
+    """c[b] = alpha op(a[b]) @ op(m[b]) for b in [b0, b1): one product per batch entry, by
+    BLAS gemm or, with own, by the micro-kernel (which takes no transposed m: with tm, each
+    m[b] is first transposed into a scratch buffer).
 
     a is (B, M, K), or (B, K, M) when ta; m is (B, K, N), or (B, N, K) when tm; c is
     (B, M, N); all C-contiguous, one dtype.
     """
     a, m, c = borrow(a), borrow(m), borrow(c)  # no reference counts on the entries' views
-    owned = np.empty(2, dtype=c.dtype)  # gemm's scratch
-    coef = borrow(owned)
+    owned = (np.empty(2, dtype=c.dtype),  # gemm's scratch
+             np.empty(m.shape[1] * m.shape[2] if own and tm else 0, dtype=c.dtype))
+    coef, tbuf = borrow(owned[0]), borrow(owned[1])
     zero = c.dtype.type(0)
+    al = c.dtype.type(alpha)
     for b in range(b0, b1):
-        gemm(ta, tm, a[b], m[b], c[b], alpha, zero, coef)
+        if not own:
+            gemm(ta, tm, a[b], m[b], c[b], alpha, zero, coef)
+        elif tm:
+            mt = tbuf.reshape((m.shape[2], m.shape[1]))
+            _transpose_into(m[b], mt)
+            mm(a[b], ta, mt, c[b], al, False)
+        else:
+            mm(a[b], ta, m[b], c[b], al, False)
     keep_alive(owned)
 
 
 @njit_cached(**_PJIT)
-def _bmm_blas_parallel(a, ta, m, tm, alpha, c):
+def _bmm_parallel(a, ta, m, tm, alpha, c, own):
     for b in prange(c.shape[0]):
-        _bmm_blas_range(a, ta, m, tm, alpha, c, b, b + 1)
+        _bmm_range(a, ta, m, tm, alpha, c, b, b + 1, own)
 
 
 @njit_cached(**_PJIT)
-def _bmm2_blas_parallel(a, ta, m, tm, alpha, c, a2, ta2, m2, tm2, alpha2, c2):
+def _bmm2_parallel(a, ta, m, tm, alpha, c, a2, ta2, m2, tm2, alpha2, c2, own):
     """Two batched products in one parallel loop (a backward's two gradients)."""
     for b in prange(c.shape[0]):
-        _bmm_blas_range(a, ta, m, tm, alpha, c, b, b + 1)
-        _bmm_blas_range(a2, ta2, m2, tm2, alpha2, c2, b, b + 1)
+        _bmm_range(a, ta, m, tm, alpha, c, b, b + 1, own)
+        _bmm_range(a2, ta2, m2, tm2, alpha2, c2, b, b + 1, own)
 
 
 def _product(a, ta, m, tm, alpha):
-    """The arguments of the gemm kernels for alpha op(a) @ op(m), with c allocated, and the
+    """The arguments of the product kernels for alpha op(a) @ op(m), with c allocated, and the
     number of multiply-adds."""
     B, r, s = a.shape
     M, K = (s, r) if ta else (r, s)
@@ -195,14 +209,16 @@ def _product(a, ta, m, tm, alpha):
     return (a, ta, m, tm, float(alpha), np.empty((B, M, N), dtype=a.dtype)), B * M * N * K
 
 
-def _bmm(*products):
+def _bmm(d, *products):
     """For each (a, ta, m, tm, alpha): alpha op(a) @ op(m) for every batch entry, op(x) = x.T
-    (the last two axes) when the flag is set. One or two products of one batch size.
+    (the last two axes) when the flag is set. One or two products of one batch size, of an
+    attention whose heads are d wide (the micro-kernel takes them when d is at most the
+    setting's own_dim, as in the fused kernels).
 
-    Small work: one gemm after the other on this thread. Larger work: one gemm per batch
-    entry in parallel (both products in one parallel loop), BLAS held at one thread meanwhile;
-    with fewer batch entries than threads, NumPy's matmul (whose BLAS threads then share each
-    product).
+    Small work: one product after the other on this thread. Larger work: one per batch
+    entry in parallel (both products in one parallel loop), BLAS, when it is called, held at
+    one thread meanwhile; with fewer batch entries than threads, NumPy's matmul (whose BLAS
+    threads then share each product).
     """
     prepared = [_product(*p) for p in products]
     macs = sum(p[1] for p in prepared)
@@ -214,16 +230,23 @@ def _bmm(*products):
     parallel = _parallel(macs, _PARALLEL_MIN_MACS, B)
     if parallel and B < get_num_threads():
         return tuple(_numpy_product(*p) for p in products)
+    args = [arg for arg, _ in prepared]
+    _run_products(args, parallel, d <= _tuning.current()[0].own_dim)
+    return tuple(arg[5] for arg in args)
+
+
+def _run_products(args, parallel, own):
+    """Run the product kernels on the prepared ``args`` (one or two), on this thread or in
+    parallel over the batch, by BLAS or, with own, by the micro-kernel."""
     if not parallel:
-        for arg, _ in prepared:
-            _bmm_blas_range(*arg, 0, B)
+        for arg in args:
+            _bmm_range(*arg, 0, arg[0].shape[0], own)
     else:
-        with _OneBlasThread():
-            if len(prepared) == 2:
-                _bmm2_blas_parallel(*prepared[0][0], *prepared[1][0])
+        with _blas_held(own):
+            if len(args) == 2:
+                _bmm2_parallel(*args[0], *args[1], own)
             else:
-                _bmm_blas_parallel(*prepared[0][0])
-    return tuple(arg[5] for arg, _ in prepared)
+                _bmm_parallel(*args[0], own)
 
 
 def _numpy_product(a, ta, m, tm, alpha):
@@ -238,22 +261,22 @@ def weighted_sum_forward(score, value):
 
     score (B, Tq, Tk), value (B, Tk, d) -> z (B, Tq, d).
     """
-    return _bmm((score, False, value, False, 1.0))[0]
+    return _bmm(value.shape[2], (score, False, value, False, 1.0))[0]
 
 
 def weighted_sum_backward(dz, score, value):
     """dscore = dz value^T (B, Tq, Tk), dvalue = score^T dz (B, Tk, d); see kernels.loop."""
-    return _bmm((dz, False, value, True, 1.0), (score, True, dz, False, 1.0))
+    return _bmm(value.shape[2], (dz, False, value, True, 1.0), (score, True, dz, False, 1.0))
 
 
 def scores_forward(q, k, scale):
     """s[b, i, j] = scale * q[b, i] . k[b, j]. q (B, Tq, d), k (B, Tk, d) -> s (B, Tq, Tk)."""
-    return _bmm((q, False, k, True, scale))[0]
+    return _bmm(q.shape[2], (q, False, k, True, scale))[0]
 
 
 def scores_backward(ds, q, k, scale):
     """dq = scale ds k (B, Tq, d), dk = scale ds^T q (B, Tk, d); see kernels.loop."""
-    return _bmm((ds, False, k, False, scale), (ds, True, q, False, scale))
+    return _bmm(q.shape[2], (ds, False, k, False, scale), (ds, True, q, False, scale))
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from helpers import (
     kernel_attention_scores,
     kernel_bounds,
 )
-from helpers.paths import record_paths
+from helpers.paths import record_paths, use_products
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -167,6 +167,26 @@ def test_numba_paths_match_loop(name, shape, numba_path, dtype, rng):
     args = _inputs(name, shape, dtype, rng)
     want = kernels.get(name, "loop")(*args)
     _assert_kernel(name, getattr(numba_backend, name)(*args), want, args, dtype)
+
+
+PRODUCT_KERNELS = ("weighted_sum_forward", "weighted_sum_backward", "scores_forward",
+                   "scores_backward")
+
+
+@pytest.mark.parametrize("own", [0, 1], ids=["blas", "own"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", PRODUCT_KERNELS)
+def test_numba_products_match_loop_by_blas_and_by_own(name, shape, numba_path, own, dtype, rng,
+                                                      monkeypatch):
+    """The product kernels on each path, with their products by BLAS and by the own
+    micro-kernel (the spy: the products were run with that flag; with more threads than batch
+    entries NumPy's matmul takes them, and neither runs)."""
+    seen = use_products(monkeypatch, own)
+    args = _inputs(name, shape, dtype, rng)
+    want = kernels.get(name, "loop")(*args)
+    _assert_kernel(name, getattr(numba_backend, name)(*args), want, args, dtype)
+    numpy = numba_path == "few-batch" and shape[0] > 1  # one batch entry: nothing to share
+    assert seen == ([] if numpy else [own]), seen
 
 
 @pytest.mark.parametrize("name", UNFUSED)

@@ -288,6 +288,51 @@ def test_blas_is_held_at_one_thread_exactly_when_the_plain_kernels_call_it(monke
             np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_unfused_products_follow_own_dim_and_hold_blas_only_when_they_call_it(
+        monkeypatch, threads, rng):
+    """The unfused product kernels (weighted_sum_*, scores_*) take the own micro-kernel
+    exactly for heads up to own_dim wide, as the fused kernels do, in their serial and their
+    parallel paths; in parallel they hold BLAS at one thread only when they call it. Either
+    way they match the loop reference (float64, to 1e-10)."""
+    from fastattn.kernels import _blas, numba_backend
+
+    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], own_dim=16))
+    monkeypatch.setattr(numba_backend, "_PARALLEL_MIN_MACS", 0)
+    threads(2)
+    seen, held = [], []
+    run_products = numba_backend._run_products
+
+    def products(args, parallel, own):
+        seen.append((parallel, own))
+        return run_products(args, parallel, own)
+
+    class Spy(_blas.OneThread):
+        def __enter__(self):
+            super().__enter__()
+            held.append({lib.num_threads for lib in _blas.pools()})
+            return self
+
+    monkeypatch.setattr(numba_backend, "_run_products", products)
+    monkeypatch.setattr(_flash, "_OneBlasThread", Spy)
+    one_thread = [{1}] if _blas.pools() else [set()]
+    for d in (16, 24):
+        for B in (1, 4):  # one batch entry: on this thread; four: in parallel
+            s, ds = rng.random((B, 5, 7)), rng.standard_normal((B, 5, 7))
+            q, k, dz = (rng.standard_normal((B, T, d)) for T in (5, 7, 5))
+            calls = {"weighted_sum_forward": (s, k), "weighted_sum_backward": (dz, s, k),
+                     "scores_forward": (q, k, 0.3), "scores_backward": (ds, q, k, 0.3)}
+            for name, args in calls.items():
+                seen.clear()
+                held.clear()
+                got = getattr(numba_backend, name)(*args)
+                assert seen == [(B > 1, d <= 16)], (name, d, B, seen)
+                assert held == (one_thread if B > 1 and d > 16 else []), (name, d, B, held)
+                want = getattr(loop, name)(*args)
+                for g, w in zip(got if isinstance(got, tuple) else (got,),
+                                want if isinstance(want, tuple) else (want,), strict=True):
+                    np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_tune_measures_stores_and_puts_the_winner_in_force(tune_file):
     result = fastattn.tune(0.2, reps=1)
     assert result["file"] == str(tune_file)

@@ -92,10 +92,12 @@ def glue_chunks(N):
 
 
 def use_products(monkeypatch, own):
-    """Put the fused kernels' tile products by their own micro-kernel (own = 1: ``own_dim``
-    1024) or by BLAS (own = 0: ``own_dim`` 0) in force, undone with ``monkeypatch``. Returns a list
-    that receives, per call of a fused kernel (plain or features), the flag it was given."""
-    from fastattn.kernels import _flash, _tuning
+    """Put the tile products of the fused kernels, and the unfused kernels' products, by the
+    own micro-kernel (own = 1: ``own_dim`` 1024) or by BLAS (own = 0: ``own_dim`` 0) in force,
+    undone with ``monkeypatch``. Returns a list that receives, per call of a fused kernel
+    (plain or features) and per call of an unfused one that runs products
+    (``numba_backend._run_products``), the flag it was given."""
+    from fastattn.kernels import _flash, _tuning, numba_backend
     from fastattn.kernels import _flash_features as ff
     from fastattn.kernels._flash_tiles import _OWN
 
@@ -114,6 +116,13 @@ def use_products(monkeypatch, own):
             return run(fn, n_units, flops, serial_flops, *args)
         return in_parallel
 
+    run_products = numba_backend._run_products
+
+    def products(args, parallel, own):
+        seen.append(int(own))
+        return run_products(args, parallel, own)
+
     monkeypatch.setattr(_flash, "_in_parallel", spy(_flash._in_parallel))
     monkeypatch.setattr(ff, "_in_parallel", spy(ff._in_parallel))
+    monkeypatch.setattr(numba_backend, "_run_products", products)
     return seen
