@@ -169,9 +169,10 @@ def _bmm_range(a, ta, m, tm, alpha, c, b0, b1, own):
     (B, M, N); all C-contiguous, one dtype.
     """
     a, m, c = borrow(a), borrow(m), borrow(c)  # no reference counts on the entries' views
-    owned = (np.empty(2, dtype=c.dtype),  # gemm's scratch
-             np.empty(m.shape[1] * m.shape[2] if own and tm else 0, dtype=c.dtype))
-    coef, tbuf = borrow(owned[0]), borrow(owned[1])
+    # one allocation: gemm's scratch, then (own and tm) room for a transposed m[b]
+    owned = np.empty(2 + (m.shape[1] * m.shape[2] if own and tm else 0), dtype=c.dtype)
+    scratch = borrow(owned)
+    coef, tbuf = scratch[:2], scratch[2:]
     zero = c.dtype.type(0)
     al = c.dtype.type(alpha)
     for b in range(b0, b1):
