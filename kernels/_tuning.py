@@ -15,9 +15,9 @@ sgemm and 72 from 128 up; its SkylakeX kernels have a fast path for small produc
   defaults. A corrupt file, or one tuned elsewhere, is ignored with a warning;
   ``FASTATTN_TUNE=off`` ignores the file altogether.
 
-A setting only changes the block sizes, the work split and what multiplies the tiles (BLAS or
-the kernels' own micro-kernel, ``kernels._micro``); for a given setting, results do not depend
-on the thread count.
+A setting only changes the block sizes, the work split and what multiplies the tiles and the
+unfused kernels' per-batch-entry products (BLAS or the kernels' own micro-kernel,
+``kernels._micro``); for a given setting, results do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class Setting:
     kt_dim: int  # and, in the backward, whatever the rows at head dims up to this (0: never)
     serial_flops: int  # below this much work, one thread (handing out costs more)
     min_units: int  # work units wanted per call, so a few threads share it evenly
-    own_dim: int  # heads up to this wide: tile products by the own micro-kernel (_micro)
+    own_dim: int  # heads up to this wide: tile products (fused) and products (unfused) by
+    # the own micro-kernel (_micro)
 
     def check(self) -> Setting:
         """Return self when every value is in its sane range, else raise ValueError."""
@@ -115,6 +116,17 @@ def _isa_of(cpu: str, features: set[str]) -> str:
 def target() -> dict:
     """What the kernels run on: the host CPU, the CPU Numba compiles for (NUMBA_CPU_NAME, else
     the host), its instruction set, and the kernel of the BLAS that Numba calls."""
+    host, name, isa = _compile_target()
+    return {"host_cpu": host, "cpu": name, "isa": isa, **_blas()}
+
+
+def compiled_isa() -> str:
+    """The instruction set of the CPU Numba compiles for: "avx512", "avx2" or "other"."""
+    return _compile_target()[2]
+
+
+def _compile_target() -> tuple[str, str, str]:
+    """(host CPU, the CPU Numba compiles for, its instruction set)."""
     import llvmlite.binding as llvm
     import numba
 
@@ -129,7 +141,7 @@ def target() -> dict:
     for f in (numba.config.CPU_FEATURES or "").split(","):
         if f[1:] and f[0] in "+-":
             (feats.add if f[0] == "+" else feats.discard)(f[1:])
-    return {"host_cpu": host, "cpu": name, "isa": _isa_of(name, feats), **_blas()}
+    return host, name, _isa_of(name, feats)
 
 
 def _blas() -> dict:

@@ -1,7 +1,8 @@
 """kernels._micro.mm, the fused kernels' own tile product, against float64 products.
 
 Every block height (1..6 rows) and width (one or two vectors, whole or masked, for float32's
-8-item and float64's 4-item vectors), a transposed or plain ``a``, accumulating or not, rows
+and float64's vectors of 32 or, on AVX-512, 64 bytes), a transposed or plain ``a``,
+accumulating or not, rows
 strided inside wider arrays: within the error bound of a k-term sum (each item of c is one sum
 over k, scaled once and added once), and nothing outside c's view is written.
 """
@@ -14,12 +15,13 @@ import numpy as np
 import pytest
 from helpers import assert_close
 
-from fastattn.kernels._micro import MR, mm
+from fastattn.kernels import _tuning
+from fastattn.kernels._micro import MR, VBYTES, mm
 
 DTYPES = (np.float32, np.float64)
 
 SIZES_M = range(1, 2 * MR + 2)  # every block height, one and two blocks and a remainder
-SIZES_N = (1, 3, 4, 5, 8, 9, 12, 16, 17, 24, 31, 33)  # inside, at and across vector edges
+SIZES_N = (1, 3, 4, 5, 8, 9, 12, 16, 17, 24, 31, 32, 33, 47, 48, 63, 65)  # vector edges
 SIZES_K = (0, 1, 7, 64)
 
 
@@ -30,6 +32,12 @@ def _strided(rng, rows, cols, dtype, pad=5):
     view = buf[1:-1, 2:2 + cols]
     view[...] = rng.standard_normal((rows, cols))
     return view, buf
+
+
+def test_vectors_are_as_wide_as_the_compile_targets_registers():
+    """64-byte vectors when the CPU Numba compiles for has AVX-512 (natively on such a CPU;
+    not with NUMBA_CPU_NAME=haswell), else 32-byte ones."""
+    assert VBYTES == (64 if _tuning.target()["isa"] == "avx512" else 32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

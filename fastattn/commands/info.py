@@ -219,7 +219,8 @@ def _kt(rows):
 def _products(own_dim):
     if not own_dim:
         return "BLAS"
-    return f"own micro-kernel for heads up to {own_dim} wide, BLAS above"
+    return (f"own micro-kernel for heads up to {own_dim} wide (fused tiles, unfused "
+            "products), BLAS above")
 
 
 def _tuning_rows(t):
@@ -233,7 +234,7 @@ def _tuning_rows(t):
         ("fused attention blocks",
          f"{st['block_q']}x{st['block_k']}, causal {st['causal_block_small']} (T <= 256) / "
          f"{st['causal_block']}, {_kt(st['kt_rows'])}"),
-        ("fused tile products", _products(st["own_dim"])),
+        ("attention products", _products(st["own_dim"])),
     ]
 
 
