@@ -18,11 +18,12 @@ How: ``c`` is cut into blocks of up to 6 rows by two vectors (``VBYTES``: 64 byt
 or 8 float64 items, when the CPU Numba compiles for has AVX-512, else 32 bytes). On a 2-core
 Intel Xeon (Emerald Rapids), natively, one thread, float32, the 64-byte vectors took the
 fused forward plus backward at the default model's heads (16 wide; B H = 512, T = 29) from
-3.9 to 3.0-3.1 ms (three alternations, own processes), and ran a 29 x 29 x 64 product at 81
-GFLOP/s against 46 with 32-byte ones (OpenBLAS SkylakeX: 95). A block's 12 sums stay in
-vector registers while it runs over k: per step
-it loads two vectors of a row of ``b``, broadcasts one item of ``a`` per row and issues two
-fused multiply-adds per row. Without packing, ``a``'s rows (or, with ``a_t``, its columns)
+3.33-3.46 to 2.74-2.82 ms (three alternations, each version in its own process), and ran a
+29 x 29 x 64 product at 81 GFLOP/s against 46 with 32-byte ones (OpenBLAS SkylakeX: 95).
+
+A block's 12 sums stay in vector registers while it runs over k: per step it loads two
+vectors of a row of ``b``, broadcasts one item of ``a`` per row and issues two fused
+multiply-adds per row. Without packing, ``a``'s rows (or, with ``a_t``, its columns)
 and ``b``'s rows are read in place; the last block of columns reads and writes with masks,
 so nothing outside the arrays is touched. The block is emitted as LLVM IR (a Numba
 intrinsic), once per block height and width, because LLVM does not keep the sums of such a

@@ -257,14 +257,12 @@ def test_own_dim_decides_which_heads_take_the_own_products(monkeypatch, rng):
                 np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_blas_is_held_at_one_thread_exactly_when_the_plain_kernels_call_it(monkeypatch, rng):
-    """The plain fused kernels hold BLAS at one thread around their units when their tile
-    products go to BLAS (heads wider than own_dim), and skip that hold (some microseconds a
-    call) when the own micro-kernel takes every product; either way the results match the
-    loop reference (float64, to 1e-10)."""
+@pytest.fixture
+def blas_holds(monkeypatch):
+    """A list that receives, per hold of BLAS at one thread by the kernels
+    (``_flash._OneBlasThread``), the thread counts of the BLAS pools inside the hold."""
     from fastattn.kernels import _blas
 
-    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], own_dim=16))
     held = []
 
     class Spy(_blas.OneThread):
@@ -274,6 +272,18 @@ def test_blas_is_held_at_one_thread_exactly_when_the_plain_kernels_call_it(monke
             return self
 
     monkeypatch.setattr(_flash, "_OneBlasThread", Spy)
+    return held
+
+
+def test_blas_is_held_at_one_thread_exactly_when_the_plain_kernels_call_it(blas_holds, rng):
+    """The plain fused kernels hold BLAS at one thread around their units when their tile
+    products go to BLAS (heads wider than own_dim), and skip that hold (some microseconds a
+    call) when the own micro-kernel takes every product; either way the results match the
+    loop reference (float64, to 1e-10)."""
+    from fastattn.kernels import _blas
+
+    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], own_dim=16))
+    held = blas_holds
     for d in (16, 24):
         q, k, v, dout = (rng.standard_normal((3, 9, d)) for _ in range(4))
         held.clear()
@@ -289,7 +299,7 @@ def test_blas_is_held_at_one_thread_exactly_when_the_plain_kernels_call_it(monke
 
 
 def test_unfused_products_follow_own_dim_and_hold_blas_only_when_they_call_it(
-        monkeypatch, threads, rng):
+        monkeypatch, threads, blas_holds, rng):
     """The unfused product kernels (weighted_sum_*, scores_*) take the own micro-kernel
     exactly for heads up to own_dim wide, as the fused kernels do, in their serial and their
     parallel paths; in parallel they hold BLAS at one thread only when they call it. Either
@@ -299,21 +309,14 @@ def test_unfused_products_follow_own_dim_and_hold_blas_only_when_they_call_it(
     _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], own_dim=16))
     monkeypatch.setattr(numba_backend, "_PARALLEL_MIN_MACS", 0)
     threads(2)
-    seen, held = [], []
+    seen, held = [], blas_holds
     run_products = numba_backend._run_products
 
     def products(args, parallel, own):
         seen.append((parallel, own))
         return run_products(args, parallel, own)
 
-    class Spy(_blas.OneThread):
-        def __enter__(self):
-            super().__enter__()
-            held.append({lib.num_threads for lib in _blas.pools()})
-            return self
-
     monkeypatch.setattr(numba_backend, "_run_products", products)
-    monkeypatch.setattr(_flash, "_OneBlasThread", Spy)
     one_thread = [{1}] if _blas.pools() else [set()]
     for d in (16, 24):
         for B in (1, 4):  # one batch entry: on this thread; four: in parallel
