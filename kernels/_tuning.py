@@ -115,7 +115,14 @@ def _isa_of(cpu: str, features: set[str]) -> str:
 
 def target() -> dict:
     """What the kernels run on: the host CPU, the CPU Numba compiles for (NUMBA_CPU_NAME, else
-    the host), its instruction set, and the kernel of the BLAS that Numba calls."""
+    the host), the instruction set of the code it makes, and the kernel of the BLAS that Numba
+    calls.
+
+    Numba compiles with the features in NUMBA_CPU_FEATURES, else with the host's, whatever
+    CPU it is named: on an AVX-512 host, NUMBA_CPU_NAME=haswell alone still makes AVX-512
+    code (LLVM then vectorises with 512-bit registers). AVX2 code takes
+    NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx2,+fma (the CPU's own features, plus these).
+    """
     host, name, isa = _compile_target()
     return {"host_cpu": host, "cpu": name, "isa": isa, **_blas()}
 
@@ -134,13 +141,13 @@ def _compile_target() -> tuple[str, str, str]:
     name = numba.config.CPU_NAME or host
     if name == "host":
         name = host
-    if name == host:
+    if numba.config.CPU_FEATURES is None:  # Numba's rule: the host's features, any CPU name
         feats = {k for k, on in llvm.get_host_cpu_features().items() if on}
-    else:  # a named CPU: its family decides (and NUMBA_CPU_FEATURES, when given)
+    else:  # the named CPU's own features (its family decides), with these added or removed
         feats = set()
-    for f in (numba.config.CPU_FEATURES or "").split(","):
-        if f[1:] and f[0] in "+-":
-            (feats.add if f[0] == "+" else feats.discard)(f[1:])
+        for f in numba.config.CPU_FEATURES.split(","):
+            if f[1:] and f[0] in "+-":
+                (feats.add if f[0] == "+" else feats.discard)(f[1:])
     return host, name, _isa_of(name, feats)
 
 

@@ -14,9 +14,10 @@ import itertools
 import numpy as np
 import pytest
 from helpers import assert_close
+from numba import njit
 
 from fastattn.kernels import _tuning
-from fastattn.kernels._micro import MR, VBYTES, mm
+from fastattn.kernels._micro import MR, VBYTES, _block, mm
 
 DTYPES = (np.float32, np.float64)
 
@@ -35,9 +36,26 @@ def _strided(rng, rows, cols, dtype, pad=5):
 
 
 def test_vectors_are_as_wide_as_the_compile_targets_registers():
-    """64-byte vectors when the CPU Numba compiles for has AVX-512 (natively on such a CPU;
-    not with NUMBA_CPU_NAME=haswell), else 32-byte ones."""
+    """64-byte vectors when the code Numba makes may use AVX-512 (natively on such a CPU; not
+    with NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx2,+fma), else 32-byte ones; and the
+    machine code of a block works in 64-byte (zmm) registers exactly then (LLVM could split
+    the vectors in two, or use AVX-512 where the setting said AVX2)."""
     assert VBYTES == (64 if _tuning.target()["isa"] == "avx512" else 32)
+
+    @njit  # not cached: its machine code is read below
+    def one_block(a, b, c):
+        _block(a, 0, a.shape[1], 1, b, 0, b.shape[1], c, 0, c.shape[1], a.shape[1],
+               a.shape[0], c.shape[1], np.float32(1), False)
+
+    rng = np.random.default_rng(34)
+    w = 2 * VBYTES // 4  # a whole block's columns, float32
+    a = rng.integers(-4, 5, (MR, 7)).astype(np.float32)
+    b = rng.integers(-4, 5, (7, w)).astype(np.float32)
+    c = np.zeros((MR, w), np.float32)
+    one_block(a, b, c)
+    np.testing.assert_array_equal(c, a @ b)  # small integers: exact
+    asm = one_block.inspect_asm(one_block.signatures[0])
+    assert ("zmm" in asm) == (VBYTES == 64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

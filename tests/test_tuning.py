@@ -47,9 +47,45 @@ def test_isa_follows_the_cpu_name_and_its_features():
     assert _tuning._isa_of("generic", {"sse4.2"}) == "other"
 
 
+@pytest.mark.parametrize("features", [None, "+avx2,+fma"], ids=["host", "avx2"])
+def test_the_isa_is_that_of_the_code_numba_makes_for_a_named_cpu(features):
+    """With NUMBA_CPU_NAME=haswell, Numba compiles with NUMBA_CPU_FEATURES, else with the
+    host's features (on an AVX-512 host: AVX-512 code). The instruction set that target()
+    reports is "avx512" exactly when the machine code of a vectorised loop uses 512-bit
+    registers (the haswell CPU does not prefer 256-bit ones)."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "FASTATTN_TUNE": "off"}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    if features:
+        env["NUMBA_CPU_FEATURES"] = features
+    code = textwrap.dedent("""
+        import json
+        import numpy as np
+        from numba import njit
+        from fastattn.kernels import _tuning
+
+        @njit
+        def axpy(x, y):
+            for i in range(x.size):
+                y[i] += 2.5 * x[i]
+
+        x = np.ones(1000, np.float32)
+        axpy(x, x.copy())
+        asm = axpy.inspect_asm(axpy.signatures[0])
+        print(json.dumps([_tuning.target()["isa"], "zmm" in asm]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    isa, zmm = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (isa == "avx512") == zmm, (isa, zmm)
+    if features:
+        assert isa == "avx2" and not zmm
+
+
 def test_forced_avx2_setting_selects_the_avx2_defaults():
-    """NUMBA_CPU_NAME=haswell makes Numba compile AVX2 code: the AVX2 defaults follow."""
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "OPENBLAS_CORETYPE": "Haswell"}
+    """NUMBA_CPU_NAME=haswell with NUMBA_CPU_FEATURES=+avx2,+fma makes Numba compile AVX2
+    code: the AVX2 defaults follow."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma",
+           "OPENBLAS_CORETYPE": "Haswell"}
     env.pop("FASTATTN_TUNE_FILE", None)
     env["FASTATTN_TUNE"] = "off"
     code = ("from fastattn.kernels import _tuning; import json; s, src = _tuning.current(); "
