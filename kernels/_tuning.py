@@ -85,6 +85,8 @@ NEVER = 1 << 30
 #: where OpenBLAS has a fast path for small products; natively at the default model's heads
 #: (16 wide), a training step took 0.97-0.98 of its time with BLAS's (three alternations):
 #: own_dim 1024 and 16. With them, causal 64/64 tiles took 0.92 of 64/128 ones on AVX2.
+#: (Those AVX2-path runs named the CPU only: Numba's code still had the host's AVX-512
+#: features, which NUMBA_CPU_FEATURES=+avx2,+fma takes away; see target().)
 DEFAULTS = {
     "avx512": Setting(block_q=128, block_k=64, causal_block_small=32, causal_block=64,
                       kt_rows=64, kt_dim=32, serial_flops=4_000_000, min_units=8,
