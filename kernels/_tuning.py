@@ -130,12 +130,13 @@ def target() -> dict:
 
 
 def compiled_isa() -> str:
-    """The instruction set of the CPU Numba compiles for: "avx512", "avx2" or "other"."""
+    """The instruction set of the code Numba makes (its CPU and features, as in target()):
+    "avx512", "avx2" or "other"."""
     return _compile_target()[2]
 
 
 def _compile_target() -> tuple[str, str, str]:
-    """(host CPU, the CPU Numba compiles for, its instruction set)."""
+    """(host CPU, the CPU Numba compiles for, the instruction set of the code it makes)."""
     import llvmlite.binding as llvm
     import numba
 

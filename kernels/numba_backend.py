@@ -174,10 +174,10 @@ def _bmm_range(a, ta, m, tm, alpha, c, b0, b1, own):
     scratch = borrow(owned)
     coef, tbuf = scratch[:2], scratch[2:]
     zero = c.dtype.type(0)
-    al = c.dtype.type(alpha)
+    al = c.dtype.type(alpha)  # both ways take it in the arrays' dtype (as the fused kernels)
     for b in range(b0, b1):
         if not own:
-            gemm(ta, tm, a[b], m[b], c[b], alpha, zero, coef)
+            gemm(ta, tm, a[b], m[b], c[b], al, zero, coef)
         elif tm:
             mt = tbuf.reshape((m.shape[2], m.shape[1]))
             _transpose_into(m[b], mt)
