@@ -169,7 +169,7 @@ def softmax_xent_backward(x, t, lse, scale):
     return dx
 
 
-@njit_cached(fastmath=_FM)
+@njit_cached(fastmath=_FM, error_model="numpy")  # no division check: LLVM vectorises the loop
 def _adam_update(params, grads, ms, vs, lr_t, c1, c2, eps):
     for a in range(len(params)):  # one serial pass: a model's parameters are few and small
         p, g, m, v = params[a], grads[a], ms[a], vs[a]

@@ -155,7 +155,7 @@ def test_softmax_xent_is_exact_for_large_scores(backend):
 
 
 def test_adam_update_matches_the_reference(backend, dtype, rng):
-    shapes = [(4, 3), (7,), (2, 2, 5)]
+    shapes = [(4, 3), (7,), (2, 2, 5), (37, 9)]  # the last one runs vector loops' bodies
     params = [rng.standard_normal(s).astype(dtype) for s in shapes]
     grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
     ms = [0.1 * rng.standard_normal(s).astype(dtype) for s in shapes]
@@ -172,6 +172,28 @@ def test_adam_update_matches_the_reference(backend, dtype, rng):
         _close(p, p64, np.abs(p0) + 8 * step, dtype, 4, "p")
     for m, m64 in zip(got[2], want[2], strict=True):
         _close(m, m64, np.abs(m64) + np.abs(grads[0].max()), dtype, 4, "m")
+
+
+def test_numba_adam_divides_and_takes_square_roots_in_vectors():
+    """The numba adam_update's loop is vectorised: with Python's error model, Numba checks
+    every division for a zero divisor, and that branch keeps LLVM from vectorising the loop
+    (a scalar division and square root per parameter, some 2.5 times slower at the default
+    model's 132k parameters). Its machine code, compiled with the kernel's own options (not
+    cached, so that it can be read), has packed square roots and divisions."""
+    import re
+
+    from numba import njit
+
+    from fastattn.kernels import _glue_numba
+
+    kernel = _glue_numba._adam_update
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")}
+    fresh = njit(**options)(kernel.py_func)
+    lists = [_glue_numba.flat_list([np.ones(64, np.float32)]) for _ in range(4)]
+    fresh(*lists, *np.ones(4, np.float32))
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    assert re.search(r"\bvsqrtps\b", asm) and re.search(r"\bvdivps\b", asm), (
+        "adam_update's loop is not vectorised")
 
 
 def test_numba_adam_takes_a_prebuilt_list_and_follows_in_place_updates(rng):
