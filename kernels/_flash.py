@@ -62,10 +62,11 @@ FEW_ROWS = 2  # query rows per batch entry up to which the forward runs _few_row
 _NO_KT = {np.dtype(t): np.zeros((1, 1, 1, 1), dtype=t) for t in (np.float32, np.float64)}
 
 # ---- tile products: single-threaded BLAS (kernels._blas.gemm) or, with own, the kernels' own
-# micro-kernel (kernels._micro.mm; heads up to the setting's own_dim) -------------------------
+# micro-kernel (kernels._micro.mm; heads up to the setting's own_dim). Inlined into the
+# kernels: a call of its own took some 25 ns, a fifth of a small tile's product --------------
 
 
-@njit_cached(fastmath=_FM)
+@njit_cached(fastmath=_FM, inline="always")
 def _mm_nn(a, b, c, alpha, coef, own):
     """c = alpha a b. a (m, k), b (k, n), c (m, n); rows may be strided."""
     if own:
@@ -74,14 +75,14 @@ def _mm_nn(a, b, c, alpha, coef, own):
         gemm(False, False, a, b, c, alpha, c.dtype.type(0), coef)
 
 
-@njit_cached(fastmath=_FM)
+@njit_cached(fastmath=_FM, inline="always")
 def _mm_nt(a, b, c, alpha, coef):
     """c = alpha a b^T. a (m, k), b (n, k), c (m, n), BLAS only (slower than _mm_nn: used
     when a transposed copy of b would not be reused; with own, the kernels transpose)."""
     gemm(False, True, a, b, c, alpha, c.dtype.type(0), coef)
 
 
-@njit_cached(fastmath=_FM)
+@njit_cached(fastmath=_FM, inline="always")
 def _mm_nn_acc(a, b, c, alpha, coef, own):
     """c += alpha a b. a (m, k), b (k, n), c (m, n)."""
     if own:
@@ -90,7 +91,7 @@ def _mm_nn_acc(a, b, c, alpha, coef, own):
         gemm(False, False, a, b, c, alpha, c.dtype.type(1), coef)
 
 
-@njit_cached(fastmath=_FM)
+@njit_cached(fastmath=_FM, inline="always")
 def _mm_tn_acc(a, b, c, alpha, coef, own):
     """c += alpha a^T b. a (k, m), b (k, n), c (m, n)."""
     if own:

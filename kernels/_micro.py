@@ -186,20 +186,23 @@ def _block(typingctx, a, ao, sai, sap, b, bo, ldb, c, co, ldc, k, mr, nrem, alph
     return sig, codegen
 
 
-@njit_cached()
+@njit_cached(error_model="numpy")
 def mm(a, a_t, b, c, alpha, acc):
     """c (m, n) = alpha op(a) b, or c += that with acc; op(a) is a (m, k), or a.T of a (k, m)
-    with a_t; b (k, n). Each row's items contiguous; shapes are trusted (callers check)."""
+    with a_t; b (k, n). Each row's items contiguous; shapes are trusted (callers check), and
+    so are the strides (rows a whole number of items apart, none negative)."""
     m, n = c.shape
     k = b.shape[0]
-    isz = c.itemsize
-    w2 = 2 * (VBYTES // isz)
+    # strides in items by shifts: a division (with Python's rounding of negative numbers)
+    # took some 50 ns of each call, more than a small tile's product
+    sh = 2 if c.itemsize == 4 else 3
+    w2 = 2 * (VBYTES >> sh)
     if a_t:
-        sai, sap = 1, a.strides[0] // isz
+        sai, sap = 1, a.strides[0] >> sh
     else:
-        sai, sap = a.strides[0] // isz, 1
-    ldb = b.strides[0] // isz
-    ldc = c.strides[0] // isz
+        sai, sap = a.strides[0] >> sh, 1
+    ldb = b.strides[0] >> sh
+    ldc = c.strides[0] >> sh
     for j0 in range(0, n, w2):
         nrem = min(w2, n - j0)
         for i0 in range(0, m, MR):

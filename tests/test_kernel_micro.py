@@ -59,6 +59,27 @@ def test_vectors_are_as_wide_as_the_compile_targets_registers():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_a_call_divides_nothing(dtype):
+    """mm turns byte strides into item strides by shifts: integer divisions (with Python's
+    rounding of negative numbers) took some 50 ns of each call, more than a small tile's
+    product (the fused kernels make 2 calls per tile forward and 5 backward). Its machine
+    code, compiled with its own options (not cached, so that it can be read), has none; the
+    product is still right for strided rows."""
+    import re
+
+    options = {k: v for k, v in mm.targetoptions.items() if k not in ("cache", "nopython")}
+    fresh = njit(**options)(mm.py_func)
+    rng = np.random.default_rng(35)
+    a, _ = _strided(rng, 5, 3, dtype)
+    b, _ = _strided(rng, 3, 9, dtype)
+    c, _ = _strided(rng, 5, 9, dtype)
+    fresh(a, False, b, c, dtype(1), False)
+    assert_close(c, a.astype(np.float64) @ b, terms=np.abs(a) @ np.abs(b), n=3)
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    assert not re.search(r"\b(idiv|div)[lq]?\b", asm), "an integer division in mm"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("a_t", [False, True], ids=["a", "a_T"])
 @pytest.mark.parametrize("acc", [False, True], ids=["set", "add"])
 def test_mm_matches_float64_product(dtype, a_t, acc):
