@@ -138,9 +138,25 @@ def _mask_tile(s, i0, j0, causal, maskb, has_mask):
                 s[r, c] = ninf
 
 
+@njit_cached(inline="always")
+def _next_unit(counter, pos, n_units, chunk):
+    """This thread's next work unit, or n_units when none is left. Units go out in chunks of
+    ``chunk`` consecutive ones (one shared counter hands out chunk numbers); pos (int64 next,
+    end) is the thread's own place in its chunk. A unit's result does not depend on which
+    thread runs it, so chunks change nothing but speed (see _chunk)."""
+    if pos[0] == pos[1]:
+        c = take_unit(counter) * chunk
+        pos[0], pos[1] = min(c, n_units), min(c + chunk, n_units)
+        if pos[0] == pos[1]:
+            return n_units
+    u = pos[0]
+    pos[0] = u + 1
+    return u
+
+
 @njit_cached(nogil=True, fastmath=_FM)
 def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask, bq, bk,
-                   use_kT, own):
+                   use_kT, chunk, own):
     """Takes work units from counter until none are left; unit u is batch entry and head
     bh = u // nqb (b = bh // H, h = bh % H), query block u % nqb: fills those rows of out
     (B, H, Tq, dv) and lse (B H, Tq). q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) and
@@ -163,13 +179,14 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     owned = (np.empty(2, dtype=q.dtype), np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype),
              np.empty(q.shape[3] * min(bk, Tk) if own else 0, dtype=q.dtype),
              np.empty(bq, dtype=q.dtype), np.empty(bq, dtype=q.dtype),
-             np.empty(bq, dtype=q.dtype))
+             np.empty(bq, dtype=q.dtype), np.zeros(2, dtype=np.int64))
     coef, sbuf, ktbuf = borrow(owned[0]), borrow(owned[1]), borrow(owned[2])
     m, lsum, rescale = borrow(owned[3]), borrow(owned[4]), borrow(owned[5])
+    pos = borrow(owned[6])
     # m: running row maximum; lsum: running row sum of exp(s - m); rescale: exp(old m - new
     # m) of the current tile
     while True:
-        u = take_unit(counter)
+        u = _next_unit(counter, pos, B * H * nqb, chunk)
         if u >= B * H * nqb:
             break
         bh = u // nqb
@@ -332,7 +349,7 @@ def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, p
 
 @njit_cached(nogil=True, fastmath=_FM)
 def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale, causal,
-                    mask, has_mask, bq, bk, nsplit, use_kT, own):
+                    mask, has_mask, bq, bk, nsplit, use_kT, chunk, own):
     """Takes work units from counter until none are left; unit u is batch entry and head
     bh = u // nsplit (b = bh // H, h = bh % H) and its key blocks share, share + nsplit, ...
     (share = u % nsplit). Accumulates into dk, dv (those key rows) and into dq, or
@@ -350,11 +367,13 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
     owned = (np.empty(2, dtype=q.dtype), np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype),
              np.empty(min(bq, Tq) * min(bk, Tk), dtype=q.dtype),
              np.empty(q.shape[3] * min(bk, Tk), dtype=q.dtype),
-             np.empty(v.shape[3] * min(bk, Tk), dtype=q.dtype), np.empty(Tq, dtype=q.dtype))
+             np.empty(v.shape[3] * min(bk, Tk), dtype=q.dtype), np.empty(Tq, dtype=q.dtype),
+             np.zeros(2, dtype=np.int64))
     coef, sbuf, pbuf = borrow(owned[0]), borrow(owned[1]), borrow(owned[2])
     ktbuf, vtbuf, D = borrow(owned[3]), borrow(owned[4]), borrow(owned[5])
+    pos = borrow(owned[6])
     while True:
-        u = take_unit(counter)
+        u = _next_unit(counter, pos, B * H * nsplit, chunk)
         if u >= B * H * nsplit:
             break
         bh = u // nsplit
@@ -442,6 +461,18 @@ def _key_shares(B, Tq, Tk, d, bk, st):
     if B >= st.min_units or 10 * B * Tq * Tk * d < st.serial_flops:
         return 1
     return min(math.ceil(Tk / bk), math.ceil(st.min_units / B))
+
+
+def _chunk(B, n_units, st):
+    """Units per chunk that a thread takes at once (_next_unit): all of a batch entry's
+    (heads, query blocks or key shares) when there are ``st.min_units`` batch entries or
+    more, else one. Units are numbered batch entry first, so with one unit at a time the
+    threads work on neighbouring heads of one entry, whose rows of a (B, T, H, d) array
+    (MultiHeadAttention's heads in place) share cache lines: both threads writing them took
+    the date model's encoder attention (B 128, 4 heads of 16, T 29) from 1.20 ms on one
+    thread to only 1.11-1.13 on two, against 0.87-0.92 with the threads on different
+    entries. Shapes alone decide; results do not depend on it."""
+    return n_units // B if B >= st.min_units else 1
 
 
 def _as_heads(a):
@@ -569,9 +600,11 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
             use_kT = min(Tq, bq) >= st.kt_rows and not own
             kT = (np.ascontiguousarray(k.transpose(0, 1, 3, 2)) if use_kT
                   else _NO_KT[q.dtype])
-            _in_parallel(_forward_units, B * H * math.ceil(Tq / bq), flops, st.serial_flops,
+            n_units = B * H * math.ceil(Tq / bq)
+            chunk = _chunk(B, n_units, st)
+            _in_parallel(_forward_units, math.ceil(n_units / chunk), flops, st.serial_flops,
                          q, k, kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk,
-                         use_kT, own)
+                         use_kT, chunk, own)
     return result, (lse.reshape(B, H, Tq) if heads else lse)
 
 
@@ -636,10 +669,11 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     dq_part = np.zeros((B * H * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
     own = d <= st.own_dim
     with _blas_held(own):
-        _in_parallel(_backward_units, B * H * nsplit, 10 * B * H * Tq * Tk * d,
-                     st.serial_flops, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale,
-                     bool(causal), mask, has_mask, bq, bk, nsplit,
-                     own or min(Tq, bq) >= st.kt_rows or d <= st.kt_dim, own)
+        chunk = _chunk(B, B * H * nsplit, st)
+        _in_parallel(_backward_units, math.ceil(B * H * nsplit / chunk),
+                     10 * B * H * Tq * Tk * d, st.serial_flops, dout, q, k, v, out, lse, dq,
+                     dk, dv, dq_part, scale, bool(causal), mask, has_mask, bq, bk, nsplit,
+                     own or min(Tq, bq) >= st.kt_rows or d <= st.kt_dim, chunk, own)
     if nsplit > 1:
         dq += dq_part.reshape(B, H, nsplit, Tq, d).sum(axis=2)
     return dq_r, dk_r, dv_r

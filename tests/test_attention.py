@@ -431,6 +431,78 @@ def test_kernel_takes_heads_in_place(monkeypatch, shape, causal, masked, dtype, 
     assert_attention_close(have, want, *flat, bounds=bounds)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threads_take_a_whole_batch_entry_at_a_time(monkeypatch, threads, dtype):
+    """With the setting's min_units batch entries or more, the fused kernels hand a thread
+    all of an entry's units at once (heads x query blocks forward, heads backward), so that
+    two threads do not write neighbouring heads of one entry (rows that share cache lines);
+    with fewer entries, one unit at a time. Either way every unit runs exactly once: on 2
+    threads (the log proves it), the heads-in-place results match the loop reference and
+    are the same bits as on 1 thread."""
+    log = record_paths(monkeypatch, force=True)
+    seen = []
+    run = _flash._in_parallel
+
+    def spy(fn, n_units, flops, serial_flops, *args):
+        seen.append((fn.__name__, n_units, args[-2]))  # chunks, units per chunk
+        return run(fn, n_units, flops, serial_flops, *args)
+
+    monkeypatch.setattr(_flash, "_in_parallel", spy)
+    min_units = _tuning.current()[0].min_units
+    H, T, d, bq = 3, 13, 8, 4
+    nqb = -(-T // bq)
+    rng = np.random.default_rng(16)
+    for B in (min_units, 2):
+        buf = rng.standard_normal((B, T, 3, H, d)).astype(dtype)
+        q, k, v = (_heads_of(buf, i, B, H) for i in range(3))
+        dout = rng.standard_normal((B, H, T, d)).astype(dtype)
+        got = {}
+        for n in (2, 1):
+            threads(n)
+            seen.clear()
+            log.clear()
+            out, lse = _flash.attention_forward(q, k, v, 0.4, True, None, tiles=(bq, 8))
+            grads = _flash.attention_backward(dout, q, k, v, out, lse, 0.4, True, None,
+                                              tiles=(bq, 8))
+            got[n] = (out, lse, *grads)
+            assert log.fused == [n, n]
+            if B >= min_units:
+                assert seen == [("_forward_units", B, H * nqb), ("_backward_units", B, H)]
+            else:  # (the backward may split key blocks too: more units, still one each)
+                assert seen[0] == ("_forward_units", B * H * nqb, 1)
+                assert seen[1][0] == "_backward_units" and seen[1][2] == 1
+                assert seen[1][1] % (B * H) == 0
+        for a, b in zip(got[1], got[2], strict=True):
+            np.testing.assert_array_equal(a, b)
+        flat = [_to_entries(a) for a in (q, k, v, dout)]
+        want = _run(loop, *flat, 0.4, True, None)
+        P = kernel_attention_probs(flat[0], flat[1], 0.4, True, None)
+        bounds = attention_bounds(*flat[:3], P, scale=0.4, dout=flat[3])
+        out, lse, *grads = got[2]
+        have = (_to_entries(out), lse.reshape(B * H, T)) + tuple(_to_entries(g) for g in grads)
+        assert_attention_close(have, want, *flat, bounds=bounds)
+
+
+def test_next_unit_hands_out_each_unit_once_in_chunks():
+    """_next_unit on one thread: units 0..n-1 in order, in chunks taken from the counter,
+    then n for ever; a chunk past the end takes nothing."""
+    from numba import njit
+
+    @njit
+    def drain(counter, n_units, chunk, calls):
+        pos = np.zeros(2, np.int64)
+        got = np.empty(calls, np.int64)
+        for i in range(calls):
+            got[i] = _flash._next_unit(counter, pos, n_units, chunk)
+        return got
+
+    for n_units, chunk in ((10, 4), (8, 4), (5, 1), (3, 7)):
+        counter = np.zeros(1, np.int64)
+        got = drain(counter, n_units, chunk, n_units + 3)
+        assert list(got) == list(range(n_units)) + [n_units] * 3, (n_units, chunk)
+        assert counter[0] >= -(-n_units // chunk) + 1  # every chunk, then one past the end
+
+
 def test_numba_backend_takes_heads_with_features_through_copies():
     """Heads with a feature that kernels._flash does not have (a window, grouped keys): the
     numba backend computes them on (B*H, T, d) copies and gives them back as heads; the same

@@ -236,7 +236,7 @@ def test_kt_dim_decides_whether_the_backward_transposes_small_heads(kt_dim, monk
 
     def spy(fn, n_units, flops, serial_flops, *args):
         if fn is _flash._backward_units:
-            seen.append(("plain", bool(args[-2])))  # use_kT, then own
+            seen.append(("plain", bool(args[-3])))  # use_kT, then chunk and own
         elif fn is ff._backward_units:
             seen.append(("features", bool(args[15][tiles._USE_KT])))  # cfg
         return run(fn, n_units, flops, serial_flops, *args)
