@@ -35,8 +35,10 @@ Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs 
 O(threads * bq * bk), plus at most 8 Tq d when the backward splits few batch entries.
 
 Threads: ``nogil`` kernels on the caller's thread and a small pool's take work units from a
-shared atomic counter (why not ``prange``: the ``kernels`` package docstring); a unit's result
-never depends on the thread count or on which thread ran it.
+shared atomic counter (why not ``prange``: the ``kernels`` package docstring), a whole batch
+entry's units at a time when there are enough entries (``_chunk``: so that two threads do not
+write the neighbouring heads of one entry); a unit's result never depends on the thread count
+or on which thread ran it.
 """
 
 from __future__ import annotations
