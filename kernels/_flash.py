@@ -36,9 +36,9 @@ O(threads * bq * bk), plus at most 8 Tq d when the backward splits few batch ent
 
 Threads: ``nogil`` kernels on the caller's thread and a small pool's take work units from a
 shared atomic counter (why not ``prange``: the ``kernels`` package docstring), a whole batch
-entry's units at a time when there are enough entries (``_chunk``: so that two threads do not
-write the neighbouring heads of one entry); a unit's result never depends on the thread count
-or on which thread ran it.
+entry's units at a time when there are heads and enough entries (``_chunk``: so that two
+threads do not write the neighbouring heads of one entry); a unit's result never depends on
+the thread count or on which thread ran it.
 """
 
 from __future__ import annotations
@@ -465,16 +465,17 @@ def _key_shares(B, Tq, Tk, d, bk, st):
     return min(math.ceil(Tk / bk), math.ceil(st.min_units / B))
 
 
-def _chunk(B, n_units, st):
-    """Units per chunk that a thread takes at once (_next_unit): all of a batch entry's
-    (heads, query blocks or key shares) when there are ``st.min_units`` batch entries or
-    more, else one. Units are numbered batch entry first, so with one unit at a time the
-    threads work on neighbouring heads of one entry, whose rows of a (B, T, H, d) array
+def _chunk(B, H, n_units, st):
+    """Units per chunk that a thread takes at once (_next_unit): with heads (H > 1) and
+    ``st.min_units`` batch entries or more, all of a batch entry's (heads, query blocks or
+    key shares); else one (the finest sharing, best when a thread is slowed down by other
+    work on the machine). Units are numbered batch entry first, so with one unit at a time
+    the threads work on neighbouring heads of one entry, whose rows of a (B, T, H, d) array
     (MultiHeadAttention's heads in place) share cache lines: both threads writing them took
     the date model's encoder attention (B 128, 4 heads of 16, T 29) from 1.20 ms on one
     thread to only 1.11-1.13 on two, against 0.87-0.92 with the threads on different
     entries. Shapes alone decide; results do not depend on it."""
-    return n_units // B if B >= st.min_units else 1
+    return n_units // B if H > 1 and B >= st.min_units else 1
 
 
 def _as_heads(a):
@@ -603,7 +604,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
             kT = (np.ascontiguousarray(k.transpose(0, 1, 3, 2)) if use_kT
                   else _NO_KT[q.dtype])
             n_units = B * H * math.ceil(Tq / bq)
-            chunk = _chunk(B, n_units, st)
+            chunk = _chunk(B, H, n_units, st)
             _in_parallel(_forward_units, math.ceil(n_units / chunk), flops, st.serial_flops,
                          q, k, kT, v, out, lse, scale, bool(causal), mask, has_mask, bq, bk,
                          use_kT, chunk, own)
@@ -671,7 +672,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, causal, mask, *, tiles=No
     dq_part = np.zeros((B * H * nsplit if nsplit > 1 else 0, Tq, d), dtype=dq.dtype)
     own = d <= st.own_dim
     with _blas_held(own):
-        chunk = _chunk(B, B * H * nsplit, st)
+        chunk = _chunk(B, H, B * H * nsplit, st)
         _in_parallel(_backward_units, math.ceil(B * H * nsplit / chunk),
                      10 * B * H * Tq * Tk * d, st.serial_flops, dout, q, k, v, out, lse, dq,
                      dk, dv, dq_part, scale, bool(causal), mask, has_mask, bq, bk, nsplit,

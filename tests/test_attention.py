@@ -433,11 +433,11 @@ def test_kernel_takes_heads_in_place(monkeypatch, shape, causal, masked, dtype, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_threads_take_a_whole_batch_entry_at_a_time(monkeypatch, threads, dtype):
-    """With the setting's min_units batch entries or more, the fused kernels hand a thread
-    all of an entry's units at once (heads x query blocks forward, heads backward), so that
-    two threads do not write neighbouring heads of one entry (rows that share cache lines);
-    with fewer entries, one unit at a time. Either way every unit runs exactly once: on 2
-    threads (the log proves it), the heads-in-place results match the loop reference and
+    """With heads and the setting's min_units batch entries or more, the fused kernels hand a
+    thread all of an entry's units at once (heads x query blocks forward, heads backward), so
+    that two threads do not write neighbouring heads of one entry (rows that share cache
+    lines); with fewer entries, or one head, one unit at a time. Either way every unit runs
+    exactly once: on 2 threads (the log proves it), the results match the loop reference and
     are the same bits as on 1 thread."""
     log = record_paths(monkeypatch, force=True)
     seen = []
@@ -449,10 +449,10 @@ def test_threads_take_a_whole_batch_entry_at_a_time(monkeypatch, threads, dtype)
 
     monkeypatch.setattr(_flash, "_in_parallel", spy)
     min_units = _tuning.current()[0].min_units
-    H, T, d, bq = 3, 13, 8, 4
+    T, d, bq = 13, 8, 4
     nqb = -(-T // bq)
     rng = np.random.default_rng(16)
-    for B in (min_units, 2):
+    for B, H in ((min_units, 3), (2, 3), (min_units, 1)):
         buf = rng.standard_normal((B, T, 3, H, d)).astype(dtype)
         q, k, v = (_heads_of(buf, i, B, H) for i in range(3))
         dout = rng.standard_normal((B, H, T, d)).astype(dtype)
@@ -466,7 +466,7 @@ def test_threads_take_a_whole_batch_entry_at_a_time(monkeypatch, threads, dtype)
                                               tiles=(bq, 8))
             got[n] = (out, lse, *grads)
             assert log.fused == [n, n]
-            if B >= min_units:
+            if B >= min_units and H > 1:
                 assert seen == [("_forward_units", B, H * nqb), ("_backward_units", B, H)]
             else:  # (the backward may split key blocks too: more units, still one each)
                 assert seen[0] == ("_forward_units", B * H * nqb, 1)
