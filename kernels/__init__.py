@@ -34,8 +34,9 @@ Threads of the Numba kernels (the one place that says why there are two ways):
   along the diagonal; the backward splits key blocks into shares) and long runs in which
   another process may take a core. Their threads take units from a shared atomic counter,
   one at a time (or, with heads, a batch entry's at a time: ``_flash._chunk``), so a slowed
-  thread simply takes fewer, which ``prange``'s fixed shares cannot do. They are ``nogil`` kernels run by the calling thread and a small
-  ``ThreadPoolExecutor``, which is shut down at interpreter exit.
+  thread simply takes fewer, which ``prange``'s fixed shares cannot do. They are ``nogil``
+  kernels run by the calling thread and a small ``ThreadPoolExecutor``, which is shut down
+  at interpreter exit.
 * Every output element is written by one thread in a fixed order, so results repeat bitwise
   from call to call (whether they also hold for another thread count: each module says).
 

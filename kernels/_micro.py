@@ -189,12 +189,13 @@ def _block(typingctx, a, ao, sai, sap, b, bo, ldb, c, co, ldc, k, mr, nrem, alph
 @njit_cached(error_model="numpy")
 def mm(a, a_t, b, c, alpha, acc):
     """c (m, n) = alpha op(a) b, or c += that with acc; op(a) is a (m, k), or a.T of a (k, m)
-    with a_t; b (k, n). Each row's items contiguous; shapes are trusted (callers check), and
-    so are the strides (rows a whole number of items apart, none negative)."""
+    with a_t; b (k, n). Each row's items contiguous, rows a whole number of items apart;
+    shapes are trusted (callers check)."""
     m, n = c.shape
     k = b.shape[0]
-    # strides in items by shifts: a division (with Python's rounding of negative numbers)
-    # took some 50 ns of each call, more than a small tile's product
+    # strides in items by shifts (both round down, so they agree with floor division): a
+    # division, with Python's rounding rule, took some 50 ns of each call, more than a
+    # small tile's product
     sh = 2 if c.itemsize == 4 else 3
     w2 = 2 * (VBYTES >> sh)
     if a_t:
