@@ -31,7 +31,7 @@ import functools
 
 import numpy as np
 import pytest
-from helpers import assert_all_within_float32_error
+from helpers import assert_all_within_float32_error, floats_as
 
 from fastattn import kernels
 from fastattn.commands.train import TrainSettings
@@ -79,11 +79,6 @@ ROWS = {"layernorm_forward": B * T_SRC, "layernorm_backward": B * T_SRC,
         "softmax_xent_forward": B * T_ANSWER, "softmax_xent_backward": B * T_ANSWER}
 
 
-def _as(dtype, args):
-    return tuple(x.astype(dtype) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x
-                 for x in args)
-
-
 def _results(out):
     return list(out) if isinstance(out, tuple) else [out]
 
@@ -92,7 +87,7 @@ def _check(name, got, args):
     """``got`` (kernel ``name`` on ``args``) against the vectorized kernel in float64, within
     K_FLOAT32 times the vectorized kernel's own float32 error level."""
     ref = kernels.get(name, "vectorized")
-    want64 = _results(ref(*_as(np.float64, args)))
+    want64 = _results(ref(*floats_as(np.float64, args)))
     want32 = _results(ref(*args))
     got = _results(got)
     assert all(g.dtype == DTYPE for g in got), name

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_all_close, kernel_bounds
+from helpers import assert_all_close, floats_as, kernel_bounds
 
 from fastattn import kernels
 
@@ -70,9 +70,7 @@ def _check(name, got, args):
     """``got``, kernel ``name``'s float32 results for ``args``, against the vectorized kernel
     in float64 on the same numbers, within helpers' error bound."""
     got = got if isinstance(got, tuple) else (got,)
-    f64 = [a.astype(np.float64) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
-           for a in args]
-    want = kernels.get(name, "vectorized")(*f64)
+    want = kernels.get(name, "vectorized")(*floats_as(np.float64, args))
     want = want if isinstance(want, tuple) else (want,)
     for g in got:
         assert g.dtype == DTYPE, name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from gradcheck import numerical_grad
+from helpers import machine_code
 
 from fastattn import kernels
 from fastattn.kernels import glue_loop as ref
@@ -182,16 +183,10 @@ def test_numba_adam_divides_and_takes_square_roots_in_vectors():
     cached, so that it can be read), has packed square roots and divisions."""
     import re
 
-    from numba import njit
-
     from fastattn.kernels import _glue_numba
 
-    kernel = _glue_numba._adam_update
-    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")}
-    fresh = njit(**options)(kernel.py_func)
     lists = [_glue_numba.flat_list([np.ones(64, np.float32)]) for _ in range(4)]
-    fresh(*lists, *np.ones(4, np.float32))
-    asm = fresh.inspect_asm(fresh.signatures[0])
+    asm = machine_code(_glue_numba._adam_update, *lists, *np.ones(4, np.float32))
     assert re.search(r"\bvsqrtps\b", asm) and re.search(r"\bvdivps\b", asm), (
         "adam_update's loop is not vectorised")
 

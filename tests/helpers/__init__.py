@@ -251,3 +251,22 @@ def rand(*shape, seed=0):
 def ids(B=2, T=3, seed=0, V=SMALL_VOCAB):
     """(B, T) int64 token ids in [0, V), the same for the same seed."""
     return np.random.default_rng(seed).integers(0, V, (B, T))
+
+
+def floats_as(dtype, args):
+    """``args`` with every float array cast to ``dtype`` (to run a kernel's call again in
+    float64, say); anything else as it is."""
+    return tuple(a.astype(dtype) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
+                 for a in args)
+
+
+def machine_code(kernel, *args):
+    """The machine code of Numba kernel ``kernel`` compiled for ``args`` with its own options
+    (fastmath, error model...), from an uncached copy: Numba does not show the machine code
+    of cached functions. The copy runs once on ``args``."""
+    from numba import njit
+
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")}
+    fresh = njit(**options)(kernel.py_func)
+    fresh(*args)
+    return fresh.inspect_asm(fresh.signatures[0])
