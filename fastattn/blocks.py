@@ -316,3 +316,61 @@ class DecoderBlock:
         x = x_new + self.self_attn.step(self.ln1.infer(x_new), cache)
         x = x + self.cross_attn.attend(self.ln2.infer(x), k_mem, v_mem)
         return x + self.ffn.infer(self.ln3.infer(x))
+
+    def stepper(self, k_mem, v_mem, B: int, n_steps: int):
+        """A function ``step(x, t)`` for greedy decoding: the newest position x (B, C), a
+        C-contiguous array of the block's dtype, at position t = 0, 1, ... n_steps - 1 (one
+        call each, in order) -> (B, C). It does :meth:`step`'s arithmetic in its order, so
+        its results are the same bits, with less Python around it: each layer's kernels
+        looked up once, no input checks (its caller's arrays are already right) and the keys
+        and values of the positions so far kept in arrays made once. A decoding step of a
+        small model is a few microseconds of arithmetic per layer; the Python around it
+        costs more than that."""
+        sa, ca, ffn = self.self_attn, self.cross_attn, self.ffn
+        C, Hkv, dh = sa.d_model, sa.n_kv_heads, sa.d_head
+        Ckv = Hkv * dh
+        norms = [(_backend.kernel("layernorm_forward", forward_backend(n)), *n.params, n.eps)
+                 for n in (self.ln1, self.ln2, self.ln3)]
+        relu = _backend.kernel("bias_relu_forward", forward_backend(ffn))
+        W_in, b_in = sa.params[:2]
+        Wq_x, bq_x = ca.params[0][:, :C], ca.params[1][:C]  # the cross-attention's queries
+        W1, b1, W2, b2 = ffn.params
+        keys = np.empty((B * Hkv, n_steps, dh), sa.dtype)
+        values = np.empty_like(keys)
+        self_kw = ({}, False) if sa.window is None else ({"window": sa.window}, "bottom_right")
+
+        def norm(i, x):
+            ln, g, b, eps = norms[i]
+            return ln(x, g, b, eps)[0]
+
+        def attending(att):  # MultiHeadAttention._attend at T = 1
+            kernel = _backend.kernel("attention_forward", forward_backend(att))
+            H, (W_out, b_out) = att.n_heads, att.params[2:]
+
+            def attention(q2, k, v, kw, causal):
+                q = np.ascontiguousarray(q2).reshape(B * H, 1, dh)
+                o, _ = kernel(q, k, v, att.scale, causal, None, **kw)
+                y = o.reshape(B, -1) @ W_out
+                y += b_out
+                return y
+
+            return attention
+
+        self_attention, cross_attention = attending(sa), attending(ca)
+
+        def step(x, t):
+            qkv = norm(0, x) @ W_in  # self-attention: the query, key and value
+            qkv += b_in
+            keys[:, t] = qkv[:, C:C + Ckv].reshape(B * Hkv, dh)
+            values[:, t] = qkv[:, C + Ckv:].reshape(B * Hkv, dh)
+            k = np.ascontiguousarray(keys[:, :t + 1])
+            v = np.ascontiguousarray(values[:, :t + 1])
+            x = x + self_attention(qkv[:, :C], k, v, *self_kw)
+            qp = norm(1, x) @ Wq_x  # cross-attention to the memory's keys and values
+            qp += bq_x
+            x = x + cross_attention(qp, k_mem, v_mem, {}, False)
+            y = relu(norm(2, x) @ W1, b1) @ W2  # feed-forward
+            y += b2
+            return x + y
+
+        return step

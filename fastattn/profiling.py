@@ -1,5 +1,6 @@
 """Time spent per layer and per kernel, forward and backward apart (and generation's
-``infer``, ``step``, ``attend`` and ``project_kv``, where a layer has them).
+``infer``, ``step``, ``attend`` and ``project_kv``, where a layer has them; the decoding steps
+that a layer's ``stepper`` makes count as its ``step``).
 
 >>> with fastattn.profile(model) as prof:
 ...     loss = model.forward(xs, ts)
@@ -23,6 +24,7 @@ from fastattn import _backend
 
 _PHASES = ("forward", "backward")
 _GENERATION = ("infer", "step", "attend", "project_kv")  # timed too where a layer has them
+_STEPPERS = {"stepper": "step"}  # methods that make step functions: the phase of those
 
 
 @dataclass
@@ -108,6 +110,14 @@ class Profile:
         wrapper.__wrapped__ = fn
         return wrapper
 
+    def _timed_maker(self, key, make):
+        """``make``, whose functions come back timed under ``key``."""
+        def wrapper(*args, **kwargs):
+            return self._timed(key, make(*args, **kwargs))
+
+        wrapper.__wrapped__ = make
+        return wrapper
+
     def wrap_kernel(self, name: str, backend: str, fn):
         """``fn`` timed under the name ``backend:name``."""
         return self._timed(("kernel", f"{backend}:{name}", "-"), fn)
@@ -123,6 +133,13 @@ class Profile:
                     original = getattr(layer, phase)
                     setattr(layer, phase, self._timed(("layer", label, phase), original))
                     self._patched.append((layer, phase, had_own, original))
+                for method, phase in _STEPPERS.items():
+                    if callable(getattr(layer, method, None)):
+                        had_own = method in vars(layer)
+                        original = getattr(layer, method)
+                        setattr(layer, method, self._timed_maker(("layer", label, phase),
+                                                                 original))
+                        self._patched.append((layer, method, had_own, original))
         self._previous = _backend.set_profiler(self)
         self._t0 = time.perf_counter()
         return self

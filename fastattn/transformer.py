@@ -23,6 +23,7 @@ from fastattn._layer import (
     check_backend,
     check_dtype,
     collect_params,
+    forward_backend,
     make_rng,
     not_yet,
     positive_int,
@@ -284,18 +285,21 @@ class TransformerSeq2seq:
     def _generate(self, xs, start, sample_size):
         N = xs.shape[0]
         memory = self._encode_only(xs)
-        kv = [block.cross_attn.project_kv(memory) for block in self.decoder]
-        caches = [{} for _ in self.decoder]
+        # each block's step as DecoderBlock.step computes it, on (N, C) rows
+        steps = [block.stepper(*block.cross_attn.project_kv(memory), N, sample_size)
+                 for block in self.decoder]
         W_emb = self.tgt_embed.params[0]
+        pos = self.tgt_pos.table(sample_size) if sample_size else None  # (sample_size, C)
+        ln = _backend.kernel("layernorm_forward", forward_backend(self.dec_ln))
+        (g, c), eps = self.dec_ln.params, self.dec_ln.eps
+        W, b = self.out.params
         out = np.empty((N, sample_size), dtype=np.int64)
         y = start
         for t in range(sample_size):
-            h = (W_emb[y] + self.tgt_pos.table(1, t))[:, None, :]  # (N, 1, C)
-            for block, (k, v), cache in zip(self.decoder, kv, caches, strict=True):
-                h = block.step(h, k, v, cache)
-            h = self.dec_ln.infer(h)
-            W, b = self.out.params
-            score = h.reshape(N, -1) @ W + b  # (N, V)
+            h = W_emb[y] + pos[t]  # (N, C)
+            for step in steps:
+                h = step(h, t)
+            score = ln(h, g, c, eps)[0] @ W + b  # (N, V)
             y = score.argmax(axis=1)
             out[:, t] = y
         return out

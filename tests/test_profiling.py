@@ -112,7 +112,12 @@ def test_profile_of_generate_batch_on_two_threads_adds_up(monkeypatch, threads):
     assert all(e.self_time >= 0 for e in rows.values()), [
         (e.name, e.self_time) for e in rows.values() if e.self_time < 0]
     assert rows["model.encoder[0].ln1 (LayerNorm)", "infer"].calls == 16  # one per chunk
-    assert rows["model.decoder[0].ln1 (LayerNorm)", "infer"].calls == 16 * 8  # and per step
+    # and each block's decoding steps, made by its stepper
+    assert rows["model.decoder[0] (DecoderBlock)", "step"].calls == 16 * 8
+    assert rows["model.decoder[1] (DecoderBlock)", "step"].calls == 16 * 8
+    # their kernels are timed inside them: the steps' self time leaves theirs out
+    step = rows["model.decoder[0] (DecoderBlock)", "step"]
+    assert 0 <= step.self_time < step.total
     assert not any(phase == "forward" for _, phase in rows), "generation keeps no caches"
     block = rows["model.encoder[0] (EncoderBlock)", "infer"]
     inner = sum(rows[f"model.encoder[0].{n}", "infer"].total for n in (

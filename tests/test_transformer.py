@@ -355,6 +355,67 @@ def test_generate_batch_equals_full_recomputation(backend):
     assert got.shape == (6, 6) and got.dtype == np.int64
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, F64])
+@pytest.mark.parametrize("n_kv_heads, window", [(None, None), (2, None), (1, (2, 0))])
+@pytest.mark.parametrize("B", [1, 3])
+def test_stepper_gives_the_bits_of_step(backend, dtype, n_kv_heads, window, B):
+    """DecoderBlock.stepper's steps are DecoderBlock.step's arithmetic on (B, C) rows: the
+    same bits at every position, with grouped heads and a window too."""
+    C, n = 8, 6
+    block = DecoderBlock(C, 4, 12, n_kv_heads=n_kv_heads, window=window, backend=backend,
+                         dtype=dtype, seed=2)
+    perturb_params(block, seed=3)  # the biases and LayerNorm shifts start at 0
+    memory = rand((B, 5, C), seed=4).astype(dtype)
+    k_mem, v_mem = block.cross_attn.project_kv(memory)
+    step, cache = block.stepper(k_mem, v_mem, B, n), {}
+    rng = np.random.default_rng(5)
+    for t in range(n):
+        x = rng.standard_normal((B, C)).astype(dtype)
+        want = block.step(x[:, None, :], k_mem, v_mem, cache)[:, 0]
+        got = step(x, t)
+        assert got.dtype == dtype and got.shape == (B, C)
+        np.testing.assert_array_equal(got, want, err_msg=f"position {t}")
+
+
+def _decode_by_block_steps(model, xs, start, n):
+    """Greedy decoding written with DecoderBlock.step (what generate_batch computes)."""
+    memory = model.encode(xs)
+    kv = [block.cross_attn.project_kv(memory) for block in model.decoder]
+    caches = [{} for _ in model.decoder]
+    y, ids = np.asarray(start), []
+    for t in range(n):
+        h = (model.tgt_embed.params[0][y] + model.tgt_pos.table(1, t))[:, None, :]
+        for block, (k, v), cache in zip(model.decoder, kv, caches, strict=True):
+            h = block.step(h, k, v, cache)
+        W, b = model.out.params
+        y = (model.dec_ln.infer(h).reshape(len(y), -1) @ W + b).argmax(axis=1)
+        ids.append(y)
+    return np.stack(ids, axis=1)
+
+
+@pytest.mark.parametrize("backend", ["vectorized", "numba"])
+def test_generate_batch_decodes_with_each_blocks_stepper(backend, monkeypatch):
+    """generate_batch takes one stepper per decoder block and chunk, and gives the ids of
+    decoding with DecoderBlock.step (two layers, grouped heads, a window, both positions)."""
+    model = tiny_model(backend, dtype=np.float32, d_model=8, n_heads=4, n_kv_heads=2,
+                       window=(2, 0), n_layers=2, max_len=8, pos="both", seed=6)
+    perturb_params(model, seed=7)
+    xs, _ = tiny_batch(N=5, S=6, seed=8)
+    start = np.arange(5) % 7
+    made = []
+    original = DecoderBlock.stepper
+
+    def spy(self, *args):
+        made.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(DecoderBlock, "stepper", spy)
+    got = model.generate_batch(xs, start, 7)
+    assert made == list(model.decoder)  # one chunk: each block's stepper, once
+    np.testing.assert_array_equal(got, _decode_by_block_steps(model, xs, start, 7))
+
+
 @pytest.mark.parametrize("backend", ["vectorized", "numba"])
 def test_generate_batch_decodes_many_questions_in_chunks(backend, monkeypatch):
     """More questions than _GENERATE_ROWS are decoded a chunk at a time, each with its own
