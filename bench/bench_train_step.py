@@ -24,6 +24,10 @@ each answer is checked to be greedy: at every step, the chosen id's score in a f
 recomputation of the whole decoder on the answer's prefix is the largest, to within
 ``helpers.K_FLOAT32`` times that score row's float32 error.
 
+Group ``one question at a time``: 100 calls of ``generate_batch`` with one test question each
+(``translate`` of a single question, ``fastattn translate`` with one argument), checked the
+same way. Here the Python around each decoding step's small kernels is most of the time.
+
 Run::
 
     python -m pytest bench/bench_train_step.py -k fastattn --benchmark-only   # timings
@@ -381,4 +385,21 @@ def test_generate_batch_fastattn(benchmark, check_then_time, backend):
     benchmark.extra_info["backend"] = backend
     check_then_time(model.generate_batch, (xs, start, L),
                     check=lambda ids: check_greedy(ids, xs, start, model),
+                    work={"kquestions/s": len(xs) * 1e6})
+
+
+@pytest.mark.parametrize("backend", ["numba", "vectorized"])
+def test_generate_one_question_at_a_time_fastattn(benchmark, check_then_time, backend):
+    task, _, _ = _batch()
+    xs = task.x_test[:100]
+    start, L = task.t_test[0, 0], task.t_test.shape[1] - 1
+    model = _model(backend)
+    benchmark.group = f"one question at a time ({len(xs)} calls, {L} ids each, default model)"
+    benchmark.extra_info["backend"] = backend
+
+    def one_at_a_time():
+        return np.concatenate([model.generate_batch(xs[i:i + 1], start, L)
+                               for i in range(len(xs))])
+
+    check_then_time(one_at_a_time, check=lambda ids: check_greedy(ids, xs, start, model),
                     work={"kquestions/s": len(xs) * 1e6})
