@@ -43,7 +43,13 @@ import numpy as np
 import pytest
 from helpers import K_FLOAT32, assert_all_within_float32_error
 
-from fastattn.commands.train import TrainSettings, build_model, limit_threads, load_task
+from fastattn.commands.train import (
+    TrainSettings,
+    build_model,
+    limit_threads,
+    load_task,
+    start_threads,
+)
 from fastattn.optim import Adam
 from fastattn.transformer import TransformerConfig as MODEL
 
@@ -320,7 +326,7 @@ def _have_torch():
 
 @pytest.mark.parametrize("backend", ["numba", "vectorized"])
 def test_train_step_fastattn(benchmark, check_then_time, backend):
-    with limit_threads(TrainSettings.threads, TrainSettings.numba_threads):
+    with limit_threads(start_threads(TrainSettings.threads), TrainSettings.numba_threads):
         step, model = fastattn_step(backend)
         names = ["loss"] + [f"grads[{i}] {p.shape}" for i, p in enumerate(model.params)]
 
@@ -330,7 +336,8 @@ def test_train_step_fastattn(benchmark, check_then_time, backend):
 
         benchmark.group = GROUP
         benchmark.extra_info["backend"] = backend
-        benchmark.extra_info["blas_threads"] = TrainSettings.threads or os.cpu_count()
+        blas = start_threads(TrainSettings.threads)
+        benchmark.extra_info["blas_threads"] = blas or os.cpu_count()
         benchmark.extra_info["numba_threads"] = TrainSettings.numba_threads
         benchmark.extra_info["n_params"] = int(sum(p.size for p in model.params))
         check_then_time(step, check=check, warmup=0)

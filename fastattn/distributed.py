@@ -387,7 +387,7 @@ def run_train(args, run) -> int:
             parser.error(msg)  # the usage line, exit status 2
         print(f"fastattn train: error: {msg}", file=sys.stderr)
         return 2
-    args.threads = threads_per_rank(args.threads)
+    args.threads = threads_per_rank(0 if args.threads == "auto" else args.threads)
     return run_on_all_ranks(_announce_and_run, run, args, prog="fastattn train")
 
 

@@ -65,6 +65,7 @@ class Trainer:
         self.current_epoch = 0
         self.history = []
         self.train_seconds = 0.0
+        self.blas_counts = []  # fit(blas_threads="auto"): each step's BLAS thread count
         self._rng = None if seed is None else np.random.default_rng(seed)
         self.comm = comm  # a fastattn.distributed.Comm: data-parallel over its ranks
 
@@ -72,7 +73,7 @@ class Trainer:
         return np.random.permutation(n) if self._rng is None else self._rng.permutation(n)
 
     def fit(self, x, t, max_epoch=10, batch_size=32, max_grad=None, eval_interval=20, *,
-            callback=None, progress=True):
+            callback=None, progress=True, blas_threads=None):
         """Train on (x, t) for ``max_epoch`` epochs of ``len(x) // batch_size`` steps.
 
         max_grad: clip the joint gradient norm to this (None: no clipping).
@@ -80,8 +81,17 @@ class Trainer:
         callback(trainer, epoch) -> dict or None, called after each epoch; a dict is merged
         into that epoch's ``history`` entry (and shown in the progress bar).
         progress: show a tqdm progress bar.
+        blas_threads: None leaves BLAS's thread count as it is; ``"auto"`` chooses, from the
+        steps' times, between BLAS's thread count and one thread (one is faster when another
+        process keeps a core busy; :mod:`fastattn._adaptive_blas`). ``blas_counts`` then
+        lists the count each step ran with; the evaluations in ``callback`` run with BLAS's
+        own count.
         """
+        import contextlib
+
         from tqdm.auto import tqdm
+
+        from fastattn._adaptive_blas import AdaptiveBlas
 
         x = np.asarray(x)
         t = np.asarray(t)
@@ -94,6 +104,8 @@ class Trainer:
         max_iters = data_size // batch_size
         if max_iters == 0:
             raise ValueError(f"batch_size {batch_size} is larger than the data ({data_size})")
+        if blas_threads not in (None, "auto"):
+            raise ValueError(f"blas_threads must be None or 'auto', got {blas_threads!r}")
         self.eval_interval = eval_interval
         model, optimizer = self.model, self.optimizer
         params, grads = model.params, model.grads
@@ -101,6 +113,8 @@ class Trainer:
         comm = self.comm
         if comm is not None:
             progress = progress and comm.rank == 0
+        adaptive = AdaptiveBlas() if blas_threads == "auto" else None
+        self.blas_counts = adaptive.counts if adaptive is not None else []
 
         for _ in range(int(max_epoch)):
             epoch = self.current_epoch + 1
@@ -112,28 +126,32 @@ class Trainer:
             bar = tqdm(total=max_iters, desc=f"epoch {epoch}", unit="step", disable=not progress,
                        dynamic_ncols=True, leave=True)
             start = time.perf_counter()
-            for iters in range(max_iters):
-                batch_x = xe[iters * batch_size:(iters + 1) * batch_size]
-                batch_t = te[iters * batch_size:(iters + 1) * batch_size]
-                if comm is not None:
-                    batch_x, batch_t = comm.shard(batch_x, batch_t)
-                loss = model.forward(batch_x, batch_t)
-                model.backward()
-                p, g = remove_duplicate(params, grads) if shared else (params, grads)
-                if comm is not None:  # the global batch's gradient and loss, on every rank
-                    loss = comm.allreduce_grads(g, loss, count=len(batch_x))
-                if max_grad is not None:
-                    clip_grads(g, max_grad)
-                optimizer.update(p, g)
-                total_loss += loss
-                loss_count += 1
-                epoch_loss += loss
-                if eval_interval is not None and iters % eval_interval == 0:
-                    avg_loss = total_loss / loss_count
-                    self.loss_list.append(float(avg_loss))
-                    total_loss, loss_count = 0.0, 0
-                    bar.set_postfix(loss=f"{avg_loss:.4f}", refresh=False)
-                bar.update(1)
+            with adaptive or contextlib.nullcontext():
+                for iters in range(max_iters):
+                    t_step = time.perf_counter()
+                    batch_x = xe[iters * batch_size:(iters + 1) * batch_size]
+                    batch_t = te[iters * batch_size:(iters + 1) * batch_size]
+                    if comm is not None:
+                        batch_x, batch_t = comm.shard(batch_x, batch_t)
+                    loss = model.forward(batch_x, batch_t)
+                    model.backward()
+                    p, g = remove_duplicate(params, grads) if shared else (params, grads)
+                    if comm is not None:  # the global batch's gradient and loss, every rank
+                        loss = comm.allreduce_grads(g, loss, count=len(batch_x))
+                    if max_grad is not None:
+                        clip_grads(g, max_grad)
+                    optimizer.update(p, g)
+                    if adaptive is not None:
+                        adaptive.step(time.perf_counter() - t_step)
+                    total_loss += loss
+                    loss_count += 1
+                    epoch_loss += loss
+                    if eval_interval is not None and iters % eval_interval == 0:
+                        avg_loss = total_loss / loss_count
+                        self.loss_list.append(float(avg_loss))
+                        total_loss, loss_count = 0.0, 0
+                        bar.set_postfix(loss=f"{avg_loss:.4f}", refresh=False)
+                    bar.update(1)
             seconds = time.perf_counter() - start
             if comm is not None:
                 comm.check_identical(params)

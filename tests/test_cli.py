@@ -58,6 +58,9 @@ def test_train_writes_model_metrics_and_plots(trained):
     assert entry["epoch"] == 1 and "loss" in entry and "test_accuracy" in entry
     assert metrics["test_accuracy"] == entry["test_accuracy"]
     assert metrics["config"]["d_model"] == 16
+    # --threads auto (the default) chose a BLAS thread count at every step
+    assert metrics["args"]["threads"] == "auto"
+    assert sum(metrics["blas_thread_steps"].values()) == metrics["steps"]
     model = load_model(out / "model.npz")
     assert model.config.d_model == 16 and model.config.n_heads == 2
     assert model.question_width == 29 and model.answer_width == 11
@@ -94,6 +97,8 @@ def test_train_without_matplotlib_warns_and_skips_plots(tmp_path, small_data, mo
     (["--lr", "nan"], "--lr"),
     (["--d-model", "16", "--heads", "3"], "multiple"),
     (["--backend", "cuda"], "--backend"),
+    (["--threads", "many"], "--threads"),
+    (["--threads", "-1"], "--threads"),
     (["--no-such-flag"], "unrecognized"),
 ])
 def test_train_bad_flags_exit_2(flags, message, capsys):

@@ -39,7 +39,7 @@ class TrainSettings:
     lr: float = 3e-3
     warmup: int = 200
     max_grad: float = 1.0
-    threads: int = 0  # BLAS: the library's own default (all cores)
+    threads: int | str = "auto"  # BLAS: all cores, or one when that is faster (0: BLAS's own)
     numba_threads: int = 1
     seed: int = 0
     out: str = "runs"
@@ -108,14 +108,25 @@ _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0,
                           "a positive finite number", unreadable="a positive number")
 
 
-def add_run_flags(parser, threads_help: str, numba_threads_help: str) -> None:
-    """--backend, --threads (BLAS) and --numba-threads, as train and profile take them."""
+def _threads_or_auto(text: str):
+    return "auto" if text == "auto" else _nonneg_int(text)
+
+
+def start_threads(threads) -> int:
+    """The BLAS threads that a run starts with: ``"auto"`` starts on BLAS's own count (0)."""
+    return 0 if threads == "auto" else threads
+
+
+def add_run_flags(parser, threads_help: str, numba_threads_help: str, *,
+                  auto: bool = False) -> None:
+    """--backend, --threads (BLAS; with ``auto`` also "auto", the default) and
+    --numba-threads, as train and profile take them."""
     from fastattn.kernels import BACKENDS
 
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="kernel backend (default: the current one, normally numba)")
-    parser.add_argument("--threads", type=_nonneg_int, default=TrainSettings.threads,
-                        help=threads_help)
+    parser.add_argument("--threads", type=_threads_or_auto if auto else _nonneg_int,
+                        default=TrainSettings.threads if auto else 0, help=threads_help)
     parser.add_argument("--numba-threads", type=_nonneg_int,
                         default=TrainSettings.numba_threads, help=numba_threads_help)
 
@@ -144,11 +155,14 @@ def configure(parser):
                         help="warm-up steps (default: %(default)s)")
     parser.add_argument("--max-grad", type=_positive_float, default=d.max_grad,
                         help="clip the gradient norm to this (default: %(default)s)")
-    add_run_flags(parser, "BLAS threads; 0 leaves BLAS's own default, all cores "
-                          "(default: %(default)s). On a busy machine 1 can be faster",
+    add_run_flags(parser, "BLAS threads: 'auto' starts on all cores and switches to one "
+                          "thread while that makes the steps faster, as when another "
+                          "process keeps a core busy (it measures the steps: a few of each "
+                          "64 run on the other count); N runs on N threads; 0 leaves BLAS's "
+                          "own default, all cores (default: %(default)s)",
                   "threads of the Numba kernels; 0 leaves Numba's default. At the date "
                   "model's sizes the kernels are small, and one thread beside "
-                  "multi-threaded BLAS is the fastest (default: %(default)s)")
+                  "multi-threaded BLAS is the fastest (default: %(default)s)", auto=True)
     parser.add_argument("--seed", type=_nonneg_int, default=d.seed,
                         help="seed of the weights and the batch order (default: %(default)s)")
     parser.add_argument("--out", default=d.out,
@@ -213,7 +227,7 @@ def run(args) -> int:
 
 
 def _run_limited(args) -> int:
-    with limit_threads(args.threads, args.numba_threads):
+    with limit_threads(start_threads(args.threads), args.numba_threads):
         return _run(args)
 
 
@@ -311,7 +325,8 @@ def train(args, task: Task, model, backend: str, seconds: dict, comm=None):
     trainer = Trainer(model, optimizer, seed=args.seed, comm=comm)
     trainer.fit(task.x_train, task.t_train, max_epoch=args.epochs, batch_size=args.batch_size,
                 max_grad=args.max_grad, eval_interval=20, callback=evaluate,
-                progress=not args.no_progress)
+                progress=not args.no_progress,
+                blas_threads="auto" if args.threads == "auto" and comm is None else None)
     return trainer
 
 
@@ -350,6 +365,9 @@ def report(args, task: Task, model, trainer, backend: str, seconds: dict, t_star
                  "lr": args.lr, "warmup": args.warmup, "max_grad": args.max_grad,
                  "backend": backend, "threads": args.threads,
                  "numba_threads": args.numba_threads, "seed": args.seed},
+        # steps per BLAS thread count ("auto" chooses it; {} when the count was fixed)
+        "blas_thread_steps": {str(n): trainer.blas_counts.count(n)
+                              for n in sorted(set(trainer.blas_counts), reverse=True)},
         "examples": examples,
     }
     model_path = os.path.join(args.out, "model.npz")

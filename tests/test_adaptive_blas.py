@@ -1,0 +1,154 @@
+"""fit(blas_threads="auto"): BLAS's thread count chosen from the steps' times
+(fastattn._adaptive_blas). The policy runs on made-up step times; BLAS itself, the Trainer
+and the command line on the real thing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastattn._adaptive_blas import AdaptiveBlas
+from fastattn.commands.train import limit_threads
+from fastattn.optim import Adam
+from fastattn.trainer import Trainer
+from fastattn.transformer import TransformerSeq2seq
+
+
+class Machine:
+    """Step times of a made-up 2-core machine, as the README's Xeon behaves: quiet, a step
+    takes 1.0 on 2 BLAS threads and ``one`` on 1; with ``load`` (another process keeps a
+    core busy) 2 threads take ``loaded``, one thread still ``one``. Records every count
+    the policy sets."""
+
+    def __init__(self, one=1.6, loaded=2.0):
+        self.one, self.loaded, self.load, self.set = one, loaded, False, []
+
+    def seconds(self, count):
+        return self.one if count == 1 else self.loaded if self.load else 1.0
+
+    def run(self, blas, steps):
+        for _ in range(steps):
+            blas.step(self.seconds(blas.running))
+
+
+def test_a_quiet_machine_stays_on_every_core_and_probes_one_thread_now_and_then():
+    m = Machine()
+    with AdaptiveBlas(probe=3, every=10, most=2, limits=m.set.append) as blas:
+        m.run(blas, 40)
+    # 3 steps to measure, 3 on one thread; then 10 on 2 threads before each probe of 3
+    assert blas.counts == [2] * 3 + [1] * 3 + ([2] * 10 + [1] * 3) * 2 + [2] * 8
+    assert m.set == [1, 2] * 3  # BLAS is set only when the count changes
+    assert blas.current == 2
+
+
+def test_a_loaded_machine_goes_to_one_thread_and_comes_back_when_the_load_ends():
+    m = Machine()
+    m.load = True
+    with AdaptiveBlas(probe=3, every=10, most=2, limits=m.set.append) as blas:
+        m.run(blas, 6)
+        assert blas.counts == [2] * 3 + [1] * 3 and blas.current == 1
+        m.run(blas, 13)  # on one thread, a probe of two threads after 10 steps: it stays
+        assert blas.counts[6:] == [1] * 10 + [2] * 3 and blas.current == 1
+        m.load = False
+        m.run(blas, 13)  # the next probe finds two threads faster again
+        assert blas.counts[19:] == [1] * 10 + [2] * 3 and blas.current == 2
+
+
+def test_load_that_slows_the_steps_down_starts_a_probe_at_once():
+    """The steps on the current count growing ``jump`` times slower than at the last choice
+    start a probe before ``every`` steps have passed."""
+    m = Machine()
+    with AdaptiveBlas(probe=3, every=50, most=2, limits=m.set.append) as blas:
+        m.run(blas, 10)  # chose 2 threads after the first probe
+        assert blas.current == 2 and blas.counts[-1] == 2
+        m.load = True  # 2 times slower on 2 threads: more than jump (1.5)
+        m.run(blas, 5)  # 2 slow steps make the median of 3 slow; then the probe
+        assert blas.counts[10:] == [2] * 2 + [1] * 3 and blas.current == 1
+
+
+def test_a_probe_must_win_by_the_margin():
+    m = Machine(one=0.98, loaded=1.0)  # one thread 2% faster: below the 5% margin
+    with AdaptiveBlas(probe=3, every=10, most=2, limits=m.set.append) as blas:
+        m.run(blas, 6)
+    assert blas.current == 2 and m.set == [1, 2]
+
+
+def test_one_count_only_changes_nothing():
+    m = Machine()
+    with AdaptiveBlas(most=1, limits=m.set.append) as blas:
+        m.run(blas, 200)
+    assert blas.counts == [1] * 200 and m.set == []
+
+
+def test_the_choice_carries_over_to_the_next_block():
+    """One AdaptiveBlas over several epochs: each ``with`` sets BLAS to the choice so far."""
+    m = Machine()
+    m.load = True
+    blas = AdaptiveBlas(probe=2, every=10, most=2, limits=m.set.append)
+    with blas:
+        m.run(blas, 4)
+    assert blas.current == 1 and m.set == [1]
+    with blas:  # BLAS is back at 2 between blocks (the real limits restore it on exit)
+        assert m.set == [1, 1]
+        m.run(blas, 2)
+    assert blas.counts[4:] == [1, 1]
+
+
+@pytest.mark.parametrize("kw", [dict(probe=0), dict(every=0), dict(jump=1.0),
+                                dict(margin=1.0), dict(margin=-0.1)])
+def test_bad_settings_raise(kw):
+    with pytest.raises(ValueError):
+        AdaptiveBlas(**kw)
+
+
+def _blas_threads():
+    from fastattn.kernels import _blas
+
+    return [lib.num_threads for lib in _blas.every_blas().lib_controllers]
+
+
+def test_it_sets_every_blas_and_gives_the_count_back():
+    """With the real BLAS: a probe runs every BLAS on one thread, and the counts come back
+    on exit."""
+    with limit_threads(2, 0):
+        if max(_blas_threads()) < 2:
+            pytest.skip("BLAS runs one thread here: nothing to choose")
+        before = _blas_threads()
+        with AdaptiveBlas(probe=1, every=100) as blas:
+            assert blas.choices == (max(before), 1)
+            blas.step(1.0)  # the first probe starts: one thread
+            assert blas.running == 1 and _blas_threads() == [1] * len(before)
+            blas.step(2.0)  # slower: back to every core
+            assert blas.running == max(before) == max(_blas_threads())
+            blas.step(2.0)  # twice as slow as at that choice: a probe at once
+            assert blas.running == 1
+            assert _blas_threads() == [1] * len(before)
+        assert _blas_threads() == before
+
+
+def _fit(blas_threads):
+    rng = np.random.default_rng(0)
+    x, t = rng.integers(0, 9, (48, 6)), rng.integers(0, 9, (48, 5))
+    model = TransformerSeq2seq(9, d_model=16, n_heads=2, d_ff=32, max_len=6, seed=0,
+                               backend="numba")
+    trainer = Trainer(model, Adam(lr=1e-2), seed=1)
+    trainer.fit(x, t, max_epoch=2, batch_size=8, progress=False, blas_threads=blas_threads)
+    return trainer, model
+
+
+def test_fit_auto_trains_as_a_fixed_count_does():
+    """The count changes the speed only: the same losses and weights as without "auto" (with
+    these BLAS products, the same bits on one thread or two), and one count per step."""
+    with limit_threads(2, 1):
+        auto, m_auto = _fit("auto")
+        fixed, m_fixed = _fit(None)
+    assert len(auto.blas_counts) == 12 and fixed.blas_counts == []
+    assert set(auto.blas_counts) <= {1, max(_blas_threads())}
+    assert auto.loss_list == fixed.loss_list
+    for a, b in zip(m_auto.params, m_fixed.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_rejects_other_blas_threads():
+    with pytest.raises(ValueError, match="blas_threads"):
+        _fit(2)
