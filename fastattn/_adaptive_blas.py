@@ -7,11 +7,14 @@ is faster: the date model's step (the Intel Xeon of the README) took a median of
 quiet machine. Which is faster changes while a job runs, so :class:`AdaptiveBlas` measures:
 
 * it starts with BLAS on its thread count when entered (``most``, all cores by default);
-* ``probe`` steps after that, then every ``every`` steps, and sooner when the median of the
-  last ``probe`` steps has grown ``jump`` times over its value at the last choice (another
-  process took a core), it runs ``probe`` steps on the other count (``most`` or 1) and keeps
-  that count when their median beats the median of the ``probe`` steps just before by
-  ``margin``.
+* ``probe`` steps after that, then ``every`` steps after each choice, and sooner when the
+  median of the last ``probe`` steps has grown ``jump`` times over its value at the last
+  choice (another process took a core), it runs ``probe`` steps on the other count
+  (``most`` or 1) and keeps that count when their median beats the median of the ``probe``
+  steps just before by ``margin``;
+* each probe that loses doubles the steps to the next one, up to 8 ``every``: on a machine
+  with many cores one thread is several times slower, and probing it often would cost more
+  than it can find.
 
 Only the thread count changes. With OpenBLAS's products the results are the same bits on one
 thread or more (it does not split the sum of a product between threads; the tests check the
@@ -76,6 +79,7 @@ class AdaptiveBlas:
             self._recent: deque = deque(maxlen=self.probe)  # times on the current count
             self._before: list = []  # its last times when a probe began
             self._probing: list | None = None  # times of the probe under way
+            self._every = self.every  # steps from a choice to the next probe
             self._since = self.every  # steps since the last choice: probe once recent is full
             self._reference = None  # median on the current count at the last choice
         elif self.running != self.choices[0]:  # exit gave BLAS its count back
@@ -105,8 +109,10 @@ class AdaptiveBlas:
             probed, before = statistics.median(self._probing), statistics.median(self._before)
             if probed < (1 - self.margin) * before:
                 self.current, self._reference = self.running, probed
+                self._every = self.every
             else:
                 self._reference = before
+                self._every = min(2 * self._every, 8 * self.every)
             self._probing, self._since = None, 0
             self._recent.clear()
             self._run(self.current)
@@ -116,7 +122,7 @@ class AdaptiveBlas:
         if len(self._recent) < self.probe:
             return
         now = statistics.median(self._recent)
-        if self._since >= self.every or (self._reference is not None
+        if self._since >= self._every or (self._reference is not None
                                          and now > self.jump * self._reference):
             self._before, self._probing = list(self._recent), []
             self._run(next(c for c in self.choices if c != self.current))

@@ -31,13 +31,17 @@ class Machine:
             blas.step(self.seconds(blas.running))
 
 
-def test_a_quiet_machine_stays_on_every_core_and_probes_one_thread_now_and_then():
+def test_a_quiet_machine_stays_on_every_core_and_probes_one_thread_ever_less_often():
     m = Machine()
     with AdaptiveBlas(probe=3, every=10, most=2, limits=m.set.append) as blas:
-        m.run(blas, 40)
-    # 3 steps to measure, 3 on one thread; then 10 on 2 threads before each probe of 3
-    assert blas.counts == [2] * 3 + [1] * 3 + ([2] * 10 + [1] * 3) * 2 + [2] * 8
-    assert m.set == [1, 2] * 3  # BLAS is set only when the count changes
+        m.run(blas, 300)
+    # 3 steps to measure, 3 on one thread; then 20, 40, 80, 80 steps on 2 threads before
+    # each probe of 3 (each probe lost: the wait, 10, doubles, up to 8 every)
+    want = [2] * 3 + [1] * 3
+    for wait in (20, 40, 80, 80):
+        want += [2] * wait + [1] * 3
+    assert blas.counts == (want + [2] * 300)[:300]
+    assert m.set == [1, 2] * 5  # BLAS is set only when the count changes
     assert blas.current == 2
 
 
@@ -50,8 +54,10 @@ def test_a_loaded_machine_goes_to_one_thread_and_comes_back_when_the_load_ends()
         m.run(blas, 13)  # on one thread, a probe of two threads after 10 steps: it stays
         assert blas.counts[6:] == [1] * 10 + [2] * 3 and blas.current == 1
         m.load = False
-        m.run(blas, 13)  # the next probe finds two threads faster again
-        assert blas.counts[19:] == [1] * 10 + [2] * 3 and blas.current == 2
+        m.run(blas, 23)  # the next probe (20 steps on: the last one lost) finds 2 faster
+        assert blas.counts[19:] == [1] * 20 + [2] * 3 and blas.current == 2
+        m.run(blas, 13)  # a probe that won: the wait is back at 10 steps
+        assert blas.counts[42:] == [2] * 10 + [1] * 3 and blas.current == 2
 
 
 def test_load_that_slows_the_steps_down_starts_a_probe_at_once():

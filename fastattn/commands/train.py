@@ -157,8 +157,8 @@ def configure(parser):
                         help="clip the gradient norm to this (default: %(default)s)")
     add_run_flags(parser, "BLAS threads: 'auto' starts on all cores and switches to one "
                           "thread while that makes the steps faster, as when another "
-                          "process keeps a core busy (it measures the steps: a few of each "
-                          "64 run on the other count); N runs on N threads; 0 leaves BLAS's "
+                          "process keeps a core busy (it measures the steps: now and then "
+                          "3 run on the other count); N runs on N threads; 0 leaves BLAS's "
                           "own default, all cores (default: %(default)s)",
                   "threads of the Numba kernels; 0 leaves Numba's default. At the date "
                   "model's sizes the kernels are small, and one thread beside "
