@@ -17,8 +17,8 @@ quiet machine. Which is faster changes while a job runs, so :class:`AdaptiveBlas
   than it can find.
 
 Only the thread count changes. With OpenBLAS's products the results are the same bits on one
-thread or more (it does not split the sum of a product between threads; the tests check the
-training step), so the choice changes the speed alone.
+thread or more (it does not split the sum of a product between threads; a test checks a
+training run's bits), so the choice changes the speed alone.
 """
 
 from __future__ import annotations

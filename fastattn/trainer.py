@@ -12,11 +12,13 @@ questions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import numpy as np
 
+from fastattn._adaptive_blas import AdaptiveBlas
 from fastattn.optim import clip_grads
 
 __all__ = ["Trainer", "eval_seq2seq", "exact_match", "remove_duplicate"]
@@ -87,11 +89,7 @@ class Trainer:
         lists the count each step ran with; the evaluations in ``callback`` run with BLAS's
         own count.
         """
-        import contextlib
-
         from tqdm.auto import tqdm
-
-        from fastattn._adaptive_blas import AdaptiveBlas
 
         x = np.asarray(x)
         t = np.asarray(t)
