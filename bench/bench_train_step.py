@@ -383,30 +383,22 @@ def check_greedy(ids, xs, start, model):
 
 
 @pytest.mark.parametrize("backend", ["numba", "vectorized"])
-def test_generate_batch_fastattn(benchmark, check_then_time, backend):
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["batch", "one_at_a_time"])
+def test_generate_batch_fastattn(benchmark, check_then_time, backend, one_at_a_time):
     task, _, _ = _batch()
-    xs = task.x_test[:2000]
+    xs = task.x_test[:100 if one_at_a_time else 2000]
     start, L = task.t_test[0, 0], task.t_test.shape[1] - 1
     model = _model(backend)
-    benchmark.group = f"greedy decoding ({len(xs)} questions, {L} ids each, default model)"
-    benchmark.extra_info["backend"] = backend
-    check_then_time(model.generate_batch, (xs, start, L),
-                    check=lambda ids: check_greedy(ids, xs, start, model),
-                    work={"kquestions/s": len(xs) * 1e6})
-
-
-@pytest.mark.parametrize("backend", ["numba", "vectorized"])
-def test_generate_one_question_at_a_time_fastattn(benchmark, check_then_time, backend):
-    task, _, _ = _batch()
-    xs = task.x_test[:100]
-    start, L = task.t_test[0, 0], task.t_test.shape[1] - 1
-    model = _model(backend)
-    benchmark.group = f"one question at a time ({len(xs)} calls, {L} ids each, default model)"
+    benchmark.group = (f"one question at a time ({len(xs)} calls, {L} ids each, default model)"
+                       if one_at_a_time else
+                       f"greedy decoding ({len(xs)} questions, {L} ids each, default model)")
     benchmark.extra_info["backend"] = backend
 
-    def one_at_a_time():
+    def decode():
+        if not one_at_a_time:
+            return model.generate_batch(xs, start, L)
         return np.concatenate([model.generate_batch(xs[i:i + 1], start, L)
                                for i in range(len(xs))])
 
-    check_then_time(one_at_a_time, check=lambda ids: check_greedy(ids, xs, start, model),
+    check_then_time(decode, check=lambda ids: check_greedy(ids, xs, start, model),
                     work={"kquestions/s": len(xs) * 1e6})
