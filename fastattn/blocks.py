@@ -345,10 +345,10 @@ class DecoderBlock:
 
         def attending(att):  # MultiHeadAttention._attend at T = 1
             kernel = _backend.kernel("attention_forward", forward_backend(att))
-            H, (W_out, b_out) = att.n_heads, att.params[2:]
+            H, d_head, (W_out, b_out) = att.n_heads, att.d_head, att.params[2:]
 
             def attention(q2, k, v, kw, causal):
-                q = np.ascontiguousarray(q2).reshape(B * H, 1, dh)
+                q = np.ascontiguousarray(q2).reshape(B * H, 1, d_head)
                 o, _ = kernel(q, k, v, att.scale, causal, None, **kw)
                 y = o.reshape(B, -1) @ W_out
                 y += b_out

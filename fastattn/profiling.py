@@ -127,19 +127,18 @@ class Profile:
         for model, root in zip(self.models, self.names, strict=True):
             for path, layer in find_layers(model, root):
                 label = f"{path} ({type(layer).__name__})"
-                for phase in _PHASES + tuple(
-                        p for p in _GENERATION if callable(getattr(layer, p, None))):
-                    had_own = phase in vars(layer)
-                    original = getattr(layer, phase)
-                    setattr(layer, phase, self._timed(("layer", label, phase), original))
-                    self._patched.append((layer, phase, had_own, original))
-                for method, phase in _STEPPERS.items():
-                    if callable(getattr(layer, method, None)):
-                        had_own = method in vars(layer)
-                        original = getattr(layer, method)
-                        setattr(layer, method, self._timed_maker(("layer", label, phase),
-                                                                 original))
-                        self._patched.append((layer, method, had_own, original))
+                # (method, phase it is timed as, wrapper): the methods themselves, and the
+                # steppers, whose step functions come back timed
+                wraps = ([(p, p, self._timed) for p in _PHASES]
+                         + [(p, p, self._timed) for p in _GENERATION]
+                         + [(m, p, self._timed_maker) for m, p in _STEPPERS.items()])
+                for method, phase, wrap in wraps:
+                    if method not in _PHASES and not callable(getattr(layer, method, None)):
+                        continue
+                    had_own = method in vars(layer)
+                    original = getattr(layer, method)
+                    setattr(layer, method, wrap(("layer", label, phase), original))
+                    self._patched.append((layer, method, had_own, original))
         self._previous = _backend.set_profiler(self)
         self._t0 = time.perf_counter()
         return self
