@@ -18,7 +18,9 @@ quiet machine. Which is faster changes while a job runs, so :class:`AdaptiveBlas
 
 Only the thread count changes. With OpenBLAS's products the results are the same bits on one
 thread or more (it does not split the sum of a product between threads; a test checks a
-training run's bits), so the choice changes the speed alone.
+training run's bits), so the choice changes the speed alone. Another BLAS (MKL, BLIS) may
+split the sums, and then the bits would depend on the steps' times: with one loaded, the
+count stays BLAS's own.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class AdaptiveBlas:
     def __enter__(self):
         """Set BLAS to the count chosen so far (first: its own count, ``most``)."""
         self._restore = None
-        limits, most = self._limits, 1
+        limits, most, fixed = self._limits, 1, False
         if limits is None:
             from fastattn.kernels import _blas
 
@@ -71,10 +73,12 @@ class AdaptiveBlas:
 
             self._restore = restore
             most = max((n for _, n in saved), default=1)
+            # no choice with a BLAS that may split sums: the bits could depend on the count
+            fixed = any(lib.internal_api != "openblas" for lib in libs)
         self._set = limits
         if not hasattr(self, "choices"):  # the first entry: the choice starts
             most = self._most or most
-            self.choices = (most, 1) if most > 1 else (most,)
+            self.choices = (most, 1) if most > 1 and not fixed else (most,)
             self.current = self.running = most  # BLAS runs with this already
             self._recent: deque = deque(maxlen=self.probe)  # times on the current count
             self._before: list = []  # its last times when a probe began

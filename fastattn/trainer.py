@@ -75,7 +75,7 @@ class Trainer:
         return np.random.permutation(n) if self._rng is None else self._rng.permutation(n)
 
     def fit(self, x, t, max_epoch=10, batch_size=32, max_grad=None, eval_interval=20, *,
-            callback=None, progress=True, blas_threads=None):
+            callback=None, progress=True, blas_threads="auto"):
         """Train on (x, t) for ``max_epoch`` epochs of ``len(x) // batch_size`` steps.
 
         max_grad: clip the joint gradient norm to this (None: no clipping).
@@ -83,11 +83,15 @@ class Trainer:
         callback(trainer, epoch) -> dict or None, called after each epoch; a dict is merged
         into that epoch's ``history`` entry (and shown in the progress bar).
         progress: show a tqdm progress bar.
-        blas_threads: None leaves BLAS's thread count as it is; ``"auto"`` chooses, from the
-        steps' times, between BLAS's thread count and one thread (one is faster when another
-        process keeps a core busy; :mod:`fastattn._adaptive_blas`). ``blas_counts`` then
-        lists the count each step ran with; the evaluations in ``callback`` run with BLAS's
-        own count.
+        blas_threads: ``"auto"`` (the default) chooses, from the steps' times, between BLAS's
+        thread count and one thread (one is faster when another process keeps a core busy;
+        :mod:`fastattn._adaptive_blas`); None leaves BLAS's thread count as it is.
+        ``blas_counts`` lists the count each step ran with (empty with None); the
+        evaluations in ``callback`` run with BLAS's own count. The choice changes the speed
+        only: it is made only when every BLAS loaded is OpenBLAS, whose products are the same
+        bits on any thread count (else the count stays BLAS's own), and not with ``comm``
+        (the ranks wait for each other at every step, so a step's time is not the rank's
+        own; ``fastattn train`` gives each rank its share of the cores instead).
         """
         from tqdm.auto import tqdm
 
@@ -111,7 +115,7 @@ class Trainer:
         comm = self.comm
         if comm is not None:
             progress = progress and comm.rank == 0
-        adaptive = AdaptiveBlas() if blas_threads == "auto" else None
+        adaptive = AdaptiveBlas() if blas_threads == "auto" and comm is None else None
         self.blas_counts = adaptive.counts if adaptive is not None else []
 
         for _ in range(int(max_epoch)):

@@ -1,4 +1,4 @@
-"""fit(blas_threads="auto"): BLAS's thread count chosen from the steps' times
+"""fit(blas_threads="auto"), the default: BLAS's thread count chosen from the steps' times
 (fastattn._adaptive_blas). The policy runs on made-up step times; BLAS itself, the Trainer
 and the command line on the real thing."""
 
@@ -132,13 +132,69 @@ def test_it_sets_every_blas_and_gives_the_count_back():
         assert _blas_threads() == before
 
 
-def _fit(blas_threads):
+class FakeBlas:
+    """A threadpoolctl library controller of a BLAS ``api`` ("openblas", "mkl") on
+    ``threads`` threads that records the counts it is set to."""
+
+    def __init__(self, api, threads=2):
+        self.internal_api, self.num_threads, self.set = api, threads, []
+
+    def set_num_threads(self, n):
+        self.set.append(n)
+        self.num_threads = n
+
+
+@pytest.mark.parametrize("api", ["openblas", "mkl", "blis"])
+def test_only_openblas_counts_are_chosen(monkeypatch, api):
+    """With a BLAS other than OpenBLAS loaded (its products may split sums between threads,
+    so the bits could depend on the count), "auto" keeps BLAS's own count; with OpenBLAS
+    only, the first probe sets one thread."""
+    from fastattn.kernels import _blas
+
+    libs = [FakeBlas("openblas"), FakeBlas(api)]
+    monkeypatch.setattr(_blas, "every_blas",
+                        lambda: type("Controller", (), {"lib_controllers": libs})())
+    with AdaptiveBlas(probe=1, every=1) as blas:
+        for _ in range(6):
+            blas.step(1.0)
+    if api == "openblas":
+        assert blas.choices == (2, 1) and 1 in blas.counts
+        assert all(lib.set[0] == 1 and lib.num_threads == 2 for lib in libs)
+    else:
+        assert blas.choices == (2,) and blas.counts == [2] * 6
+        assert all(lib.set == [2] and lib.num_threads == 2 for lib in libs)  # exit only
+
+
+class OneRank:
+    """A Trainer ``comm`` of one rank (what fastattn.distributed.Comm does on one)."""
+
+    rank, size = 0, 1
+
+    def bcast(self, x):
+        return x
+
+    def shard(self, *arrays):
+        return arrays
+
+    def allreduce_grads(self, grads, loss=None, count=1):
+        self.calls = getattr(self, "calls", 0) + 1
+        return loss
+
+    def check_identical(self, params):
+        pass
+
+
+_DEFAULT = object()
+
+
+def _fit(blas_threads=_DEFAULT, comm=None):
     rng = np.random.default_rng(0)
     x, t = rng.integers(0, 9, (48, 6)), rng.integers(0, 9, (48, 5))
     model = TransformerSeq2seq(9, d_model=16, n_heads=2, d_ff=32, max_len=6, seed=0,
                                backend="numba")
-    trainer = Trainer(model, Adam(lr=1e-2), seed=1)
-    trainer.fit(x, t, max_epoch=2, batch_size=8, progress=False, blas_threads=blas_threads)
+    trainer = Trainer(model, Adam(lr=1e-2), seed=1, comm=comm)
+    kw = {} if blas_threads is _DEFAULT else {"blas_threads": blas_threads}
+    trainer.fit(x, t, max_epoch=2, batch_size=8, progress=False, **kw)
     return trainer, model
 
 
@@ -152,6 +208,20 @@ def test_fit_auto_trains_as_a_fixed_count_does():
     assert set(auto.blas_counts) <= {1, max(_blas_threads())}
     assert auto.loss_list == fixed.loss_list
     for a, b in zip(m_auto.params, m_fixed.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_chooses_by_default_but_not_with_comm():
+    """Trainer.fit's default is "auto" (a count per step), except with ``comm``, whose ranks
+    wait for each other (no counts; the same losses and weights)."""
+    with limit_threads(2, 1):
+        default, m_default = _fit()
+        comm = OneRank()
+        ranks, m_ranks = _fit(comm=comm)
+    assert len(default.blas_counts) == 12 and ranks.blas_counts == []
+    assert comm.calls == 12  # the steps went through comm
+    assert default.loss_list == ranks.loss_list
+    for a, b in zip(m_default.params, m_ranks.params, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
