@@ -59,17 +59,16 @@ class AdaptiveBlas:
 
             libs = _blas.every_blas().lib_controllers
             saved = [(lib, lib.num_threads) for lib in libs]
-            ownership = _blas._ownership()
-            ownership.increment()  # this thread sets BLAS's limits until exit (threadpoolctl)
 
             def limits(n):
-                for lib in libs:
-                    lib.set_num_threads(n)
+                with _blas.Control():
+                    for lib in libs:
+                        lib.set_num_threads(n)
 
             def restore():
-                for lib, n in saved:
-                    lib.set_num_threads(n)
-                ownership.decrement()
+                with _blas.Control():
+                    for lib, n in saved:
+                        lib.set_num_threads(n)
 
             self._restore = restore
             most = max((n for _, n in saved), default=1)

@@ -88,6 +88,19 @@ class OneThread:
         return False
 
 
+class Control:
+    """Within the block this Python thread may set BLAS's thread count (threadpoolctl lets one
+    thread at a time set OpenBLAS's; see _ownership). The count set stays after the block."""
+
+    def __enter__(self):
+        _ownership().increment()
+        return self
+
+    def __exit__(self, *exc):
+        _ownership().decrement()
+        return False
+
+
 class _NoOwnership:
     def increment(self):
         pass

@@ -9,6 +9,7 @@ import pytest
 
 from fastattn._adaptive_blas import AdaptiveBlas
 from fastattn.commands.train import limit_threads
+from fastattn.kernels import _blas
 from fastattn.optim import Adam
 from fastattn.trainer import Trainer
 from fastattn.transformer import TransformerSeq2seq
@@ -108,8 +109,6 @@ def test_bad_settings_raise(kw):
 
 
 def _blas_threads():
-    from fastattn.kernels import _blas
-
     return [lib.num_threads for lib in _blas.every_blas().lib_controllers]
 
 
@@ -120,10 +119,14 @@ def test_it_sets_every_blas_and_gives_the_count_back():
         if max(_blas_threads()) < 2:
             pytest.skip("BLAS runs one thread here: nothing to choose")
         before = _blas_threads()
+        held = getattr(_blas._ownership(), "count", 0)  # limit_threads's
         with AdaptiveBlas(probe=1, every=100) as blas:
             assert blas.choices == (max(before), 1)
             blas.step(1.0)  # the first probe starts: one thread
             assert blas.running == 1 and _blas_threads() == [1] * len(before)
+            # and it holds no control of BLAS between steps (threadpoolctl: the limits that
+            # the kernels set from other threads would silently do nothing)
+            assert getattr(_blas._ownership(), "count", 0) == held
             blas.step(2.0)  # slower: back to every core
             assert blas.running == max(before) == max(_blas_threads())
             blas.step(2.0)  # twice as slow as at that choice: a probe at once
