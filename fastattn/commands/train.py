@@ -326,7 +326,7 @@ def train(args, task: Task, model, backend: str, seconds: dict, comm=None):
     trainer.fit(task.x_train, task.t_train, max_epoch=args.epochs, batch_size=args.batch_size,
                 max_grad=args.max_grad, eval_interval=20, callback=evaluate,
                 progress=not args.no_progress,
-                blas_threads="auto" if args.threads == "auto" and comm is None else None)
+                blas_threads="auto" if args.threads == "auto" else None)  # fit: none with comm
     return trainer
 
 
