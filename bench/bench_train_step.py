@@ -28,6 +28,14 @@ Group ``one question at a time``: 100 calls of ``generate_batch`` with one test 
 (``translate`` of a single question, ``fastattn translate`` with one argument), checked the
 same way. Here the Python around each decoding step's small kernels is most of the time.
 
+Group ``Trainer.fit next to a busy core``: ``Trainer.fit`` with the library's defaults
+(Numba's and BLAS's own thread counts) for one epoch of ``FIT_STEPS`` steps of the default
+model, on a quiet machine and with another process spinning (it keeps about one core busy),
+with ``fit``'s default ``blas_threads="auto"`` and with the count fixed (``None``). Before
+it is timed, each fit is checked to run as configured: every step counted on a BLAS count
+(one per step with ``auto``), the spinning process alive from the first step to the last,
+and the loss falling. Compare a busy row's time with the quiet row's of the same setting.
+
 Run::
 
     python -m pytest bench/bench_train_step.py -k fastattn --benchmark-only   # timings
@@ -38,6 +46,8 @@ Run::
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -51,6 +61,7 @@ from fastattn.commands.train import (
     start_threads,
 )
 from fastattn.optim import Adam
+from fastattn.trainer import Trainer
 from fastattn.transformer import TransformerConfig as MODEL
 
 GROUP = (f"train step (date task, batch {TrainSettings.batch_size}, d_model {MODEL.d_model}, "
@@ -402,3 +413,54 @@ def test_generate_batch_fastattn(benchmark, check_then_time, backend, one_at_a_t
 
     check_then_time(decode, check=lambda ids: check_greedy(ids, xs, start, model),
                     work={"kquestions/s": len(xs) * 1e6})
+
+
+# --------------------------------------------------------------------------- next to a busy core
+
+FIT_STEPS = 48
+
+
+@pytest.fixture(params=[False, True], ids=["quiet", "busy_core"])
+def spinner(request):
+    """None, or another process spinning for the test's duration (about one core kept busy)."""
+    if not request.param:
+        yield None
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("blas_threads", ["auto", None], ids=["auto", "fixed"])
+def test_fit_next_to_a_busy_core(benchmark, check_then_time, spinner, blas_threads):
+    task, _, _ = _batch()
+    n = FIT_STEPS * TrainSettings.batch_size
+    x, t = task.x_train[:n], task.t_train[:n]
+    model = _model("numba")
+    trainer = Trainer(model, Adam(lr=TrainSettings.lr), seed=TrainSettings.seed)
+    seen = {}
+
+    def fit():
+        seen["spinning"] = spinner is None or spinner.poll() is None
+        trainer.fit(x, t, max_epoch=1, batch_size=TrainSettings.batch_size, eval_interval=1,
+                    progress=False, blas_threads=blas_threads)
+        seen["spinning"] &= spinner is None or spinner.poll() is None
+        return trainer
+
+    def check(trainer):
+        assert seen["spinning"], "the spinning process ended before the fit did"
+        counts = trainer.blas_counts
+        assert len(counts) == (FIT_STEPS if blas_threads == "auto" else 0), counts
+        losses = trainer.loss_list[-FIT_STEPS:]
+        assert len(losses) == FIT_STEPS and np.all(np.isfinite(losses))
+        assert np.mean(losses[-8:]) < np.mean(losses[:8]), "the loss did not fall"
+        benchmark.extra_info["one_thread_steps"] = int(sum(c == 1 for c in counts))
+
+    benchmark.group = (f"Trainer.fit next to a busy core ({FIT_STEPS} steps of the default "
+                       f"model, library's thread defaults)")
+    benchmark.extra_info["blas_threads"] = blas_threads
+    benchmark.extra_info["load"] = "quiet" if spinner is None else "one core busy"
+    check_then_time(fit, check=check, rounds=3, work={"steps/s": FIT_STEPS * 1e9})
