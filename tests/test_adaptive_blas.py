@@ -152,8 +152,6 @@ def test_only_openblas_counts_are_chosen(monkeypatch, api):
     """With a BLAS other than OpenBLAS loaded (its products may split sums between threads,
     so the bits could depend on the count), "auto" keeps BLAS's own count; with OpenBLAS
     only, the first probe sets one thread."""
-    from fastattn.kernels import _blas
-
     libs = [FakeBlas("openblas"), FakeBlas(api)]
     monkeypatch.setattr(_blas, "every_blas",
                         lambda: type("Controller", (), {"lib_controllers": libs})())
