@@ -60,17 +60,15 @@ class AdaptiveBlas:
             libs = _blas.every_blas().lib_controllers
             saved = [(lib, lib.num_threads) for lib in libs]
 
+            def set_counts(pairs):
+                with _blas.Control():
+                    for lib, n in pairs:
+                        lib.set_num_threads(n)
+
             def limits(n):
-                with _blas.Control():
-                    for lib in libs:
-                        lib.set_num_threads(n)
+                set_counts((lib, n) for lib in libs)
 
-            def restore():
-                with _blas.Control():
-                    for lib, n in saved:
-                        lib.set_num_threads(n)
-
-            self._restore = restore
+            self._restore = lambda: set_counts(saved)
             most = max((n for _, n in saved), default=1)
             # no choice with a BLAS that may split sums: the bits could depend on the count
             fixed = any(lib.internal_api != "openblas" for lib in libs)

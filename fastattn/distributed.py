@@ -387,7 +387,9 @@ def run_train(args, run) -> int:
             parser.error(msg)  # the usage line, exit status 2
         print(f"fastattn train: error: {msg}", file=sys.stderr)
         return 2
-    args.threads = threads_per_rank(0 if args.threads == "auto" else args.threads)
+    from fastattn.commands.train import start_threads
+
+    args.threads = threads_per_rank(start_threads(args.threads))
     return run_on_all_ranks(_announce_and_run, run, args, prog="fastattn train")
 
 
