@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass, fields
 
@@ -231,13 +232,19 @@ def write_file(path: str, key: dict, setting: Setting, measured: dict | None = N
 
 
 _state: dict = {}
+# held while the setting is read or put in force: without it, a use() on one thread while
+# another thread reads the file for the first time could be overwritten by that read
+_state_lock = threading.RLock()
 
 
 def current() -> tuple[Setting, str]:
     """The setting in force and where it comes from (read once per process)."""
-    now = _state.get("current")
-    if now is None:  # one entry, so that a thread reading it meanwhile sees all or nothing
-        now = _state["current"] = _load()
+    now = _state.get("current")  # one entry: a thread reading it sees all or nothing
+    if now is None:
+        with _state_lock:
+            now = _state.get("current")
+            if now is None:
+                now = _state["current"] = _load()
     return now
 
 
@@ -253,6 +260,7 @@ def _load():
 
 def use(setting: Setting | None, source: str = "set in this process") -> None:
     """Put ``setting`` in force in this process (None: read the defaults and file again)."""
-    _state.clear()
-    if setting is not None:
-        _state["current"] = setting.check(), source
+    with _state_lock:
+        _state.clear()
+        if setting is not None:
+            _state["current"] = setting.check(), source

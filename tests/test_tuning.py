@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -201,6 +202,32 @@ def test_two_processes_writing_at_once_leave_a_whole_file(tune_file):
     final = json.loads(tune_file.read_text())
     assert final["setting"]["block_q"] in (16, 32)
     assert not list(tune_file.parent.glob(".tmp-*")), "no temporary file is left behind"
+
+
+def test_a_setting_put_in_force_while_another_thread_reads_the_file_stays(monkeypatch):
+    """use() on one thread while another thread's first current() is still reading the file:
+    the setting put in force wins, and the read does not overwrite it afterwards."""
+    reading, release = threading.Event(), threading.Event()
+    loaded = (_tuning.DEFAULTS["avx512"], "read from the file")
+
+    def slow_load():
+        reading.set()
+        assert release.wait(timeout=30)
+        return loaded
+
+    monkeypatch.setattr(_tuning, "_load", slow_load)
+    chosen = _small_setting()
+    reader = threading.Thread(target=_tuning.current)
+    reader.start()
+    assert reading.wait(timeout=30)
+    setter = threading.Thread(target=_tuning.use, args=(chosen, "set by a test"))
+    setter.start()
+    setter.join(timeout=0.2)  # long enough for an unguarded use() to be over
+    release.set()
+    reader.join(timeout=30)
+    setter.join(timeout=30)
+    assert not reader.is_alive() and not setter.is_alive()
+    assert _tuning.current() == (chosen, "set by a test")
 
 
 def test_the_setting_in_force_decides_the_kernels_blocks(rng):
