@@ -247,7 +247,7 @@ def _run(args) -> int:
         comm = distributed.active()  # None without mpiexec; else rank 0 alone writes
         if comm is None or comm.rank == 0:
             _make_dir(args.out)  # after the data: a bad --data leaves nothing behind
-        model = build(args, task, backend, seconds)
+        model = build(args, task, backend, seconds, comm)
         trainer = train(args, task, model, backend, seconds, comm)
         if comm is None or comm.rank == 0:
             report(args, task, model, trainer, backend, seconds, t_start, comm)
@@ -281,16 +281,21 @@ def _make_dir(out_dir: str) -> None:
         raise _Failure(f"cannot create the output directory {out_dir!r}: {exc}") from None
 
 
-def build(args, task: Task, backend: str, seconds: dict):
+def build(args, task: Task, backend: str, seconds: dict, comm=None):
     """Step 2: the model of the flags, and first steps that compile the kernels (timed
-    apart): on two examples and, on the numba backend, on a batch, whose attention takes its
-    heads in place (other array layouts, so other compilations; the other backends compile
-    nothing, and a batch on the loop backend takes seconds)."""
+    apart). On the numba backend, steps of the sizes that training takes (the batch, or
+    under mpiexec each rank's share of it): whether the attention takes its heads in place
+    depends on the rows, and each array layout is a compilation of its own, so a step of
+    another size could compile kernels that training never runs. The other backends compile
+    nothing: a step on two examples (a batch on the loop backend takes seconds). Then a
+    greedy decoding of two questions, as the evaluation and the examples run it."""
     model = build_model(task, backend=backend, seed=args.seed, d_model=args.d_model,
                         n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff)
     T = task.widths[1]
+    ranks = 1 if comm is None else comm.size
     t0 = time.perf_counter()
-    for n in (2, args.batch_size) if backend == "numba" else (2,):
+    sizes = {args.batch_size // ranks, -(-args.batch_size // ranks)}
+    for n in sorted(sizes) if backend == "numba" else (2,):
         model.forward(task.x_train[:n], task.t_train[:n])
         model.backward()
     model.generate_batch(task.x_test[:2], task.t_test[:2, 0], T - 1)
