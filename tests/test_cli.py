@@ -194,7 +194,7 @@ from fastattn.kernels import _flash, _glue_numba, _micro
 batch, ranks = int(sys.argv[1]), int(sys.argv[2])
 task = load_task("date.txt")
 args = SimpleNamespace(seed=0, d_model=16, heads=2, layers=1, d_ff=32, batch_size=batch)
-comm = None if ranks == 1 else SimpleNamespace(size=ranks)
+comm = None if ranks == 1 else SimpleNamespace(size=ranks, rank=ranks - 1)
 model = build(args, task, "numba", {}, comm)
 dispatchers = {name: f for mod in (_flash, _glue_numba, _micro)
                for name, f in vars(mod).items() if isinstance(f, CPUDispatcher)}

@@ -283,21 +283,28 @@ def _make_dir(out_dir: str) -> None:
 
 def build(args, task: Task, backend: str, seconds: dict, comm=None):
     """Step 2: the model of the flags, and first steps that compile the kernels (timed
-    apart). On the numba backend, steps of the sizes that training takes (the batch, or
-    under mpiexec each rank's share of it): whether the attention takes its heads in place
-    depends on the rows, and each array layout is a compilation of its own, so a step of
-    another size could compile kernels that training never runs. The other backends compile
-    nothing: a step on two examples (a batch on the loop backend takes seconds). Then a
-    greedy decoding of two questions, as the evaluation and the examples run it."""
+    apart). On the numba backend, a step of the size that this process's training steps
+    take (the batch, or under mpiexec this rank's share of it, ``comm.shard``'s rows):
+    whether the attention takes its heads in place depends on the rows, and each array layout
+    is a compilation of its own, so a step of another size could compile kernels that
+    training never runs. The other backends compile nothing: a step on two examples (a batch
+    on the loop backend takes seconds). Then a greedy decoding of two questions, as the
+    evaluation and the examples run it."""
+    from fastattn.distributed import shard_bounds
+
     model = build_model(task, backend=backend, seed=args.seed, d_model=args.d_model,
                         n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff)
     T = task.widths[1]
-    ranks = 1 if comm is None else comm.size
     t0 = time.perf_counter()
-    sizes = {args.batch_size // ranks, -(-args.batch_size // ranks)}
-    for n in sorted(sizes) if backend == "numba" else (2,):
-        model.forward(task.x_train[:n], task.t_train[:n])
-        model.backward()
+    if backend != "numba":
+        n = 2
+    elif comm is None:
+        n = args.batch_size
+    else:
+        lo, hi = shard_bounds(args.batch_size, comm.size, comm.rank)
+        n = hi - lo
+    model.forward(task.x_train[:n], task.t_train[:n])
+    model.backward()
     model.generate_batch(task.x_test[:2], task.t_test[:2, 0], T - 1)
     seconds["compile"] = time.perf_counter() - t0
     return model
