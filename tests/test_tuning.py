@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import assert_attention_close
 
 import fastattn
 from fastattn import cli, tuning
@@ -283,6 +284,55 @@ def test_kt_dim_decides_whether_the_backward_transposes_small_heads(kt_dim, monk
                                                       backend="loop", **kw)
             for g, w in zip(got, want, strict=True):
                 np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_keys_hold_k_transposed_in_rows_apart_from_the_cache_sets(dtype, rng):
+    """The forward's transposed keys: the first Tk columns are exactly k^T, the array is
+    C-contiguous (one kernel specialisation, whatever Tk), and rows are never a multiple of
+    1 KiB apart (rows that are fall into a few L1 cache sets), at most a cache line longer
+    than Tk items."""
+    for Tk in (1, 7, 64, 128, 200, 256, 512, 1024):
+        k = rng.standard_normal((2, 3, Tk, 8)).astype(dtype)
+        kT = _flash.transposed_keys(k)
+        assert kT.flags.c_contiguous and kT.shape[:3] == (2, 3, 8)
+        assert np.array_equal(kT[..., :Tk], np.swapaxes(k, -1, -2))
+        assert kT.strides[-2] % 1024 != 0, (Tk, kT.strides)
+        assert Tk <= kT.shape[-1] <= Tk + 64 // kT.itemsize
+        kT3 = _flash.transposed_keys(k[0])  # the features kernel's (B, Tk, d)
+        assert kT3.shape == kT.shape[1:] and np.array_equal(kT3[..., :Tk], kT[0, ..., :Tk])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_forward_with_transposed_keys_matches_the_loop_at_padded_rows(dtype, monkeypatch,
+                                                                         rng):
+    """With the key tiles transposed (kt_rows 1, BLAS products), at key lengths whose rows
+    take a whole number of KiB (the transposed keys then have an extra, unset cache line per
+    row) and at one that does not: both fused forwards read the transposed keys (seen by a
+    spy) and match the loop reference within the computation's error bound."""
+    from fastattn.kernels import _flash_features as ff
+
+    _tuning.use(dataclasses.replace(_tuning.DEFAULTS["avx512"], kt_rows=1, own_dim=0))
+    seen = []
+    run = _flash._in_parallel
+
+    def spy(fn, n_units, flops, serial_flops, *args):
+        if fn in (_flash._forward_units, ff._forward_units):
+            seen.append(args[2].shape[-1])  # kT's row length (the stand-in's 1 without it)
+        return run(fn, n_units, flops, serial_flops, *args)
+
+    monkeypatch.setattr(_flash, "_in_parallel", spy)
+    monkeypatch.setattr(ff, "_in_parallel", spy)
+    padded = 256 if dtype == np.float32 else 128  # rows of 1 KiB
+    for Tk in (padded, 40):
+        q, k, v = (rng.standard_normal((2, n, 24)).astype(dtype) for n in (20, Tk, Tk))
+        for kw in ({}, {"window": (Tk, Tk)}):  # plain, then the features kernel
+            seen.clear()
+            got = fastattn.attention_forward(q, k, v, backend="numba", **kw)
+            assert seen == [Tk + (64 // q.itemsize if Tk == padded else 0)], seen
+            want = fastattn.attention_forward(*(a.astype(np.float64) for a in (q, k, v)),
+                                              backend="loop", **kw)
+            assert_attention_close(got, want, q, k, v, err_msg=f"Tk {Tk} {kw}", **kw)
 
 
 def test_own_dim_decides_which_heads_take_the_own_products(monkeypatch, rng):
