@@ -31,17 +31,21 @@ __all__ = ["MultiHeadAttention"]
 
 
 _FEW_ROWS = 2  # kernels._flash.FEW_ROWS (fastattn imports no kernel module at import time)
-_IN_PLACE_ROWS = 64  # query rows (B*Tq) from which the numba kernels take heads in place
 
 
-def _in_place(backend, B, Tq) -> bool:
+def _in_place(backend, Tq) -> bool:
     """Whether the fused kernels get the heads in place, as (B, H, T, dh) views of the
     projections' columns, with out and the gradients in (B, T, H, dh) order: no split or
-    merge copies. The numba kernels can. Below _IN_PLACE_ROWS query rows the copies cost less
-    than the views' handling (one question's greedy decoding: 6% slower in place), and up to
-    kernels._flash.FEW_ROWS rows per sequence the forward's loops (no BLAS tiles) run faster
-    on contiguous heads (decoding 2,000 questions: 15% slower in place). Measured."""
-    return backend == "numba" and B * Tq >= _IN_PLACE_ROWS and Tq > _FEW_ROWS
+    merge copies. The numba kernels can; up to kernels._flash.FEW_ROWS rows per sequence the
+    forward's loops (no BLAS tiles) run faster on contiguous heads (decoding 2,000 questions:
+    15% slower in place). Measured.
+
+    Whatever the batch: small batches (a question or two) once took copies, which cost
+    ``fastattn train`` a second compilation of the fused forward (the copies' layout), 6 of
+    its 25 s of compiling, and decoding one question at a time ran as fast either way (100
+    calls of ``generate_batch``, in one process, alternating: 78.5 ms with copies, 79.2 in
+    place; two at a time 44.8 and 42.7 ms; Intel Xeon, Emerald Rapids)."""
+    return backend == "numba" and Tq > _FEW_ROWS
 
 
 def _flat_heads(a):
@@ -203,7 +207,7 @@ class MultiHeadAttention:
         xq2 = x_q.reshape(B * Tq, C)
         Hkv = self.n_kv_heads
         Ckv = Hkv * self.d_head
-        heads = _in_place(backend, B, Tq)
+        heads = _in_place(backend, Tq)
         if x_kv is None:  # self-attention: one product for q, k and v
             Tk = Tq
             qkv = xq2 @ W_in  # (B*T, C + 2Ckv)

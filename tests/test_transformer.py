@@ -132,23 +132,29 @@ def test_cross_attention_gradients(backend):
                       expect={"params", "inputs[0]", "inputs[1]"})
 
 
-@pytest.mark.parametrize("B", [8, 2])
+@pytest.mark.parametrize("B, T", [(8, 8), (1, 8), (3, 2)])
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
-def test_numba_attention_takes_its_heads_in_place(monkeypatch, cross, B):
-    """On the numba backend, from _IN_PLACE_ROWS query rows on (B 8 x T 8), MultiHeadAttention
-    gives the fused kernels its heads as views of the projections' columns (no split copies),
-    takes their out as the merged heads (no merge copy) and has dq, dk, dv written into the
-    columns of its gradient arrays; with fewer rows (B 2) it copies, as the other backends'
-    kernels need. Either way the results are the loop backend's (float64)."""
+def test_numba_attention_takes_its_heads_in_place(monkeypatch, cross, B, T):
+    """On the numba backend, with more than kernels._flash.FEW_ROWS query rows per sequence,
+    whatever the batch (8 sequences, or one), MultiHeadAttention gives the fused kernels its
+    heads as views of the projections' columns (no split copies), takes their out as the
+    merged heads (no merge copy) and has dq, dk, dv written into the columns of its gradient
+    arrays; with fewer (T 2, decoding's case) it copies, as the other backends' kernels need.
+    Either way the results are the loop backend's (float64)."""
     from fastattn import attention
     from fastattn.kernels import _flash
 
     calls = []
     real_fwd, real_bwd = _flash.attention_forward, _flash.attention_backward
+    real_few = _flash.few_rows_forward  # the forward's way for few rows and no mask
 
     def fwd(q, k, v, *a, **kw):
         calls.append(("forward", q.ndim, q.base is not None, k.base is not None))
         return real_fwd(q, k, v, *a, **kw)
+
+    def few(q, k, v, *a, **kw):
+        calls.append(("forward", q.ndim))
+        return real_few(q, k, v, *a, **kw)
 
     def bwd(dout, q, *a, grads=None, **kw):
         calls.append(("backward", q.ndim, grads is not None
@@ -157,20 +163,17 @@ def test_numba_attention_takes_its_heads_in_place(monkeypatch, cross, B):
 
     monkeypatch.setattr(_flash, "attention_forward", fwd)
     monkeypatch.setattr(_flash, "attention_backward", bwd)
-    xq, xkv, dy = rand((B, 8, 8), seed=1), rand((B, 5, 8), seed=2), rand((B, 8, 8), seed=3)
-    assert (B * 8 >= attention._IN_PLACE_ROWS) == (B == 8)
+    monkeypatch.setattr(_flash, "few_rows_forward", few)
+    xq, xkv, dy = rand((B, T, 8), seed=1), rand((B, 5, 8), seed=2), rand((B, T, 8), seed=3)
     assert attention._FEW_ROWS == _flash.FEW_ROWS  # the copy of the kernels' constant
-    # decoding (few rows per sequence) and the other backends copy, whatever the batch
-    assert not attention._in_place("numba", 1000, _flash.FEW_ROWS)
-    assert not attention._in_place("vectorized", 1000, 29)
-    assert attention._in_place("numba", 32, 3)
+    assert not attention._in_place("vectorized", 29)  # the other backends copy
     results = {}
     for backend in ("numba", "loop"):
         layer = MultiHeadAttention(8, 2, causal=not cross, backend=backend, dtype=F64, seed=0)
         y = layer.forward(xq, xkv) if cross else layer.forward(xq)
         dx = layer.backward(dy)
         results[backend] = [y, *(dx if cross else (dx,)), *layer.grads]
-    if B == 8:
+    if T > _flash.FEW_ROWS:
         assert calls == [("forward", 4, True, True), ("backward", 4, True, True)]
     else:
         assert [c[:2] for c in calls] == [("forward", 3), ("backward", 3)]

@@ -284,12 +284,12 @@ def _make_dir(out_dir: str) -> None:
 def build(args, task: Task, backend: str, seconds: dict, comm=None):
     """Step 2: the model of the flags, and first steps that compile the kernels (timed
     apart). On the numba backend, a step of the size that this process's training steps
-    take (the batch, or under mpiexec this rank's share of it, ``comm.shard``'s rows):
-    whether the attention takes its heads in place depends on the rows, and each array layout
-    is a compilation of its own, so a step of another size could compile kernels that
-    training never runs. The other backends compile nothing: a step on two examples (a batch
-    on the loop backend takes seconds). Then a greedy decoding of two questions, as the
-    evaluation and the examples run it."""
+    take (the batch, or under mpiexec this rank's share of it, ``comm.shard``'s rows): each
+    array layout the kernels get is a compilation of its own, so a step of that size
+    compiles what training runs and nothing else, whatever rule picks the layouts. The
+    other backends compile nothing: a step on two examples (a batch on the loop backend
+    takes seconds). Then a greedy decoding of two questions, as the evaluation and the
+    examples run it."""
     from fastattn.distributed import shard_bounds
 
     model = build_model(task, backend=backend, seed=args.seed, d_model=args.d_model,
