@@ -165,10 +165,10 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     out may be strided views (rows contiguous), the mask is indexed by bh. With use_kT, kT
     (B, H, d, >= Tk) is k transposed (transposed_keys), so that both tile products are plain
     BLAS products (the fastest kind); worth it for query tiles of the setting's kt_rows rows
-    and more. With own
-    (the tile products by kernels._micro, which takes no transposed b; never with use_kT),
-    each unit transposes its key tiles itself: the micro-kernel reads b's rows in place, and
-    the rows of a transposed copy of k, Tk items apart, thrash its caches."""
+    and more. With own (the tile products by kernels._micro, which takes no transposed b;
+    never with use_kT), each unit transposes its key tiles itself: the micro-kernel reads b's
+    rows in place, and the rows of a transposed copy of k, Tk items apart, thrash its
+    caches."""
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     dv = v.shape[3]

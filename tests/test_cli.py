@@ -215,9 +215,9 @@ print("ok")
 def test_train_compiles_the_kernels_of_a_training_step_before_it_trains(batch, ranks):
     """build's first steps compile what a training step runs, on a batch or on each MPI
     rank's share of it (each array layout the kernels get is a compilation of its own), and
-    what decoding one question runs, so ms/step does not
-    count compilation. In a process of its own, whose kernels start with no signatures (ones
-    loaded from the cache count): in this one, other tests have run them all."""
+    what decoding one question runs, so ms/step does not count compilation. In a process of
+    its own, whose kernels start with no signatures (ones loaded from the cache count): in
+    this one, other tests have run them all."""
     pytest.importorskip("numba")
     done = subprocess.run([sys.executable, "-c", _WARM_SCRIPT, str(batch), str(ranks)],
                           capture_output=True, text=True, timeout=600)
