@@ -17,7 +17,7 @@ import os
 import numpy as np
 from numba import types
 
-from ._numba_math import njit_cached
+from ._numba_math import generic, njit_cached
 
 _state: dict = {}
 
@@ -141,15 +141,23 @@ def _ld(x):
     return max(x.strides[0] // x.itemsize, x.shape[1], 1)
 
 
-@njit_cached(nogil=True)
+@njit_cached(nogil=True, inline="always")
 def gemm(ta, tb, a, b, c, alpha, beta, coef):
     """c = alpha op(a) op(b) + beta c, op(x) = x.T when its flag (ta, tb) is set.
 
     a, b, c are 2-D arrays of one dtype (float32 or float64) whose rows are contiguous (the
     row stride may be longer than a row); c is (M, N), op(a) (M, K), op(b) (K, N). coef is a
     scratch array of 2 elements of that dtype. BLAS is column-major, so it computes
-    c^T = op(b)^T op(a)^T: the operands swap.
+    c^T = op(b)^T op(a)^T: the operands swap. Compiles once per dtype, whatever the arrays'
+    layouts and the flags (``generic``).
     """
+    _gemm(generic(ta), generic(tb), generic(a), generic(b), generic(c), generic(alpha),
+          generic(beta), generic(coef))
+
+
+@njit_cached(nogil=True)
+def _gemm(ta, tb, a, b, c, alpha, beta, coef):
+    """gemm, for arrays of layout 'A' and flags that are not literals."""
     m, n = c.shape
     kk = a.shape[0] if ta else a.shape[1]
     coef[0] = alpha

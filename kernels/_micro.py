@@ -40,7 +40,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._numba_math import njit_cached
+from ._numba_math import generic, njit_cached
 from ._tuning import compiled_isa
 
 MR = 6  # rows of a block
@@ -186,11 +186,18 @@ def _block(typingctx, a, ao, sai, sap, b, bo, ldb, c, co, ldc, k, mr, nrem, alph
     return sig, codegen
 
 
-@njit_cached(error_model="numpy")
+@njit_cached(inline="always")
 def mm(a, a_t, b, c, alpha, acc):
     """c (m, n) = alpha op(a) b, or c += that with acc; op(a) is a (m, k), or a.T of a (k, m)
     with a_t; b (k, n). Each row's items contiguous, rows a whole number of items apart;
-    shapes are trusted (callers check)."""
+    shapes are trusted (callers check). Compiles once per dtype, whatever the arrays' layouts
+    and the flags (``generic``)."""
+    _mm(generic(a), generic(a_t), generic(b), generic(c), generic(alpha), generic(acc))
+
+
+@njit_cached(error_model="numpy")
+def _mm(a, a_t, b, c, alpha, acc):
+    """mm, for arrays of layout 'A' and flags that are not literals."""
     m, n = c.shape
     k = b.shape[0]
     # strides in items by shifts (both round down, so they agree with floor division): a

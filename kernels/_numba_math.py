@@ -55,6 +55,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 
 #: The fastmath flags of every fastattn Numba kernel. Never ``nnan``/``ninf``: the kernels mask
@@ -296,6 +297,22 @@ def borrow(typingctx, a):
         return ary._getvalue()
 
     return a(a), codegen
+
+
+@intrinsic
+def generic(typingctx, x):
+    """``x`` typed generically: an array as layout 'A' (the same array, not a copy), a literal
+    as its plain type. A helper that its callers reach through this compiles once per dtype,
+    not once for every mix of contiguous and strided arguments and constant flags that they
+    pass (each a compilation of its own, some seconds for the tile products)."""
+    to = x.copy(layout="A") if isinstance(x, types.Array) else types.unliteral(x)
+
+    def codegen(context, builder, signature, args):
+        (fromty,), toty = signature.args, signature.return_type
+        return impl_ret_borrowed(context, builder, toty,
+                                 context.cast(builder, args[0], fromty, toty))
+
+    return to(x), codegen
 
 
 @intrinsic

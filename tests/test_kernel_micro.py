@@ -17,7 +17,7 @@ from helpers import assert_close, machine_code
 from numba import njit
 
 from fastattn.kernels import _tuning
-from fastattn.kernels._micro import MR, VBYTES, _block, mm
+from fastattn.kernels._micro import MR, VBYTES, _block, _mm, mm
 
 DTYPES = (np.float32, np.float64)
 
@@ -62,16 +62,17 @@ def test_vectors_are_as_wide_as_the_compile_targets_registers():
 def test_a_call_divides_nothing(dtype):
     """mm turns byte strides into item strides by shifts: integer divisions (with Python's
     rounding of negative numbers) took some 50 ns of each call, more than a small tile's
-    product (the fused kernels make 2 calls per tile forward and 5 backward). Its machine
-    code, compiled with its own options (not cached, so that it can be read), has none; the
-    product is still right for strided rows."""
+    product (the fused kernels make 2 calls per tile forward and 5 backward). The machine
+    code of its body (``_mm``: mm itself is inlined into its callers), compiled with its own
+    options (not cached, so that it can be read), has none; the product is still right for
+    strided rows."""
     import re
 
     rng = np.random.default_rng(35)
     a, _ = _strided(rng, 5, 3, dtype)
     b, _ = _strided(rng, 3, 9, dtype)
     c, _ = _strided(rng, 5, 9, dtype)
-    asm = machine_code(mm, a, False, b, c, dtype(1), False)  # the copy computes c
+    asm = machine_code(_mm, a, False, b, c, dtype(1), False)  # the copy computes c
     assert_close(c, a.astype(np.float64) @ b, terms=np.abs(a) @ np.abs(b), n=3)
     assert not re.search(r"\b(idiv|div)[lq]?\b", asm), "an integer division in mm"
 
@@ -128,3 +129,44 @@ def test_mm_is_exact_on_small_integers():
         np.testing.assert_array_equal(c, a.astype(np.int64) @ b.astype(np.int64) + 1)
         mm(np.ascontiguousarray(a.T), True, b, c, np.float32(2), False)
         np.testing.assert_array_equal(c, 2 * (a.astype(np.int64) @ b.astype(np.int64)))
+
+
+def test_the_tile_products_compile_once_per_dtype_whatever_the_layouts_and_flags():
+    """mm and gemm (kernels._blas) reach their bodies (_mm, _gemm) through
+    ``_numba_math.generic``: contiguous and strided arrays and constant flags, as the fused
+    kernels pass them, make one compilation per dtype (each mix was one of its own, a second
+    or more of ``fastattn train``'s compile time). Called from a jitted caller with literal
+    flags and both layouts; the products are still right, and every compiled body of _mm and
+    _gemm in this process (other tests' calls too) takes 'A' arrays and plain flags."""
+    from numba import types
+
+    from fastattn.kernels._blas import OneThread, _gemm, gemm
+
+    @njit  # not cached: a test's own caller
+    def caller(a, b, c, a_s, b_s, c_s, coef):
+        one = c.dtype.type(1)
+        mm(a, False, b, c, one, False)  # contiguous, literal flags
+        mm(a_s, True, b_s, c_s, one, True)  # strided, other literals
+        gemm(False, False, a, b, c, one, one, coef)  # c += a b: contiguous
+        gemm(True, False, a_s, b_s, c_s, one, one, coef)  # c_s += a_s^T b_s: strided
+
+    rng = np.random.default_rng(36)
+    for dtype in DTYPES:
+        a, b, c = (rng.integers(-4, 5, s).astype(dtype) for s in ((5, 3), (3, 9), (5, 9)))
+        a_s, _ = _strided(rng, 3, 5, dtype)  # (k, m), used transposed
+        b_s, _ = _strided(rng, 3, 9, dtype)
+        c_s, _ = _strided(rng, 5, 9, dtype)
+        a_s[...], b_s[...], c_s[...] = (rng.integers(-4, 5, x.shape) for x in (a_s, b_s, c_s))
+        want = 2 * (a.astype(np.int64) @ b.astype(np.int64))
+        want_s = c_s.astype(np.int64) + 2 * (a_s.T.astype(np.int64) @ b_s.astype(np.int64))
+        with OneThread():
+            caller(a, b, c, a_s, b_s, c_s, np.empty(2, dtype))
+        np.testing.assert_array_equal(c, want)  # small integers: exact
+        np.testing.assert_array_equal(c_s, want_s)
+    for body in (_mm, _gemm):
+        sigs = body.signatures
+        dtypes = [next(t.dtype for t in s if isinstance(t, types.Array)) for s in sigs]
+        assert len(dtypes) == len(set(dtypes)) <= len(DTYPES), (body.__name__, sigs)
+        for s in sigs:
+            assert all(t.layout == "A" for t in s if isinstance(t, types.Array)), s
+            assert not any(isinstance(t, types.Literal) for t in s), s
