@@ -87,7 +87,7 @@ def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int 
     if not isinstance(reps, int) or reps < 1:
         raise ValueError(f"reps must be an int >= 1, got {reps!r}")
     key = _tuning.machine_key()
-    base = _tuning.DEFAULTS[key["isa"]]
+    base = _tuning.defaults(key)[0]
     rng = np.random.default_rng(seed)
     _time_step((1, 64), True, base, 1, rng)  # compiles or loads the kernels: not in the budget
     deadline = time.perf_counter() + seconds

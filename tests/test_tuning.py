@@ -100,6 +100,66 @@ def test_forced_avx2_setting_selects_the_avx2_defaults():
     assert source.startswith("defaults for avx2")
 
 
+@pytest.mark.parametrize("kernel", ["Haswell", "Zen", "Sandybridge", "SkylakeX", "Cooperlake",
+                                    "SapphireRapids"])
+def test_avx512_kernels_send_every_tile_product_to_the_own_micro_kernel_when_blas_is_narrower(
+        kernel):
+    """AVX-512 kernels with OpenBLAS on one of its AVX2-or-narrower kernels: the AVX-512
+    defaults with every head (up to the largest own_dim a setting may hold) by the own
+    micro-kernel, and a source that says why; with an AVX-512 OpenBLAS kernel, another BLAS or
+    AVX2 kernels, the instruction set's defaults unchanged."""
+    narrower = kernel not in ("SkylakeX", "Cooperlake", "SapphireRapids")
+    base = _tuning.DEFAULTS["avx512"]
+    t = {"isa": "avx512", "blas": "openblas", "blas_kernel": kernel}
+    got, source = _tuning.defaults(t)
+    if narrower:
+        assert got == dataclasses.replace(base, own_dim=got.own_dim), got
+        with pytest.raises(ValueError, match="own_dim"):  # no setting covers wider heads
+            dataclasses.replace(got, own_dim=got.own_dim + 1).check()
+        assert source.startswith("defaults for avx512") and kernel in source, source
+    else:
+        assert (got, source) == (base, "defaults for avx512")
+        assert got.own_dim < 64  # the suite's 64-wide heads go to BLAS
+    for other in ({**t, "blas": "mkl"}, {**t, "blas": "unknown", "blas_kernel": "unknown"}):
+        assert _tuning.defaults(other) == (base, "defaults for avx512")
+    assert _tuning.defaults({**t, "isa": "avx2"}) == (_tuning.DEFAULTS["avx2"],
+                                                      "defaults for avx2")
+
+
+@pytest.mark.parametrize("coretype", ["Haswell", "SkylakeX"])
+def test_openblas_coretype_decides_the_avx512_products_in_a_process(coretype):
+    """On an AVX-512 host, a process whose OpenBLAS runs its Haswell kernels
+    (OPENBLAS_CORETYPE=Haswell) puts 64-wide heads' tile products on the own micro-kernel;
+    with its SkylakeX kernels, on BLAS (the plain forward's own flag, seen by a spy)."""
+    if _tuning.compiled_isa() != "avx512" or "NUMBA_CPU_FEATURES" in os.environ:
+        pytest.skip("the kernels are not AVX-512 code here")
+    env = {**os.environ, "OPENBLAS_CORETYPE": coretype, "FASTATTN_TUNE": "off"}
+    code = textwrap.dedent("""
+        import json
+        import numpy as np
+        import fastattn
+        from fastattn.kernels import _flash, _tuning
+
+        seen = []
+        run = _flash._in_parallel
+
+        def spy(fn, n_units, flops, serial_flops, *args):
+            seen.append(bool(args[-1]))
+            return run(fn, n_units, flops, serial_flops, *args)
+
+        _flash._in_parallel = spy
+        q = np.ones((2, 5, 64), np.float32)
+        fastattn.attention_forward(q, q, q, backend="numba")
+        print(json.dumps([_tuning.target()["blas_kernel"], _tuning.current()[1], seen]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    kernel, source, seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert kernel.lower() == coretype.lower(), kernel
+    assert seen == [coretype == "Haswell"], (seen, source)
+    assert (coretype in source) == (coretype == "Haswell"), source
+
+
 def test_a_matching_file_is_in_force(tune_file):
     st = _small_setting()
     _tuning.write_file(str(tune_file), _tuning.machine_key(), st)
@@ -111,7 +171,7 @@ def test_fastattn_tune_off_ignores_the_file(tune_file, monkeypatch):
     _tuning.write_file(str(tune_file), _tuning.machine_key(), _small_setting())
     monkeypatch.setenv("FASTATTN_TUNE", "off")
     got, source = _tuning.current()
-    assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
+    assert got == _tuning.defaults(_tuning.target())[0]
     assert "FASTATTN_TUNE=off" in source
 
 
@@ -120,7 +180,7 @@ def test_a_file_tuned_for_another_machine_is_ignored_with_a_warning(tune_file):
     _tuning.write_file(str(tune_file), key, _small_setting())
     with pytest.warns(UserWarning, match="tuned for"):
         got, source = _tuning.current()
-    assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
+    assert got == _tuning.defaults(_tuning.target())[0]
     assert source.startswith("defaults")
 
 
@@ -152,7 +212,7 @@ def test_a_corrupt_file_is_ignored_with_a_warning(tune_file, corrupt):
     tune_file.write_bytes(corrupt(_valid_data()))
     with pytest.warns(UserWarning, match="ignoring the tuning file"):
         got, _ = _tuning.current()
-    assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
+    assert got == _tuning.defaults(_tuning.target())[0]
 
 
 def test_a_file_of_the_previous_format_is_ignored_and_said_to_be_old(tune_file):
@@ -163,7 +223,7 @@ def test_a_file_of_the_previous_format_is_ignored_and_said_to_be_old(tune_file):
     tune_file.write_text(json.dumps(d))
     with pytest.warns(UserWarning, match="written in format 2.*run 'fastattn tune' again"):
         got, _ = _tuning.current()
-    assert got == _tuning.DEFAULTS[_tuning.target()["isa"]]
+    assert got == _tuning.defaults(_tuning.target())[0]
 
 
 def test_the_valid_data_of_the_corrupt_cases_is_accepted(tune_file):
