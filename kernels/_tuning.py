@@ -125,8 +125,8 @@ def defaults(t: dict) -> tuple[Setting, str]:
     ``OPENBLAS_CORETYPE=Haswell``, or a CPU newer than the OpenBLAS). The own micro-kernel then
     has twice BLAS's vector width, and every tile product goes to it (``own_dim`` 1024): on a
     2-core AMD EPYC (Zen 5) with OpenBLAS's Haswell kernels, the attention suite's fused
-    forward plus backward (heads 64 wide) took 0.45-0.55 of the time of the AVX-512 defaults'
-    (float32, T = 29 to 2048), and 0.5-0.6 in float64.
+    forward plus backward (heads 64 wide) took about half the time of the AVX-512 defaults'
+    (0.46-0.59 in float32, T = 29 to 2048, 0.49-0.59 in float64).
     """
     isa = t["isa"]
     kernel = str(t.get("blas_kernel", "unknown"))
