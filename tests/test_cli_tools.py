@@ -59,6 +59,22 @@ def test_the_machine_line_names_pytorchs_code_paths_only_when_pytorch_is_loaded(
     assert "MKL_ENABLE_INSTRUCTIONS=AVX2" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
 
 
+def test_the_machine_line_and_info_say_when_openblas_coretype_chose_the_blas_kernel(
+        capsys, monkeypatch):
+    """OPENBLAS_CORETYPE picks OpenBLAS's kernels instead of OpenBLAS (it can hold an
+    AVX-512 CPU to the Haswell kernels): the machine line and `fastattn info`'s BLAS kernel
+    row say so when it is set, and only then."""
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    assert "OPENBLAS_CORETYPE" not in info.machine()
+    assert cli.main(["info"]) == 0
+    assert "OPENBLAS_CORETYPE" not in capsys.readouterr().out
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert "kernels (OPENBLAS_CORETYPE=Haswell)" in info.machine()
+    assert cli.main(["info"]) == 0
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("blas kernel:")]
+    assert len(row) == 1 and row[0].endswith(" (OPENBLAS_CORETYPE=Haswell)"), row
+
+
 def test_info_shows_pytorchs_limits_when_pytorch_is_installed(capsys, monkeypatch):
     _without_isa_limits(monkeypatch)
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")

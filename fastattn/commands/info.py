@@ -99,7 +99,7 @@ def machine() -> str:
     isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(t["isa"], "no AVX2")
     blas = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(t["blas"], t["blas"])
     cpu = t["host_cpu"] + ("" if t["cpu"] == t["host_cpu"] else f"; Numba code for {t['cpu']}")
-    line = f"{_cpu_model()} ({cpu}), {isa}, {blas} {t['blas_kernel']} kernels"
+    line = f"{_cpu_model()} ({cpu}), {isa}, {blas} {t['blas_kernel']} kernels{_coretype()}"
     if "torch" in sys.modules:  # a table with PyTorch in it: its code paths too
         line += f"; PyTorch: {torch_paths(sys.modules['torch'])}"
     return line
@@ -210,6 +210,13 @@ def format_facts(facts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _coretype() -> str:
+    """" (OPENBLAS_CORETYPE=...)" when that variable chooses OpenBLAS's kernels instead of
+    OpenBLAS itself (it can hold an AVX-512 CPU to the Haswell kernels, at half the rate)."""
+    value = os.environ.get("OPENBLAS_CORETYPE")
+    return f" (OPENBLAS_CORETYPE={value})" if value else ""
+
+
 def _kt(rows):
     from fastattn.kernels._tuning import NEVER
 
@@ -229,7 +236,7 @@ def _tuning_rows(t):
     st = t["setting"]
     return [
         ("kernels compiled for", f"{t['cpu']} ({t['isa']})"),
-        ("blas kernel", f"{t['blas']} {t['blas_version']}, {t['blas_kernel']}"),
+        ("blas kernel", f"{t['blas']} {t['blas_version']}, {t['blas_kernel']}{_coretype()}"),
         ("tuning", t["source"]),
         ("fused attention blocks",
          f"{st['block_q']}x{st['block_k']}, causal {st['causal_block_small']} (T <= 256) / "
