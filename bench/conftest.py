@@ -62,8 +62,17 @@ def machine():
     return describe()
 
 
+def setting():
+    """The fused kernels' setting in force and where it comes from (``fastattn info``'s
+    ``tuning`` row): defaults, which defaults, or a tuned file."""
+    from fastattn.kernels import _tuning
+
+    return _tuning.current()[1]
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fastattn_machine"] = machine()
+    machine_info["fastattn_setting"] = setting()
 
 
 @pytest.hookimpl(trylast=True)
@@ -71,3 +80,4 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is not None and not session.disabled and session.benchmarks:
         terminalreporter.write_line(f"measured on: {machine()}")
+        terminalreporter.write_line(f"fused kernels' setting: {setting()}")

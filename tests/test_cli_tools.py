@@ -121,6 +121,9 @@ def test_ratio_table_divides_by_the_fastest_of_each_group():
     assert torch.split()[1:4] == ["4.000", "5.000", "2.00"]
     assert numba.split()[-1] == "25%" and torch.split()[-1] == "12%"
     assert "200.0 GFLOP/s" in lines[-1]
+    report["machine_info"] = {"fastattn_machine": "some CPU", "fastattn_setting": "tuned (f)"}
+    assert bench.ratio_table(report).splitlines()[-2:] == [
+        "measured on: some CPU", "fused kernels' setting: tuned (f)"]
 
 
 def test_bench_runs_a_suite_and_prints_ratios(capsys):
@@ -131,3 +134,6 @@ def test_bench_runs_a_suite_and_prints_ratios(capsys):
     assert "attention fwd+bwd (B=4, T=16, d=8, float32)" in out
     assert any(line.strip().startswith("numba") for line in out.splitlines())
     assert any(line.strip().startswith("vectorized") for line in out.splitlines())
+    from fastattn.kernels import _tuning  # the child ran with this process's environment
+
+    assert f"fused kernels' setting: {_tuning.current()[1]}" in out.splitlines()

@@ -112,6 +112,9 @@ def ratio_table(report: dict) -> str:
     machine = report.get("machine_info", {}).get("fastattn_machine")
     if machine:  # CPU model, instruction set, BLAS kernel (bench/conftest.py)
         lines.append(f"measured on: {machine}")
+    setting = report.get("machine_info", {}).get("fastattn_setting")
+    if setting:  # the fused kernels' tuning in force (bench/conftest.py)
+        lines.append(f"fused kernels' setting: {setting}")
     return "\n".join(lines).rstrip() + "\n"
 
 
