@@ -113,10 +113,24 @@ def _transpose_into(x, xt):
             xt[p, r] = x[r, p]
 
 
+#: LLVM's loop gives each step one vector, and one vector's exp is a chain of some 20
+#: dependent instructions. On 32-byte vectors two independent chains per step (the array's
+#: two halves) took float32 tiles from 0.64-0.91 to 0.37-0.56 ns an item on a 2-core AMD EPYC
+#: (Zen 4), its AVX2 code paths; its AVX-512 code went from 0.24-0.26 to 0.28-0.34, so
+#: AVX-512 code keeps the one chain.
+_EXP_HALVES = _tuning.compiled_isa() != "avx512"
+
+
 @njit_cached(fastmath=_FM)
 def _exp_inplace(x):
-    """x = exp(x) for a 1-D array, in one loop that LLVM vectorises."""
-    for i in range(x.shape[0]):
+    """x = exp(x) for a 1-D array, in one loop that LLVM vectorises; without AVX-512, over
+    the two halves at once (_EXP_HALVES)."""
+    n = x.shape[0]
+    h = n // 2 if _EXP_HALVES else 0
+    for i in range(h):
+        x[i] = vexp(x[i])
+        x[h + i] = vexp(x[h + i])
+    for i in range(2 * h, n):
         x[i] = vexp(x[i])
 
 

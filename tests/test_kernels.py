@@ -226,7 +226,10 @@ def test_blas_gemm_matches_float64_products_for_every_transpose(dtype, rng):
                 want = alpha * A @ B + beta * c0
                 terms = abs(alpha) * np.abs(A) @ np.abs(B) + abs(beta) * np.abs(c0)
                 bound = (K + 2) * eps * terms
-                _blas.gemm(ta, tb, a, b, c, alpha, beta, coef)
+                # alpha and beta in the arrays' dtype, as the kernels pass them (a Python
+                # float would compile another signature of _gemm, which
+                # test_kernel_micro counts)
+                _blas.gemm(ta, tb, a, b, c, dtype(alpha), dtype(beta), coef)
                 assert np.all(np.abs(c - want) <= bound), (ta, tb, m)
 
 
@@ -637,6 +640,27 @@ def test_vexp_gives_zero_below_its_range_within_exp_of_lo(dtype):
     got = _vexp_array(x)
     np.testing.assert_array_equal(got, 0)
     assert np.exp(np.float64(lo)) < 4 * np.finfo(dtype).tiny
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_fused_kernels_exp_in_place_is_vexp_at_every_length(dtype, rng):
+    """_flash._exp_inplace, which on code without AVX-512 runs over the array's two halves
+    at once and then the odd item: every item within 1 ulp of exp, -inf to 0, NaN to NaN,
+    at lengths with and without the odd item (the AVX2 run of the numerics tests takes the
+    halves path, as the first assertion shows)."""
+    from fastattn.kernels import _flash, _tuning
+
+    assert _flash._EXP_HALVES == (_tuning.compiled_isa() != "avx512")
+    for n in (0, 1, 2, 3, 4, 17, 64, 1001):
+        x = (VEXP_LO[dtype] * rng.random(n) ** 4).astype(dtype)  # many near 0, some near LO
+        if n >= 3:
+            x[0], x[n // 2], x[-1] = -np.inf, np.nan, -0.5
+        got = x.copy()
+        _flash._exp_inplace(got)
+        nan = np.isnan(x)
+        assert np.array_equal(np.isnan(got), nan), n
+        want = np.exp(x[~nan].astype(np.float64)).astype(dtype)
+        assert _ulp_distance(got[~nan], want).max(initial=0) <= 1, n
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
