@@ -29,7 +29,11 @@ the one before with an add, a serial chain of seven adds per step, longer than t
 twelve multiply-adds on 32-byte vectors. On a 2-core AMD EPYC (Zen 4), its AVX2 code paths,
 one thread, float32, three alternations: 103-109 against 80-87 GFLOP/s at 128 x 64 x 64,
 93-109 against 89-91 at 256 x 128 x 64, 75-101 against 61-76 at 29 x 29 x 64; its AVX-512
-code (100-114) did not change. Without packing, ``a``'s rows (or, with ``a_t``, its columns)
+code (100-114) did not change. The last vector's lane mask compares ints as wide as the items
+(one compare for float32, where 64-bit lanes took two compares and four packing steps that
+LLVM repeated in every k step of a masked 6-row block, all 16 registers being taken): same
+setting, widths that end in a part vector, 128 x 64 x 29 at 67-85 against 54-66 GFLOP/s,
+29 x 16 x 29 at 59-60 against 37-55. Without packing, ``a``'s rows (or, with ``a_t``, its columns)
 and ``b``'s rows are read in place; the last block of columns reads and writes with masks,
 so nothing outside the arrays is touched. The block is emitted as LLVM IR (a Numba
 intrinsic), once per block height and width, because LLVM does not keep the sums of such a
@@ -103,9 +107,15 @@ class _Emitter:
     def _last_mask(self, nv):
         """Lanes of the block's last vector that are columns of c: lane < nrem - (nv-1) W."""
         builder, W = self.builder, self.W
-        left = builder.sub(self.nrem, ir.Constant(_I64, (nv - 1) * W))
-        lanes = ir.Constant(ir.VectorType(_I64, W), list(range(W)))
-        return builder.icmp_signed("<", lanes, _splat(builder, left, ir.VectorType(_I64, W)))
+        # lanes as ints as wide as the floats: one compare makes the mask (with 64-bit lanes
+        # for float32, two compares and four packing steps, which LLVM repeated in every k
+        # step of a block that had no register left to keep the mask in)
+        ity = ir.IntType(8 * self.isz)
+        left = builder.sub(self.nrem, ir.Constant(_I64, (nv - 1) * W))  # 1..W
+        if ity != _I64:
+            left = builder.trunc(left, ity)
+        lanes = ir.Constant(ir.VectorType(ity, W), list(range(W)))
+        return builder.icmp_signed("<", lanes, _splat(builder, left, ir.VectorType(ity, W)))
 
     def _load(self, ptr, mask):
         vp = self.builder.bitcast(ptr, self.vty.as_pointer())
