@@ -109,12 +109,11 @@ def ratio_table(report: dict) -> str:
         lines.append("")
     if peak:
         lines.append(f"sgemm peak of this machine in this run: {peak:.1f} GFLOP/s")
-    machine = report.get("machine_info", {}).get("fastattn_machine")
-    if machine:  # CPU model, instruction set, BLAS kernel (bench/conftest.py)
-        lines.append(f"measured on: {machine}")
-    setting = report.get("machine_info", {}).get("fastattn_setting")
-    if setting:  # the fused kernels' tuning in force (bench/conftest.py)
-        lines.append(f"fused kernels' setting: {setting}")
+    info = report.get("machine_info", {})  # written by bench/conftest.py
+    if info.get("fastattn_machine"):  # CPU model, instruction set, BLAS kernel
+        lines.append(f"measured on: {info['fastattn_machine']}")
+    if info.get("fastattn_setting"):  # the fused kernels' tuning in force
+        lines.append(f"fused kernels' setting: {info['fastattn_setting']}")
     return "\n".join(lines).rstrip() + "\n"
 
 
