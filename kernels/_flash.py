@@ -56,7 +56,16 @@ from . import _tuning
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._micro import mm
-from ._numba_math import FASTMATH, borrow, fmax, keep_alive, njit_cached, take_unit, vexp
+from ._numba_math import (
+    FASTMATH,
+    borrow,
+    fmax,
+    keep_alive,
+    njit_cached,
+    take_unit,
+    vexp,
+    wide_vectors,
+)
 
 _FM = set(FASTMATH)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
@@ -108,6 +117,7 @@ def _mm_tn_acc(a, b, c, alpha, coef, own):
 @njit_cached(fastmath=_FM)
 def _transpose_into(x, xt):
     """xt (c, n) = x (n, c) transposed."""
+    wide_vectors()
     for r in range(x.shape[0]):
         for p in range(x.shape[1]):
             xt[p, r] = x[r, p]
@@ -125,6 +135,7 @@ _EXP_HALVES = _tuning.compiled_isa() != "avx512"
 def _exp_inplace(x):
     """x = exp(x) for a 1-D array, in one loop that LLVM vectorises; without AVX-512, over
     the two halves at once (_EXP_HALVES)."""
+    wide_vectors()
     n = x.shape[0]
     h = n // 2 if _EXP_HALVES else 0
     for i in range(h):
@@ -140,6 +151,7 @@ def _mask_tile(s, i0, j0, causal, maskb, has_mask):
 
     maskb is the batch entry's (1 or Tq, Tk) mask.
     """
+    wide_vectors()
     nq, nk = s.shape
     ninf = s.dtype.type(-np.inf)
     for r in range(nq):
@@ -183,6 +195,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     never with use_kT), each unit transposes its key tiles itself: the micro-kernel reads b's
     rows in place, and the rows of a transposed copy of k, Tk items apart, thrash its
     caches."""
+    wide_vectors()
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     dv = v.shape[3]
@@ -277,6 +290,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
 @njit_cached(fastmath=_FM)
 def _dots(qi, kb, s, jend, scale):
     """s[j] = scale qi . kb[j] for j < jend, four keys per pass over qi (independent sums)."""
+    wide_vectors()
     d = qi.shape[0]
     zero = s.dtype.type(0)
     j = 0
@@ -302,6 +316,7 @@ def _dots(qi, kb, s, jend, scale):
 def _weighted_rows(s, vb, ob, jend):
     """ob = sum_j s[j] vb[j] over j < jend, four value rows per pass over ob (ob may alias vb
     for all the compiler knows, so each pass loads and stores it)."""
+    wide_vectors()
     dv = ob.shape[0]
     ob[:] = s.dtype.type(0)
     j = 0
@@ -322,6 +337,7 @@ def _few_rows_units(counter, q, k, v, out, lse, scale, causal, mask, has_mask, p
     """The forward for a few query rows per batch entry (decoding): unit u is batch entries
     u per .. u per + per - 1, each row's scores over all its keys, softmax and P V by loops
     (no BLAS call, no tiles). Same results and masking rule as _forward_units."""
+    wide_vectors()
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     dt = q.dtype.type
@@ -372,6 +388,7 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
     (share = u % nsplit). Accumulates into dk, dv (those key rows) and into dq, or
     dq_part[u] (B H nsplit, Tq, d) when nsplit > 1; all zeroed by the caller. Arrays
     (B, H, T, .) as in _forward_units, lse (B H, Tq)."""
+    wide_vectors()
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     dt = q.dtype.type

@@ -76,7 +76,7 @@ from ._flash_tiles import (
     _seq,
     _times,
 )
-from ._numba_math import borrow, keep_alive, njit_cached, take_unit
+from ._numba_math import borrow, keep_alive, njit_cached, take_unit, wide_vectors
 from .vectorized_attention import merge_parts
 
 # (n_units,) per call, tiles visited; summed into LAST_TILES (a test shows blocks skipped)
@@ -93,6 +93,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
     """Unit u: query entry b = u // (nt nshare), query tile t of qtiles (nt, 3) = (sequence,
     i0, i1), key share u % nshare of the tile's keys. Writes out[share, b, i0:i1] (dv) and
     lse[share, b, i0:i1]."""
+    wide_vectors()
     bq, bk, nshare, group = cfg[_BQ], cfg[_BK], cfg[_NSHARE], cfg[_GROUP]
     own = cfg[_OWN] != 0
     nt = qtiles.shape[0]
@@ -185,6 +186,7 @@ def _backward_units(counter, dout, q, k, v, lse, D, dq, dk, dv, dq_part, dk_part
 
     dbias (B, Tq or 1, Tk) rows of a query entry have one writer either way. All outputs are
     zeroed by the caller. D (B, Tq) = rowsum(dout * out)."""
+    wide_vectors()
     bq, bk, nshare, group = cfg[_BQ], cfg[_BK], cfg[_NSHARE], cfg[_GROUP]
     own = cfg[_OWN] != 0
     d, dvd = q.shape[2], v.shape[2]

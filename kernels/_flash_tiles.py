@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _attention_rules as rules
 from ._flash import _FM, _exp_inplace
-from ._numba_math import fmax, njit_cached, vexp
+from ._numba_math import fmax, njit_cached, vexp, wide_vectors
 
 _GAMMA = np.uint64(rules.GAMMA)
 _MUL1 = np.uint64(rules.MUL1)
@@ -43,6 +43,7 @@ def _mix(x):
 def _keep_factors(z, b, i0, j0, drop, inv):
     """z = the dropout factors (0, or inv where kept) of the tile of rows i0.., keys j0.. of
     query entry b. drop = [seed, threshold] (uint64)."""
+    wide_vectors()
     nq, nk = z.shape
     zero = z.dtype.type(0)
     seed = _mix(drop[0])
@@ -56,6 +57,7 @@ def _keep_factors(z, b, i0, j0, drop, inv):
 @njit_cached(fastmath=_FM)
 def _times(s, z):
     """s *= z, elementwise (2-D)."""
+    wide_vectors()
     for r in range(s.shape[0]):
         for c in range(s.shape[1]):
             s[r, c] *= z[r, c]
@@ -66,6 +68,7 @@ def _add_bias(s, bb, i0, j0):
     """s += the bias rows bb (Tq or 1, Tk) i0.., keys j0... Indexed from 0 by the loop
     counter (brow[j0 + c] with j0 unknown to the compiler could be negative, and that
     loop does not vectorise: 7x slower)."""
+    wide_vectors()
     nq, nk = s.shape
     for r in range(nq):
         brow = bb[min(i0 + r, bb.shape[0] - 1), j0:j0 + nk]
@@ -79,6 +82,7 @@ def _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alib
     """Add bias and ALiBi to the scaled score tile s (rows i0.., keys j0.., of the sequence
     starting at qs, ks with lengths Lq, Lk) and set the entries outside the band or the mask
     to -inf."""
+    wide_vectors()
     nq, nk = s.shape
     dt = s.dtype.type
     ninf = dt(-np.inf)
@@ -112,6 +116,7 @@ def _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alib
 @njit_cached(fastmath=_FM)
 def _scores_loop(qb, kb, s, scale):
     """s = scale qb kb^T by loops over the keys (few query rows: no BLAS call overhead)."""
+    wide_vectors()
     for r in range(s.shape[0]):
         for c in range(s.shape[1]):
             acc = s.dtype.type(0)
@@ -123,6 +128,7 @@ def _scores_loop(qb, kb, s, scale):
 @njit_cached(fastmath=_FM)
 def _finite(x):
     """True when the flat x holds no NaN or inf (a NaN compares false)."""
+    wide_vectors()
     big = x.dtype.type(np.inf)
     ok = True
     for i in range(x.shape[0]):
@@ -134,6 +140,7 @@ def _finite(x):
 def _pv_loop(s, vb, ob):
     """ob += s vb by loops over the keys, four keys per pass over an output row (ob may
     alias vb for all the compiler knows, so each pass loads and stores the row)."""
+    wide_vectors()
     nk = s.shape[1]
     n4 = nk - nk % 4
     for c in range(0, n4, 4):
@@ -153,6 +160,7 @@ def _pv_loop(s, vb, ob):
 def _online_softmax(s, m, lsum, ob, scratch):
     """One tile of the online softmax: new row maxima m, s = exp(s - m) in place, row sums
     lsum and the output rows ob rescaled to the new maxima. scratch is s's flat buffer."""
+    wide_vectors()
     nq, nk = s.shape
     dt = s.dtype.type
     ninf, zero, one = dt(-np.inf), dt(0), dt(1)
@@ -205,6 +213,7 @@ def _query_range(lj0, lj1, Lq, off, cfg):
 @njit_cached(fastmath=_FM)
 def _dscores(s, dp, z, D, lr, drop_on):
     """P = exp(S - lse) in s, then dS = P (dP z - D) in dp (z: dropout factors, when on)."""
+    wide_vectors()
     nq, nk = s.shape
     ninf = s.dtype.type(-np.inf)
     for r in range(nq):
@@ -228,6 +237,7 @@ def _dscores(s, dp, z, D, lr, drop_on):
 @njit_cached(fastmath=_FM)
 def _add_dbias(ds, dbb, i0, j0):
     """dbias rows (Tq or 1, Tk) of one query entry += the dS tile (summed over rows for 1)."""
+    wide_vectors()
     nq, nk = ds.shape
     for r in range(nq):
         drow = dbb[min(i0 + r, dbb.shape[0] - 1), j0:j0 + nk]  # from 0: it vectorises

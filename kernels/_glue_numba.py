@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import typed
 
-from ._numba_math import FASTMATH, fmax, njit_cached, vexp
+from ._numba_math import FASTMATH, fmax, njit_cached, vexp, wide_vectors
 
 _FM = set(FASTMATH)
 _ROWS_PER_CHUNK = 64  # rows per partial sum of the column-summing kernels
@@ -23,6 +23,7 @@ _ROWS_PER_CHUNK = 64  # rows per partial sum of the column-summing kernels
 
 @njit_cached(fastmath=_FM)
 def _layernorm_forward(x, g, b, eps, y, mean, rstd):
+    wide_vectors()
     N, C = x.shape
     t = x.dtype.type
     inv_c = t(1.0) / t(C)
@@ -57,6 +58,7 @@ def _chunks(N):
 
 @njit_cached(fastmath=_FM)
 def _layernorm_backward(dy, x, g, mean, rstd, dx, dg_part, db_part):
+    wide_vectors()
     N, C = x.shape
     t = x.dtype.type
     inv_c = t(1.0) / t(C)
@@ -92,6 +94,7 @@ def layernorm_backward(dy, x, g, mean, rstd):
 
 @njit_cached(fastmath=_FM)
 def _bias_relu_forward(h, b, y):
+    wide_vectors()
     N, C = h.shape
     zero = h.dtype.type(0.0)
     for n in range(N):
@@ -107,6 +110,7 @@ def bias_relu_forward(h, b):
 
 @njit_cached(fastmath=_FM)
 def _bias_relu_backward(dy, y, dh, db_part):
+    wide_vectors()
     N, C = dy.shape
     zero = dy.dtype.type(0.0)
     n_chunks = db_part.shape[0]
@@ -128,6 +132,7 @@ def bias_relu_backward(dy, y):
 
 @njit_cached(fastmath=_FM)
 def _softmax_xent_forward(x, t, loss, lse):
+    wide_vectors()
     N, V = x.shape
     tp = x.dtype.type
     for n in range(N):
@@ -151,6 +156,7 @@ def softmax_xent_forward(x, t):
 
 @njit_cached(fastmath=_FM)
 def _softmax_xent_backward(x, t, lse, scale, dx):
+    wide_vectors()
     N, V = x.shape
     zero = x.dtype.type(0.0)
     for n in range(N):
@@ -171,6 +177,7 @@ def softmax_xent_backward(x, t, lse, scale):
 
 @njit_cached(fastmath=_FM, error_model="numpy")  # no division check: LLVM vectorises the loop
 def _adam_update(params, grads, ms, vs, lr_t, c1, c2, eps):
+    wide_vectors()
     for a in range(len(params)):  # one serial pass: a model's parameters are few and small
         p, g, m, v = params[a], grads[a], ms[a], vs[a]
         for i in range(p.shape[0]):

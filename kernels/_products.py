@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _blas, _flash, _tuning
 from ._blas import OneThread, gemm
-from ._numba_math import FASTMATH, njit_cached, take_unit
+from ._numba_math import FASTMATH, njit_cached, take_unit, wide_vectors
 
 _BLOCK_ROWS = 32  # rows of the result per block, at least
 _MAX_BLOCKS = 16
@@ -29,6 +29,7 @@ _JIT = {"fastmath": set(FASTMATH), "nogil": True, "error_model": "numpy"}  # no 
 @njit_cached(nogil=True)
 def _product_units(counter, a, ta, b, tb, c, nblk):
     """Block k of nblk of the rows of c = op(a) op(b), for each k taken from counter."""
+    wide_vectors()
     M = c.shape[0]
     one = c.dtype.type(1)
     coef = np.empty(2, c.dtype)
@@ -70,6 +71,7 @@ def matmul(a, b, ta=False, tb=False):
 @njit_cached(**_JIT)
 def _input_rows(xs2, Wx, b, A2, T, n0, n1):
     """A2 = xs2 Wx + b on the rows of batch rows n0 <= n < n1."""
+    wide_vectors()
     one = A2.dtype.type(1)
     coef = np.empty(2, A2.dtype)
     r0, r1 = n0 * T, n1 * T
@@ -84,6 +86,7 @@ def _input_rows(xs2, Wx, b, A2, T, n0, n1):
 def _back_rows_tail(dA2, Wx, dxs2, xs2, h0, hs, xh2, n0, n1):
     """On the rows of batch rows n0 <= n < n1: dxs = dA Wx^T, and xh2 = [xs, h_prev] (h_prev:
     h0, hs[n, 0], ..., hs[n, T-2]), the input of the weight gradients."""
+    wide_vectors()
     T, D = hs.shape[1], xs2.shape[1]
     one = dA2.dtype.type(1)
     coef = np.empty(2, dA2.dtype)
@@ -103,6 +106,7 @@ def _grad_rows(dA2, xh2, r2, dW, db, split, N, n0, n1):
     of D rows, runs far below BLAS's speed) and of db = the sum of dA2's rows (over the steps
     of a batch row, then over the rows: error ~ (N + T) eps, not N T eps). Columns from
     ``split`` on (the GRU's Whh) take r2 h_prev, made in place in xh2, instead of h_prev."""
+    wide_vectors()
     one = dA2.dtype.type(1)
     coef = np.empty(2, dA2.dtype)
     T = dA2.shape[0] // N
@@ -129,4 +133,5 @@ def _grad_rows(dA2, xh2, r2, dW, db, split, N, n0, n1):
 @njit_cached(**_JIT)
 def _grad_part(dA2, xh2, r2, parts, dbs, split, N, k, n0, n1):
     """_grad_rows into part k."""
+    wide_vectors()
     _grad_rows(dA2, xh2, r2, parts[k], dbs[k], split, N, n0, n1)

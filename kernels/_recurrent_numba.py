@@ -42,7 +42,7 @@ from numba import get_num_threads
 from . import _blas, _flash, _recurrent
 from . import recurrent_vectorized as _numpy
 from ._blas import gemm
-from ._numba_math import borrow, keep_alive, njit_cached, vexp, vtanh
+from ._numba_math import borrow, keep_alive, njit_cached, vexp, vtanh, wide_vectors
 from ._products import _JIT, _back_rows_tail, _grad_part, _input_rows
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward",
@@ -67,6 +67,7 @@ stats = {"shares": 0, "threads": 0, "parts": 0}
 
 @njit_cached(**_JIT)
 def _sigmoid(x, one):
+    wide_vectors()
     e = vexp(-abs(x))  # in (0, 1]: no overflow
     s = one / (one + e)
     return s if x >= 0 else e * s
@@ -82,6 +83,7 @@ def _sigmoid(x, one):
 @njit_cached(**_JIT)
 def _rnn_rows(Wh, h0, hs, one, n0, n1):
     """hs[n, t]: xs Wx + b on entry, tanh(that + hs[n, t-1] Wh) on exit."""
+    wide_vectors()
     owned = np.empty(2, hs.dtype)
     coef = borrow(owned)
     for t in range(hs.shape[1]):
@@ -98,6 +100,7 @@ def _rnn_rows(Wh, h0, hs, one, n0, n1):
 @njit_cached(**_JIT)
 def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
     """dA[n, t] = (dhs[n, t] + dh) (1 - hs[n, t]^2), dh = dA[n, t] Wh^T, backwards in t."""
+    wide_vectors()
     owned = (np.empty(2, dhs.dtype), np.zeros((n1 - n0, WhT.shape[1]), dhs.dtype))
     coef, dh = borrow(owned[0]), borrow(owned[1])  # dh (R, H)
     for t in range(dhs.shape[1] - 1, -1, -1):
@@ -116,6 +119,7 @@ def _rnn_back_rows(dhs, WhT, hs, dA, dh0, one, n0, n1):
 @njit_cached(**_JIT)
 def _lstm_rows(Wh, h0, c0, hs, cs, gates, one, n0, n1):
     """The LSTM recurrence; gates[n, t]: xs Wx + b on entry, [f, g, i, o] (4H,) on exit."""
+    wide_vectors()
     H = Wh.shape[0]
     owned = np.empty(2, hs.dtype)
     coef = borrow(owned)
@@ -142,6 +146,7 @@ def _lstm_rows(Wh, h0, c0, hs, cs, gates, one, n0, n1):
 @njit_cached(**_JIT)
 def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
     """dA[n, t] = [df, dg, di, do] backwards in t; dc: the last cell's gradient in, c0's out."""
+    wide_vectors()
     H = WhT.shape[1]
     owned = (np.empty(2, dhs.dtype), np.zeros((n1 - n0, H), dhs.dtype))
     coef, dh = borrow(owned[0]), borrow(owned[1])  # dh (R, H)
@@ -171,6 +176,7 @@ def _lstm_back_rows(dhs, WhT, c0, cs, gates, dA, dh0, dc, one, n0, n1):
 @njit_cached(**_JIT)
 def _gru_rows(Wh, h0, hs, gates, one, n0, n1):
     """The GRU recurrence; gates[n, t]: xs Wx + b on entry, [z, r, hh] (3H,) on exit."""
+    wide_vectors()
     H = Wh.shape[0]
     owned = (np.empty(2, hs.dtype), np.empty((n1 - n0, H), hs.dtype))
     coef, rh = borrow(owned[0]), borrow(owned[1])  # rh: r * h, the input of Whh
@@ -199,6 +205,7 @@ def _gru_rows(Wh, h0, hs, gates, one, n0, n1):
 @njit_cached(**_JIT)
 def _gru_back_rows(dhs, WhT, h0, hs, gates, dA, dh0, one, n0, n1):
     """dA[n, t] = [dz, dr, dhh] backwards in t; dh0. WhT: Wh^T (3H, H)."""
+    wide_vectors()
     H = WhT.shape[1]
     owned = (np.empty(2, dhs.dtype), np.zeros((n1 - n0, H), dhs.dtype),
              np.empty((n1 - n0, H), dhs.dtype))
@@ -233,6 +240,7 @@ def _gru_back_rows(dhs, WhT, h0, hs, gates, dA, dh0, one, n0, n1):
 
 @njit_cached(**_JIT)
 def _rnn_share(xs2, Wx, b, Wh, h0, hs, A2, one, n0, n1):
+    wide_vectors()
     xs2, Wx, b = borrow(xs2), borrow(Wx), borrow(b)
     Wh, h0, hs = borrow(Wh), borrow(h0), borrow(hs)
     A2 = borrow(A2)
@@ -242,6 +250,7 @@ def _rnn_share(xs2, Wx, b, Wh, h0, hs, A2, one, n0, n1):
 
 @njit_cached(**_JIT)
 def _rnn_back_share(dhs, WhT, hs, dA, dh0, dA2, Wx, dxs2, xs2, h0, xh2, one, n0, n1):
+    wide_vectors()
     dhs, WhT, hs = borrow(dhs), borrow(WhT), borrow(hs)
     dA, dh0, dA2 = borrow(dA), borrow(dh0), borrow(dA2)
     Wx, dxs2, xs2 = borrow(Wx), borrow(dxs2), borrow(xs2)
@@ -252,6 +261,7 @@ def _rnn_back_share(dhs, WhT, hs, dA, dh0, dA2, Wx, dxs2, xs2, h0, xh2, one, n0,
 
 @njit_cached(**_JIT)
 def _lstm_share(xs2, Wx, b, Wh, h0, c0, hs, cs, gates, A2, one, n0, n1):
+    wide_vectors()
     xs2, Wx, b = borrow(xs2), borrow(Wx), borrow(b)
     Wh, h0, c0 = borrow(Wh), borrow(h0), borrow(c0)
     hs, cs, gates = borrow(hs), borrow(cs), borrow(gates)
@@ -263,6 +273,7 @@ def _lstm_share(xs2, Wx, b, Wh, h0, c0, hs, cs, gates, A2, one, n0, n1):
 @njit_cached(**_JIT)
 def _lstm_back_share(dhs, WhT, c0, cs, gates, dA, dh0, dc, dA2, Wx, dxs2, xs2, h0, hs, xh2,
                      one, n0, n1):
+    wide_vectors()
     dhs, WhT, c0 = borrow(dhs), borrow(WhT), borrow(c0)
     cs, gates, dA = borrow(cs), borrow(gates), borrow(dA)
     dh0, dc, dA2 = borrow(dh0), borrow(dc), borrow(dA2)
@@ -274,6 +285,7 @@ def _lstm_back_share(dhs, WhT, c0, cs, gates, dA, dh0, dc, dA2, Wx, dxs2, xs2, h
 
 @njit_cached(**_JIT)
 def _gru_share(xs2, Wx, b, Wh, h0, hs, gates, A2, one, n0, n1):
+    wide_vectors()
     xs2, Wx, b = borrow(xs2), borrow(Wx), borrow(b)
     Wh, h0, hs = borrow(Wh), borrow(h0), borrow(hs)
     gates, A2 = borrow(gates), borrow(A2)
@@ -283,6 +295,7 @@ def _gru_share(xs2, Wx, b, Wh, h0, hs, gates, A2, one, n0, n1):
 
 @njit_cached(**_JIT)
 def _gru_back_share(dhs, WhT, h0, hs, gates, dA, dh0, dA2, Wx, dxs2, xs2, xh2, one, n0, n1):
+    wide_vectors()
     dhs, WhT, h0 = borrow(dhs), borrow(WhT), borrow(h0)
     hs, gates, dA = borrow(hs), borrow(gates), borrow(dA)
     dh0, dA2, Wx = borrow(dh0), borrow(dA2), borrow(Wx)

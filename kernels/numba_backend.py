@@ -46,7 +46,7 @@ from ._blas import gemm
 from ._flash import _blas_held, _transpose_into
 from ._flash_features import attention_backward, attention_forward  # noqa: F401  (in __all__)
 from ._micro import mm
-from ._numba_math import FASTMATH, borrow, keep_alive, njit_cached, vexp
+from ._numba_math import FASTMATH, borrow, keep_alive, njit_cached, vexp, wide_vectors
 
 __all__ = list(ATTENTION_NAMES)
 
@@ -70,6 +70,7 @@ def _parallel(work, threshold, batch):
 @njit_cached(**_JIT)
 def _softmax_forward_range(x, y, b0, b1):
     """y[b] = softmax(x[b]) for b in [b0, b1). x, y (B, Tq, Tk)."""
+    wide_vectors()
     x, y = borrow(x), borrow(y)  # no reference counts on the rows' views
     _, Tq, Tk = x.shape
     zero = x.dtype.type(0.0)
@@ -108,6 +109,7 @@ def _softmax_forward_parallel(x, y):
 @njit_cached(**_JIT)
 def _softmax_backward_range(dy, y, dx, b0, b1):
     """dx[b] = y[b] * (dy[b] - rowsum(y[b] * dy[b])) for b in [b0, b1). (B, Tq, Tk) each."""
+    wide_vectors()
     dy, y, dx = borrow(dy), borrow(y), borrow(dx)  # no reference counts on the rows' views
     _, Tq, Tk = y.shape
     zero = y.dtype.type(0.0)
@@ -168,6 +170,7 @@ def _bmm_range(a, ta, m, tm, alpha, c, b0, b1, own):
     a is (B, M, K), or (B, K, M) when ta; m is (B, K, N), or (B, N, K) when tm; c is
     (B, M, N); all C-contiguous, one dtype.
     """
+    wide_vectors()
     a, m, c = borrow(a), borrow(m), borrow(c)  # no reference counts on the entries' views
     # one allocation: gemm's scratch, then (own and tm) room for a transposed m[b]
     owned = np.empty(2 + (m.shape[1] * m.shape[2] if own and tm else 0), dtype=c.dtype)
@@ -289,6 +292,7 @@ def _scatter_add_rows(rows, src, dW, v0, v1):
 
     rows (N*T,) intp, src (N*T, D), dW (V, D).
     """
+    wide_vectors()
     D = src.shape[1]
     for r in range(rows.size):
         row = rows[r]

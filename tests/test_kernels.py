@@ -671,3 +671,86 @@ def test_vexp_special_values(dtype):
     np.testing.assert_array_equal(got[:4], 0)  # -inf and far below the range: exactly 0
     np.testing.assert_array_equal(got[4:6], 1)
     assert np.isnan(got[6])
+
+
+# ---- wide vectors: LLVM's loops on AVX-512 code use 64-byte registers ----------------------
+
+#: kernel functions with loops that need no wide_vectors(): their loops are not vectorised
+#: (scalar work, a hash or a binary search) or write their vectors out themselves
+_NOT_VECTORISED = {
+    "_micro.py": {"_mm"},  # the register-blocked micro-kernel: LLVM IR of its own vectors
+    "_blas.py": {"_ld", "_gemm"},
+    "_flash_tiles.py": {"_seq"},
+    # parallel loops over batch entries whose bodies call a kernel that asks for them
+    "numba_backend.py": {"_softmax_forward_parallel", "_softmax_backward_parallel",
+                         "_bmm_parallel", "_bmm2_parallel", "_scatter_add_parallel"},
+}
+
+
+def _is_call(stmt, name):
+    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+            and getattr(stmt.value.func, "id", None) == name and not stmt.value.args)
+
+
+def _jit_decorator(fn):
+    """The fn's njit_cached(...) call among its decorators, or None."""
+    for dec in fn.decorator_list:
+        if isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == "njit_cached":
+            return dec
+    return None
+
+
+def test_every_kernel_function_with_a_loop_asks_for_wide_vectors():
+    """Each compiled kernel function that has a loop of its own (and is not inlined into its
+    callers by Numba, inline="always") names wide_vectors() first (after its docstring): the
+    attribute is a function's own, so one that forgets it runs 32-byte vectors on Intel's
+    AVX-512 CPUs. The ones that need none are listed, with why."""
+    missing, seen = [], 0
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            dec = _jit_decorator(fn)
+            if dec is None or any(k.arg == "inline" for k in dec.keywords):
+                continue
+            if not any(isinstance(n, (ast.For, ast.While)) for n in ast.walk(fn)):
+                continue
+            if fn.name in _NOT_VECTORISED.get(path.name, ()):
+                continue
+            body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(
+                getattr(fn.body[0], "value", None), ast.Constant) else fn.body
+            seen += 1
+            if not _is_call(body[0], "wide_vectors"):
+                missing.append(f"{path.name}:{fn.name}")
+    assert seen >= 40, seen  # the walk found the kernels
+    assert not missing, f"no wide_vectors() first in {missing}"
+
+
+def test_wide_vectors_sets_the_attribute_on_avx512_code_only():
+    """A fresh (uncached) function that names wide_vectors(): its LLVM function carries
+    prefer-vector-width=512 exactly when Numba makes AVX-512 code, and then its loop uses
+    64-byte registers (zmm), which LLVM's Intel tuning alone would not; without AVX-512 it
+    has neither. (On this machine: see the first assertion's value.)"""
+    from fastattn.kernels import _numba_math, _tuning
+
+    wide = _tuning.compiled_isa() == "avx512"
+    assert _numba_math._wide() is wide
+
+    @njit(fastmath=set(FASTMATH))
+    def scaled_exp(x):
+        _numba_math.wide_vectors()
+        for i in range(x.shape[0]):
+            x[i] = vexp(x[i] * 0.5)
+
+    x = -np.arange(100, dtype=np.float32)
+    scaled_exp(x)
+    np.testing.assert_allclose(x, np.exp(-np.arange(100) * 0.5), rtol=2e-7, atol=0)
+    llvm = next(iter(scaled_exp.inspect_llvm().values())).splitlines()
+    define = next(line for line in llvm if line.startswith("define") and "scaled_exp" in line)
+    attrs = ""  # the function's attribute group, when it has one
+    if "#" in define.rsplit(")", 1)[1]:
+        group = define.rsplit("#", 1)[1].split()[0]
+        attrs = next(line for line in llvm if line.startswith(f"attributes #{group} "))
+    assert ('"prefer-vector-width"="512"' in attrs) is wide, (define, attrs)
+    asm = next(iter(scaled_exp.inspect_asm().values()))
+    assert ("%zmm" in asm) is wide
