@@ -6,6 +6,7 @@
 * :func:`vexp`: an exp of ``x <= 0`` that LLVM vectorises.
 * :func:`vtanh`: a tanh that LLVM vectorises (on :func:`vexp`; a polynomial near 0).
 * :func:`fmax`: a max of two floats that LLVM vectorises.
+* :func:`wide_vectors`: a function's loops vectorised with 64-byte vectors on AVX-512 code.
 * :func:`take_unit`: hands out work units to threads from a shared counter.
 * :func:`finite_flat`: no NaN or inf in an array, in one pass (the input checks use it).
 * :func:`borrow`, :func:`keep_alive`: an array without its reference count, and keeping a
@@ -351,15 +352,14 @@ def wide_vectors(typingctx):
     """Does nothing at run time; compiled into a function, it has LLVM vectorise that
     function's loops with the widest registers of AVX-512 code (64 bytes), not 32.
 
-    LLVM's tuning for Intel's AVX-512 CPUs (Skylake-SP to Granite Rapids: ``prefer-256-bit``)
-    has its loop vectoriser use 32-byte vectors, which halves the rate of every loop that it
-    vectorises (AMD's Zen 4 and 5 have no such tuning). Numba compiles for the host CPU, so on
-    an Intel Xeon (Sapphire Rapids or later, where 64-byte vectors do not slow the clock much)
-    the kernels' exponentials ran at 0.54-0.72 ns an item with it and 0.35-0.38 without
-    (float32, a 128 x 64 tile, one thread). The attribute is a function's own, so every
-    kernel function with a loop of its own names this first (a helper compiled apart, not
-    inlined by Numba, is vectorised on its own). Nothing changes in code for AVX2 or older,
-    or where the host CPU has no such tuning. The register-blocked micro-kernel
+    LLVM's tuning for Intel's AVX-512 CPUs (``prefer-256-bit``) has its loop vectoriser use
+    32-byte vectors, which halves the width of every loop that it vectorises (AMD's Zen 4 and
+    5 have no such tuning). Numba compiles for the host CPU, so on a 2-core Intel Xeon (under
+    KVM, which LLVM takes for a Rocket Lake) the kernels' exponentials ran at 0.54-0.77 ns an
+    item with it and 0.35-0.54 without (float32, a 128 x 64 tile refilled each time, one
+    thread). The attribute is a function's own, so every kernel function with a loop of its
+    own names this first (a helper compiled apart, not inlined by Numba, is vectorised on its
+    own). Nothing changes in code for AVX2 or older. The register-blocked micro-kernel
     (``kernels._micro``) writes its vectors out and needs none of this."""
 
     def codegen(context, builder, signature, args):
