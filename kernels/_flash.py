@@ -633,7 +633,8 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
         own = q.shape[3] <= st.own_dim
         with _blas_held(own):
             use_kT = min(Tq, bq) >= st.kt_rows and not own
-            kT = transposed_keys(k) if use_kT else _NO_KT[q.dtype]
+            kT = (transposed_keys(k, flops, st.serial_flops) if use_kT
+                  else _NO_KT[q.dtype])
             n_units = B * H * math.ceil(Tq / bq)
             chunk = _chunk(B, H, n_units, st)
             _in_parallel(_forward_units, math.ceil(n_units / chunk), flops, st.serial_flops,
@@ -642,7 +643,7 @@ def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):
     return result, (lse.reshape(B, H, Tq) if heads else lse)
 
 
-def transposed_keys(k):
+def transposed_keys(k, flops=0, serial_flops=1):
     """k (..., Tk, d) transposed for the forward's score tiles: a C-contiguous (..., d, ld)
     array whose first Tk columns are k^T. Its rows are ld >= Tk items long, one cache line
     more than Tk when Tk items take a multiple of 1 KiB: rows a multiple of 1 KiB apart fall
@@ -651,12 +652,49 @@ def transposed_keys(k):
     process, interleaved, forward only): float32 (32, 512, 64) 1.08x, (16, 1024, 64) 1.04x
     and (8, 2048, 64) 1.08x as fast as without the extra line; float64 1.08-1.12x, also
     at (256, 128, 64); level where Tk is no such multiple. The kernels read columns < Tk
-    only, so the extra line stays unset."""
+    only, so the extra line stays unset.
+
+    The copy runs on the kernels' threads, one (batch entry, head) per unit
+    (``_transpose_units``), when ``flops`` (the forward's) is at least ``serial_flops``, else
+    on this thread."""
     Tk, d = k.shape[-2:]
     ld = Tk + 64 // k.itemsize if (Tk * k.itemsize) % 1024 == 0 else Tk
     kT = np.empty(k.shape[:-2] + (d, ld), dtype=k.dtype)
-    np.copyto(kT[..., :Tk], np.swapaxes(k, -1, -2))
+    k4, kT4 = (k, kT) if k.ndim == 4 else (k.reshape(-1, 1, Tk, d), kT.reshape(-1, 1, d, ld))
+    _in_parallel(_transpose_units, k4.shape[0] * k4.shape[1], flops, serial_flops, k4, kT4)
     return kT
+
+
+#: from this many keys on, _transpose_units copies by rows of k, else by rows of kT. One
+#: thread, d = 64, interleaved in one process (Intel Xeon, AVX-512): by rows of k, Tk = 512
+#: and 2048 took 0.67-0.68 ms (float32) and 1.23-1.33 (float64) against 1.10-1.21 and
+#: 1.57-2.49 by rows of kT and 1.13-1.23 and 1.67-2.59 by NumPy's copy; at Tk = 128 (B = 256)
+#: 3.55 and 5.45 against 2.39 and 4.54 by rows of kT (NumPy 2.58 and 4.72)
+_LONG_KEYS = 256
+
+
+@njit_cached(nogil=True, fastmath=_FM)
+def _transpose_units(counter, k, kT):
+    """Unit u: kT[b, h, :, :Tk] = k[b, h] transposed (b, h = divmod(u, H)); k (B, H, Tk, d)
+    with contiguous rows (heads may be strided views), kT (B, H, d, >= Tk)."""
+    wide_vectors()
+    B, H, Tk, d = k.shape
+    k, kT = borrow(k), borrow(kT)
+    while True:
+        u = take_unit(counter)
+        if u >= B * H:
+            break
+        src, dst = k[u // H, u % H], kT[u // H, u % H]
+        if Tk >= _LONG_KEYS:  # by rows of k: reads whole rows, writes d lines at a time
+            for r in range(Tk):
+                row = src[r]
+                for p in range(d):
+                    dst[p, r] = row[p]
+        else:  # by rows of kT: writes whole rows, reads d items apart
+            for p in range(d):
+                out = dst[p]
+                for r in range(Tk):
+                    out[r] = src[r, p]
 
 
 def _blas_held(own):

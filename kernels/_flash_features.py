@@ -341,7 +341,8 @@ def features_forward(q, k, v, scale, causal, mask, *, bias=None, bias_map=None, 
     cfg[_NSHARE] = nshare
     out = np.empty((nshare, B, Tq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((nshare, B, Tq), dtype=q.dtype)
-    kT = transposed_keys(k) if cfg[_USE_KT] else _stand_ins(q.dtype)["kT"]
+    kT = (transposed_keys(k, 4 * q.size * Tk, st.serial_flops) if cfg[_USE_KT]
+          else _stand_ins(q.dtype)["kT"])
     visited = np.zeros(units * nshare, np.int64)
     with _OneBlasThread():
         _in_parallel(_forward_units, units * nshare, 4 * q.size * Tk, st.serial_flops, q, k,

@@ -364,6 +364,36 @@ def test_transposed_keys_hold_k_transposed_in_rows_apart_from_the_cache_sets(dty
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_keys_on_the_kernels_threads_from_heads_in_place(dtype, monkeypatch, rng,
+                                                                    threads):
+    """With the forward's flops above serial_flops, the transposed keys are copied on the
+    kernels' threads (a pool worker is asked for, and every (batch entry, head) is a unit),
+    from heads that are strided views of a (B, T, H, d) array, at key lengths on both sides
+    of _LONG_KEYS (the two loop orders): exactly k^T either way."""
+    asked, units = [], []
+    real_pool, run = _flash.pool, _flash._in_parallel
+    monkeypatch.setattr(_flash, "pool", lambda n, **kw: asked.append(n) or real_pool(n, **kw))
+
+    def spy(fn, n_units, *args):
+        if fn is _flash._transpose_units:
+            units.append(n_units)
+        return run(fn, n_units, *args)
+
+    monkeypatch.setattr(_flash, "_in_parallel", spy)
+    threads(2)
+    for Tk in (_flash._LONG_KEYS - 1, _flash._LONG_KEYS, 512):
+        asked.clear()
+        base = rng.standard_normal((3, Tk, 4, 16)).astype(dtype)  # (B, T, H, d)
+        k = base.transpose(0, 2, 1, 3)  # (B, H, T, d) heads, not contiguous
+        kT = _flash.transposed_keys(k, flops=2, serial_flops=1)
+        assert asked == [1] and units[-1] == 12, (asked, units)
+        assert np.array_equal(kT[..., :Tk], np.swapaxes(k, -1, -2)), Tk
+        asked.clear()
+        kT1 = _flash.transposed_keys(k, flops=1, serial_flops=2)  # small: this thread
+        assert asked == [] and np.array_equal(kT1[..., :Tk], kT[..., :Tk])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_forward_with_transposed_keys_matches_the_loop_at_padded_rows(dtype, monkeypatch,
                                                                          rng):
     """With the key tiles transposed (kt_rows 1, BLAS products), at key lengths whose rows
