@@ -675,12 +675,9 @@ def test_vexp_special_values(dtype):
 
 # ---- wide vectors: LLVM's loops on AVX-512 code use 64-byte registers ----------------------
 
-#: kernel functions with loops that need no wide_vectors(): their loops are not vectorised
-#: (scalar work, a hash or a binary search) or write their vectors out themselves
+#: kernel functions with loops that need no wide_vectors(), and why
 _NOT_VECTORISED = {
     "_micro.py": {"_mm"},  # the register-blocked micro-kernel: LLVM IR of its own vectors
-    "_blas.py": {"_ld", "_gemm"},
-    "_flash_tiles.py": {"_seq"},
     # parallel loops over batch entries whose bodies call a kernel that asks for them
     "numba_backend.py": {"_softmax_forward_parallel", "_softmax_backward_parallel",
                          "_bmm_parallel", "_bmm2_parallel", "_scatter_add_parallel"},
