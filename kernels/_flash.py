@@ -116,7 +116,7 @@ def _mm_tn_acc(a, b, c, alpha, coef, own):
 
 @njit_cached(fastmath=_FM)
 def _transpose_into(x, xt):
-    """xt (c, n) = x (n, c) transposed."""
+    """xt[:, :n] = x (n, c) transposed (xt (c, >= n))."""
     wide_vectors()
     for r in range(x.shape[0]):
         for p in range(x.shape[1]):
@@ -686,10 +686,7 @@ def _transpose_units(counter, k, kT):
             break
         src, dst = k[u // H, u % H], kT[u // H, u % H]
         if Tk >= _LONG_KEYS:  # by rows of k: reads whole rows, writes d lines at a time
-            for r in range(Tk):
-                row = src[r]
-                for p in range(d):
-                    dst[p, r] = row[p]
+            _transpose_into(src, dst)
         else:  # by rows of kT: writes whole rows, reads d items apart
             for p in range(d):
                 out = dst[p]

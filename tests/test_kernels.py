@@ -741,7 +741,8 @@ def test_wide_vectors_sets_the_attribute_on_avx512_code_only():
 
     x = -np.arange(100, dtype=np.float32)
     scaled_exp(x)
-    np.testing.assert_allclose(x, np.exp(-np.arange(100) * 0.5), rtol=2e-7, atol=0)
+    want = np.exp(-np.arange(100) * 0.5).astype(np.float32)
+    assert _ulp_distance(x, want).max() <= 1  # vexp's contract
     llvm = next(iter(scaled_exp.inspect_llvm().values())).splitlines()
     define = next(line for line in llvm if line.startswith("define") and "scaled_exp" in line)
     attrs = ""  # the function's attribute group, when it has one
