@@ -38,12 +38,13 @@ def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.n
 
 @functools.cache
 def _finite_flat():
-    """kernels._numba_math.finite_flat, or None without Numba."""
+    """kernels._numba_math.finite_flat on a read-only view (one compilation per dtype,
+    whatever the array's flag), or None without Numba."""
     try:
-        from fastattn.kernels._numba_math import finite_flat
+        from fastattn.kernels._numba_math import finite_flat, read_only
     except ImportError:
         return None
-    return finite_flat
+    return lambda x: finite_flat(read_only(x))
 
 
 def all_finite(x: np.ndarray) -> bool:

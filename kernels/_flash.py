@@ -62,13 +62,14 @@ from ._numba_math import (
     fmax,
     keep_alive,
     njit_cached,
+    read_only,
     take_unit,
     vexp,
     wide_vectors,
 )
 
 _FM = set(FASTMATH)
-_NO_MASK = np.ones((1, 1), dtype=np.bool_)[None]  # (1, 1, 1) stand-in when mask is None
+_NO_MASK = read_only(np.ones((1, 1, 1), dtype=np.bool_))  # stand-in when mask is None
 FEW_ROWS = 2  # query rows per batch entry up to which the forward runs _few_rows_units
 _NO_KT = {np.dtype(t): np.zeros((1, 1, 1, 1), dtype=t) for t in (np.float32, np.float64)}
 
@@ -559,7 +560,7 @@ def _prepare(arrays, scale, mask):
     if mask is None:
         mask, has_mask = _NO_MASK, False
     else:
-        mask, has_mask = np.ascontiguousarray(mask, dtype=np.bool_), True
+        mask, has_mask = read_only(np.ascontiguousarray(mask, dtype=np.bool_)), True
     return arrays, dtype.type(scale), mask, has_mask
 
 

@@ -76,7 +76,7 @@ from ._flash_tiles import (
     _seq,
     _times,
 )
-from ._numba_math import borrow, keep_alive, njit_cached, take_unit, wide_vectors
+from ._numba_math import borrow, keep_alive, njit_cached, read_only, take_unit, wide_vectors
 from .vectorized_attention import merge_parts
 
 # (n_units,) per call, tiles visited; summed into LAST_TILES (a test shows blocks skipped)
@@ -264,16 +264,18 @@ _NO = {}  # stand-ins for the arrays of features that are off, per dtype
 
 def _stand_ins(dtype):
     if dtype not in _NO:
-        _NO[dtype] = dict(mask=np.ones((1, 1, 1), np.bool_), bias=np.zeros((1, 1, 1), dtype),
-                          kT=np.zeros((1, 1, 1), dtype), dq_part=np.zeros((1, 1, 1, 1), dtype))
+        _NO[dtype] = dict(mask=read_only(np.ones((1, 1, 1), np.bool_)),
+                          bias=read_only(np.zeros((1, 1, 1), dtype)),
+                          dbias=np.zeros((1, 1, 1), dtype), kT=np.zeros((1, 1, 1), dtype),
+                          dq_part=np.zeros((1, 1, 1, 1), dtype))
     return _NO[dtype]
 
 
 def _spans(cu_seqlens_q, cu_seqlens_k, Tq, Tk):
     if cu_seqlens_q is None:
-        return np.array([0, Tq], np.int64), np.array([0, Tk], np.int64)
-    return (np.ascontiguousarray(cu_seqlens_q, dtype=np.int64),
-            np.ascontiguousarray(cu_seqlens_k, dtype=np.int64))
+        cu_seqlens_q, cu_seqlens_k = (0, Tq), (0, Tk)
+    return (read_only(np.ascontiguousarray(cu_seqlens_q, dtype=np.int64)),
+            read_only(np.ascontiguousarray(cu_seqlens_k, dtype=np.int64)))
 
 
 def _blocks(cu, size):
@@ -306,12 +308,13 @@ def _setup(q, k, causal, mask, bias, bias_map, window, alibi, dropout_p, seed, t
     cfg[_USE_KT] = not cfg[_OWN] and min(Tq, bq) >= st.kt_rows
     if bias is not None and bias_map is None:
         bias_map = np.minimum(np.arange(B), bias.shape[0] - 1)
-    arrays = dict(
+    arrays = dict(  # passed read-only, however the caller made them (see read_only)
         mask=no["mask"] if mask is None else np.ascontiguousarray(mask, dtype=np.bool_),
         bias=no["bias"] if bias is None else np.ascontiguousarray(bias, dtype=q.dtype),
         bias_map=np.ascontiguousarray(np.zeros(B) if bias_map is None else bias_map,
                                       dtype=np.int64),
         alibi=np.ascontiguousarray(np.zeros(B) if alibi is None else alibi, dtype=np.float64))
+    arrays = {name: read_only(a) for name, a in arrays.items()}
     drop = np.array([int(seed) % (1 << 64), rules.dropout_threshold(dropout_p)], np.uint64)
     inv = q.dtype.type(1 / (1 - dropout_p))
     return cfg, drop, inv, arrays
@@ -393,7 +396,7 @@ def features_backward(dout, q, k, v, out, lse, scale, causal, mask, *, bias=None
     dk_part = np.zeros((extra,) + k.shape, q.dtype) if extra and by_heads else no
     dv_part = np.zeros((extra,) + v.shape, q.dtype) if extra and by_heads else no
     dbias = (np.zeros((B,) + F["bias"].shape[1:], q.dtype) if bias is not None
-             else _stand_ins(q.dtype)["bias"])
+             else _stand_ins(q.dtype)["dbias"])
     visited = np.zeros(Bkv * nshare, np.int64)
     with _OneBlasThread():
         _in_parallel(_backward_units, Bkv * nshare, 10 * B * Tq * Tk * d, st.serial_flops,

@@ -9,6 +9,7 @@
 * :func:`wide_vectors`: a function's loops vectorised with 64-byte vectors on AVX-512 code.
 * :func:`take_unit`: hands out work units to threads from a shared counter.
 * :func:`finite_flat`: no NaN or inf in an array, in one pass (the input checks use it).
+* :func:`read_only`: an array as the kernels take the arrays they only read.
 * :func:`borrow`, :func:`keep_alive`: an array without its reference count, and keeping a
   borrowed local array alive.
 
@@ -113,6 +114,22 @@ def njit_cached(**options):
             return njit(**options)(fn)
 
     return decorate
+
+
+def read_only(a: np.ndarray) -> np.ndarray:
+    """``a`` as a read-only view (``a`` itself when it is one already), without a copy.
+
+    Numba types a read-only array apart from a writeable one, so a kernel compiles once more
+    for every mix of the two among its arguments: a fused attention kernel 6 s and more each
+    time. Callers hand the arrays a kernel only reads either way (``np.broadcast_to`` and
+    its reshapes give read-only views, ``np.ascontiguousarray`` keeps them), so the Python
+    side passes those (masks, biases, sequence offsets, slopes, stand-ins for features that
+    are off) read-only always."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 @njit_cached(nogil=True)  # no fastmath: it would let LLVM assume there is no NaN or inf

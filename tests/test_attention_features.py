@@ -377,3 +377,60 @@ def test_numba_packed_sequences_visit_only_their_own_blocks():
     """Sequences of 16, 16 and 32 rows in tiles of 8: 2*2 + 2*2 + 4*4 = 24 tiles, not 64."""
     cu = np.array([0, 16, 32, 64])
     assert _visited(64, 64, (8, 8), cu_seqlens_q=cu, cu_seqlens_k=cu) == (24, 24)
+
+
+
+def test_numba_compiles_once_whatever_the_read_only_flags_of_the_feature_arrays(monkeypatch):
+    """Masks, biases, slopes and sequence offsets reach the fused kernels read-only however
+    the caller made them: np.broadcast_to gives read-only views (np.ascontiguousarray keeps
+    them; the public functions' compact masks are such views), the stand-ins of features
+    that are off are arrays of the package's own, and each mix of read-only and writeable
+    arrays was a compilation of its own (6 s and more for a fused kernel). The numba
+    backend's fused kernels without the arrays (stand-ins), with writeable ones, then with
+    read-only views of the same values: the kernels ran every time (plain with a mask, and
+    with features), the last two to the same bits, and only the first compiled anything."""
+    from fastattn.kernels import _flash
+    from fastattn.kernels import _flash_features as ff
+
+    units = (_flash._forward_units, _flash._backward_units, ff._forward_units,
+             ff._backward_units)
+    ran = []
+    for module in (_flash, ff):
+        def spy(fn, *args, _run=module._in_parallel):
+            ran.append(fn)
+            return _run(fn, *args)
+
+        monkeypatch.setattr(module, "_in_parallel", spy)
+    forward, backward = (kernels.get(f"attention_{x}", "numba") for x in ("forward", "backward"))
+    rng = np.random.default_rng(41)
+    q, k, v, dout = (rng.standard_normal((2, 7 if i in (0, 3) else 8, 4)) for i in range(4))
+    arrays = dict(plain=dict(mask=rng.random((1, 7, 8)) < 0.7),
+                  features=dict(bias=rng.standard_normal((2, 7, 8)), bias_map=np.arange(2),
+                                alibi=np.array([0.5, 0.25]), cu_seqlens_q=CU_Q,
+                                cu_seqlens_k=CU_K))
+    results, compiled = {}, None
+    for flags in ("stand-ins", "writeable", "read-only"):
+        for path, kw in arrays.items():
+            kw = {n: None if flags == "stand-ins" else
+                  np.broadcast_to(a, a.shape) if flags == "read-only" else a
+                  for n, a in kw.items()}
+            assert all(a.flags.writeable == (flags == "writeable") for a in kw.values()
+                       if a is not None)
+            if path == "plain":
+                kw["mask"] = kw.get("mask")
+            else:
+                kw = dict(kw, mask=None, window=(3, None))
+                if flags == "stand-ins":
+                    kw.pop("cu_seqlens_k")  # none or both
+            del ran[:]
+            out, lse = forward(q, k, v, 0.5, False, **kw)
+            grads = backward(dout, q, k, v, out, lse, 0.5, False, **kw)
+            module = _flash if path == "plain" else ff
+            assert module._forward_units in ran and module._backward_units in ran, (path, ran)
+            results.setdefault(path, []).append((out, lse, *grads))
+        if compiled is not None:
+            assert [len(fn.signatures) for fn in units] == compiled, f"compiled again: {flags}"
+        compiled = [len(fn.signatures) for fn in units]
+    for path, (_, first, second) in results.items():
+        for a, b in zip(first, second, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=path)

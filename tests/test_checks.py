@@ -32,3 +32,32 @@ def test_all_finite_finds_nan_and_inf_anywhere(monkeypatch, dtype, contiguous):
             x[np.unravel_index(flat, x.shape)] = bad
             assert not _checks.all_finite(x), (bad, flat)
     assert bool(calls) == contiguous  # the Numba path ran exactly for C-contiguous arrays
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_numba_scan_compiles_once_for_writeable_and_read_only_arrays(monkeypatch, dtype):
+    """The scan takes a read-only view of every array: a read-only input (np.broadcast_to
+    gives one) was a second compilation of the loop."""
+    from fastattn.kernels import _numba_math
+
+    real, seen = _numba_math.finite_flat, []
+
+    def spy(x):
+        seen.append(x.flags.writeable)
+        return real(x)
+
+    monkeypatch.setattr(_numba_math, "finite_flat", spy)
+    _checks._finite_flat.cache_clear()  # takes the spy
+    try:
+        x = np.arange(12, dtype=dtype).reshape(3, 4)
+        bad = x.copy()
+        bad[1, 2] = np.nan
+        assert _checks.all_finite(x) and not _checks.all_finite(bad)
+        compiled = len(real.signatures)
+        read_only = [np.broadcast_to(a, a.shape) for a in (x, bad)]
+        assert not any(a.flags.writeable for a in read_only)
+        assert [_checks.all_finite(a) for a in read_only] == [True, False]
+    finally:
+        _checks._finite_flat.cache_clear()
+    assert len(real.signatures) == compiled
+    assert seen == [False] * 4  # the Numba path, on read-only views every time
