@@ -7,7 +7,9 @@ fixture with a check of the result: the call that is checked is exactly the call
 timed. Benchmarks keep no timers of their own; pytest-benchmark times, and
 ``--benchmark-disable`` runs every suite as plain tests (check only). Every table ends with a
 line naming the machine (CPU model, instruction set, BLAS kernel): figures differ from one CPU
-to the next.
+to the next. Another line says how quiet the machine was while the suite ran
+(``fastattn._hostload``: the hypervisor's steal and other processes' share of the CPUs): a
+ratio measured while the host took a core away is worth less.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import pytest
 from helpers import numba_cache
 
 numba_cache.configure()  # before any kernel is imported: never time or check stale code
+
+from fastattn._hostload import Watch  # noqa: E402 (after configure: it imports fastattn)
+
+_WATCH = Watch()  # the host's load from the suite's start (conftest files load before tests)
 
 
 @pytest.fixture
@@ -70,9 +76,15 @@ def setting():
     return _tuning.current()[1]
 
 
+def host_load():
+    """The machine's load while the suite ran (``fastattn._hostload.Watch.describe``)."""
+    return _WATCH.describe()
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fastattn_machine"] = machine()
     machine_info["fastattn_setting"] = setting()
+    machine_info["fastattn_host_load"] = host_load()
 
 
 @pytest.hookimpl(trylast=True)
@@ -81,3 +93,4 @@ def pytest_terminal_summary(terminalreporter, config):
     if session is not None and not session.disabled and session.benchmarks:
         terminalreporter.write_line(f"measured on: {machine()}")
         terminalreporter.write_line(f"fused kernels' setting: {setting()}")
+        terminalreporter.write_line(f"host while measuring: {host_load()}")

@@ -9,7 +9,7 @@ from importlib import metadata
 
 import pytest
 
-from fastattn import cli
+from fastattn import _hostload, cli
 from fastattn.commands import bench, info
 
 
@@ -121,19 +121,29 @@ def test_ratio_table_divides_by_the_fastest_of_each_group():
     assert torch.split()[1:4] == ["4.000", "5.000", "2.00"]
     assert numba.split()[-1] == "25%" and torch.split()[-1] == "12%"
     assert "200.0 GFLOP/s" in lines[-1]
-    report["machine_info"] = {"fastattn_machine": "some CPU", "fastattn_setting": "tuned (f)"}
-    assert bench.ratio_table(report).splitlines()[-2:] == [
-        "measured on: some CPU", "fused kernels' setting: tuned (f)"]
+    report["machine_info"] = {"fastattn_machine": "some CPU", "fastattn_setting": "tuned (f)",
+                              "fastattn_host_load": "1.0% stolen"}
+    assert bench.ratio_table(report).splitlines()[-3:] == [
+        "measured on: some CPU", "fused kernels' setting: tuned (f)",
+        "host while measuring: 1.0% stolen"]
 
 
-def test_bench_runs_a_suite_and_prints_ratios(capsys):
-    """A real run, filtered to the tiny attention shape of two backends."""
-    code = cli.main(["bench", "attention", "--filter", "tiny-numba or tiny-vectorized", "-q"])
-    out = capsys.readouterr().out
+def test_bench_runs_a_suite_and_prints_ratios(capfd):
+    """A real run, filtered to the tiny attention shape of two backends. Its output has
+    pytest-benchmark's table, whose summary names the machine, the setting and the host's
+    load (bench/conftest.py), then the ratio table, which names them again from the JSON."""
+    code = cli.main(["bench", "attention", "--filter", "tiny-numba or tiny-vectorized"])
+    out = capfd.readouterr().out
     assert code == 0
     assert "attention fwd+bwd (B=4, T=16, d=8, float32)" in out
     assert any(line.strip().startswith("numba") for line in out.splitlines())
     assert any(line.strip().startswith("vectorized") for line in out.splitlines())
     from fastattn.kernels import _tuning  # the child ran with this process's environment
 
-    assert f"fused kernels' setting: {_tuning.current()[1]}" in out.splitlines()
+    lines = out.splitlines()
+    assert lines.count(f"fused kernels' setting: {_tuning.current()[1]}") == 2
+    host = [line for line in lines if line.startswith("host while measuring: ")]
+    assert len(host) == 2, out
+    for line in host:
+        if _hostload.cpu_ticks() is not None:
+            assert "% of the CPUs' time stolen by the hypervisor, " in line, line
