@@ -68,10 +68,11 @@ def shares(before: dict, after: dict, own_seconds: float, seconds: float,
            hz: int) -> Shares | None:
     """The Shares between two ``cpu_ticks`` readings, given this process's CPU seconds in
     between (``own_seconds``), the wall time between them and the clock ticks per second;
-    None when the readings give no time (or went backwards)."""
-    delta = {k: after[k] - before[k] for k in FIELDS}
+    None when the readings give no time. A count that went down counts as 0: Linux's iowait
+    can (its proc(5) calls it unreliable)."""
+    delta = {k: max(0, after[k] - before[k]) for k in FIELDS}
     total = sum(delta.values())
-    if total <= 0 or min(delta.values()) < 0:
+    if total <= 0:
         return None
     busy = sum(delta[k] for k in _BUSY) / hz
     others = max(0.0, busy - own_seconds) / (total / hz)

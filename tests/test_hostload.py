@@ -35,9 +35,15 @@ def test_shares_of_two_readings_worked_by_hand():
                             "other processes (over 5 s)")
     # this process alone (own time above the busy ticks, as ticks round): nobody else
     assert _hostload.shares(before, after, own_seconds=3.0, seconds=5.0, hz=100).others == 0
-    # no time between the readings, or a counter that went backwards: no answer
+    # no time between the readings, or readings swapped: no answer
     assert _hostload.shares(before, before, 0.0, 1.0, 100) is None
     assert _hostload.shares(after, before, 0.0, 1.0, 100) is None
+    # iowait, which Linux may count down, counts as 0 then: 990 ticks, 50 of them stolen
+    fewer = _hostload.shares(before | {"iowait": 20}, after, own_seconds=1.3, seconds=5.0,
+                             hz=100)
+    assert fewer.cpu_seconds == pytest.approx(9.9)
+    assert fewer.steal == pytest.approx(50 / 990)
+    assert fewer.others == pytest.approx(1.5 / 9.9)
 
 
 @pytest.mark.parametrize("text", [
