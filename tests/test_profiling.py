@@ -79,12 +79,19 @@ def test_profile_command_prints_tables_and_writes_files(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "MultiHeadAttention" in out and "attention_backward" in out
+    host = [line for line in out.splitlines() if line.startswith("host while profiling: ")]
+    assert len(host) == 1, out
+    from fastattn import _hostload
+
+    if _hostload.cpu_ticks() is not None:
+        assert "% of the CPUs' time stolen by the hypervisor, " in host[0]
     import pstats
 
     stats = pstats.Stats(str(prof_file))
     assert stats.total_calls > 0
     data = json.loads(json_file.read_text())
     assert data["steps"] == 1 and data["entries"]
+    assert data["host_load"] == host[0].removeprefix("host while profiling: ")
 
 
 @pytest.mark.parametrize("bad", [["--steps", "0"], ["--sort", "nope"]])

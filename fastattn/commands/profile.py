@@ -44,6 +44,7 @@ def run(args) -> int:
     import numpy as np
 
     from fastattn import _backend
+    from fastattn._hostload import Watch
     from fastattn.commands.train import TrainSettings, build_model, limit_threads, load_task
     from fastattn.optim import Adam, clip_grads
     from fastattn.profiling import profile
@@ -69,12 +70,15 @@ def run(args) -> int:
 
     threads = limit_threads(args.threads, args.numba_threads)
     with threads:
+        watch = Watch()
         prof, profiler = _timed_steps(model, step, args.steps, args.cprofile, profile)
+        host = watch.describe()
 
     print(f"fastattn profile: {args.steps} training steps of the default model "
           f"(batch {B}, backend {backend}, BLAS threads {args.threads or 'default'}, "
           f"Numba threads {args.numba_threads or 'default'}): "
           f"{1e3 * prof.wall / args.steps:.1f} ms per step")
+    print(f"host while profiling: {host}")
     print(prof.table(sort=args.sort, limit=args.limit))
     if profiler is not None:
         profiler.dump_stats(args.cprofile)
@@ -83,7 +87,7 @@ def run(args) -> int:
         tmp = args.json + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"steps": args.steps, "batch_size": B, "backend": backend,
-                       **prof.as_dict()}, f, indent=2)
+                       "host_load": host, **prof.as_dict()}, f, indent=2)
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
     return 0
