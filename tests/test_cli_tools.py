@@ -147,3 +147,103 @@ def test_bench_runs_a_suite_and_prints_ratios(capfd):
     for line in host:
         if _hostload.cpu_ticks() is not None:
             assert "% of the CPUs' time stolen by the hypervisor, " in line, line
+
+
+@pytest.mark.parametrize("nodeid, name", [
+    ("bench/bench_attention.py::test_attention_fwd_bwd[B4-T16-d8-tiny-numba]", "numba"),
+    ("bench/bench_train_step.py::test_train_step_fastattn[vectorized]", "vectorized"),
+    ("bench/bench_train_step.py::test_train_step_torch", "test_train_step_torch"),
+    ("bench/bench_x.py::TestA::test_y[torch]", "torch"),
+])
+def test_contender_of_a_node_id(nodeid, name):
+    assert bench.contender(nodeid) == name
+
+
+def test_merge_keeps_each_benchmarks_best_round():
+    def run(tag, mins):
+        return {"machine_info": {"tag": tag}, "benchmarks": [
+            {"fullname": f"f::{k}", "name": k, "stats": {"min": m, "median": 2 * m},
+             "extra_info": {"GFLOP/s": 1 / m}} for k, m in mins.items()]}
+
+    first, second = run("first", {"a": 3.0, "b": 1.0}), run("second", {"a": 2.0, "b": 4.0})
+    merged = bench.merge([first, second])
+    by = {b["name"]: b for b in merged["benchmarks"]}
+    assert by["a"]["stats"] == {"min": 2.0, "median": 4.0}  # from the second run, whole
+    assert by["a"]["extra_info"] == {"GFLOP/s": 0.5, "round_mins": [3.0, 2.0]}
+    assert by["b"]["stats"] == {"min": 1.0, "median": 2.0}  # from the first
+    assert by["b"]["extra_info"] == {"GFLOP/s": 1.0, "round_mins": [1.0, 4.0]}
+    assert merged["machine_info"] == {"tag": "second"}
+    assert "round_mins" not in first["benchmarks"][0]["extra_info"]  # inputs left as they were
+
+
+FAKE_SUITE = '''
+import os
+
+import pytest
+
+
+@pytest.mark.parametrize("who", ["alpha", "beta"])
+@pytest.mark.parametrize("size", [1, 2])
+def test_fake(benchmark, who, size):
+    with open(os.environ["FAKE_BENCH_LOG"], "a") as f:
+        f.write(f"{who} {size} {os.getpid()}\\n")
+    benchmark.group = f"fake {size}"
+    benchmark(sum, range(size * 1000 if who == "alpha" else size * 3000))
+'''
+
+
+def test_bench_apart_runs_each_contender_in_processes_of_its_own(tmp_path, monkeypatch,
+                                                                 capfd):
+    """--apart 2 on a suite of two contenders (alpha, beta), two shapes each: four pytest
+    processes, alpha's and beta's alternating, each running all of one contender's
+    benchmarks; the table is made from the merged report and says how it was run."""
+    suite = tmp_path / "bench"
+    suite.mkdir()
+    (suite / "bench_fake.py").write_text(FAKE_SUITE)
+    log = tmp_path / "log"
+    monkeypatch.setenv("FAKE_BENCH_LOG", str(log))
+    # quick child processes: no plugin but pytest-benchmark, short timings
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p pytest_benchmark.plugin --benchmark-max-time=0.01 "
+                       "--benchmark-min-rounds=2")
+    report = tmp_path / "report.json"
+    code = bench.run(bench_args(["fake", "--dir", str(suite), "--apart", "2", "-q",
+                                 "--json", str(report)]))
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    runs = [line.split() for line in log.read_text().splitlines()]
+    pids = [pid for _, _, pid in runs]
+    processes = list(dict.fromkeys(pids))  # in order of first use
+    assert len(processes) == 4
+    who_of = {pid: {who for who, _, p in runs if p == pid} for pid in processes}
+    assert [who_of[p] for p in processes] == [{"alpha"}, {"beta"}, {"alpha"}, {"beta"}]
+    assert all({s for _, s, p in runs if p == pid} == {"1", "2"} for pid in processes)
+    merged = json.loads(report.read_text())
+    assert sorted(b["name"] for b in merged["benchmarks"]) == [
+        "test_fake[1-alpha]", "test_fake[1-beta]", "test_fake[2-alpha]", "test_fake[2-beta]"]
+    for b in merged["benchmarks"]:
+        assert len(b["extra_info"]["round_mins"]) == 2
+        assert b["stats"]["min"] == min(b["extra_info"]["round_mins"])
+    assert ("contenders: each in a process of its own (alpha, beta), alternating for 2 rounds; "
+            "each benchmark's best round") in out.splitlines()
+    assert "round 2 of 2: beta (2 benchmarks), a process of its own" in err
+
+
+def bench_args(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("extra", [["--save", "x"], ["--compare"]])
+def test_bench_apart_refuses_save_and_compare(tmp_path, capsys, extra):
+    assert bench.run(bench_args(["--apart", "2", *extra])) == 2
+    assert "--apart makes one report from several runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "101"])
+def test_bench_apart_takes_a_number_of_rounds(bad):
+    with pytest.raises(SystemExit):
+        bench_args(["--apart", bad])

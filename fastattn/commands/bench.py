@@ -12,6 +12,13 @@ Examples::
     fastattn bench attention --full        # also the large shapes (FASTATTN_BENCH_FULL=1)
     fastattn bench kernels --filter softmax --save before
     fastattn bench kernels --compare        # against the last saved run
+    fastattn bench attention --apart 3     # each contender in processes of its own, 3 rounds
+
+``--apart N`` runs each contender (numba, vectorized, torch, ...: the last dash-separated part
+of a benchmark's parameters) in a pytest process of its own, alternating them for N rounds,
+and keeps each benchmark's best round. In one process, PyTorch's OpenMP threads keep spinning
+after a call and take the cores from whatever runs next, and the order of the contenders can
+move a ratio by up to 2x; in processes of their own they cannot disturb each other.
 """
 
 from __future__ import annotations
@@ -56,6 +63,21 @@ def configure(parser):
                         help="folder of the bench_*.py suites (default: the checkout's bench/)")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="print only the ratio table, not pytest's own tables")
+    parser.add_argument("--apart", metavar="N", type=_rounds, default=None,
+                        help="run each contender in a process of its own, alternating them "
+                             "for N rounds; each benchmark keeps its best round")
+
+
+def _rounds(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 100:
+        raise argparse.ArgumentTypeError(f"expected a number of rounds from 1 to 100, got {text!r}")
+    return n
 
 
 def pytest_command(files, args, json_path) -> list[str]:
@@ -71,6 +93,34 @@ def pytest_command(files, args, json_path) -> list[str]:
     if args.compare is not None:
         cmd.append("--benchmark-compare" + (f"={args.compare}" if args.compare else ""))
     return cmd
+
+
+def contender(nodeid: str) -> str:
+    """The contender of a benchmark's pytest node id: the last dash-separated part of its
+    parameters (``test_x[B4-T16-numba]`` -> numba), or the test's name when it has none."""
+    name = nodeid.rsplit("::", 1)[-1]
+    if name.endswith("]") and "[" in name:
+        return name[name.index("[") + 1:-1].rsplit("-", 1)[-1]
+    return name
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs of the same benchmarks: each benchmark's entry from the
+    run with the smallest min time, with ``extra_info["round_mins"]``, its min in every run
+    that timed it (in order); the other fields from the last report."""
+    best: dict[str, dict] = {}
+    for report in reports:
+        for bench in report.get("benchmarks", []):
+            key = bench.get("fullname") or bench["name"]
+            kept = best.get(key)
+            mins = (kept["extra_info"]["round_mins"] if kept else []) + [bench["stats"]["min"]]
+            if kept is None or bench["stats"]["min"] < kept["stats"]["min"]:
+                kept = dict(bench, extra_info=dict(bench.get("extra_info") or {}))
+            kept["extra_info"]["round_mins"] = mins
+            best[key] = kept
+    merged = dict(reports[-1]) if reports else {}
+    merged["benchmarks"] = list(best.values())
+    return merged
 
 
 def _label(bench: dict) -> str:
@@ -116,6 +166,8 @@ def ratio_table(report: dict) -> str:
         lines.append(f"fused kernels' setting: {info['fastattn_setting']}")
     if info.get("fastattn_host_load"):  # steal and other processes while the suite ran
         lines.append(f"host while measuring: {info['fastattn_host_load']}")
+    if info.get("fastattn_apart"):  # how --apart ran the contenders
+        lines.append(f"contenders: {info['fastattn_apart']}")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -136,17 +188,69 @@ def run(args) -> int:
     env = dict(os.environ)
     if args.full:
         env["FASTATTN_BENCH_FULL"] = "1"
+    if args.apart is not None and (args.save or args.compare is not None):
+        print("fastattn bench: --apart makes one report from several runs; it does not "
+              "take --save or --compare (keep it with --json)", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(args.json) if args.json else Path(tmp) / "bench.json"
-        cmd = pytest_command(files, args, json_path)
-        out = subprocess.DEVNULL if args.quiet else None
-        code = subprocess.run(cmd, cwd=path.parent, env=env, stdout=out).returncode
-        if not json_path.exists():
-            return code or 1
-        report = json.loads(json_path.read_text())
+        if args.apart is not None:
+            code, report = _run_apart(files, args, path.parent, env, Path(tmp))
+            if report is None:
+                return code or 1
+            json_path.write_text(json.dumps(report, indent=1))
+        else:
+            cmd = pytest_command(files, args, json_path)
+            out = subprocess.DEVNULL if args.quiet else None
+            code = subprocess.run(cmd, cwd=path.parent, env=env, stdout=out).returncode
+            if not json_path.exists():
+                return code or 1
+            report = json.loads(json_path.read_text())
     if report.get("benchmarks"):
         print("\nRatios (x fastest: min time over the fastest min of the group)\n")
         print(ratio_table(report), end="")
     else:
         print("fastattn bench: no benchmark ran (check --filter)", file=sys.stderr)
     return code
+
+
+def _run_apart(files, args, cwd: Path, env: dict, tmp: Path) -> tuple[int, dict | None]:
+    """--apart: collect the benchmarks, then run each contender's in a pytest process of its
+    own, contenders alternating, for args.apart rounds; (exit code, merged report or None)."""
+    from fastattn._hostload import Watch
+
+    cmd = [sys.executable, "-m", "pytest", *map(str, files), "--collect-only", "-q",
+           "-p", "no:cacheprovider"]
+    if args.filter:
+        cmd += ["-k", args.filter]
+    listed = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    nodes = [line.strip() for line in listed.stdout.splitlines() if "::" in line]
+    if not nodes:
+        print(listed.stdout + listed.stderr, file=sys.stderr)
+        return listed.returncode or 1, None
+    groups: dict[str, list[str]] = {}
+    for node in nodes:
+        groups.setdefault(contender(node), []).append(node)
+    watch = Watch()
+    reports, code = [], 0
+    out = subprocess.DEVNULL if args.quiet else None
+    for r in range(args.apart):
+        for name, ids in groups.items():
+            print(f"fastattn bench --apart: round {r + 1} of {args.apart}: {name} "
+                  f"({len(ids)} benchmark{'s' if len(ids) > 1 else ''}), a process of its own",
+                  file=sys.stderr, flush=True)
+            json_path = tmp / f"round{r}-{len(reports)}.json"
+            run = subprocess.run(pytest_command(ids, args, json_path), cwd=cwd, env=env,
+                                 stdout=out)
+            code = code or run.returncode
+            if json_path.exists():
+                reports.append(json.loads(json_path.read_text()))
+    if not reports:
+        return code or 1, None
+    report = merge(reports)
+    info = report.setdefault("machine_info", {})
+    info["fastattn_host_load"] = watch.describe()
+    info["fastattn_apart"] = (f"each in a process of its own ({', '.join(groups)}), "
+                              f"alternating for {args.apart} round"
+                              f"{'s' if args.apart > 1 else ''}; each benchmark's best round")
+    return code, report
