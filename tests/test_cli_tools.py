@@ -174,6 +174,13 @@ def test_merge_keeps_each_benchmarks_best_round():
     assert by["b"]["extra_info"] == {"GFLOP/s": 1.0, "round_mins": [1.0, 4.0]}
     assert merged["machine_info"] == {"tag": "second"}
     assert "round_mins" not in first["benchmarks"][0]["extra_info"]  # inputs left as they were
+    # the machine's line: from a run with PyTorch loaded (it names PyTorch's paths), if any
+    first["machine_info"]["fastattn_machine"] = "cpu X; PyTorch: avx2"
+    second["machine_info"]["fastattn_machine"] = "cpu X"
+    assert bench.merge([first, second])["machine_info"] == {
+        "tag": "second", "fastattn_machine": "cpu X; PyTorch: avx2"}
+    assert bench.merge([second])["machine_info"] == {"tag": "second",
+                                                     "fastattn_machine": "cpu X"}
 
 
 FAKE_SUITE = '''

@@ -107,7 +107,9 @@ def contender(nodeid: str) -> str:
 def merge(reports: list[dict]) -> dict:
     """One report from several runs of the same benchmarks: each benchmark's entry from the
     run with the smallest min time, with ``extra_info["round_mins"]``, its min in every run
-    that timed it (in order); the other fields from the last report."""
+    that timed it (in order); the other fields from the last report, except the machine's
+    line, which is taken from a run that had PyTorch loaded when one did (that line also
+    names PyTorch's code paths)."""
     best: dict[str, dict] = {}
     for report in reports:
         for bench in report.get("benchmarks", []):
@@ -120,6 +122,13 @@ def merge(reports: list[dict]) -> dict:
             best[key] = kept
     merged = dict(reports[-1]) if reports else {}
     merged["benchmarks"] = list(best.values())
+    lines = [r.get("machine_info", {}).get("fastattn_machine") or "" for r in reports]
+    from fastattn.commands.info import TORCH_PART
+
+    with_torch = [line for line in lines if TORCH_PART in line]
+    if with_torch:
+        merged["machine_info"] = dict(merged.get("machine_info") or {},
+                                      fastattn_machine=with_torch[-1])
     return merged
 
 

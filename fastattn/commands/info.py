@@ -90,6 +90,10 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
+#: what joins PyTorch's code paths to the machine's line, when PyTorch is loaded
+TORCH_PART = "; PyTorch: "
+
+
 def machine() -> str:
     """One line naming what a measured figure depends on: CPU model, instruction set, BLAS
     kernel (the benchmarks print it with every table)."""
@@ -101,7 +105,7 @@ def machine() -> str:
     cpu = t["host_cpu"] + ("" if t["cpu"] == t["host_cpu"] else f"; Numba code for {t['cpu']}")
     line = f"{_cpu_model()} ({cpu}), {isa}, {blas} {t['blas_kernel']} kernels{_coretype()}"
     if "torch" in sys.modules:  # a table with PyTorch in it: its code paths too
-        line += f"; PyTorch: {torch_paths(sys.modules['torch'])}"
+        line += f"{TORCH_PART}{torch_paths(sys.modules['torch'])}"
     return line
 
 
