@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastattn.commands.info import TORCH_PART
+
 HELP = "run the benchmark suites (pytest-benchmark) and print a table of ratios"
 
 
@@ -123,8 +125,6 @@ def merge(reports: list[dict]) -> dict:
     merged = dict(reports[-1]) if reports else {}
     merged["benchmarks"] = list(best.values())
     lines = [r.get("machine_info", {}).get("fastattn_machine") or "" for r in reports]
-    from fastattn.commands.info import TORCH_PART
-
     with_torch = [line for line in lines if TORCH_PART in line]
     if with_torch:
         merged["machine_info"] = dict(merged.get("machine_info") or {},
@@ -133,9 +133,8 @@ def merge(reports: list[dict]) -> dict:
 
 
 def _label(bench: dict) -> str:
-    """The contender's name: the last dash-separated part of the test id (numba, torch...)."""
-    param = bench.get("param") or bench.get("name", "?")
-    return param.rsplit("-", 1)[-1] if "-" in param else param
+    """The contender's name (numba, torch, ...) of a benchmark of the report."""
+    return contender(bench.get("name", "?"))
 
 
 def ratio_table(report: dict) -> str:
