@@ -214,8 +214,8 @@ def test_bench_apart_runs_each_contender_in_processes_of_its_own(tmp_path, monke
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p pytest_benchmark.plugin --benchmark-max-time=0.01 "
                        "--benchmark-min-rounds=2")
     report = tmp_path / "report.json"
-    code = bench.run(bench_args(["fake", "--dir", str(suite), "--apart", "2", "-q",
-                                 "--json", str(report)]))
+    code = cli.main(["bench", "fake", "--dir", str(suite), "--apart", "2", "-q", "--json",
+                     str(report)])
     out, err = capfd.readouterr()
     assert code == 0, out + err
     runs = [line.split() for line in log.read_text().splitlines()]
@@ -236,21 +236,13 @@ def test_bench_apart_runs_each_contender_in_processes_of_its_own(tmp_path, monke
     assert "round 2 of 2: beta (2 benchmarks), a process of its own" in err
 
 
-def bench_args(argv):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    bench.configure(parser)
-    return parser.parse_args(argv)
-
-
 @pytest.mark.parametrize("extra", [["--save", "x"], ["--compare"]])
 def test_bench_apart_refuses_save_and_compare(tmp_path, capsys, extra):
-    assert bench.run(bench_args(["--apart", "2", *extra])) == 2
+    assert cli.main(["bench", "--apart", "2", *extra]) == 2
     assert "--apart makes one report from several runs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "x", "101"])
 def test_bench_apart_takes_a_number_of_rounds(bad):
     with pytest.raises(SystemExit):
-        bench_args(["--apart", bad])
+        cli.main(["bench", "--apart", bad])
