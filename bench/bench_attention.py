@@ -1,7 +1,7 @@
 """Benchmarks of the fused attention forward+backward: numba vs vectorized vs PyTorch (vs loop).
 
-One group per shape, so that pytest-benchmark's table compares the contenders on the same
-inputs (float32, q, k, v of shape (B, T, d), Tq = Tk = T, no mask):
+One group per shape and dtype, so that pytest-benchmark's table compares the contenders on the
+same inputs (q, k, v of shape (B, T, d), Tq = Tk = T, no mask):
 
 * ``numba`` and ``vectorized``: ``kernels.get("attention_forward"/"attention_backward", ...)``;
 * ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` forward on (B, 1, T, d)
@@ -12,7 +12,8 @@ inputs (float32, q, k, v of shape (B, T, d), Tq = Tk = T, no mask):
 
 Shapes: the date task's (128, 29, 64) and (256, 128, 64), plus (32, 512, 64) and
 (8, 2048, 64) when the environment variable ``FASTATTN_BENCH_FULL=1`` is set, and causal
-variants. ``test_sgemm_peak`` times a large float32 ``np.dot`` in the same run, the machine's
+variants, in float32; full runs time every shape in float64 too. ``test_sgemm_peak`` times a
+large float32 ``np.dot`` in the same run (and full runs a float64 one), the machine's
 matrix-product peak to compare GFLOP/s with. ``test_peak_memory`` (full runs only) measures
 the extra memory of forward+backward at B=8, T=8192, d=64 in a fresh process, and
 ``test_compile_time`` (full runs only) the cold and warm import + first call.
@@ -91,6 +92,7 @@ def _allocator_for_timing(request):
     if not request.config.getoption("benchmark_disable", default=False):
         _steady_allocator()
 DTYPE = np.float32
+DTYPES = ("float32", "float64") if FULL else ("float32",)  # float64 in full runs only
 
 # (B, T, d, causal)
 SHAPES = [(128, 29, 64, False), (256, 128, 64, False), (256, 128, 64, True)]
@@ -106,9 +108,9 @@ def _flops(B, T, d, causal):
     return 14 * B * T * T * d // (2 if causal else 1)
 
 
-def _inputs(B, T, d, seed=0):
+def _inputs(B, T, d, seed=0, dtype=DTYPE):
     rng = np.random.default_rng(seed)
-    return tuple(rng.standard_normal((B, T, d)).astype(DTYPE) for _ in range(4))  # q k v dout
+    return tuple(rng.standard_normal((B, T, d)).astype(dtype) for _ in range(4))  # q k v dout
 
 
 def _kernel_fwd_bwd(backend):
@@ -157,7 +159,7 @@ def _check(got, args, causal):
     want, bounds = _reference(args, causal)
     names = ("out", "dq", "dk", "dv")
     for name, g in zip(names, got, strict=True):
-        assert g.dtype == DTYPE, name
+        assert g.dtype == args[0].dtype, name
     assert_all_close(got, want, [bounds[x] for x in names], names)
 
 
@@ -166,7 +168,7 @@ _REFERENCES = {}
 
 def _reference(args, causal):
     """float64 (out, dq, dk, dv) and their bounds for one configuration, computed once."""
-    key = (args[0].shape, causal)
+    key = (args[0].shape, args[0].dtype, causal)
     if key in _REFERENCES:
         return _REFERENCES[key]
     _REFERENCES.clear()  # one configuration at a time: the groups run in order
@@ -181,24 +183,26 @@ def _reference(args, causal):
     return want, bounds
 
 
-def _group(B, T, d, causal):
-    return f"attention fwd+bwd (B={B}, T={T}, d={d}{', causal' if causal else ''}, float32)"
+def _group(B, T, d, causal, dtype="float32"):
+    return f"attention fwd+bwd (B={B}, T={T}, d={d}{', causal' if causal else ''}, {dtype})"
 
 
 def _cases():
-    for B, T, d, causal in SHAPES:
-        for name in CONTENDERS:
-            yield pytest.param(B, T, d, causal, name,
-                               id=f"B{B}-T{T}-d{d}{'-causal' if causal else ''}-{name}")
+    for dtype in DTYPES:
+        tag = "" if dtype == "float32" else f"-{dtype}"  # float32's ids as they always were
+        for B, T, d, causal in SHAPES:
+            for name in CONTENDERS:
+                yield pytest.param(B, T, d, causal, dtype, name,
+                                   id=f"B{B}-T{T}-d{d}{'-causal' if causal else ''}{tag}-{name}")
     for name in ("loop", *CONTENDERS):
-        yield pytest.param(*TINY, name, id=f"tiny-{name}")
+        yield pytest.param(*TINY, "float32", name, id=f"tiny-{name}")
 
 
-@pytest.mark.parametrize("B, T, d, causal, name", list(_cases()))
-def test_attention_fwd_bwd(benchmark, check_then_time, B, T, d, causal, name):
-    benchmark.group = _group(B, T, d, causal)
+@pytest.mark.parametrize("B, T, d, causal, dtype, name", list(_cases()))
+def test_attention_fwd_bwd(benchmark, check_then_time, B, T, d, causal, dtype, name):
+    benchmark.group = _group(B, T, d, causal, dtype)
     run, threads = _contender(name)
-    args = _inputs(B, T, d)
+    args = _inputs(B, T, d, dtype=np.dtype(dtype))
     benchmark.extra_info["threads"] = threads
     slow = name == "loop" or (name == "vectorized" and T >= SLOW_VECTORIZED_T)
     check_then_time(run, (*args, causal), check=lambda got: _check(got, args, causal),
@@ -209,16 +213,31 @@ def test_attention_fwd_bwd(benchmark, check_then_time, B, T, d, causal, name):
 def test_sgemm_peak(benchmark, check_then_time):
     """The machine's float32 matrix-product rate: np.dot of two 2048 x 2048 matrices, all
     BLAS threads."""
+    _gemm_peak(benchmark, check_then_time, np.float32)
+
+
+@pytest.mark.skipif(not FULL, reason="set FASTATTN_BENCH_FULL=1 (float64 runs)")
+def test_dgemm_peak(benchmark, check_then_time):
+    """The same in float64, the peak that the float64 runs compare with."""
+    _gemm_peak(benchmark, check_then_time, np.float64)
+
+
+def _gemm_peak(benchmark, check_then_time, dtype):
     from threadpoolctl import threadpool_info
 
-    benchmark.group = "machine: sgemm peak (float32 np.dot 2048^3)"
+    kind = "sgemm" if dtype == np.float32 else "dgemm"
+    benchmark.group = f"machine: {kind} peak ({np.dtype(dtype).name} np.dot 2048^3)"
     n = 2048
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n)).astype(DTYPE) for _ in range(2))
+    a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
+
+    # the float64 reference's own rounding counts as much as the product's in float64
+    rounds = n + 2 if dtype == np.float32 else 2 * n + 2
 
     def check(c):  # a corner of the product, against float64
+        assert c.dtype == dtype, kind
         assert_close(c[:8, :8], a[:8].astype(np.float64) @ b[:, :8], terms=matmul_terms(
-            a[:8], b[:, :8]), n=n + 2, err_msg="sgemm")
+            a[:8], b[:, :8]), n=rounds, err_msg=kind)
 
     benchmark.extra_info["threads"] = max(
         (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
