@@ -128,6 +128,28 @@ def test_ratio_table_divides_by_the_fastest_of_each_group():
         "host while measuring: 1.0% stolen"]
 
 
+
+def test_ratio_table_compares_float64_groups_with_the_dgemm_peak():
+    f32, f64 = "attention fwd+bwd (B=2, float32)", "attention fwd+bwd (B=2, float64)"
+    report = {"benchmarks": [
+        _bench(f32, "B2-numba", 0.002, 0.002, 60.0),
+        _bench(f64, "B2-float64-numba", 0.004, 0.004, 30.0),
+        _bench("machine: sgemm peak (float32)", "", 0.1, 0.1, 200.0),
+        _bench("machine: dgemm peak (float64)", "", 0.2, 0.2, 100.0),
+    ]}
+    lines = bench.ratio_table(report).splitlines()
+    at = {line: i for i, line in enumerate(lines)}
+    assert lines[at[f32] + 1].endswith("% sgemm peak") and lines[at[f32] + 2].endswith(" 30%")
+    assert lines[at[f64] + 1].endswith("% dgemm peak") and lines[at[f64] + 2].endswith(" 30%")
+    assert lines[-2:] == ["sgemm peak of this machine in this run: 200.0 GFLOP/s",
+                          "dgemm peak of this machine in this run: 100.0 GFLOP/s"]
+    # without a dgemm peak, a float64 group gets no share (never one of the sgemm peak)
+    del report["benchmarks"][3]
+    lines = bench.ratio_table(report).splitlines()
+    assert "peak" not in lines[lines.index(f64) + 1] and lines[lines.index(f64) + 2].endswith(
+        "30.0")
+    assert "dgemm" not in lines[-1]
+
 def test_bench_runs_a_suite_and_prints_ratios(capfd):
     """A real run, filtered to the tiny attention shape of two backends. Its output has
     pytest-benchmark's table, whose summary names the machine, the setting and the host's

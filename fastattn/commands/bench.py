@@ -4,7 +4,7 @@ Runs the pytest-benchmark suites in ``bench/`` (``bench_<suite>.py``) with timin
 (``--benchmark-only``), columns min and median, grouped so that each table compares the
 backends on the same inputs, then prints one line per benchmark: min and median time, the
 ratio to the fastest of its group, and GFLOP/s (with the share of the machine's sgemm peak,
-when the run measured it) where the benchmark reports a rate.
+or its dgemm peak for float64, when the run measured it) where the benchmark reports a rate.
 
 Examples::
 
@@ -137,14 +137,24 @@ def _label(bench: dict) -> str:
     return contender(bench.get("name", "?"))
 
 
+_PEAKS = ("sgemm", "dgemm")  # the machine's product peaks: float32, float64
+
+
+def _peak_of(group: str) -> str:
+    """The product peak a group's rates compare with: dgemm for float64 groups, else sgemm."""
+    return "dgemm" if "float64" in group else "sgemm"
+
+
 def ratio_table(report: dict) -> str:
     """A compact text table of pytest-benchmark's JSON report: per group, each benchmark's
-    min and median time, its ratio to the group's fastest (by min) and its rate."""
+    min and median time, its ratio to the group's fastest (by min) and its rate (with its
+    share of the run's sgemm peak, or dgemm peak for a float64 group, when measured)."""
     benches = report.get("benchmarks", [])
-    peak = None
+    peaks = {}
     for b in benches:
-        if (b.get("group") or "").startswith("machine: sgemm peak"):
-            peak = b.get("extra_info", {}).get("GFLOP/s")
+        for kind in _PEAKS:
+            if (b.get("group") or "").startswith(f"machine: {kind} peak"):
+                peaks[kind] = b.get("extra_info", {}).get("GFLOP/s")
     groups: dict[str, list[dict]] = {}
     for b in benches:
         groups.setdefault(b.get("group") or b["name"], []).append(b)
@@ -152,21 +162,24 @@ def ratio_table(report: dict) -> str:
     for group in sorted(groups):
         rows = sorted(groups[group], key=lambda b: b["stats"]["min"])
         fastest = rows[0]["stats"]["min"]
+        kind = _peak_of(group)
+        peak = None if group.startswith("machine:") else peaks.get(kind)
         lines.append(group)
         head = f"  {'':<28}{'min ms':>10}{'median ms':>11}{'x fastest':>11}{'GFLOP/s':>9}"
-        lines.append(head + ("  % sgemm peak" if peak else ""))
+        lines.append(head + (f"  % {kind} peak" if peak else ""))
         for b in rows:
             st, info = b["stats"], b.get("extra_info", {})
             rate = info.get("GFLOP/s")
             line = (f"  {_label(b):<28}{st['min'] * 1e3:>10.3f}{st['median'] * 1e3:>11.3f}"
                     f"{st['min'] / fastest:>11.2f}"
                     f"{(f'{rate:.1f}' if rate is not None else '-'):>9}")
-            if peak and rate is not None and not group.startswith("machine:"):
+            if peak and rate is not None:
                 line += f"  {100 * rate / peak:>12.0f}%"
             lines.append(line)
         lines.append("")
-    if peak:
-        lines.append(f"sgemm peak of this machine in this run: {peak:.1f} GFLOP/s")
+    for kind in _PEAKS:
+        if peaks.get(kind):
+            lines.append(f"{kind} peak of this machine in this run: {peaks[kind]:.1f} GFLOP/s")
     info = report.get("machine_info", {})  # written by bench/conftest.py
     if info.get("fastattn_machine"):  # CPU model, instruction set, BLAS kernel
         lines.append(f"measured on: {info['fastattn_machine']}")
