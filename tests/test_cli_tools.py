@@ -258,6 +258,52 @@ def test_bench_apart_runs_each_contender_in_processes_of_its_own(tmp_path, monke
     assert "round 2 of 2: beta (2 benchmarks), a process of its own" in err
 
 
+def test_bench_apart_paired_alternates_the_contenders_shape_by_shape(tmp_path, monkeypatch,
+                                                                    capfd):
+    """--apart 2 --paired on the same suite: one benchmark per process, both rounds of shape
+    1's alpha and beta, alternating, before shape 2's."""
+    suite = tmp_path / "bench"
+    suite.mkdir()
+    (suite / "bench_fake.py").write_text(FAKE_SUITE)
+    log = tmp_path / "log"
+    monkeypatch.setenv("FAKE_BENCH_LOG", str(log))
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p pytest_benchmark.plugin --benchmark-max-time=0.01 "
+                       "--benchmark-min-rounds=2")
+    report = tmp_path / "report.json"
+    code = cli.main(["bench", "fake", "--dir", str(suite), "--apart", "2", "--paired", "-q",
+                     "--json", str(report)])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    runs = [tuple(line.split()) for line in log.read_text().splitlines()]
+    processes = list(dict.fromkeys(pid for _, _, pid in runs))
+    assert len(processes) == 8
+    ran = [sorted({(who, size) for who, size, p in runs if p == pid}) for pid in processes]
+    assert ran == [[("alpha", "1")], [("beta", "1")]] * 2 + [[("alpha", "2")], [("beta", "2")]] * 2
+    merged = json.loads(report.read_text())
+    assert len(merged["benchmarks"]) == 4
+    assert all(len(b["extra_info"]["round_mins"]) == 2 for b in merged["benchmarks"])
+    assert ("contenders: each in a process of its own (alpha, beta), alternating for 2 rounds "
+            "shape by shape; each benchmark's best round") in out.splitlines()
+    assert ("round 2 of 2: beta (bench/bench_fake.py::test_fake[2-beta]), a process of its own"
+            in err)
+
+
+@pytest.mark.parametrize(("nodeid", "shape"), [
+    ("bench/b.py::test_a[B4-T16-numba]", "bench/b.py::test_a[B4-T16]"),
+    ("bench/b.py::test_a[tiny-torch]", "bench/b.py::test_a[tiny]"),
+    ("bench/b.py::test_a[numba]", "bench/b.py::test_a"),
+    ("bench/b.py::test_sgemm_peak", "bench/b.py::test_sgemm_peak"),
+])
+def test_shape_of_a_node_id(nodeid, shape):
+    assert bench.shape_of(nodeid) == shape
+
+
+def test_bench_paired_needs_apart(capsys):
+    assert cli.main(["bench", "--paired"]) == 2
+    assert "--paired goes with --apart N" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra", [["--save", "x"], ["--compare"]])
 def test_bench_apart_refuses_save_and_compare(tmp_path, capsys, extra):
     assert cli.main(["bench", "--apart", "2", *extra]) == 2

@@ -13,12 +13,16 @@ Examples::
     fastattn bench kernels --filter softmax --save before
     fastattn bench kernels --compare        # against the last saved run
     fastattn bench attention --apart 3     # each contender in processes of its own, 3 rounds
+    fastattn bench attention --apart 3 --paired   # the same, shape by shape
 
 ``--apart N`` runs each contender (numba, vectorized, torch, ...: the last dash-separated part
 of a benchmark's parameters) in a pytest process of its own, alternating them for N rounds,
 and keeps each benchmark's best round. In one process, PyTorch's OpenMP threads keep spinning
 after a call and take the cores from whatever runs next, and the order of the contenders can
 move a ratio by up to 2x; in processes of their own they cannot disturb each other.
+``--paired`` runs one benchmark per process instead, all rounds of one shape's contenders
+alternating before the next shape: the two sides of a ratio then run seconds apart, not a
+whole suite apart, which matters on a host whose speed drifts from minute to minute.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ def configure(parser):
     parser.add_argument("--apart", metavar="N", type=_rounds, default=None,
                         help="run each contender in a process of its own, alternating them "
                              "for N rounds; each benchmark keeps its best round")
+    parser.add_argument("--paired", action="store_true",
+                        help="with --apart: one benchmark per process, the contenders of one "
+                             "shape alternating for N rounds before the next shape, so the "
+                             "two sides of each ratio run seconds apart")
 
 
 def _rounds(text: str) -> int:
@@ -104,6 +112,17 @@ def contender(nodeid: str) -> str:
     if name.endswith("]") and "[" in name:
         return name[name.index("[") + 1:-1].rsplit("-", 1)[-1]
     return name
+
+
+def shape_of(nodeid: str) -> str:
+    """A node id without its contender (``f.py::test_x[B4-T16-numba]`` ->
+    ``f.py::test_x[B4-T16]``): the benchmarks of one shape share it."""
+    name = contender(nodeid)
+    if nodeid.endswith(f"-{name}]"):
+        return nodeid[:-len(name) - 2] + "]"
+    if nodeid.endswith(f"[{name}]"):
+        return nodeid[:-len(name) - 2]
+    return nodeid
 
 
 def merge(reports: list[dict]) -> dict:
@@ -213,6 +232,9 @@ def run(args) -> int:
         print("fastattn bench: --apart makes one report from several runs; it does not "
               "take --save or --compare (keep it with --json)", file=sys.stderr)
         return 2
+    if args.paired and args.apart is None:
+        print("fastattn bench: --paired goes with --apart N", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(args.json) if args.json else Path(tmp) / "bench.json"
         if args.apart is not None:
@@ -249,29 +271,49 @@ def _run_apart(files, args, cwd: Path, env: dict, tmp: Path) -> tuple[int, dict 
     if not nodes:
         print(listed.stdout + listed.stderr, file=sys.stderr)
         return listed.returncode or 1, None
-    groups: dict[str, list[str]] = {}
-    for node in nodes:
-        groups.setdefault(contender(node), []).append(node)
+    names = list(dict.fromkeys(contender(node) for node in nodes))
     watch = Watch()
     reports, code = [], 0
     out = subprocess.DEVNULL if args.quiet else None
-    for r in range(args.apart):
-        for name, ids in groups.items():
-            print(f"fastattn bench --apart: round {r + 1} of {args.apart}: {name} "
-                  f"({len(ids)} benchmark{'s' if len(ids) > 1 else ''}), a process of its own",
-                  file=sys.stderr, flush=True)
-            json_path = tmp / f"round{r}-{len(reports)}.json"
-            run = subprocess.run(pytest_command(ids, args, json_path), cwd=cwd, env=env,
-                                 stdout=out)
-            code = code or run.returncode
-            if json_path.exists():
-                reports.append(json.loads(json_path.read_text()))
+    for r, name, ids in _apart_order(nodes, args.apart, args.paired):
+        what = ids[0] if args.paired else f"{len(ids)} benchmark{'s' if len(ids) > 1 else ''}"
+        print(f"fastattn bench --apart: round {r + 1} of {args.apart}: {name} ({what}), a "
+              f"process of its own", file=sys.stderr, flush=True)
+        json_path = tmp / f"round{r}-{len(reports)}.json"
+        run = subprocess.run(pytest_command(ids, args, json_path), cwd=cwd, env=env,
+                             stdout=out)
+        code = code or run.returncode
+        if json_path.exists():
+            reports.append(json.loads(json_path.read_text()))
     if not reports:
         return code or 1, None
     report = merge(reports)
     info = report.setdefault("machine_info", {})
     info["fastattn_host_load"] = watch.describe()
-    info["fastattn_apart"] = (f"each in a process of its own ({', '.join(groups)}), "
-                              f"alternating for {args.apart} round"
-                              f"{'s' if args.apart > 1 else ''}; each benchmark's best round")
+    rounds = f"{args.apart} round{'s' if args.apart > 1 else ''}"
+    info["fastattn_apart"] = (f"each in a process of its own ({', '.join(names)}), "
+                              f"alternating for {rounds}"
+                              f"{' shape by shape' if args.paired else ''}; each benchmark's "
+                              f"best round")
     return code, report
+
+
+def _apart_order(nodes: list[str], rounds: int, paired: bool):
+    """(round, contender, node ids) for each process of --apart, in the order they run: each
+    round runs every contender's benchmarks, one process per contender; paired, one process
+    per benchmark, and all rounds of one shape's contenders before the next shape."""
+    groups: dict[str, list[str]] = {}
+    for node in nodes:
+        groups.setdefault(contender(node), []).append(node)
+    if not paired:
+        for r in range(rounds):
+            for name, ids in groups.items():
+                yield r, name, ids
+        return
+    shapes: dict[str, list[str]] = {}
+    for node in nodes:
+        shapes.setdefault(shape_of(node), []).append(node)
+    for ids in shapes.values():
+        for r in range(rounds):
+            for node in ids:
+                yield r, contender(node), [node]
