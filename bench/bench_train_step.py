@@ -13,10 +13,12 @@ of that reference (``helpers.assert_all_within_float32_error``).
 
 Group ``train step``: the fastattn model on the numba and vectorized backends, with the thread
 setting of ``fastattn train`` (``--threads`` for BLAS, all cores by default, and
-``--numba-threads``, one by default), and PyTorch (when installed) with
-``torch.set_num_threads(os.cpu_count())``. PyTorch's OpenMP pool and the Numba/BLAS pools slow
-each other down when they share a process on 2 cores: for a fair ratio, time the contenders in
-processes of their own (``-k fastattn``, then ``-k torch``).
+``--numba-threads``, one by default), the numba backend with the library's own thread counts
+(``numba_library_threads``: Numba's and BLAS's defaults, as a Python user who builds the model
+gets them), and PyTorch (when installed) with ``torch.set_num_threads(os.cpu_count())``.
+PyTorch's OpenMP pool and the Numba/BLAS pools slow each other down when they share a process
+on 2 cores: for a fair ratio, time the contenders in processes of their own (``fastattn bench
+train_step --apart N``).
 
 Group ``greedy decoding``: ``generate_batch`` answering 2,000 test questions (as ``fastattn
 train`` scores the test split) with the default model, on each backend. Before it is timed,
@@ -45,13 +47,16 @@ Run::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 from helpers import K_FLOAT32, assert_all_within_float32_error
+from threadpoolctl import threadpool_info
 
 from fastattn.commands.train import (
     TrainSettings,
@@ -335,9 +340,15 @@ def _have_torch():
 # --------------------------------------------------------------------------- benchmarks
 
 
-@pytest.mark.parametrize("backend", ["numba", "vectorized"])
-def test_train_step_fastattn(benchmark, check_then_time, backend):
-    with limit_threads(start_threads(TrainSettings.threads), TrainSettings.numba_threads):
+@pytest.mark.parametrize("backend, threads", [
+    ("numba", "train"), ("vectorized", "train"), ("numba", "library")],
+    ids=["numba", "vectorized", "numba_library_threads"])
+def test_train_step_fastattn(benchmark, check_then_time, backend, threads):
+    """``threads``: "train", ``fastattn train``'s thread setting; "library", the library's
+    own (Numba's and BLAS's defaults), as a Python user who builds the model gets them."""
+    library = threads == "library"
+    with (contextlib.nullcontext() if library else
+          limit_threads(start_threads(TrainSettings.threads), TrainSettings.numba_threads)):
         step, model = fastattn_step(backend)
         names = ["loss"] + [f"grads[{i}] {p.shape}" for i, p in enumerate(model.params)]
 
@@ -347,9 +358,10 @@ def test_train_step_fastattn(benchmark, check_then_time, backend):
 
         benchmark.group = GROUP
         benchmark.extra_info["backend"] = backend
-        blas = start_threads(TrainSettings.threads)
-        benchmark.extra_info["blas_threads"] = blas or os.cpu_count()
-        benchmark.extra_info["numba_threads"] = TrainSettings.numba_threads
+        benchmark.extra_info["threads"] = threads
+        benchmark.extra_info["blas_threads"] = max(
+            (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+        benchmark.extra_info["numba_threads"] = numba.get_num_threads()
         benchmark.extra_info["n_params"] = int(sum(p.size for p in model.params))
         check_then_time(step, check=check, warmup=0)
 
