@@ -129,6 +129,15 @@ def test_ratio_table_divides_by_the_fastest_of_each_group():
 
 
 
+def test_ratio_table_names_rows_by_their_parameters_where_contenders_repeat():
+    g = "fit next to a busy core"
+    report = {"benchmarks": [_bench(g, "quiet-auto", 1.0, 1.0), _bench(g, "busy-auto", 2.0, 2.0),
+                             _bench("other", "B2-numba", 1.0, 1.0)]}
+    rows = [line.split()[0] for line in bench.ratio_table(report).splitlines()
+            if line.startswith("  ") and not line.strip().startswith("min")]
+    assert rows == ["quiet-auto", "busy-auto", "numba"]
+
+
 def test_ratio_table_compares_float64_groups_with_the_dgemm_peak():
     f32, f64 = "attention fwd+bwd (B=2, float32)", "attention fwd+bwd (B=2, float64)"
     report = {"benchmarks": [

@@ -151,9 +151,13 @@ def merge(reports: list[dict]) -> dict:
     return merged
 
 
-def _label(bench: dict) -> str:
-    """The contender's name (numba, torch, ...) of a benchmark of the report."""
-    return contender(bench.get("name", "?"))
+def _labels(rows: list[dict]) -> list[str]:
+    """The rows' names in a group's table: each contender's (numba, torch, ...), or, where
+    two rows share one (``quiet-auto`` and ``busy_core-auto``), their whole parameters."""
+    names = [contender(b.get("name", "?")) for b in rows]
+    if len(set(names)) == len(names):
+        return names
+    return [b.get("param") or b.get("name", "?") for b in rows]
 
 
 _PEAKS = ("sgemm", "dgemm")  # the machine's product peaks: float32, float64
@@ -186,10 +190,10 @@ def ratio_table(report: dict) -> str:
         lines.append(group)
         head = f"  {'':<28}{'min ms':>10}{'median ms':>11}{'x fastest':>11}{'GFLOP/s':>9}"
         lines.append(head + (f"  % {kind} peak" if peak else ""))
-        for b in rows:
+        for b, label in zip(rows, _labels(rows), strict=True):
             st, info = b["stats"], b.get("extra_info", {})
             rate = info.get("GFLOP/s")
-            line = (f"  {_label(b):<28}{st['min'] * 1e3:>10.3f}{st['median'] * 1e3:>11.3f}"
+            line = (f"  {label:<28}{st['min'] * 1e3:>10.3f}{st['median'] * 1e3:>11.3f}"
                     f"{st['min'] / fastest:>11.2f}"
                     f"{(f'{rate:.1f}' if rate is not None else '-'):>9}")
             if peak and rate is not None:
