@@ -8,7 +8,7 @@ same inputs (q, k, v of shape (B, T, d), Tq = Tk = T, no mask):
   (one head), then ``torch.autograd.grad`` for dq, dk, dv (skipped when torch is not
   installed); torch runs with its default thread count, which is the number of cores, like
   Numba;
-* ``loop`` (the reference) at a tiny shape only.
+* ``loop`` (the reference) at a tiny shape only (in float32 and float64, as every contender).
 
 Shapes: the date task's (128, 29, 64) and (256, 128, 64), plus (32, 512, 64) and
 (8, 2048, 64) when the environment variable ``FASTATTN_BENCH_FULL=1`` is set, and causal
@@ -194,8 +194,10 @@ def _cases():
             for name in CONTENDERS:
                 yield pytest.param(B, T, d, causal, dtype, name,
                                    id=f"B{B}-T{T}-d{d}{'-causal' if causal else ''}{tag}-{name}")
-    for name in ("loop", *CONTENDERS):
-        yield pytest.param(*TINY, "float32", name, id=f"tiny-{name}")
+    for dtype in ("float32", "float64"):  # float64 at least here: plain runs check its path
+        tag = "" if dtype == "float32" else f"-{dtype}"
+        for name in ("loop", *CONTENDERS):
+            yield pytest.param(*TINY, dtype, name, id=f"tiny{tag}-{name}")
 
 
 @pytest.mark.parametrize("B, T, d, causal, dtype, name", list(_cases()))
