@@ -230,11 +230,9 @@ def test_fake(benchmark, who, size):
 '''
 
 
-def test_bench_apart_runs_each_contender_in_processes_of_its_own(tmp_path, monkeypatch,
-                                                                 capfd):
-    """--apart 2 on a suite of two contenders (alpha, beta), two shapes each: four pytest
-    processes, alpha's and beta's alternating, each running all of one contender's
-    benchmarks; the table is made from the merged report and says how it was run."""
+def _run_fake_suite(tmp_path, monkeypatch, *extra):
+    """``fastattn bench fake --apart 2 *extra`` on FAKE_SUITE in tmp_path: (exit code, the
+    suite's log of who ran where, the merged report's path)."""
     suite = tmp_path / "bench"
     suite.mkdir()
     (suite / "bench_fake.py").write_text(FAKE_SUITE)
@@ -245,8 +243,17 @@ def test_bench_apart_runs_each_contender_in_processes_of_its_own(tmp_path, monke
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p pytest_benchmark.plugin --benchmark-max-time=0.01 "
                        "--benchmark-min-rounds=2")
     report = tmp_path / "report.json"
-    code = cli.main(["bench", "fake", "--dir", str(suite), "--apart", "2", "-q", "--json",
-                     str(report)])
+    code = cli.main(["bench", "fake", "--dir", str(suite), "--apart", "2", *extra, "-q",
+                     "--json", str(report)])
+    return code, log, report
+
+
+def test_bench_apart_runs_each_contender_in_processes_of_its_own(tmp_path, monkeypatch,
+                                                                 capfd):
+    """--apart 2 on a suite of two contenders (alpha, beta), two shapes each: four pytest
+    processes, alpha's and beta's alternating, each running all of one contender's
+    benchmarks; the table is made from the merged report and says how it was run."""
+    code, log, report = _run_fake_suite(tmp_path, monkeypatch)
     out, err = capfd.readouterr()
     assert code == 0, out + err
     runs = [line.split() for line in log.read_text().splitlines()]
@@ -271,17 +278,7 @@ def test_bench_apart_paired_alternates_the_contenders_shape_by_shape(tmp_path, m
                                                                     capfd):
     """--apart 2 --paired on the same suite: one benchmark per process, both rounds of shape
     1's alpha and beta, alternating, before shape 2's."""
-    suite = tmp_path / "bench"
-    suite.mkdir()
-    (suite / "bench_fake.py").write_text(FAKE_SUITE)
-    log = tmp_path / "log"
-    monkeypatch.setenv("FAKE_BENCH_LOG", str(log))
-    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p pytest_benchmark.plugin --benchmark-max-time=0.01 "
-                       "--benchmark-min-rounds=2")
-    report = tmp_path / "report.json"
-    code = cli.main(["bench", "fake", "--dir", str(suite), "--apart", "2", "--paired", "-q",
-                     "--json", str(report)])
+    code, log, report = _run_fake_suite(tmp_path, monkeypatch, "--paired")
     out, err = capfd.readouterr()
     assert code == 0, out + err
     runs = [tuple(line.split()) for line in log.read_text().splitlines()]
