@@ -22,7 +22,9 @@ after a call and take the cores from whatever runs next, and the order of the co
 move a ratio by up to 2x; in processes of their own they cannot disturb each other.
 ``--paired`` runs one benchmark per process instead, all rounds of one shape's contenders
 alternating before the next shape: the two sides of a ratio then run seconds apart, not a
-whole suite apart, which matters on a host whose speed drifts from minute to minute.
+whole suite apart, which matters on a host whose speed drifts from minute to minute. A shape's
+benchmarks are those whose node ids differ in the contender only (``shape_of``); a contender
+that is a test function of its own (``test_train_step_torch``) is a shape of its own.
 """
 
 from __future__ import annotations
