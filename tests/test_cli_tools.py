@@ -128,7 +128,6 @@ def test_ratio_table_divides_by_the_fastest_of_each_group():
         "host while measuring: 1.0% stolen"]
 
 
-
 def test_ratio_table_names_rows_by_their_parameters_where_contenders_repeat():
     g = "fit next to a busy core"
     report = {"benchmarks": [_bench(g, "quiet-auto", 1.0, 1.0), _bench(g, "busy-auto", 2.0, 2.0),
@@ -158,6 +157,7 @@ def test_ratio_table_compares_float64_groups_with_the_dgemm_peak():
     assert "peak" not in lines[lines.index(f64) + 1] and lines[lines.index(f64) + 2].endswith(
         "30.0")
     assert "dgemm" not in lines[-1]
+
 
 def test_bench_runs_a_suite_and_prints_ratios(capfd):
     """A real run, filtered to the tiny attention shape of two backends. Its output has
