@@ -358,6 +358,10 @@ def test_train_step_fastattn(benchmark, check_then_time, backend, threads):
 
         benchmark.group = GROUP
         benchmark.extra_info["backend"] = backend
+        # the thread setting that is timed is the one named: Numba's own count, or train's
+        asked = TrainSettings.numba_threads
+        assert numba.get_num_threads() == (
+            numba.config.NUMBA_NUM_THREADS if library or not asked else asked), threads
         benchmark.extra_info["threads"] = threads
         benchmark.extra_info["blas_threads"] = max(
             (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
