@@ -49,6 +49,7 @@ from helpers import (
     assert_all_close,
     assert_close,
     attention_bounds,
+    blas_thread_count,
     kernel_attention_probs,
     matmul_terms,
 )
@@ -187,17 +188,21 @@ def _group(B, T, d, causal, dtype="float32"):
     return f"attention fwd+bwd (B={B}, T={T}, d={d}{', causal' if causal else ''}, {dtype})"
 
 
+def _tag(dtype):
+    """The dtype's part of an id: none for float32 (its ids as they always were)."""
+    return "" if dtype == "float32" else f"-{dtype}"
+
+
 def _cases():
     for dtype in DTYPES:
-        tag = "" if dtype == "float32" else f"-{dtype}"  # float32's ids as they always were
         for B, T, d, causal in SHAPES:
             for name in CONTENDERS:
-                yield pytest.param(B, T, d, causal, dtype, name,
-                                   id=f"B{B}-T{T}-d{d}{'-causal' if causal else ''}{tag}-{name}")
+                yield pytest.param(
+                    B, T, d, causal, dtype, name,
+                    id=f"B{B}-T{T}-d{d}{'-causal' if causal else ''}{_tag(dtype)}-{name}")
     for dtype in ("float32", "float64"):  # float64 at least here: plain runs check its path
-        tag = "" if dtype == "float32" else f"-{dtype}"
         for name in ("loop", *CONTENDERS):
-            yield pytest.param(*TINY, dtype, name, id=f"tiny{tag}-{name}")
+            yield pytest.param(*TINY, dtype, name, id=f"tiny{_tag(dtype)}-{name}")
 
 
 @pytest.mark.parametrize("B, T, d, causal, dtype, name", list(_cases()))
@@ -225,8 +230,6 @@ def test_dgemm_peak(benchmark, check_then_time):
 
 
 def _gemm_peak(benchmark, check_then_time, dtype):
-    from threadpoolctl import threadpool_info
-
     kind = "sgemm" if dtype == np.float32 else "dgemm"
     benchmark.group = f"machine: {kind} peak ({np.dtype(dtype).name} np.dot 2048^3)"
     n = 2048
@@ -241,8 +244,7 @@ def _gemm_peak(benchmark, check_then_time, dtype):
         assert_close(c[:8, :8], a[:8].astype(np.float64) @ b[:, :8], terms=matmul_terms(
             a[:8], b[:, :8]), n=rounds, err_msg=kind)
 
-    benchmark.extra_info["threads"] = max(
-        (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+    benchmark.extra_info["threads"] = blas_thread_count()
     check_then_time(np.dot, (a, b), check=check, warmup=0.3, work={"GFLOP/s": 2 * n**3})
 
 

@@ -55,8 +55,7 @@ import sys
 import numba
 import numpy as np
 import pytest
-from helpers import K_FLOAT32, assert_all_within_float32_error
-from threadpoolctl import threadpool_info
+from helpers import K_FLOAT32, assert_all_within_float32_error, blas_thread_count
 
 from fastattn.commands.train import (
     TrainSettings,
@@ -363,8 +362,7 @@ def test_train_step_fastattn(benchmark, check_then_time, backend, threads):
         assert numba.get_num_threads() == (
             numba.config.NUMBA_NUM_THREADS if library or not asked else asked), threads
         benchmark.extra_info["threads"] = threads
-        benchmark.extra_info["blas_threads"] = max(
-            (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+        benchmark.extra_info["blas_threads"] = blas_thread_count()
         benchmark.extra_info["numba_threads"] = numba.get_num_threads()
         benchmark.extra_info["n_params"] = int(sum(p.size for p in model.params))
         check_then_time(step, check=check, warmup=0)

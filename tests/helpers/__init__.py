@@ -253,6 +253,15 @@ def ids(B=2, T=3, seed=0, V=SMALL_VOCAB):
     return np.random.default_rng(seed).integers(0, V, (B, T))
 
 
+def blas_thread_count():
+    """The BLAS thread count in force: the largest of the loaded BLAS libraries' (1 with none;
+    what a benchmark records beside its times)."""
+    from threadpoolctl import threadpool_info
+
+    return max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
+               default=1)
+
+
 def floats_as(dtype, args):
     """``args`` with every float array cast to ``dtype`` (to run a kernel's call again in
     float64, say); anything else as it is."""
