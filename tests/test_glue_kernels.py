@@ -11,6 +11,7 @@ reference are checked against float64 central differences.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from gradcheck import numerical_grad
 from helpers import machine_code
 
@@ -59,8 +60,9 @@ def test_layernorm_forward_matches_the_reference(backend, dtype, rng):
     _close(y, y64, scale, dtype, 4 * C, "y")
 
 
-def test_layernorm_backward_matches_the_reference(backend, dtype, rng):
-    x, g, b = _ln_inputs(rng, dtype)
+@pytest.mark.parametrize("N", [37, 130])  # 130: row chunks of uneven sizes (kernels/_glue_numba)
+def test_layernorm_backward_matches_the_reference(backend, dtype, rng, N):
+    x, g, b = _ln_inputs(rng, dtype, N=N)
     dy = rng.standard_normal(x.shape).astype(dtype)
     _, mean64, rstd64 = ref.layernorm_forward(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
     mean, rstd = mean64.astype(dtype), rstd64.astype(dtype)
@@ -90,8 +92,9 @@ def test_layernorm_reference_gradients_match_central_differences(rng):
                                    err_msg=name)
 
 
-def test_bias_relu_matches_the_reference(backend, dtype, rng):
-    h = rng.standard_normal((41, 19)).astype(dtype)
+@pytest.mark.parametrize("N", [41, 130])  # 130: row chunks of uneven sizes (kernels/_glue_numba)
+def test_bias_relu_matches_the_reference(backend, dtype, rng, N):
+    h = rng.standard_normal((N, 19)).astype(dtype)
     b = rng.standard_normal(19).astype(dtype)
     y = _k("bias_relu_forward", backend)(h, b)
     y64 = ref.bias_relu_forward(h.astype(np.float64), b.astype(np.float64))
@@ -148,11 +151,12 @@ def test_softmax_xent_reference_gradient_matches_central_differences(rng):
 
 
 def test_softmax_xent_is_exact_for_large_scores(backend):
-    """Scores far from 0 (1e4) must not overflow: the row maximum is taken out first."""
-    x = np.array([[1e4, 0.0, -1e4], [5.0, 5.0, 5.0]])
-    loss, lse = _k("softmax_xent_forward", backend)(x, np.array([1, 2]))
-    np.testing.assert_allclose(lse, [1e4, 5 + np.log(3)], rtol=1e-12)
-    np.testing.assert_allclose(loss, [1e4, np.log(3)], rtol=1e-12)
+    """Scores far from 0 (1e4) must not overflow: the row maximum is taken out first, wherever
+    in the row it is (first, middle or last column)."""
+    x = np.array([[1e4, 0.0, -1e4], [5.0, 5.0, 5.0], [0.0, 1e4, -1e4], [-1e4, 0.0, 1e4]])
+    loss, lse = _k("softmax_xent_forward", backend)(x, np.array([1, 2, 0, 0]))
+    np.testing.assert_allclose(lse, [1e4, 5 + np.log(3), 1e4, 1e4], rtol=1e-12)
+    np.testing.assert_allclose(loss, [1e4, np.log(3), 1e4, 2e4], rtol=1e-12)
 
 
 def test_adam_update_matches_the_reference(backend, dtype, rng):
@@ -243,6 +247,28 @@ def test_adam_optimizer_runs_the_kernel_of_its_backend(backend, rng, monkeypatch
     assert ran == [("adam_update", backend)] * 3
     for p, w in zip(params, want, strict=True):
         np.testing.assert_allclose(p, w, rtol=1e-12, atol=1e-15)
+
+
+def test_a_new_adam_on_the_same_params_starts_from_its_own_moments(backend, rng):
+    """A second Adam on the same parameters (training resumed with a fresh optimizer), with
+    new gradient arrays: the book's Adam from zero moments, and the first optimizer's moments
+    untouched (the numba kernel keeps the typed lists of its last call)."""
+    from fastattn import Adam
+
+    params = [rng.standard_normal((3, 4)), rng.standard_normal(5)]
+    first, first_grads = Adam(lr=0.01, backend=backend), [np.ones_like(p) for p in params]
+    for _ in range(2):
+        first.update(params, first_grads)
+    moments = [a.copy() for a in first.m + first.v]
+    grads = [rng.standard_normal(p.shape) for p in params]
+    want = _books_adam(params, grads, 3)
+    second = Adam(lr=0.01, backend=backend)
+    for _ in range(3):
+        second.update(params, grads)
+    for p, w in zip(params, want, strict=True):
+        np.testing.assert_allclose(p, w, rtol=1e-12, atol=1e-15)
+    for a, b in zip(first.m + first.v, moments, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_adam_numba_takes_non_contiguous_params_through_the_vectorized_kernel(rng):

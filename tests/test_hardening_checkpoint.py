@@ -280,6 +280,22 @@ def test_loading_into_a_model_that_does_not_fit_names_file_and_difference(saved)
         load_model(path, make_model(d_ff=32))
 
 
+def test_a_bad_last_weight_leaves_the_model_it_loads_into_untouched(saved):
+    """Loading into a model is all or nothing: a checkpoint whose first weights are good and
+    whose last one holds NaN raises and changes none of the model's weights."""
+    path, arrays = saved
+    last = _last_weight(arrays)
+    bad = path.parent / "bad-last.npz"
+    _npz_with(bad, {**arrays, last: np.full_like(arrays[last], np.nan)})
+    target = make_model(seed=1)
+    before = [p.copy() for p in target.params]
+    assert not np.array_equal(before[0], arrays["w000"]), "a load would show"
+    with pytest.raises(ValueError, match=r"bad-last\.npz.*NaN"):
+        load_model(bad, target)
+    for p, q in zip(target.params, before, strict=True):
+        np.testing.assert_array_equal(p, q)
+
+
 def test_the_unedited_arrays_load(saved):
     """The control for the table above: re-saving the arrays unchanged gives a checkpoint."""
     path, arrays = saved

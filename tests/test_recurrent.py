@@ -175,6 +175,25 @@ def test_bilstm_equals_the_books(backend):
         _close64(a, b)
 
 
+def test_stateful_bilstm_equals_the_books(backend):
+    """Both directions carry their states from one call to the next, as the book's do."""
+    N, D, H = 2, 3, 4
+    W = _weights("lstm", D, H, seed=30) + _weights("lstm", D, H, seed=31)
+    fast = rec.TimeBiLSTM(*_copies(W), stateful=True, backend=backend)
+    book = book_rnn.TimeBiLSTM(*_copies(W), stateful=True)
+    xs, dhs = _inputs(N, [3, 2, 4], D, 2 * H, seed=32)
+    for x, d in zip(xs, dhs, strict=True):
+        _close64(fast.forward(x), book.forward(x))
+        _close64(fast.backward(d), book.backward(d))
+        for a, b in zip(fast.grads, book.grads, strict=True):
+            _close64(a, b)
+    # the states really mattered: the last call from zeros differs in both halves
+    fresh = rec.TimeBiLSTM(*_copies(W), backend=backend).forward(xs[-1])
+    carried = book.forward(xs[-1])
+    assert not np.allclose(fresh[..., :H], carried[..., :H])
+    assert not np.allclose(fresh[..., H:], carried[..., H:])
+
+
 @pytest.mark.parametrize("kind", list(GATES))
 def test_kernels_of_every_backend_match_the_loop_reference(kind, backend):
     """The kernels directly, with a given last-cell gradient for the LSTM."""

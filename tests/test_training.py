@@ -50,6 +50,20 @@ def test_adam_matches_the_book_without_schedule():
     np.testing.assert_allclose(p, adam_reference(p0, gs, 0.01), rtol=1e-12)
 
 
+def test_adam_uses_its_eps_and_betas(backend):
+    """Non-default eps and betas reach the update kernel of every backend."""
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal((3, 4))
+    gs = [rng.standard_normal((3, 4)) for _ in range(4)]
+    p, g = p0.copy(), np.zeros_like(p0)
+    opt = Adam(lr=0.01, beta1=0.8, beta2=0.99, eps=0.5, backend=backend)
+    for step in gs:
+        g[...] = step
+        opt.update([p], [g])
+    want = adam_reference(p0, gs, 0.01, beta1=0.8, beta2=0.99, eps=0.5)
+    np.testing.assert_allclose(p, want, rtol=1e-12, atol=1e-15)
+
+
 def test_adam_updates_in_place_and_float32_stays_float32():
     p = np.ones(5, np.float32)
     ref = p
