@@ -121,6 +121,22 @@ def test_decode_finds_nan_and_inf_in_k_and_v_without_a_separate_scan(dtype, name
             fastattn.attention_forward(q, kk, vv, causal=causal, backend="numba")
 
 
+@pytest.mark.parametrize("name, value", [("k", np.nan), ("k", np.inf), ("v", np.nan),
+                                         ("v", -np.inf)])
+def test_top_left_decode_finds_nan_and_inf_in_keys_its_rows_never_see(name, value):
+    """Top-left causal with 2 query rows on 1024 keys (the decode path): the rows see keys 0
+    and 0..1 only, so the kernel never reads the others; a non-finite entry there must still
+    raise the ValueError naming its argument (the inputs' rule, not the band's)."""
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((1, 2, 2, 8))
+    k, v = (rng.standard_normal((1, 2, 1024, 8)) for _ in range(2))
+    for h, j in [(0, 0), (1, 2), (0, 700), (1, 1023)]:
+        kk, vv = k.copy(), v.copy()
+        (kk if name == "k" else vv)[0, h, j, 3] = value
+        with pytest.raises(ValueError, match=f"^{name} contains NaN or inf"):
+            fastattn.attention_forward(q, kk, vv, causal=True, backend="numba")
+
+
 # ---- decoding steps' calls: the short way to the few-rows kernel ---------------------------
 
 

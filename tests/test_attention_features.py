@@ -258,6 +258,27 @@ def test_packed_sequences_match_torch_block_mask(backend):
 
 
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_packed_bottom_right_with_equal_totals_is_each_sequence_on_its_own(backend):
+    """Bottom-right alignment is per sequence (off = Lk - Lq of each): packed totals Tq = Tk
+    do not make it top-left when the sequences' own lengths differ (2 queries on 3 keys, then
+    3 on 2, whose first row has no key). Reference: each sequence alone, unpacked, by the
+    loop backend; its rows of out, lse, dq and its key rows of dk, dv must match."""
+    rng = np.random.default_rng(8)
+    cu_q, cu_k = np.array([0, 2, 5]), np.array([0, 3, 5])
+    c = ac.make(rng, H=2, Tq=5, Tk=5)
+    kw = dict(causal="bottom_right", cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out, lse, dq, dk, dv = ac.run(dict(c, kw=kw), backend)
+    for n in range(2):
+        rq, rk = np.s_[..., cu_q[n]:cu_q[n + 1], :], np.s_[..., cu_k[n]:cu_k[n + 1], :]
+        seq = dict(q=c["q"][rq], k=c["k"][rk], v=c["v"][rk], dout=c["dout"][rq],
+                   kw=dict(causal="bottom_right"))
+        want = ac.run(seq, "loop")
+        got = (out[rq], lse[..., cu_q[n]:cu_q[n + 1]], dq[rq], dk[rk], dv[rk])
+        ac.assert_close(got, want, seq, f"sequence {n} on {backend}")
+    assert np.isneginf(lse[..., 2]).all()  # sequence 1's row 0: no key at or left of -1
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
 def test_alibi_matches_torch_with_the_alibi_bias_written_out(backend):
     rng = np.random.default_rng(6)
     c = ac.make(rng, H=2, Tq=4, Tk=7)
@@ -273,8 +294,9 @@ def test_alibi_matches_torch_with_the_alibi_bias_written_out(backend):
 
 # ---- the numba kernels' own paths: tile edges, key shares, decoding, skipped blocks --------
 
-PATH_CASES = ["gqa", "bottom_right_more_queries", "window", "bias_heads_rows", "alibi",
-              "dropout", "packed_causal", "all", "all_batch"]
+# top_left_more_queries: a query tile's key range (blocks skipped) has offset 0, not Tk - Tq
+PATH_CASES = ["gqa", "top_left_more_queries", "bottom_right_more_queries", "window",
+              "bias_heads_rows", "alibi", "dropout", "packed_causal", "all", "all_batch"]
 
 
 @pytest.fixture
@@ -349,6 +371,31 @@ def test_numba_decoding_makes_no_transposed_copy_of_the_keys(own, monkeypatch):
     want = fastattn.attention_forward(q, k, v, backend="loop")
     assert_attention_close(got, want, q, k, v)
     assert kts == [1] and set(seen) == {own}
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_kernels_default_bias_map_is_entry_min_b_and_the_last(backend):
+    """The kernels' bias_map default (kernels.loop_attention): query entry b uses bias entry
+    min(b, Bb - 1). Without bias_map, forward and backward give bitwise what the map
+    [0, 1, 1] written out gives (the same kernel on the same values), and that differs from
+    [0, 0, 0] (so the comparison can tell a wrong default)."""
+    rng = np.random.default_rng(9)
+    q, dout = rng.standard_normal((3, 4, 3)), rng.standard_normal((3, 4, 2))
+    k, v = rng.standard_normal((3, 5, 3)), rng.standard_normal((3, 5, 2))
+    bias = rng.standard_normal((2, 4, 5))
+    fwd, bwd = (kernels.get(f"attention_{x}", backend) for x in ("forward", "backward"))
+
+    def run(**kw):
+        out, lse = fwd(q, k, v, 0.5, False, None, bias=bias, window=(2, None), **kw)
+        return (out, lse, *bwd(dout, q, k, v, out, lse, 0.5, False, None, bias=bias,
+                               window=(2, None), **kw))
+
+    default, written, first = run(), run(bias_map=np.array([0, 1, 1])), run(
+        bias_map=np.array([0, 0, 0]))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dbias"), default, written,
+                          strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert not np.allclose(written[0], first[0]) and not np.allclose(written[5], first[5])
 
 
 def _visited(Tq, Tk, tiles, causal=False, **kw):

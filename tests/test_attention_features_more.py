@@ -108,6 +108,7 @@ def test_merge_of_empty_rows_is_zero_and_minus_inf():
     ([np.zeros((2, 3))], [np.zeros(3)], ValueError, r"lses\[0\] must have shape \(2,\)"),
     ([np.zeros((2, 3)), np.zeros((2, 4))], [np.zeros(2)] * 2, ValueError, r"outs\[1\]"),
     ([np.zeros((2, 3))], [np.array([np.nan, 0])], ValueError, "NaN"),
+    ([np.zeros((2, 3))], [np.array([0, np.inf])], ValueError, r"lses\[0\] contains NaN or \+inf"),
     ([np.zeros((2, 3), np.float32)], [np.zeros(2)], TypeError, "one dtype"),
     (np.zeros((1, 2, 3)), [np.zeros(2)], TypeError, "sequences"),
 ])
