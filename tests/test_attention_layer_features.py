@@ -75,6 +75,28 @@ def test_window_equals_the_band_as_a_mask():
     np.testing.assert_allclose(a.forward(x), b.forward(x, mask=band), rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_kept_weights_with_a_window_are_those_of_the_band_as_a_mask(causal):
+    """keep_weights under a window (2, 1): the probabilities of the band given as a mask,
+    zero outside the band and positive (finite scores) inside it, and out = weights @ v."""
+    rng = np.random.default_rng(4)
+    a = MultiHeadAttention(8, 2, causal=causal, window=(2, 1), dtype=np.float64, seed=0)
+    b = MultiHeadAttention(8, 2, causal=causal, dtype=np.float64, seed=0)
+    a.keep_weights = b.keep_weights = True
+    x = _x(rng, T=7)
+    i, j = np.arange(7)[:, None], np.arange(7)[None, :]
+    band = (j >= i - 2) & (j <= (i if causal else i + 1))
+    y = a.forward(x)
+    b.forward(x, mask=band)
+    w = a.attention_weights  # (B, H, T, T)
+    np.testing.assert_array_equal(w, b.attention_weights)
+    assert np.all(w[..., ~band] == 0) and np.all(w[..., band] > 0)
+    W_in, b_in, W_out, b_out = a.params
+    v = (x @ W_in[:, 16:] + b_in[16:]).reshape(x.shape[0], 7, 2, 4).transpose(0, 2, 1, 3)
+    out = (w @ v).transpose(0, 2, 1, 3).reshape(x.shape[0], 7, 8) @ W_out + b_out
+    np.testing.assert_allclose(y, out, rtol=1e-12, atol=1e-12)
+
+
 def test_dropout_only_in_training():
     rng = np.random.default_rng(5)
     a = MultiHeadAttention(8, 2, dropout=0.5, dtype=np.float64, seed=0)

@@ -103,6 +103,21 @@ def test_translate_returns_what_generate_batch_decodes(vocab):
     assert model.translate([]) == []
 
 
+def test_an_answer_width_of_max_len_plus_the_start_symbol_fits(vocab):
+    """answer_width counts the start symbol, which the decoder is given, not asked for: a
+    model of max_len positions answers with up to max_len ids, so answer_width max_len + 1
+    fits (and translate decodes all of it) while max_len + 2 does not."""
+    c2i, i2c = vocab
+    model = make_model(len(c2i), seed=3, max_len=10)
+    with pytest.raises(ValueError, match="answer_width"):
+        attach_vocab(model, c2i, 10, 12)
+    attach_vocab(model, c2i, 10, 11)
+    qs = ["2/10/93", "oct 9, 85"]
+    ids = model.generate_batch(sequence.encode(qs, c2i, 10), c2i["_"], 10)
+    assert ids.shape == (2, 10)
+    assert model.translate(qs) == [sequence.decode(row, i2c).rstrip(" ") for row in ids]
+
+
 def test_translate_errors(vocab):
     c2i, _ = vocab
     model = make_model(len(c2i))

@@ -68,6 +68,19 @@ def test_translate_answers_a_good_question(model_path, capsys):
     assert len(out.splitlines()) == 2
 
 
+def test_translate_takes_a_question_exactly_as_wide_as_the_model(model_path, capsys):
+    """A question of question_width characters is not too long: it gets the model's answer."""
+    from fastattn.checkpoint import load_model
+
+    question = "Wednesday, September 28, 2016"
+    assert len(question) == QUESTION_WIDTH
+    code, out, err = run(["translate", "--model", model_path, "--backend", "vectorized",
+                          "2/10/93", question], capsys)
+    assert code == 0 and err == ""
+    want = load_model(model_path, backend="vectorized").translate(["2/10/93", question])
+    assert out.splitlines() == want
+
+
 @pytest.mark.parametrize("question, needles", [
     pytest.param("", ["question 2 is empty"], id="empty"),
     pytest.param("   ", ["question 2 is empty"], id="blank"),
@@ -188,6 +201,35 @@ def test_train_batch_size_bigger_than_the_data_is_a_usage_error_exit_2(tmp_path,
     assert err.startswith("usage: fastattn train")
     assert "--batch-size 37" in err and "36 examples" in err and "Traceback" not in err
     assert not out_dir.exists()
+
+
+class _Stop(Exception):
+    """Raised by a Trainer.fit stand-in once it has seen its arguments."""
+
+
+def test_train_hands_its_flags_to_the_optimizer_and_the_trainer(tmp_path, capsys,
+                                                                 small_data, monkeypatch):
+    """--epochs, --batch-size, --lr, --warmup and --max-grad, none of them the default, reach
+    Adam and Trainer.fit (36 training examples: 9 steps of 4 per epoch, 27 in all)."""
+    from fastattn.trainer import Trainer
+
+    seen = {}
+
+    def fit(self, x, t, **kw):
+        seen.update(kw, rows=len(x), optimizer=self.optimizer)
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    with pytest.raises(_Stop):
+        main(["train", "--data", small_data, "--out", str(tmp_path / "out"), "--backend",
+              "vectorized", "--epochs", "3", "--batch-size", "4", "--lr", "0.02", "--warmup",
+              "5", "--max-grad", "0.25", "--d-model", "8", "--heads", "2", "--d-ff", "8",
+              "--no-progress"])
+    capsys.readouterr()
+    assert (seen["rows"], seen["max_epoch"], seen["batch_size"]) == (36, 3, 4)
+    assert seen["max_grad"] == 0.25 and seen["progress"] is False
+    opt = seen["optimizer"]
+    assert (opt.lr, opt.warmup_steps, opt.total_steps) == (0.02, 5, 27)
 
 
 def _write(tmp_path, name, text):

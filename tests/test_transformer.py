@@ -245,6 +245,19 @@ def test_layernorm_matches_reference():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_layernorm_uses_its_eps(backend):
+    """A LayerNorm's own eps, not the default, is what the kernel adds to the variance: with
+    eps 0.5 and a row variance about 0.25 the two differ by tens of percent."""
+    layer = LayerNorm(6, eps=0.5, backend=backend, dtype=F64)
+    perturb_params(layer)
+    x = 0.5 * rand((3, 4, 6))
+    g, b = layer.params
+    want = ref_layernorm(x, g, b, eps=0.5)
+    np.testing.assert_allclose(layer.forward(x), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.infer(x), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_matches_reference(backend, causal):
     layer = MultiHeadAttention(6, 3, causal=causal, backend=backend, dtype=F64, seed=2)
@@ -356,6 +369,28 @@ def test_generate_batch_equals_full_recomputation(backend):
         ys = np.concatenate([ys, score[:, -1].argmax(-1)[:, None]], axis=1)
     np.testing.assert_array_equal(got, ys[:, 1:])
     assert got.shape == (6, 6) and got.dtype == np.int64
+
+
+@pytest.mark.parametrize("backend", ["vectorized", "numba"])
+def test_generate_batch_decodes_up_to_max_len_ids(backend):
+    """sample_size may be max_len (the decoder's last input, start symbol included, is then
+    max_len long): the ids of re-running the whole decoder on each prefix. 0 gives no ids,
+    max_len + 1 is a ValueError naming sample_size."""
+    model = tiny_model(backend, d_model=8, n_heads=2, max_len=5, seed=5)
+    perturb_params(model, seed=6, scale=0.1)
+    xs, _ = tiny_batch(N=3, S=5, seed=7)
+    got = model.generate_batch(xs, 1, 5)
+    ys = np.ones((3, 1), dtype=np.int64)
+    memory = model.encode(xs)
+    for _ in range(5):
+        score = model._decode(ys, memory)
+        ys = np.concatenate([ys, score[:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(got, ys[:, 1:])
+    assert model.generate(xs[:1], 1, 5) == ys[0, 1:].tolist()
+    empty = model.generate_batch(xs, 1, 0)
+    assert empty.shape == (3, 0) and empty.dtype == np.int64
+    with pytest.raises(ValueError, match="sample_size"):
+        model.generate_batch(xs, 1, 6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
