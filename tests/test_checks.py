@@ -61,3 +61,14 @@ def test_the_numba_scan_compiles_once_for_writeable_and_read_only_arrays(monkeyp
         _checks._finite_flat.cache_clear()
     assert len(real.signatures) == compiled
     assert seen == [False] * 4  # the Numba path, on read-only views every time
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_array_gives_c_order_for_fortran_order_and_transposed_input(dtype):
+    """The kernels index C-contiguous memory: a Fortran-ordered array (contiguous, but not C)
+    or a transposed view is copied to C order, with its values and shape unchanged."""
+    x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(dtype)
+    for view in (np.asfortranarray(x), x.transpose(2, 0, 1), np.asfortranarray(x[0]).T):
+        got = _checks.float_array(view, "x")
+        assert got.flags.c_contiguous and got.shape == view.shape and got.dtype == dtype
+        np.testing.assert_array_equal(got, view)

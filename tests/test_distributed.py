@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,92 @@ def test_shard_bounds_cover_every_row_once():
             rows = [np.arange(n)[slice(*dist.shard_bounds(n, size, r))] for r in range(size)]
             for got, want in zip(rows, np.array_split(np.arange(n), size), strict=True):
                 np.testing.assert_array_equal(got, want)
+
+
+def test_strict_shard_takes_a_batch_of_one_row_per_rank():
+    """strict refuses fewer rows than ranks only: n == size gives each rank its one row."""
+    for size in (2, 3):
+        x, t = np.arange(size), 10 * np.arange(size)
+        for r in range(size):
+            xs, ts = dist._shard((x, t), size, r, True)
+            np.testing.assert_array_equal(xs, [r])
+            np.testing.assert_array_equal(ts, [10 * r])
+        with pytest.raises(ValueError, match="at least one row per rank"):
+            dist._shard((x[:-1],), size, 0, True)
+        assert len(dist._shard((x[:-1],), size, size - 1, False)) == 0
+
+
+class _ThreadRanks:
+    """Ranks in threads of this process, for Comm without an MPI: Allreduce sums the ranks'
+    buffers, in rank order, and gives every rank the sum (as MPI_Allreduce with MPI_SUM)."""
+
+    IN_PLACE, SUM = object(), "sum"
+
+    def __init__(self, size):
+        self.size, self.slots = size, [None] * size
+        self.barrier = threading.Barrier(size, timeout=60)  # a rank that fails frees the other
+
+    def comm(self, rank):
+        world = self
+
+        class Fake:
+            def Get_size(self):
+                return world.size
+
+            def Get_rank(self):
+                return rank
+
+            def Allreduce(self, sendbuf, recvbuf, op):
+                assert sendbuf is world.IN_PLACE and op == world.SUM
+                world.slots[rank] = recvbuf.copy()
+                world.barrier.wait()
+                total = sum(world.slots[1:], world.slots[0].copy())
+                world.barrier.wait()
+                recvbuf[...] = total
+
+        return Fake()
+
+
+def test_allreduce_grads_gives_the_global_batch_mean_for_unequal_shares(monkeypatch):
+    """A global batch of 7 rows split 4 + 3 over two ranks (threads over a summing fake of
+    MPI): each rank's gradient and loss, the means over its own rows, allreduced, are the
+    gradient and loss one process computes on the 7 rows, on both ranks (float64: rtol 1e-12).
+    Runs where mpiexec is missing: the mpiexec tests below skip there."""
+    import types
+
+    fake = types.ModuleType("mpi4py")
+    fake.MPI = types.SimpleNamespace(IN_PLACE=_ThreadRanks.IN_PLACE, SUM=_ThreadRanks.SUM)
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", fake.MPI)
+    monkeypatch.delenv(dist.FAULT_VAR, raising=False)
+    rng = np.random.default_rng(0)
+    x, t, W = rng.standard_normal((7, 3)), rng.standard_normal((7, 2)), rng.standard_normal((3, 2))
+
+    def mean_grad(xb, tb):  # loss = mean over rows of 0.5 |x W - t|^2
+        r = xb @ W - tb
+        return [xb.T @ r / len(xb), r.mean(axis=0)], float(0.5 * np.mean(np.sum(r * r, 1)))
+
+    want, want_loss = mean_grad(x, t)
+    world = _ThreadRanks(2)
+    out = [None, None]
+
+    def rank_main(r):
+        comm = dist.Comm(world.comm(r))
+        xb, tb = comm.shard(x, t)
+        grads, loss = mean_grad(xb, tb)
+        loss = comm.allreduce_grads(grads, loss, count=len(xb))
+        out[r] = (len(xb), grads, loss)
+
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert [o[0] for o in out] == [4, 3]
+    for _, grads, loss in out:
+        for g, w in zip(grads, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+        assert loss == pytest.approx(want_loss, rel=1e-12)
 
 
 def test_launch_detected_from_the_environment(monkeypatch):

@@ -402,3 +402,22 @@ def test_seed_demo_example_runs(capsys):
     out = capsys.readouterr().out
     assert "score shape: (10, 29, 29)" in out and "dvalue shape: (10, 29, 8)" in out
     assert "rows of score sum to 1: True" in out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_layer_backward_follows_its_last_forward_float_after_ids(backend):
+    """A float (one-hot) forward after an id forward: backward takes the float path, so the
+    weight gradients are x^T dout and dout's sum over (B, T), written out here (float64,
+    rtol 1e-12), not a scatter-add at the earlier forward's ids."""
+    V, d, B, T = 6, 3, 2, 4
+    layer = TimeQueryLayer(V, d, backend=backend, dtype=np.float64, seed=0)
+    layer.forward(ids(B, T, V, seed=1))
+    x = np.eye(V)[ids(B, T, V, seed=2)]  # one-hot (B, T, V) of other ids
+    dout = np.random.default_rng(3).standard_normal((B, T, d))
+    layer.forward(x)
+    dxs = layer.backward(dout)
+    W = layer.params[0]
+    np.testing.assert_allclose(dxs, dout @ W.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.grads[0], x.reshape(-1, V).T @ dout.reshape(-1, d),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.grads[1], dout.sum(axis=(0, 1)), rtol=1e-12, atol=1e-12)
