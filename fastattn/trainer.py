@@ -118,13 +118,14 @@ class Trainer:
         adaptive = AdaptiveBlas() if blas_threads == "auto" and comm is None else None
         self.blas_counts = adaptive.counts if adaptive is not None else []
 
-        for _ in range(int(max_epoch)):
+        total_loss, loss_count = 0.0, 0  # as the book: losses after an epoch's last report
+        for _ in range(int(max_epoch)):  # count toward the next epoch's first one
             epoch = self.current_epoch + 1
             idx = self._permutation(data_size)
             if comm is not None:
                 idx = comm.bcast(idx)  # every rank walks the rows in rank 0's order
             xe, te = x[idx], t[idx]
-            total_loss, loss_count, epoch_loss = 0.0, 0, 0.0
+            epoch_loss = 0.0
             bar = tqdm(total=max_iters, desc=f"epoch {epoch}", unit="step", disable=not progress,
                        dynamic_ncols=True, leave=True)
             start = time.perf_counter()

@@ -222,3 +222,95 @@ def test_eval_seq2seq_verbose_prints(capsys, date_subset):
     assert ok in (0, 1)
     assert "Q " + question in out
     assert "T " + "".join(i2c[int(c)] for c in t_test[0, 1:]) in out
+
+
+class _RecordingModel:
+    """A one-weight model whose loss is the mean of the batch's x, recording every batch."""
+
+    def __init__(self):
+        self.params, self.grads = [np.zeros(1)], [np.zeros(1)]
+        self.batches = []
+
+    def forward(self, x, t):
+        self.batches.append((x.copy(), t.copy()))
+        return float(x.mean())
+
+    def backward(self):
+        self.grads[0][...] = 0.0
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_trainer_reshuffles_every_epoch_and_keeps_x_with_t(seed):
+    """Each epoch walks every row once, x beside its own t, in a new order each epoch."""
+    n = 16
+    x = np.arange(n, dtype=np.float64)[:, None]
+    model = _RecordingModel()
+    if seed is None:
+        np.random.seed(0)
+    Trainer(model, SGD(lr=0.0), seed=seed).fit(x, 10 * x, max_epoch=3, batch_size=4,
+                                                 eval_interval=None, progress=False)
+    orders = []
+    for epoch in range(3):
+        xs = np.concatenate([b[0] for b in model.batches[4 * epoch:4 * epoch + 4]])[:, 0]
+        ts = np.concatenate([b[1] for b in model.batches[4 * epoch:4 * epoch + 4]])[:, 0]
+        np.testing.assert_array_equal(ts, 10 * xs)
+        np.testing.assert_array_equal(np.sort(xs), np.arange(n))
+        orders.append(tuple(xs))
+    assert len(set(orders)) == 3, orders  # 16! orders: a repeat is a shuffle that repeats
+
+
+@pytest.mark.parametrize("eval_interval", [4, 3])
+def test_trainer_loss_list_is_the_book_running_mean_since_the_last_report(eval_interval):
+    """The book's loss_list: at every eval_interval-th step of an epoch, the mean of the
+    losses since the previous report, recomputed here from the recorded batches. Epochs of 5
+    steps: with eval_interval 4 they end on a report (steps 0 and 4); with 3 (reports at
+    steps 0 and 3) each epoch's step 4 counts toward the next epoch's first report, as the
+    book's fit, which sets its running sum once, before the epochs."""
+    x = np.random.default_rng(1).standard_normal((10, 1))
+    model = _RecordingModel()
+    tr = Trainer(model, SGD(lr=0.0), seed=2)
+    tr.fit(x, x, max_epoch=3, batch_size=2, eval_interval=eval_interval, progress=False)
+    losses = [float(b[0].mean()) for b in model.batches]
+    want, window = [], []
+    for i, loss in enumerate(losses):
+        window.append(loss)
+        if (i % 5) % eval_interval == 0:  # iters restarts at 0 each epoch of 5 steps
+            want.append(sum(window) / len(window))
+            window = []
+    assert len(want) == 6  # two reports an epoch
+    np.testing.assert_allclose(tr.loss_list, want, rtol=1e-12, atol=1e-15)
+
+
+class _TiedModel:
+    """loss = 0.5 mean((x W + x^2 W - t)^2) with W listed twice in params (tied weights): the
+    grads are those of each use, so the gradient of W is their sum."""
+
+    def __init__(self, W):
+        self.params = [W, W]
+        self.grads = [np.zeros_like(W), np.zeros_like(W)]
+
+    def forward(self, x, t):
+        self.x, self.r = x, x @ self.params[0] + (x * x) @ self.params[0] - t
+        return float(0.5 * np.mean(np.sum(self.r ** 2, axis=1)))
+
+    def backward(self):
+        n = len(self.x)
+        self.grads[0][...] = self.x.T @ self.r / n
+        self.grads[1][...] = (self.x * self.x).T @ self.r / n
+
+
+def test_trainer_updates_tied_weights_once_with_the_summed_gradient():
+    """Adam on a weight listed twice: one update per step with the sum of both grads (the
+    book's remove_duplicate), as Adam written out on the single weight gives it."""
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((8, 3)), rng.standard_normal((8, 2))
+    W0 = 0.1 * rng.standard_normal((3, 2))
+    model = _TiedModel(W0.copy())
+    Trainer(model, Adam(lr=0.01), seed=0).fit(x, t, max_epoch=3, batch_size=8,
+                                              eval_interval=None, progress=False)
+    W, grads = W0.copy(), []
+    for _ in range(3):  # the whole data is each step's batch: the order does not matter
+        r = x @ W + (x * x) @ W - t
+        grads.append((x.T @ r + (x * x).T @ r) / len(x))
+        W = adam_reference(W0, grads, 0.01)
+    np.testing.assert_allclose(model.params[0], W, rtol=1e-9, atol=1e-12)
