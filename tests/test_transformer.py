@@ -355,6 +355,16 @@ def test_teacher_forcing_uses_shifted_targets():
     np.testing.assert_allclose(loss, expected, rtol=1e-10)
 
 
+def _greedy_by_full_recomputation(model, xs, start_id, n):
+    """n greedy ids per row of xs, re-running the whole decoder on each prefix (no cache)."""
+    ys = np.full((len(xs), 1), start_id, dtype=np.int64)
+    memory = model.encode(xs)
+    for _ in range(n):
+        score = model._decode(ys, memory)
+        ys = np.concatenate([ys, score[:, -1].argmax(-1)[:, None]], axis=1)
+    return ys[:, 1:]
+
+
 @pytest.mark.parametrize("backend", ["vectorized", "numba"])
 def test_generate_batch_equals_full_recomputation(backend):
     """Greedy decoding with cached keys/values gives the ids that re-running the whole
@@ -362,12 +372,7 @@ def test_generate_batch_equals_full_recomputation(backend):
     model = tiny_model(backend, dtype=np.float32, d_model=8, n_heads=2, max_len=7, seed=5)
     xs, _ = tiny_batch(N=6, S=6)
     got = model.generate_batch(xs, 1, 6)
-    ys = np.ones((6, 1), dtype=np.int64)
-    memory = model.encode(xs)
-    for _ in range(6):
-        score = model._decode(ys, memory)
-        ys = np.concatenate([ys, score[:, -1].argmax(-1)[:, None]], axis=1)
-    np.testing.assert_array_equal(got, ys[:, 1:])
+    np.testing.assert_array_equal(got, _greedy_by_full_recomputation(model, xs, 1, 6))
     assert got.shape == (6, 6) and got.dtype == np.int64
 
 
@@ -380,13 +385,9 @@ def test_generate_batch_decodes_up_to_max_len_ids(backend):
     perturb_params(model, seed=6, scale=0.1)
     xs, _ = tiny_batch(N=3, S=5, seed=7)
     got = model.generate_batch(xs, 1, 5)
-    ys = np.ones((3, 1), dtype=np.int64)
-    memory = model.encode(xs)
-    for _ in range(5):
-        score = model._decode(ys, memory)
-        ys = np.concatenate([ys, score[:, -1].argmax(-1)[:, None]], axis=1)
-    np.testing.assert_array_equal(got, ys[:, 1:])
-    assert model.generate(xs[:1], 1, 5) == ys[0, 1:].tolist()
+    want = _greedy_by_full_recomputation(model, xs, 1, 5)
+    np.testing.assert_array_equal(got, want)
+    assert model.generate(xs[:1], 1, 5) == want[0].tolist()
     empty = model.generate_batch(xs, 1, 0)
     assert empty.shape == (3, 0) and empty.dtype == np.int64
     with pytest.raises(ValueError, match="sample_size"):
