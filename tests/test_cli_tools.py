@@ -320,3 +320,63 @@ def test_bench_apart_refuses_save_and_compare(tmp_path, capsys, extra):
 def test_bench_apart_takes_a_number_of_rounds(bad):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--apart", bad])
+
+
+def _bench_conftest():
+    """bench/conftest.py as a module of its own (its check_then_time is a plain function)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_bench_conftest_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakeBenchmark:
+    """pytest-benchmark's fixture as check_then_time uses it; records what it timed and
+    reports the given min and median."""
+
+    def __init__(self, enabled, minimum=None, median=None):
+        self.enabled, self.extra_info, self.timed = enabled, {}, []
+        self.stats = (types.SimpleNamespace(stats=types.SimpleNamespace(min=minimum,
+                                                                        median=median))
+                      if enabled else None)
+
+    def __call__(self, fn, *args):
+        self.timed.append((fn, args))
+        return fn(*args)
+
+    def pedantic(self, fn, args, rounds, iterations):
+        self.timed.append((fn, tuple(args)))
+        return fn(*args)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("rounds", [None, 2])
+def test_check_then_time_checks_before_it_times_whether_timing_or_not(enabled, rounds):
+    run = _bench_conftest().run_checked_then_timed
+    bm = _FakeBenchmark(enabled, 1.0, 1.0)
+
+    def wrong(got):
+        raise AssertionError(f"wrong result {got}")
+
+    with pytest.raises(AssertionError, match="wrong result 5"):
+        run(bm, max, (2, 5), check=wrong, rounds=rounds, warmup=0.0)
+    assert bm.timed == []  # a wrong result is never timed
+    checked = []
+    assert run(bm, max, (2, 5), check=checked.append, rounds=rounds, warmup=0.0) == 5
+    assert checked == [5] and bm.timed == [(max, (2, 5))]  # the call checked is the one timed
+
+
+def test_check_then_time_rates_the_work_by_the_fastest_round():
+    """8e6 floating-point operations whose fastest round took 2 ms (median 4 ms): 4 GFLOP/s.
+    A plain run (timing off) keeps the work but claims no rate."""
+    run = _bench_conftest().run_checked_then_timed
+    bm = _FakeBenchmark(True, minimum=0.002, median=0.004)
+    run(bm, sum, ([1, 2],), check=lambda got: None, warmup=0.0, work={"GFLOP/s": 8e6})
+    assert bm.extra_info == {"work": 8e6, "GFLOP/s": 4.0}
+    plain = _FakeBenchmark(False)
+    run(plain, sum, ([1, 2],), check=lambda got: None, warmup=0.0, work={"GFLOP/s": 8e6})
+    assert plain.extra_info == {"work": 8e6}

@@ -100,3 +100,15 @@ def test_a_watch_counts_the_time_another_process_used():
     assert s.others * s.cpu_seconds >= spent - 4 * tick
     assert 0 <= s.steal <= 1
     assert s.cpu_seconds >= 0.8 - 4 * tick
+
+
+def test_own_cpu_seconds_count_the_children_waited_for():
+    """A child that spins for 0.3 s of CPU and is waited for is this process's own time (the
+    --apart runs' pytest processes are not 'other processes'), by the child's own count."""
+    before = _hostload.own_cpu_seconds()
+    child = subprocess.run(
+        [sys.executable, "-c", "import time\nwhile time.process_time() < 0.3: pass\n"
+         "print(time.process_time())"], capture_output=True, text=True, check=True)
+    spent = float(child.stdout)
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert _hostload.own_cpu_seconds() - before >= spent - 2 * tick

@@ -148,3 +148,58 @@ def test_profile_wraps_only_methods_and_fits_every_phase_in_its_column():
     table = prof.table().split("\n\n")
     layers = next(part for part in table if "project_kv" in part).strip().splitlines()
     assert len({len(line) for line in layers}) == 1, layers  # every column lines up
+
+
+class _Clock:
+    """A perf_counter that moves only when a layer says it worked: times known exactly."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class _Nest:
+    """A layer whose forward works ``own`` seconds and calls ``inner``'s forward in between."""
+
+    def __init__(self, clock, own, inner=None):
+        self.clock, self.own, self.inner = clock, own, inner
+
+    def forward(self):
+        self.clock.now += self.own / 2
+        if self.inner is not None:
+            self.inner.forward()
+        self.clock.now += self.own / 2
+
+    def backward(self):
+        pass
+
+
+def test_self_time_leaves_out_every_layer_called_inside_and_no_more(monkeypatch):
+    """Three nested layers working 1, 2 and 4 s of their own: the outer one's total is 7 s
+    and its self time its own 1 s, whatever the depth below its direct child."""
+    clock = _Clock()
+    monkeypatch.setattr("fastattn.profiling.time", clock)
+    outer = _Nest(clock, 1.0, _Nest(clock, 2.0, _Nest(clock, 4.0)))
+    with fastattn.profile(outer) as prof:
+        outer.forward()
+    got = {e.name.split(" ")[0]: (e.total, e.self_time) for e in prof.rows("layer")
+           if e.phase == "forward"}
+    assert got == {"model": (7.0, 1.0), "model.inner": (6.0, 2.0),
+                   "model.inner.inner": (4.0, 4.0)}
+
+
+def test_profile_command_times_the_asked_steps_only(tmp_path, capsys):
+    """--steps 2: the model's forward and backward each ran twice in the profile (the
+    warm-up step that compiles the kernels runs before it)."""
+    from fastattn.cli import main
+
+    json_file = tmp_path / "step.json"
+    assert main(["profile", "--steps", "2", "--batch-size", "4", "--backend", "vectorized",
+                 "--json", str(json_file)]) == 0
+    capsys.readouterr()
+    entries = json.loads(json_file.read_text())["entries"]
+    top = {e["phase"]: e["calls"] for e in entries
+           if e["kind"] == "layer" and e["name"].startswith("model (")}
+    assert top == {"forward": 2, "backward": 2}
