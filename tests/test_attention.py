@@ -361,6 +361,32 @@ def test_few_query_rows_take_the_loop_kernel(monkeypatch, threads, dtype):
                     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_few_query_rows_with_several_entries_per_unit(monkeypatch, threads, dtype):
+    """From 32 batch entries (and heads) on, each _few_rows_units unit takes several entries;
+    every entry, the last unit's short run included, matches the loop reference, on one
+    thread and on two (the spy: the units did take more than one entry)."""
+    calls = []
+    few_rows = _flash._few_rows_units
+
+    def spy(counter, *args):
+        calls.append(args[-1])  # entries per unit
+        return few_rows(counter, *args)
+
+    monkeypatch.setattr(_flash, "_few_rows_units", spy)
+    log = record_paths(monkeypatch, force=True)
+    rng = np.random.default_rng(15)
+    for B, Tq in [(37, 1), (50, _flash.FEW_ROWS)]:  # 2 and 3 entries per unit, a short last
+        q, k, v, dout = _inputs(rng, B, Tq, 6, 8, 5, dtype)
+        for n in (1, 2):
+            threads(n)
+            calls.clear()
+            log.clear()
+            _assert_matches_loop(q, k, v, dout, True, None, scale=0.5, tiles=[None])
+            assert calls and min(calls) > 1 and B % calls[0], calls
+            assert log.fused[0] == n, log.fused
+
+
 # ---- heads read and written in place: (B, H, T, d) views of (B, T, H, d) columns
 
 

@@ -296,6 +296,38 @@ def test_one_blas_thread_in_another_thread_leaves_the_limits_working():
     assert inside == [1] * len(pools)
 
 
+def test_one_blas_thread_gives_the_thread_count_back_on_exit():
+    """OneThread holds BLAS at one thread inside the block, nested ones too, and gives every
+    pool its own count back on exit: set here to 2 first (and checked), so the block had a
+    count to save, whatever the count this session runs BLAS at."""
+    import threadpoolctl
+
+    pools = _blas.pools()
+    if not pools:
+        pytest.skip("no BLAS that threadpoolctl sees")
+    clear = getattr(threadpoolctl.OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)  # no thread has taken control yet
+    original = [lib.num_threads for lib in pools]
+    try:
+        with _blas.Control():
+            for lib in pools:
+                lib.set_num_threads(2)
+        before = [lib.num_threads for lib in pools]
+        if before != [2] * len(pools):
+            pytest.skip("this BLAS does not run 2 threads")
+        with _blas.OneThread():
+            assert [lib.num_threads for lib in pools] == [1] * len(pools)
+            with _blas.OneThread():
+                assert [lib.num_threads for lib in pools] == [1] * len(pools)
+            assert [lib.num_threads for lib in pools] == [1] * len(pools)
+        assert [lib.num_threads for lib in pools] == before
+    finally:
+        with _blas.Control():
+            for lib, n in zip(pools, original, strict=True):
+                lib.set_num_threads(n)
+
+
 def test_softmax_of_all_minus_inf_rows_is_zero(rng):
     x = np.full((2, 3, 4), -np.inf, dtype=np.float32)
     x[1, 2] = rng.standard_normal(4)
@@ -661,6 +693,29 @@ def test_the_fused_kernels_exp_in_place_is_vexp_at_every_length(dtype, rng):
         assert np.array_equal(np.isnan(got), nan), n
         want = np.exp(x[~nan].astype(np.float64)).astype(dtype)
         assert _ulp_distance(got[~nan], want).max(initial=0) <= 1, n
+
+
+@pytest.mark.parametrize("halves", [False, True], ids=["one_chain", "halves"])
+def test_exp_in_place_is_vexp_by_either_loop_whatever_this_cpu(halves, rng):
+    """Both loops of _flash._exp_inplace, whichever this CPU's code takes (_EXP_HALVES): a
+    copy of the function compiled here with the flag set each way gives, at lengths with and
+    without the odd item, each item's own exp within 1 ulp (distinct values throughout, so
+    an item that took another's exp shows)."""
+    import types as pytypes
+
+    from fastattn.kernels import _flash
+
+    fn = _flash._exp_inplace.py_func
+    code_globals = {**fn.__globals__, "_EXP_HALVES": halves}
+    copy = njit(fastmath=set(FASTMATH))(pytypes.FunctionType(fn.__code__, code_globals,
+                                                             fn.__name__))
+    for dtype in (np.float32, np.float64):
+        for n in (1, 2, 3, 8, 17, 1001):
+            x = (VEXP_LO[dtype] * rng.random(n)).astype(dtype)  # in (LO, 0], all distinct
+            got = x.copy()
+            copy(got)
+            want = np.exp(x.astype(np.float64)).astype(dtype)
+            assert _ulp_distance(got, want).max() <= 1, (dtype, n)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -105,6 +105,29 @@ def test_positional_encoding_gradients(kind):
                       expect={"params", "inputs[0]"})
 
 
+@pytest.mark.parametrize("kind", PositionalEncoding.KINDS)
+def test_positional_encoding_offset_adds_the_rows_at_those_positions(kind):
+    """forward(x, offset) adds the position vectors of positions offset .. offset+T-1, fixed
+    table and learned rows alike: the same as those steps of a call on the whole sequence
+    (the same additions, so the same bits), and, for the fixed table, column 0 is sin(pos)
+    (its angle is the position itself)."""
+    L, C = 7, 4
+    layer = PositionalEncoding(L, C, kind, dtype=F64, seed=0)
+    perturb_params(layer)  # "both": a learned part that is not zero
+    x = rand((2, L, C))
+    whole = layer.forward(x)
+    for offset, T in [(0, 3), (2, 3), (4, 3), (6, 1)]:
+        part = layer.forward(x[:, offset:offset + T], offset=offset)
+        np.testing.assert_array_equal(part, whole[:, offset:offset + T], err_msg=str(offset))
+    if kind != "learned":
+        zeros = np.zeros((1, 3, C))
+        if kind == "both":
+            layer.params[0][...] = 0
+        pos = layer.forward(zeros, offset=3)
+        np.testing.assert_allclose(pos[0, :, 0], np.sin([3.0, 4.0, 5.0]), rtol=0,
+                                   atol=4 * np.finfo(np.float64).eps)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_gradients(backend, causal):
