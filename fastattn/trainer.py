@@ -46,10 +46,11 @@ def remove_duplicate(params, grads):
 class Trainer:
     """The book's ``Trainer``: mini-batch training with a progress bar.
 
-    Attributes after ``fit``: ``loss_list`` (the mean loss of every ``eval_interval`` steps,
-    as in the book), ``history`` (one dict per epoch: ``epoch``, ``loss`` (mean over the
-    epoch), ``seconds``, plus what the ``callback`` returned), ``train_seconds`` (time in
-    training steps, callbacks excluded), ``current_epoch``.
+    Attributes after ``fit``: ``loss_list`` (at every ``eval_interval``-th step of an epoch,
+    the mean loss since the last report, across epochs, as in the book), ``history`` (one
+    dict per epoch: ``epoch``, ``loss`` (mean over the epoch), ``seconds``, plus what the
+    ``callback`` returned), ``train_seconds`` (time in training steps, callbacks excluded),
+    ``current_epoch``.
 
     ``seed``: None shuffles with ``np.random.permutation`` (NumPy's global state, as the
     book); an int uses a private generator.
