@@ -140,6 +140,8 @@ BAD = [
     (dict(cu_seqlens_q=[0, 4], cu_seqlens_k=[0, 6]), ValueError, "end at the sequence axis"),
     (dict(cu_seqlens_q=[0, 3, 2, 5], cu_seqlens_k=[0, 1, 2, 6]), ValueError,
      "cu_seqlens_q must be non-decreasing"),
+    (dict(cu_seqlens_q=np.array([0, 3, 2, 5], np.uint64), cu_seqlens_k=[0, 1, 2, 6]),
+     ValueError, "cu_seqlens_q must be non-decreasing"),  # unsigned: no wrap-around in diff
     (dict(cu_seqlens_q=[0.0, 5.0], cu_seqlens_k=[0, 6]), TypeError, "cu_seqlens_q must be an "
      "integer"),
     (dict(cu_seqlens_q=[[0, 5]], cu_seqlens_k=[0, 6]), ValueError, "cu_seqlens_q must be 1-D"),
@@ -160,6 +162,8 @@ BAD = [
     (dict(window=(-1, 2)), ValueError, "window left must be >= 0"),
     (dict(window=(1, 2.0)), TypeError, "window right must be an int"),
     (dict(window=3), TypeError, "window must be None or a pair"),
+    (dict(window=(1, 2, 3)), TypeError, "window must be None or a pair"),
+    (dict(window=[1]), TypeError, "window must be None or a pair"),
     (dict(alibi_slopes=np.ones(3)), ValueError, "alibi_slopes must be"),
     (dict(alibi_slopes=np.array([1, np.nan, 1, 1])), ValueError, "alibi_slopes contains NaN"),
     (dict(alibi_slopes=np.array(["a"] * 4)), TypeError, "alibi_slopes must be a real"),

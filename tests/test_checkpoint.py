@@ -345,6 +345,21 @@ def test_an_array_header_that_claims_more_than_its_entry_holds_is_rejected(
         load_model(path)
 
 
+def test_a_json_text_entry_larger_than_the_limit_is_rejected_before_reading(
+        tmp_path, small_checkpoint, no_model_built):
+    """Valid JSON padded with blanks to just over MAX_TEXT_BYTES (16 MiB) is refused before
+    a model is built."""
+    from fastattn.checkpoint import MAX_TEXT_BYTES
+
+    text = str(small_checkpoint["config"]) + " " * (MAX_TEXT_BYTES // 4)  # 4 bytes a char
+    path = tmp_path / "big-text.npz"
+    with open(path, "wb") as f:
+        np.savez(f, **{**small_checkpoint, "config": np.array(text)})
+    with pytest.raises(ValueError, match=rf"big-text\.npz: entry 'config' is larger than "
+                                         rf"{MAX_TEXT_BYTES} bytes"):
+        load_model(path)
+
+
 @pytest.mark.parametrize("config", [
     dict(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=16, max_len=5),
     dict(vocab_size=9, d_model=12, n_heads=3, n_layers=3, d_ff=4, max_len=2, pos="learned"),

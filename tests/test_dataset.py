@@ -209,6 +209,13 @@ def test_generators_are_deterministic(date_lines, addition_lines):
     assert generate.date_lines(100, seed=1) != date_lines[:100]
 
 
+@pytest.mark.parametrize("gen", [generate.date_lines, generate.addition_lines])
+@pytest.mark.parametrize("n", [-1, True, 2.0, "3", None])
+def test_a_line_count_that_is_not_a_non_negative_int_raises(gen, n):
+    with pytest.raises(ValueError, match="n must be a non-negative int"):
+        gen(n)
+
+
 def test_generators_leave_global_random_state_alone():
     import random
 

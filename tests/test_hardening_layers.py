@@ -486,3 +486,21 @@ def test_float_inputs_of_an_unsupported_dtype_raise_type_error(name, dtype, trip
     with pytest.raises(TypeError, match="dtype"):
         case.float_input(case.make(), dtype)
     assert tripwire == []
+
+
+@pytest.mark.parametrize("empty", [(0, 3, 4), (2, 0, 4)], ids=["no-sequence", "no-position"])
+@pytest.mark.parametrize("arg", ["x_q", "x_kv"])
+def test_an_empty_sequence_input_raises_value_error_naming_it(arg, empty, tripwire):
+    m = MultiHeadAttention(4, 2, dtype=F64, seed=0)
+    x_q, x_kv = (np.zeros(empty), None) if arg == "x_q" else (_x(2, 3, 4), np.zeros(empty))
+    with pytest.raises(ValueError, match=f"{arg} must have at least one sequence and one "
+                                         "position"):
+        m.forward(x_q, x_kv)  # the tripwire fails the test if a kernel runs first
+
+
+@pytest.mark.parametrize("cls, k", [(TimeRNN, 1), (TimeLSTM, 4), (TimeGRU, 3)])
+@pytest.mark.parametrize("shape", [(2, 3, 3, 1), (1, 2, 3, 3, 1)])
+def test_recurrent_xs_that_is_not_3d_raises_value_error_naming_it(cls, k, shape, tripwire):
+    m = cls(*_w_recurrent(k))
+    with pytest.raises(ValueError, match=r"xs must have shape \(N, T, 3\)"):
+        m.forward(np.zeros(shape))
