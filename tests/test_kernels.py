@@ -299,7 +299,7 @@ def test_one_blas_thread_in_another_thread_leaves_the_limits_working():
 def test_one_blas_thread_gives_the_thread_count_back_on_exit():
     """OneThread holds BLAS at one thread inside the block, nested ones too, and gives every
     pool its own count back on exit: set here to 2 first (and checked), so the block had a
-    count to save, whatever the count this session runs BLAS at."""
+    count to save, whatever the count this test run gives BLAS."""
     import threadpoolctl
 
     pools = _blas.pools()
