@@ -327,12 +327,8 @@ def test_backward_splits_key_blocks_when_batch_is_smaller_than_threads(monkeypat
     _assert_matches_loop(q, k, v, dout, True, None, tiles=[(8, 8)])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_few_query_rows_take_the_loop_kernel(monkeypatch, threads, dtype):
-    """Up to FEW_ROWS query rows per entry (decoding), the forward runs _few_rows_units (loops
-    per entry, no tiles): it matches the loop reference with masks of every broadcast, causal,
-    rows with nothing allowed and a key sequence of one; it ran, on 2 threads when forced,
-    and gives the same bits on 1 thread."""
+def _spy_few_rows(monkeypatch):
+    """The entries per unit of every _few_rows_units call (a list), and the path log."""
     calls = []
     few_rows = _flash._few_rows_units
 
@@ -341,7 +337,16 @@ def test_few_query_rows_take_the_loop_kernel(monkeypatch, threads, dtype):
         return few_rows(counter, *args)
 
     monkeypatch.setattr(_flash, "_few_rows_units", spy)
-    log = record_paths(monkeypatch, force=True)
+    return calls, record_paths(monkeypatch, force=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_few_query_rows_take_the_loop_kernel(monkeypatch, threads, dtype):
+    """Up to FEW_ROWS query rows per entry (decoding), the forward runs _few_rows_units (loops
+    per entry, no tiles): it matches the loop reference with masks of every broadcast, causal,
+    rows with nothing allowed and a key sequence of one; it ran, on 2 threads when forced,
+    and gives the same bits on 1 thread."""
+    calls, log = _spy_few_rows(monkeypatch)
     rng = np.random.default_rng(12)
     for B, Tq, Tk in [(5, 1, 9), (4, _flash.FEW_ROWS, 17), (3, 2, 1)]:
         q, k, v, dout = _inputs(rng, B, Tq, Tk, 8, 5, dtype)
@@ -366,15 +371,7 @@ def test_few_query_rows_with_several_entries_per_unit(monkeypatch, threads, dtyp
     """From 32 batch entries (and heads) on, each _few_rows_units unit takes several entries;
     every entry, the last unit's short run included, matches the loop reference, on one
     thread and on two (the spy: the units did take more than one entry)."""
-    calls = []
-    few_rows = _flash._few_rows_units
-
-    def spy(counter, *args):
-        calls.append(args[-1])  # entries per unit
-        return few_rows(counter, *args)
-
-    monkeypatch.setattr(_flash, "_few_rows_units", spy)
-    log = record_paths(monkeypatch, force=True)
+    calls, log = _spy_few_rows(monkeypatch)
     rng = np.random.default_rng(15)
     for B, Tq in [(37, 1), (50, _flash.FEW_ROWS)]:  # 2 and 3 entries per unit, a short last
         q, k, v, dout = _inputs(rng, B, Tq, 6, 8, 5, dtype)
