@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gradcheck import numerical_grad
-from helpers import machine_code
+from helpers import adam_reference, machine_code
 
 from fastattn import kernels
 from fastattn.kernels import glue_loop as ref
@@ -215,18 +215,11 @@ def test_numba_adam_takes_a_prebuilt_list_and_follows_in_place_updates(rng):
         np.testing.assert_allclose(p, w, rtol=1e-12)
 
 
-def _books_adam(params, grads, steps, lr=0.01, beta1=0.9, beta2=0.999):
-    """The book's Adam, written out in float64: the expected parameters after ``steps``."""
-    ps = [p.astype(np.float64) for p in params]
-    ms = [np.zeros_like(p) for p in ps]
-    vs = [np.zeros_like(p) for p in ps]
-    for it in range(1, steps + 1):
-        lr_t = lr * np.sqrt(1 - beta2 ** it) / (1 - beta1 ** it)
-        for p, g, m, v in zip(ps, grads, ms, vs, strict=True):
-            m += (1 - beta1) * (g - m)
-            v += (1 - beta2) * (g ** 2 - v)
-            p -= lr_t * m / (np.sqrt(v) + 1e-7)
-    return ps
+def _books_adam(params, grads, steps):
+    """The book's Adam in float64 (lr 0.01), ``steps`` steps with the same gradients: the
+    expected parameters."""
+    return [adam_reference(p.astype(np.float64), [g] * steps, 0.01)
+            for p, g in zip(params, grads, strict=True)]
 
 
 def test_adam_optimizer_runs_the_kernel_of_its_backend(backend, rng, monkeypatch):

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import adam_reference
 
 from dataset import sequence
 from fastattn.commands.train import limit_threads
@@ -22,19 +23,6 @@ def one_thread():
     2-core machine, spinning thread pools can make a step many times slower."""
     with limit_threads(1):
         yield
-
-
-def adam_reference(p, grads, lr, beta1=0.9, beta2=0.999, eps=1e-7):
-    """Adam written out as the book writes it, for a list of gradient steps."""
-    m = np.zeros_like(p)
-    v = np.zeros_like(p)
-    p = p.copy()
-    for it, g in enumerate(grads, start=1):
-        lr_t = lr * np.sqrt(1 - beta2 ** it) / (1 - beta1 ** it)
-        m += (1 - beta1) * (g - m)
-        v += (1 - beta2) * (g ** 2 - v)
-        p -= lr_t * m / (np.sqrt(v) + eps)
-    return p
 
 
 def test_adam_matches_the_book_without_schedule():

@@ -262,6 +262,20 @@ def blas_thread_count():
                default=1)
 
 
+def adam_reference(p, grads, lr, beta1=0.9, beta2=0.999, eps=1e-7):
+    """Adam written out as the book writes it, in p's dtype: p after one step per gradient of
+    ``grads`` (a list), from zero moments."""
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    p = p.copy()
+    for it, g in enumerate(grads, start=1):
+        lr_t = lr * np.sqrt(1 - beta2 ** it) / (1 - beta1 ** it)
+        m += (1 - beta1) * (g - m)
+        v += (1 - beta2) * (g ** 2 - v)
+        p -= lr_t * m / (np.sqrt(v) + eps)
+    return p
+
+
 def floats_as(dtype, args):
     """``args`` with every float array cast to ``dtype`` (to run a kernel's call again in
     float64, say); anything else as it is."""
