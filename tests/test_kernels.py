@@ -674,48 +674,44 @@ def test_vexp_gives_zero_below_its_range_within_exp_of_lo(dtype):
     assert np.exp(np.float64(lo)) < 4 * np.finfo(dtype).tiny
 
 
+def _exp_inplace_with(halves):
+    """_flash._exp_inplace compiled here with _EXP_HALVES set to ``halves`` (None: the
+    kernels' own, compiled for this CPU)."""
+    import types as pytypes
+
+    from fastattn.kernels import _flash
+
+    if halves is None:
+        return _flash._exp_inplace
+    fn = _flash._exp_inplace.py_func
+    code_globals = {**fn.__globals__, "_EXP_HALVES": halves}
+    return njit(fastmath=set(FASTMATH))(pytypes.FunctionType(fn.__code__, code_globals,
+                                                             fn.__name__))
+
+
+@pytest.mark.parametrize("halves", [None, False, True], ids=["this_cpu", "one_chain", "halves"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_fused_kernels_exp_in_place_is_vexp_at_every_length(dtype, rng):
+def test_the_fused_kernels_exp_in_place_is_vexp_at_every_length(dtype, halves, rng):
     """_flash._exp_inplace, which on code without AVX-512 runs over the array's two halves
-    at once and then the odd item: every item within 1 ulp of exp, -inf to 0, NaN to NaN,
-    at lengths with and without the odd item (the AVX2 run of the numerics tests takes the
-    halves path, as the first assertion shows)."""
+    at once and then the odd item: every item its own exp within 1 ulp, -inf to 0, NaN to
+    NaN, at lengths with and without the odd item. The kernels' own function (the AVX2 run
+    of the numerics tests takes the halves path, as the first assertion shows), and copies
+    compiled here with either loop, whatever this CPU (distinct values throughout, so an
+    item that took another's exp shows)."""
     from fastattn.kernels import _flash, _tuning
 
     assert _flash._EXP_HALVES == (_tuning.compiled_isa() != "avx512")
+    exp_inplace = _exp_inplace_with(halves)
     for n in (0, 1, 2, 3, 4, 17, 64, 1001):
         x = (VEXP_LO[dtype] * rng.random(n) ** 4).astype(dtype)  # many near 0, some near LO
         if n >= 3:
             x[0], x[n // 2], x[-1] = -np.inf, np.nan, -0.5
         got = x.copy()
-        _flash._exp_inplace(got)
+        exp_inplace(got)
         nan = np.isnan(x)
         assert np.array_equal(np.isnan(got), nan), n
         want = np.exp(x[~nan].astype(np.float64)).astype(dtype)
         assert _ulp_distance(got[~nan], want).max(initial=0) <= 1, n
-
-
-@pytest.mark.parametrize("halves", [False, True], ids=["one_chain", "halves"])
-def test_exp_in_place_is_vexp_by_either_loop_whatever_this_cpu(halves, rng):
-    """Both loops of _flash._exp_inplace, whichever this CPU's code takes (_EXP_HALVES): a
-    copy of the function compiled here with the flag set each way gives, at lengths with and
-    without the odd item, each item's own exp within 1 ulp (distinct values throughout, so
-    an item that took another's exp shows)."""
-    import types as pytypes
-
-    from fastattn.kernels import _flash
-
-    fn = _flash._exp_inplace.py_func
-    code_globals = {**fn.__globals__, "_EXP_HALVES": halves}
-    copy = njit(fastmath=set(FASTMATH))(pytypes.FunctionType(fn.__code__, code_globals,
-                                                             fn.__name__))
-    for dtype in (np.float32, np.float64):
-        for n in (1, 2, 3, 8, 17, 1001):
-            x = (VEXP_LO[dtype] * rng.random(n)).astype(dtype)  # in (LO, 0], all distinct
-            got = x.copy()
-            copy(got)
-            want = np.exp(x.astype(np.float64)).astype(dtype)
-            assert _ulp_distance(got, want).max() <= 1, (dtype, n)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
