@@ -8,6 +8,7 @@ import types
 from importlib import metadata
 
 import pytest
+from helpers import load_repo_file
 
 from fastattn import _hostload, cli
 from fastattn.commands import bench, info
@@ -324,14 +325,7 @@ def test_bench_apart_takes_a_number_of_rounds(bad):
 
 def _bench_conftest():
     """bench/conftest.py as a module of its own (its check_then_time is a plain function)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_bench_conftest_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_file("bench/conftest.py", "_bench_conftest_under_test")
 
 
 class _FakeBenchmark:

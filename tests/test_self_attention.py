@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from gradcheck import check_layer_grads
-from helpers import assert_close, assert_within_float32_error
+from helpers import assert_close, assert_within_float32_error, load_repo_file
 
 from fastattn.kernels import BACKENDS
 from fastattn.self_attention import (
@@ -391,13 +391,7 @@ def test_bad_sizes_raise_value_error_and_non_ints_type_error(size, error):
 
 
 def test_seed_demo_example_runs(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "seed_demo.py"
-    spec = importlib.util.spec_from_file_location("seed_demo", path)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_repo_file("examples/seed_demo.py", "seed_demo")
     assert demo.main(["--backend", "vectorized", "--D", "16", "--d", "8"]) == 0
     out = capsys.readouterr().out
     assert "score shape: (10, 29, 29)" in out and "dvalue shape: (10, 29, 8)" in out

@@ -262,6 +262,19 @@ def blas_thread_count():
                default=1)
 
 
+def load_repo_file(relative, name):
+    """The repository's file ``relative`` (say ``examples/seed_demo.py``) run as a module of
+    its own named ``name``: for files that are not in an installed package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / relative
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def adam_reference(p, grads, lr, beta1=0.9, beta2=0.999, eps=1e-7):
     """Adam written out as the book writes it, in p's dtype: p after one step per gradient of
     ``grads`` (a list), from zero moments."""
