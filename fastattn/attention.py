@@ -19,6 +19,7 @@ from fastattn._layer import (
     check_dtype,
     colsum,
     dout_array,
+    float_input,
     forward_backend,
     make_rng,
     not_yet,
@@ -320,13 +321,35 @@ class MultiHeadAttention:
         k, v = self._split(kv, B, Tk, 2, self.n_kv_heads)
         return k, v
 
+    def _kv_input(self, k, v, B, names=("k", "v")):
+        """Keys and values as :meth:`project_kv` makes them for a batch of ``B``: two arrays
+        (B*n_kv_heads, Tk, d_head) of one shape with Tk >= 1, cast to the layer's dtype;
+        TypeError/ValueError naming them otherwise (the kernels trust their shapes)."""
+        want = (B * self.n_kv_heads, self.d_head)
+        out = []
+        for name, a in zip(names, (k, v), strict=True):
+            a = float_input(a, name, self.dtype, ndim_min=3)
+            if a.ndim != 3 or (a.shape[0], a.shape[2]) != want or a.shape[1] == 0:
+                raise ValueError(f"{name} must have shape (B*n_kv_heads, Tk, d_head) = "
+                                 f"({want[0]}, Tk >= 1, {want[1]}), got {a.shape}")
+            out.append(a)
+        if out[1].shape != out[0].shape:
+            raise ValueError(f"{names[1]} must have the shape of {names[0]} {out[0].shape}, "
+                             f"got {out[1].shape}")
+        return out
+
     def attend(self, x_q, k, v, causal=False, window=None):
         """Attention of x_q (B, Tq, C) to precomputed keys and values (from :meth:`project_kv`
         or :meth:`step`) -> (B, Tq, C). Keeps nothing for backward. ``causal`` and ``window``
-        as for :func:`fastattn.attention_forward` (kernel form: True, "bottom_right")."""
+        as for :func:`fastattn.attention_forward`."""
         W_in, b_in, _, _ = self.params
         C = self.d_model
+        x_q = sequence_input(x_q, "x_q", self.dtype, C)
         B, Tq, _ = x_q.shape
+        k, v = self._kv_input(k, v, B)
+        causal = _attention_args.check_causal(causal)
+        causal = True if causal == "top_left" else causal  # the kernels' form
+        window = _attention_args.check_window(window, Tq + k.shape[1])
         qp = x_q.reshape(B * Tq, C) @ W_in[:, :C]
         qp += b_in[:C]
         return self._attend(qp, B, Tq, k, v, causal, window)
@@ -349,7 +372,15 @@ class MultiHeadAttention:
         the earlier positions and receives the new ones. Returns (B, 1, C)."""
         W_in, b_in, _, _ = self.params
         C = self.d_model
+        x_new = sequence_input(x_new, "x_new", self.dtype, C)
         B = x_new.shape[0]
+        if x_new.shape[1] != 1:
+            raise ValueError(f"x_new must have shape (B, 1, {C}), got {x_new.shape}")
+        if not isinstance(cache, dict):
+            raise TypeError(f"cache must be a dict, got {type(cache).__name__}")
+        if cache:
+            cached = self._kv_input(cache.get("k"), cache.get("v"), B,
+                                   ("cache['k']", "cache['v']"))
         qkv = x_new.reshape(B, C) @ W_in  # one product for the query, key and value
         qkv += b_in
         Hkv, dh = self.n_kv_heads, self.d_head
@@ -357,9 +388,9 @@ class MultiHeadAttention:
         k_new = qkv[:, C:C + Ckv].reshape(B, Hkv, 1, dh)  # views: the copies come next
         v_new = qkv[:, C + Ckv:].reshape(B, Hkv, 1, dh)
         if cache:  # (B*Hkv, t, dh) -> (B*Hkv, t+1, dh), the new position last
-            t = cache["k"].shape[1]
-            k = np.concatenate([cache["k"].reshape(B, Hkv, t, dh), k_new], axis=2)
-            v = np.concatenate([cache["v"].reshape(B, Hkv, t, dh), v_new], axis=2)
+            t = cached[0].shape[1]
+            k = np.concatenate([cached[0].reshape(B, Hkv, t, dh), k_new], axis=2)
+            v = np.concatenate([cached[1].reshape(B, Hkv, t, dh), v_new], axis=2)
         else:
             k, v = np.ascontiguousarray(k_new), np.ascontiguousarray(v_new)
         k, v = k.reshape(B * Hkv, -1, dh), v.reshape(B * Hkv, -1, dh)

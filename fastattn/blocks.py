@@ -325,8 +325,15 @@ class DecoderBlock:
         looked up once, no input checks (its caller's arrays are already right) and the keys
         and values of the positions so far kept in arrays made once. A decoding step of a
         small model is a few microseconds of arithmetic per layer; the Python around it
-        costs more than that."""
+        costs more than that. ``k_mem`` and ``v_mem`` (as for :meth:`step`), ``B`` and
+        ``n_steps`` are checked here, once."""
         sa, ca, ffn = self.self_attn, self.cross_attn, self.ffn
+        B = positive_int(B, "B")
+        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
+            raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        k_mem, v_mem = ca._kv_input(k_mem, v_mem, B, ("k_mem", "v_mem"))
         C, Hkv, dh = sa.d_model, sa.n_kv_heads, sa.d_head
         Ckv = Hkv * dh
         norms = [(_backend.kernel("layernorm_forward", forward_backend(n)), *n.params, n.eps)

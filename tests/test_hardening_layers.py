@@ -504,3 +504,52 @@ def test_recurrent_xs_that_is_not_3d_raises_value_error_naming_it(cls, k, shape,
     m = cls(*_w_recurrent(k))
     with pytest.raises(ValueError, match=r"xs must have shape \(N, T, 3\)"):
         m.forward(np.zeros(shape))
+
+
+# ============================================================================ cached keys, values
+
+
+ATTEND_CALLS = {  # id -> (what the error names, call(layer, x (2, 3, 4), k, v (4, 5, 2)))
+    "v-shorter": ("v", lambda m, x, k, v: m.attend(x, k, np.ascontiguousarray(v[:, :2]))),
+    "k-rows": ("k", lambda m, x, k, v: m.attend(x, k[:1], v[:1])),
+    "k-d_head": ("k", lambda m, x, k, v: m.attend(x, np.zeros((4, 5, 7)), v)),
+    "k-2d": ("k", lambda m, x, k, v: m.attend(x, k[0], v[0])),
+    "k-empty": ("k", lambda m, x, k, v: m.attend(x, k[:, :0], v[:, :0])),
+    "k-int": ("k", lambda m, x, k, v: m.attend(x, k.astype(np.int64), v)),
+    "x_q-width": ("x_q", lambda m, x, k, v: m.attend(np.zeros((2, 3, 5)), k, v)),
+    "x_q-2d": ("x_q", lambda m, x, k, v: m.attend(x[0], k, v)),
+    "causal": ("causal", lambda m, x, k, v: m.attend(x, k, v, causal="yes")),
+    "window": ("window", lambda m, x, k, v: m.attend(x, k, v, window=(-1, 0))),
+    "step-x_new": ("x_new", lambda m, x, k, v: m.step(x, {})),
+    "step-cache-rows": (r"cache\['k'\]", lambda m, x, k, v: m.step(x[:, :1],
+                                                                     {"k": k[:2], "v": v[:2]})),
+    "step-cache-v": (r"cache\['v'\]", lambda m, x, k, v: m.step(x[:, :1],
+                                                                  {"k": k, "v": v[:, :1]})),
+    "step-cache-type": ("cache", lambda m, x, k, v: m.step(x[:, :1], [k, v])),
+    "stepper-v_mem": ("v_mem", lambda m, x, k, v: DecoderBlock(
+        4, 2, 6, dtype=F64, seed=0).stepper(k, v[:, :3], 2, 3)),
+    "stepper-B": ("k_mem", lambda m, x, k, v: DecoderBlock(
+        4, 2, 6, dtype=F64, seed=0).stepper(k, v, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("what", sorted(ATTEND_CALLS))
+def test_attend_and_step_check_keys_values_and_queries_before_any_kernel(what, tripwire):
+    """The kernels trust their shapes: keys and values that do not fit (a v shorter than k
+    was read past its end) raise TypeError/ValueError naming the argument first."""
+    name, call = ATTEND_CALLS[what]
+    m = MultiHeadAttention(4, 2, dtype=F64, seed=0)
+    k, v = m.project_kv(_x(2, 5, 4))  # (4, 5, 2) each
+    with pytest.raises((TypeError, ValueError), match=f"^{name} "):
+        call(m, _x(2, 3, 4), k, v)
+    assert tripwire == []
+
+
+def test_attend_takes_views_lists_and_the_other_float_dtype():
+    m = MultiHeadAttention(4, 2, dtype=F64, seed=0, backend="vectorized")
+    x = _x(2, 3, 4)
+    k, v = m.project_kv(_x(2, 5, 4))
+    want = m.attend(x, k, v)
+    for got in (m.attend(x.tolist(), k[:, ::-1][:, ::-1], v.astype(np.float32)),
+                m.attend(np.asfortranarray(x), k, v.astype(np.float32))):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # v rounded to float32
