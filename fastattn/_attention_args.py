@@ -62,7 +62,10 @@ def check_dropout(dropout_p, seed, name="dropout_p"):
     """(dropout_p as a float in [0, 1), seed as an int in [0, 2**64)); errors say ``name``."""
     if not _is_real(dropout_p):
         raise TypeError(f"{name} must be a real number in [0, 1), got {dropout_p!r}")
-    p = float(dropout_p)
+    try:
+        p = float(dropout_p)
+    except OverflowError:  # an int beyond float's range
+        p = math.inf
     if not 0.0 <= p < 1.0:  # NaN fails too
         raise ValueError(f"{name} must be in [0, 1), got {dropout_p!r}")
     if seed is None:
@@ -195,7 +198,10 @@ def scale_of(scale, d: int) -> float:
     x = scale[()] if isinstance(scale, np.ndarray) and scale.ndim == 0 else scale
     if not _is_real(x):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    s = float(x)
+    try:
+        s = float(x)
+    except OverflowError:  # an int beyond float's range
+        s = math.inf
     if not math.isfinite(s):
         raise ValueError(f"scale must be finite, got {scale!r}")
     return s

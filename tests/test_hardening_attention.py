@@ -209,11 +209,23 @@ def test_backward_argument_of_wrong_shape_raises_value_error(arg, cut):
     (1j, TypeError, "^scale must be a real number"),
     (np.nan, ValueError, "^scale must be finite"),
     (np.inf, ValueError, "^scale must be finite"),
-], ids=["str", "bytes", "array", "complex", "nan", "inf"])
+    (10**400, ValueError, "^scale must be finite"),  # was an OverflowError
+], ids=["str", "bytes", "array", "complex", "nan", "inf", "int-beyond-float"])
 def test_bad_scale_raises(scale, exc, msg):
     q, k, v, _ = _qkv()
     with pytest.raises(exc, match=msg):
         fastattn.attention_forward(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("p", [10**400, -(10**400)], ids=["huge", "-huge"])
+def test_dropout_p_of_an_int_beyond_float_raises_value_error(p):
+    """Was an OverflowError from float(dropout_p), in the functions, the layer and a
+    checkpoint's configuration alike."""
+    q, k, v, _ = _qkv()
+    with pytest.raises(ValueError, match=r"^dropout_p must be in \[0, 1\)"):
+        fastattn.attention_forward(q, k, v, dropout_p=p, seed=0)
+    with pytest.raises(ValueError, match=r"^dropout must be in \[0, 1\)"):
+        fastattn.MultiHeadAttention(4, 2, dropout=p)
 
 
 @pytest.mark.parametrize("causal", [np.array([True, False]), "yes", 2, None, 0.5],

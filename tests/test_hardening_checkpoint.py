@@ -239,6 +239,8 @@ BAD_CONTENTS = {
                          "configuration"),
     "config-bad-heads": (_json_edit("config", lambda c: c.update(n_heads=3)),
                          "configuration"),
+    "config-dropout-beyond-float": (_json_edit("config", lambda c: c.update(dropout=10**400)),
+                                    "configuration.*dropout"),
     "vocab-too-short": (_json_edit("vocab", lambda v: v["chars"].pop()), "vocabulary"),
     "vocab-multichar": (_json_edit("vocab", lambda v: v["chars"].__setitem__(0, "ab")),
                         "vocabulary"),
