@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastattn import _backend, _checks
+from fastattn._attention_args import check_dropout
 from fastattn._layer import (
     check_backend,
     dout_array,
@@ -365,9 +366,7 @@ class TimeDropout:
     """
 
     def __init__(self, dropout_ratio=0.5, seed=None, backend=None):
-        ratio = float(dropout_ratio)
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"dropout_ratio must be in [0, 1), got {dropout_ratio!r}")
+        ratio = check_dropout(dropout_ratio, 0, "dropout_ratio")[0]
         self.params, self.grads = [], []
         self.backend = check_backend(backend)
         self.dropout_ratio = ratio

@@ -204,6 +204,20 @@ def test_generate_sample_size_and_start_id_are_checked(tripwire):
     assert tripwire == []
 
 
+@pytest.mark.parametrize("ratio, err", [
+    (10**400, ValueError),  # was an OverflowError
+    (float("nan"), ValueError), (-0.1, ValueError), (1, ValueError),
+    (None, TypeError), ("abc", TypeError), ([0.5], TypeError),
+    ("0.5", TypeError),  # was silently float("0.5")
+    (True, TypeError), (np.array(0.5), TypeError),
+], ids=["int-beyond-float", "nan", "negative", "one", "none", "str", "list", "numeric-str",
+        "bool", "array"])
+def test_time_dropout_ratio_must_be_a_real_number_in_0_1(ratio, err):
+    with pytest.raises(err, match="^dropout_ratio must be"):
+        TimeDropout(ratio)
+    assert TimeDropout(np.float32(0.25)).dropout_ratio == 0.25
+
+
 def test_positional_offset_must_be_a_non_negative_int():
     pe = PositionalEncoding(8, 4, dtype=F64, seed=0)
     x = rand(1, 3, 4)
