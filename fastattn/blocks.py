@@ -15,6 +15,9 @@ is one BLAS call. The blocks are pre-LN: ``x + f(LayerNorm(x))``.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from fastattn import _backend
@@ -49,6 +52,20 @@ __all__ = [
 # --------------------------------------------------------------------------- LayerNorm
 
 
+def _eps(eps, dtype) -> float:
+    """A LayerNorm's eps: a real number > 0 also in ``dtype`` (the kernels add it to a
+    variance that may be 0 and divide by its square root), else TypeError/ValueError."""
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number > 0, got {type(eps).__name__}")
+    try:
+        e = float(eps)
+    except OverflowError:  # an int beyond float's range
+        e = math.inf
+    if not (math.isfinite(e) and dtype.type(e) > 0):
+        raise ValueError(f"eps must be a finite number > 0 in {dtype.name}, got {eps!r}")
+    return e
+
+
 class LayerNorm:
     """Layer normalisation over the last axis: y = (x - mean) / sqrt(var + eps) * g + b.
 
@@ -59,7 +76,7 @@ class LayerNorm:
     def __init__(self, d_model, eps=1e-5, *, backend=None, dtype=np.float32, seed=None):
         d_model = positive_int(d_model, "d_model")
         dt = check_dtype(dtype)
-        self.eps = float(eps)
+        self.eps = _eps(eps, dt)
         self.backend = check_backend(backend)
         self.params = [np.ones(d_model, dt), np.zeros(d_model, dt)]
         self.grads = [np.zeros(d_model, dt), np.zeros(d_model, dt)]

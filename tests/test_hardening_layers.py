@@ -218,6 +218,22 @@ def test_time_dropout_ratio_must_be_a_real_number_in_0_1(ratio, err):
     assert TimeDropout(np.float32(0.25)).dropout_ratio == 0.25
 
 
+@pytest.mark.parametrize("eps, err", [
+    (0.0, ValueError),  # constant rows: a ZeroDivisionError from the numba kernel
+    (1e-50, ValueError),  # 0 in float32: the same
+    (-1e-5, ValueError),  # NaN outputs
+    (float("nan"), ValueError), (float("inf"), ValueError),
+    (10**400, ValueError),  # was an OverflowError
+    ("1e-5", TypeError), (None, TypeError), (True, TypeError), (1j, TypeError),
+], ids=["zero", "zero-in-float32", "negative", "nan", "inf", "int-beyond-float", "str", "none",
+        "bool", "complex"])
+def test_layernorm_eps_must_be_positive_in_its_dtype(eps, err):
+    with pytest.raises(err, match="^eps must be"):
+        LayerNorm(4, eps, dtype=np.float32)
+    layer = LayerNorm(4, 1e-50, dtype=F64)  # > 0 in float64
+    assert np.isfinite(layer.forward(np.ones((1, 2, 4)))).all()
+
+
 def test_positional_offset_must_be_a_non_negative_int():
     pe = PositionalEncoding(8, 4, dtype=F64, seed=0)
     x = rand(1, 3, 4)
