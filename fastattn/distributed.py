@@ -99,7 +99,17 @@ def launched() -> bool:
 
 def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of ``n`` that rank ``rank`` of ``size`` takes: contiguous blocks in
-    rank order, the first ``n % size`` ranks one row more (as ``numpy.array_split``)."""
+    rank order, the first ``n % size`` ranks one row more (as ``numpy.array_split``).
+
+    n >= 0, size >= 1 and 0 <= rank < size are ints; TypeError/ValueError naming the one that
+    is not."""
+    for name, value, low in (("n", n, 0), ("size", size, 1), ("rank", rank, 0)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if rank >= size:
+        raise ValueError(f"rank must be < size {size}, got {rank}")
     q, r = divmod(int(n), int(size))
     lo = rank * q + min(rank, r)
     return lo, lo + q + (1 if rank < r else 0)

@@ -82,6 +82,22 @@ def test_shard_bounds_cover_every_row_once():
                 np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("args, err, name", [
+    ((5, 0, 0), ValueError, "size"),  # was a ZeroDivisionError
+    ((5, 2, 2), ValueError, "rank"),  # was (7, 9): rows past the batch
+    ((5, 2, -1), ValueError, "rank"),  # was (-3, 0)
+    ((-5, 2, 0), ValueError, "n"),
+    ((5.5, 2, 0), TypeError, "n"),
+    (("5", 2, 0), TypeError, "n"),
+    ((5, True, 0), TypeError, "size"),
+], ids=["size-0", "rank-too-big", "rank-negative", "n-negative", "n-float", "n-str",
+        "size-bool"])
+def test_shard_bounds_rejects_bad_arguments_naming_them(args, err, name):
+    with pytest.raises(err, match=f"^{name} must"):
+        dist.shard_bounds(*args)
+    assert dist.shard_bounds(np.int64(5), 2, np.int32(1)) == (3, 5)
+
+
 def test_strict_shard_takes_a_batch_of_one_row_per_rank():
     """strict refuses fewer rows than ranks only: n == size gives each rank its one row."""
     for size in (2, 3):
