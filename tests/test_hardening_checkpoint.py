@@ -248,6 +248,13 @@ BAD_CONTENTS = {
                        "vocabulary"),
     "vocab-wider-than-max_len": (_json_edit("vocab", lambda v: v.update(question_width=13)),
                                  "vocabulary"),
+    # widths that are not ints: inf was an OverflowError, 2.5 and true silently 2 and 1
+    "vocab-infinite-width": (_json_edit("vocab", lambda v: v.update(question_width=1e400)),
+                             "vocabulary.*question_width must be an int"),
+    "vocab-fractional-width": (_json_edit("vocab", lambda v: v.update(answer_width=5.5)),
+                               "vocabulary.*answer_width must be an int"),
+    "vocab-bool-width": (_json_edit("vocab", lambda v: v.update(question_width=True)),
+                         "vocabulary.*question_width must be an int"),
     "weight-nan": (lambda a: {**a, "w000": np.full_like(a["w000"], np.nan)}, "NaN"),
     "weight-int": (lambda a: {**a, "w000": a["w000"].astype(np.int32)}, "dtype"),
     "weight-complex": (lambda a: {**a, "w000": a["w000"].astype(np.complex64)}, "dtype"),

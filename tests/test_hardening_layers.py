@@ -234,6 +234,19 @@ def test_layernorm_eps_must_be_positive_in_its_dtype(eps, err):
     assert np.isfinite(layer.forward(np.ones((1, 2, 4)))).all()
 
 
+@pytest.mark.parametrize("width, err", [(float("inf"), TypeError), (3.5, TypeError),
+                                        (True, TypeError), (None, TypeError), ("4", TypeError),
+                                        (0, ValueError)],
+                         ids=["inf", "fraction", "bool", "none", "str", "zero"])
+def test_attach_vocab_widths_must_be_positive_ints(width, err):
+    """inf was an OverflowError, 3.5 and True were silently 3 and 1."""
+    c2i = {c: i for i, c in enumerate(CHARS)}
+    for widths, name in (((width, 3), "question_width"), ((4, width), "answer_width")):
+        with pytest.raises(err, match=f"^{name} must be"):
+            attach_vocab(tiny_model(), c2i, *widths)
+    assert attach_vocab(tiny_model(), c2i, np.int64(4), 3).question_width == 4
+
+
 def test_positional_offset_must_be_a_non_negative_int():
     pe = PositionalEncoding(8, 4, dtype=F64, seed=0)
     x = rand(1, 3, 4)
