@@ -267,8 +267,12 @@ class TransformerSeq2seq:
             raise ValueError(f"sample_size must be in [0, max_len={self.config.max_len}], "
                              f"got {sample_size}")
         N = xs.shape[0]
-        start = _checks.token_ids(np.broadcast_to(np.asarray(start_id), (N,)),
-                                  self.config.vocab_size, "start_id", ndim=1)
+        start = np.asarray(start_id)
+        if start.ndim > 1 or start.size not in (1, N):
+            raise ValueError(f"start_id must be one id or {N} ids (one per row of xs), got "
+                             f"shape {start.shape}")
+        start = _checks.token_ids(np.broadcast_to(start, (N,)), self.config.vocab_size,
+                                  "start_id", ndim=1)
         R = _GENERATE_ROWS  # in chunks whose activations stay in the CPU's caches
         # dropout seeds come from each attention's generator in the order of the calls: one
         # thread keeps that order, and a seeded model's answers with it
@@ -317,6 +321,12 @@ class TransformerSeq2seq:
     def cross_attention(self, xs, ys, layer=-1):
         """Cross-attention probabilities of decoder block ``layer``, averaged over heads:
         xs (N, S) questions, ys (N, T) decoder inputs -> (N, T, S)."""
+        n = len(self.decoder)
+        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not -n <= layer < n:
+            raise ValueError(f"layer must be in [-{n}, {n}) (the model has {n} decoder "
+                             f"blocks), got {layer}")
         xs = self._ids(xs, "xs")
         ys = self._ids(ys, "ys")
         attn = self.decoder[layer].cross_attn

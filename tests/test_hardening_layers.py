@@ -247,6 +247,24 @@ def test_attach_vocab_widths_must_be_positive_ints(width, err):
     assert attach_vocab(tiny_model(), c2i, np.int64(4), 3).question_width == 4
 
 
+def test_cross_attention_layer_and_start_ids_are_checked_naming_them(tripwire):
+    """An out-of-range layer was an IndexError, a float one a bare 'list indices' TypeError;
+    start ids of the wrong count a NumPy broadcasting error that named nothing."""
+    model = tiny_model()  # one decoder block
+    for layer in (1, -2, 5):
+        with pytest.raises(ValueError, match=r"^layer must be in \[-1, 1\)"):
+            model.cross_attention(ids(1, 2), ids(1, 2), layer=layer)
+    for layer in (1.5, None, True):
+        with pytest.raises(TypeError, match="^layer must be an int"):
+            model.cross_attention(ids(1, 2), ids(1, 2), layer=layer)
+    for start in (np.array([0, 1, 1]), np.array([[0], [1]]), np.zeros((1, 2), int)):
+        with pytest.raises(ValueError, match="^start_id must be one id or 2 ids"):
+            model.generate_batch(ids(2, 2), start, 2)
+    with pytest.raises(ValueError, match="^start_id must be one id or 1 ids"):
+        model.generate(ids(1, 2), np.array([0, 1]), 2)
+    assert tripwire == []
+
+
 def test_positional_offset_must_be_a_non_negative_int():
     pe = PositionalEncoding(8, 4, dtype=F64, seed=0)
     x = rand(1, 3, 4)
