@@ -200,9 +200,14 @@ def load_model(path, model=None, *, backend=None):
     Raises FileNotFoundError for a missing file, ValueError naming the file for a corrupt,
     truncated or foreign file, or for weights whose shapes do not fit the model.
     """
+    from fastattn._layer import check_backend
     from fastattn.vocab import attach_vocab
 
     path = os.fspath(path)
+    check_backend(backend)  # the caller's argument, not the file's fault
+    if model is not None and not (hasattr(model, "config") and hasattr(model, "params")):
+        raise TypeError(f"model must be None or a model with config and params, got "
+                        f"{type(model).__name__}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file {path!r}")
     headers = _headers(path)

@@ -283,6 +283,16 @@ def test_bad_contents_raise_value_error_naming_the_file(saved, case):
     assert re.search(message, str(exc.value)), str(exc.value)
 
 
+def test_bad_model_or_backend_arguments_are_named_not_blamed_on_the_file(saved):
+    """model=5 was an AttributeError; an unknown backend said the stored configuration does
+    not build a model."""
+    path, _ = saved
+    with pytest.raises(TypeError, match="^model must be None or a model"):
+        load_model(path, 5)
+    with pytest.raises(ValueError, match="^unknown backend 'gpu'"):
+        load_model(path, backend="gpu")
+
+
 def test_loading_into_a_model_that_does_not_fit_names_file_and_difference(saved):
     path, _ = saved
     with pytest.raises(ValueError, match=r"model\.npz.*does not fit.*d_ff"):
