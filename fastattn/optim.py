@@ -24,6 +24,8 @@ __all__ = ["SGD", "Adam", "clip_grads", "lr_schedule"]
 def _nonneg_float(value, name: str, *, positive: bool = False) -> float:
     try:
         v = float(value)
+    except OverflowError:  # an int beyond float's range
+        v = math.inf
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
@@ -32,11 +34,27 @@ def _nonneg_float(value, name: str, *, positive: bool = False) -> float:
     return v
 
 
+def _steps(value, name: str, *, low: int, none: bool = False):
+    """A count of updates: an int >= ``low`` (or None when ``none``), else TypeError or
+    ValueError naming it (no truncation of 2.5, no OverflowError for inf)."""
+    if value is None and none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int{' or None' if none else ''}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}{' or None' if none else ''}, got {value!r}")
+    return int(value)
+
+
 def _check_lists(params, grads):
     if len(params) != len(grads):
         raise ValueError(f"params and grads must have the same length, got {len(params)} and "
                          f"{len(grads)}")
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        for name, a in (("params", p), ("grads", g)):  # updated in place: no conversion
+            if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+                got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+                raise TypeError(f"{name}[{i}] must be a float numpy array, got {got}")
         if p.shape != g.shape:
             raise ValueError(f"grads[{i}] has shape {g.shape}, params[{i}] has {p.shape}")
 
@@ -106,17 +124,13 @@ class Adam:
         self.beta2 = _nonneg_float(beta2, "beta2")
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1!r}, {beta2!r}")
-        self.warmup_steps = int(warmup_steps)
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
-        self.total_steps = None if total_steps is None else int(total_steps)
-        if self.total_steps is not None and self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1 or None, got {total_steps!r}")
+        self.warmup_steps = _steps(warmup_steps, "warmup_steps", low=0)
+        self.total_steps = _steps(total_steps, "total_steps", low=1, none=True)
         self.min_lr = _nonneg_float(min_lr, "min_lr")
         if decay not in ("cosine", "linear"):
             raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
         self.decay = decay
-        self.eps = _nonneg_float(eps, "eps")
+        self.eps = _nonneg_float(eps, "eps", positive=True)  # 0: 0 / 0 where m = v = 0
         self.iter = 0
         self.m = None
         self.v = None

@@ -111,6 +111,35 @@ def test_optimizer_errors():
         clip_grads([np.zeros(2)], 0)
 
 
+@pytest.mark.parametrize("make, err, msg", [
+    (lambda: SGD(10**400), ValueError, "^lr must be a finite"),  # was an OverflowError
+    (lambda: Adam(min_lr=10**400), ValueError, "^min_lr must be a finite"),
+    (lambda: Adam(eps=0), ValueError, "^eps must be a finite positive"),  # NaN weights
+    (lambda: Adam(warmup_steps=float("inf")), TypeError, "^warmup_steps must be an int"),
+    (lambda: Adam(warmup_steps=2.5), TypeError, "^warmup_steps must be an int"),  # was 2
+    (lambda: Adam(warmup_steps="a"), TypeError, "^warmup_steps must be an int"),
+    (lambda: Adam(warmup_steps=-1), ValueError, "^warmup_steps must be >= 0"),
+    (lambda: Adam(total_steps=float("nan")), TypeError, "^total_steps must be an int"),
+    (lambda: Adam(total_steps=0), ValueError, "^total_steps must be >= 1"),
+    (lambda: clip_grads([np.zeros(2)], 10**400), ValueError, "^max_norm must be a finite"),
+], ids=["lr-beyond-float", "min_lr-beyond-float", "eps-0", "warmup-inf", "warmup-fraction",
+        "warmup-str", "warmup-negative", "total-nan", "total-0", "max_norm-beyond-float"])
+def test_optimizer_settings_are_checked_naming_them(make, err, msg):
+    with pytest.raises(err, match=msg):
+        make()
+
+
+@pytest.mark.parametrize("opt", [SGD, Adam])
+@pytest.mark.parametrize("params, grads, name", [
+    ([[1.0, 2.0]], [np.ones(2)], r"params\[0\]"),  # was an AttributeError
+    ([np.ones(2)], [[1.0, 2.0]], r"grads\[0\]"),
+    ([np.ones(2, np.int64)], [np.ones(2, np.int64)], r"params\[0\]"),  # SGD: not updated
+], ids=["list-param", "list-grad", "int-param"])
+def test_optimizer_update_takes_float_arrays_only(opt, params, grads, name):
+    with pytest.raises(TypeError, match=f"^{name} must be a float numpy array"):
+        opt().update(params, grads)
+
+
 def test_remove_duplicate_sums_shared_grads():
     a, b = np.zeros(2), np.zeros(3)
     ga1, gb, ga2 = np.ones(2), np.ones(3), 2 * np.ones(2)
