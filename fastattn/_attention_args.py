@@ -85,7 +85,7 @@ def check_cu_seqlens(cu_q, cu_k, Tq: int, Tk: int):
         return None, None
     out = []
     for name, cu, T in (("cu_seqlens_q", cu_q, Tq), ("cu_seqlens_k", cu_k, Tk)):
-        a = np.asarray(cu)
+        a = _checks.as_array(cu, name)
         if a.dtype.kind not in "iu":
             raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
         if a.ndim != 1 or a.size < 2:
@@ -104,7 +104,7 @@ def check_cu_seqlens(cu_q, cu_k, Tq: int, Tk: int):
 
 def check_alibi(slopes, lead: tuple):
     """The slopes (H,) or (..., H) as float64 (B,), one per flattened query entry."""
-    a = np.asarray(slopes)
+    a = _checks.as_array(slopes, "alibi_slopes")
     if a.dtype.kind not in "fiu":
         raise TypeError(f"alibi_slopes must be a real array, got dtype {a.dtype}")
     if len(lead) == 0:

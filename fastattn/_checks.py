@@ -13,6 +13,16 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def as_array(x, name: str) -> np.ndarray:
+    """``np.asarray(x)``, with a ValueError naming ``name`` for nested sequences of unequal
+    lengths (NumPy's own error names nothing)."""
+    try:
+        return np.asarray(x)
+    except ValueError:
+        raise ValueError(f"{name} must be an array, got nested sequences of unequal "
+                         f"lengths") from None
+
+
 def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.ndarray:
     """``x`` as a C-contiguous float32/float64 array, or TypeError/ValueError naming ``name``.
 
@@ -22,7 +32,7 @@ def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.n
     """
     if not isinstance(x, np.ndarray):
         if isinstance(x, (list, tuple)) or np.isscalar(x):
-            x = np.asarray(x)
+            x = as_array(x, name)
         else:
             raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
     if x.dtype.kind == "f" and not x.dtype.isnative:
@@ -76,7 +86,7 @@ def shape_is(x: np.ndarray, shape: tuple, name: str) -> None:
 def token_ids(x, V: int, name: str = "xs", *, ndim: int | None = 2) -> np.ndarray:
     """``x`` as a C-contiguous int64 array of ids in [0, V), or TypeError/ValueError."""
     if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+        x = as_array(x, name)
     if x.dtype == bool or not np.issubdtype(x.dtype, np.integer):
         raise TypeError(f"{name} must hold integer token ids, got dtype {x.dtype}")
     if ndim is not None and x.ndim != ndim:
@@ -95,7 +105,7 @@ def bool_mask(mask, shape: tuple, name: str = "mask") -> np.ndarray:
     dimensions of ``shape``.
     """
     if not isinstance(mask, np.ndarray):
-        mask = np.asarray(mask)
+        mask = as_array(mask, name)
     if mask.dtype != bool:
         raise TypeError(f"{name} must be a boolean array (True where attention is allowed), "
                         f"got dtype {mask.dtype}")

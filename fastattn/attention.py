@@ -159,7 +159,7 @@ class MultiHeadAttention:
         if mask is None:
             return None
         if not isinstance(mask, np.ndarray):
-            mask = np.asarray(mask)
+            mask = _checks.as_array(mask, "mask")
         if mask.dtype != bool:
             raise TypeError(f"mask must be a boolean array (True where attention is allowed), "
                             f"got dtype {mask.dtype}")

@@ -250,9 +250,13 @@ def merge_attention(outs, lses):
     out = sum_i exp(lse_i - lse) out_i; a part whose lse is -inf adds nothing, and a row that
     is -inf in every part gives out 0, lse -inf.
     """
+    bad = TypeError("outs and lses must be sequences (lists or tuples) of arrays")
     if isinstance(outs, np.ndarray) or isinstance(lses, np.ndarray):
-        raise TypeError("outs and lses must be sequences (lists or tuples) of arrays")
-    outs, lses = list(outs), list(lses)
+        raise bad
+    try:
+        outs, lses = list(outs), list(lses)
+    except TypeError:  # None, a number: not iterable
+        raise bad from None
     if not outs or len(outs) != len(lses):
         raise ValueError(f"outs and lses must be non-empty and of one length, got {len(outs)} "
                          f"and {len(lses)}")

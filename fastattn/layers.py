@@ -98,7 +98,7 @@ def _labels(t, N: int, C: int, name: str, *, ignore_label=None):
     Returns (ids with ignored entries set to 0, keep mask (N,) bool or None).
     """
     if not isinstance(t, np.ndarray):
-        t = np.asarray(t)
+        t = _checks.as_array(t, name)
     if t.ndim == 2 and t.shape == (N, C):
         t = t.argmax(axis=1)  # one-hot targets
     if t.shape != (N,):
@@ -328,7 +328,7 @@ class TimeSoftmaxWithLoss:
             raise ValueError(f"xs must be 3-D scores (N, T, V), got shape {xs.shape}")
         N, T, V = xs.shape
         if not isinstance(ts, np.ndarray):
-            ts = np.asarray(ts)
+            ts = _checks.as_array(ts, "ts")
         if ts.ndim == 3 and ts.shape == (N, T, V):
             ts = ts.argmax(axis=2)  # one-hot targets
         if ts.shape != (N, T):

@@ -267,7 +267,7 @@ class TransformerSeq2seq:
             raise ValueError(f"sample_size must be in [0, max_len={self.config.max_len}], "
                              f"got {sample_size}")
         N = xs.shape[0]
-        start = np.asarray(start_id)
+        start = _checks.as_array(start_id, "start_id")
         if start.ndim > 1 or start.size not in (1, N):
             raise ValueError(f"start_id must be one id or {N} ids (one per row of xs), got "
                              f"shape {start.shape}")
@@ -310,7 +310,7 @@ class TransformerSeq2seq:
 
     def generate(self, xs, start_id, sample_size):
         """The book's ``generate``: xs (1, S) one question -> list of ``sample_size`` ids."""
-        arr = np.asarray(xs)
+        arr = _checks.as_array(xs, "xs")
         if arr.ndim == 1:
             arr = arr[None]
         if arr.ndim != 2 or arr.shape[0] != 1:

@@ -253,6 +253,35 @@ def test_non_array_input_raises_type_error(bad):
         fastattn.attention_forward(bad, k, v)
 
 
+RAGGED = [[0.0, 1.0], [2.0]]  # nested lists of unequal lengths: no array
+
+
+@pytest.mark.parametrize("name, call", [
+    ("q", lambda q, k, v: fastattn.attention_forward(RAGGED, k, v)),
+    ("mask", lambda q, k, v: fastattn.attention_forward(q, k, v, mask=[[True], [True, False]])),
+    ("bias", lambda q, k, v: fastattn.attention_forward(q, k, v, bias=RAGGED)),
+    ("alibi_slopes", lambda q, k, v: fastattn.attention_forward(q[None], k[None], v[None],
+                                                                alibi_slopes=RAGGED)),
+    ("cu_seqlens_q", lambda q, k, v: fastattn.attention_forward(
+        q, k, v, cu_seqlens_q=[0, [1, 2]], cu_seqlens_k=[0, 5])),
+    (r"outs\[0\]", lambda q, k, v: fastattn.merge_attention([RAGGED], [[0.0, 0.0]])),
+    ("x", lambda q, k, v: fastattn.softmax(RAGGED)),
+], ids=["q", "mask", "bias", "alibi", "cu_seqlens", "merge", "softmax"])
+def test_ragged_nested_lists_raise_value_error_naming_the_argument(name, call):
+    """NumPy's own error for these ('setting an array element with a sequence') named
+    nothing."""
+    q, k, v, _ = _qkv()
+    with pytest.raises(ValueError, match=f"^{name} must be an array, got nested sequences"):
+        call(q, k, v)
+
+
+@pytest.mark.parametrize("outs, lses", [(None, None), (5, [1.0]), ([np.zeros((2, 3))], None)],
+                         ids=["none", "number", "lses-none"])
+def test_merge_of_non_sequences_raises_type_error_naming_outs_and_lses(outs, lses):
+    with pytest.raises(TypeError, match="^outs and lses must be sequences"):
+        fastattn.merge_attention(outs, lses)
+
+
 def _bad_calls():
     """(id, callable) pairs of calls with bad input, for the no-kernel-ran test."""
     q, k, v, dout = _qkv()

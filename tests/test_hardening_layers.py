@@ -155,6 +155,14 @@ def test_bad_token_ids_raise_before_any_kernel(taker, bad, err, tripwire):
     assert tripwire == []
 
 
+@pytest.mark.parametrize("taker", sorted(t for t in ID_TAKERS if not t.endswith("start_id")))
+def test_ragged_lists_of_token_ids_raise_value_error_naming_them(taker, tripwire):
+    """NumPy's own error ('setting an array element with a sequence') named nothing."""
+    with pytest.raises(ValueError, match=r"^(xs|ts|ys|idx) must be an array, got nested"):
+        ID_TAKERS[taker]([[0, 1], [2]])
+    assert tripwire == []
+
+
 @pytest.mark.parametrize("taker", sorted(ID_TAKERS))
 def test_good_token_ids_of_any_integer_dtype_are_accepted(taker):
     """The same calls with valid ids of other integer dtypes run (so the errors above come from
