@@ -65,13 +65,16 @@ __all__ = [
 
 
 def _param(x, name: str, ndim: int) -> np.ndarray:
-    """A weight array, kept by reference: float32/float64 numpy array of ``ndim`` dims."""
+    """A weight array, kept by reference: float32/float64 numpy array of ``ndim`` dims, each
+    of length >= 1."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
     if x.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+    if 0 in x.shape:  # a (B*T, 0) reshape is ambiguous, and the kernels assume sizes >= 1
+        raise ValueError(f"{name} must have no axis of length 0, got shape {x.shape}")
     return x
 
 

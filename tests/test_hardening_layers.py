@@ -548,6 +548,23 @@ def test_weights_of_an_unsupported_dtype_raise_type_error(name, dtype):
         CASES[name].weights(dtype)
 
 
+@pytest.mark.parametrize("name, make", [
+    ("W", lambda: Embedding(np.zeros((V, 0)))),  # backward: an unnamed reshape error
+    ("W", lambda: TimeEmbedding(np.zeros((0, 3)))),
+    ("W", lambda: TimeAffine(np.zeros((0, 2)), np.zeros(2))),  # forward: the same
+    ("W", lambda: Affine(np.zeros((3, 0)), np.zeros(0))),
+    ("Wh", lambda: TimeLSTM(np.zeros((3, 4)), np.zeros((0, 4)), np.zeros(4))),  # H = 0
+    ("Wx", lambda: TimeRNN(np.zeros((0, 2)), np.zeros((2, 2)), np.zeros(2))),  # D = 0
+    ("Wx1", lambda: TimeBiLSTM(*[np.zeros(s) for s in ((3, 0), (0, 0), (0,))] * 2)),
+], ids=["Embedding-D", "TimeEmbedding-V", "TimeAffine-D", "Affine-H", "TimeLSTM-H",
+        "TimeRNN-D", "TimeBiLSTM-H"])
+def test_weights_with_an_axis_of_length_0_raise_value_error_naming_them(name, make):
+    """Such layers failed later, in forward or backward and on some backends only, with
+    NumPy reshape errors that named nothing."""
+    with pytest.raises(ValueError, match=f"^{name} must have no axis of length 0"):
+        make()
+
+
 @pytest.mark.parametrize("dtype", BAD_INPUT_DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.float_input))
 def test_float_inputs_of_an_unsupported_dtype_raise_type_error(name, dtype, tripwire):
