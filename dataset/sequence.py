@@ -149,6 +149,19 @@ def _to_ids(lines):
     return ids, c2i, i2c
 
 
+def _check_seed(seed):
+    """A seed that ``numpy.random.seed`` takes, or its TypeError/ValueError again naming
+    ``seed`` (NumPy's own, 'Cannot cast scalar from dtype', names no argument). Checked on a
+    separate ``RandomState``: NumPy's global state is untouched."""
+    if seed is None:
+        return
+    try:
+        np.random.RandomState(seed)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"seed must be None or an int in [0, 2**32) (or a sequence of them), "
+                      f"got {seed!r:.80} ({e})") from None
+
+
 def load_data(file_name="addition.txt", seed=1984):
     """Load a ``question_answer`` file as the book's ``load_data`` does.
 
@@ -161,9 +174,12 @@ def load_data(file_name="addition.txt", seed=1984):
 
     ``file_name`` may be a path; see ``get_lines`` for how it is found. Raises
     ``FileNotFoundError`` for a missing file (other than ``date.txt``/``addition.txt``, which
-    are then generated) and ``ValueError`` naming the file and line for a malformed one.
+    are then generated) and ``ValueError`` naming the file and line for a malformed one; a
+    ``seed`` that ``numpy.random.seed`` refuses raises TypeError/ValueError naming ``seed``
+    before anything is read or changed.
     """
     global char_to_id, id_to_char
+    _check_seed(seed)
     lines, source = _lines_and_source(file_name)
     q_len = _check_lines(lines, source)
     ids, c2i, i2c = _to_ids(lines)

@@ -7,6 +7,7 @@ index or shape that reached one could corrupt memory silently.
 from __future__ import annotations
 
 import functools
+import reprlib
 
 import numpy as np
 
@@ -21,6 +22,17 @@ def as_array(x, name: str) -> np.ndarray:
     except ValueError:
         raise ValueError(f"{name} must be an array, got nested sequences of unequal "
                          f"lengths") from None
+
+
+def seeded(make, seed, name: str, expected: str):
+    """``make(seed)`` (NumPy's generator or seeding call), with NumPy's TypeError/ValueError
+    for a bad seed raised again naming ``name`` and what was ``expected`` (NumPy's own errors,
+    'SeedSequence expects int or sequence of ints', 'expected non-negative integer', name no
+    argument)."""
+    try:
+        return make(seed)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} must be {expected}, got {reprlib.repr(seed)} ({e})") from None
 
 
 def float_array(x, name: str, *, ndim_min: int = 1, finite: bool = True) -> np.ndarray:

@@ -60,13 +60,19 @@ def positive_int(value, name: str) -> int:
 
 
 def make_rng(seed) -> np.random.Generator:
-    """A generator from a seed (None, an int, a SeedSequence or a Generator itself)."""
-    return np.random.default_rng(seed)
+    """A generator from a seed (None, an int, a SeedSequence or a Generator itself); any
+    other seed is a TypeError/ValueError naming ``seed``."""
+    return _checks.seeded(np.random.default_rng, seed, "seed",
+                          "None, an int >= 0 (or a sequence of them), a SeedSequence or a "
+                          "Generator")
 
 
 def spawn_seeds(seed, n: int):
-    """``n`` independent child seeds of ``seed`` (None, an int or a SeedSequence)."""
-    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    """``n`` independent child seeds of ``seed`` (None, an int or a SeedSequence); any other
+    seed is a TypeError/ValueError naming ``seed``."""
+    ss = seed if isinstance(seed, np.random.SeedSequence) else _checks.seeded(
+        np.random.SeedSequence, seed, "seed",
+        "None, an int >= 0 (or a sequence of them) or a SeedSequence")
     return ss.spawn(n)
 
 

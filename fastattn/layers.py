@@ -44,6 +44,7 @@ from fastattn._layer import (
     dout_array,
     float_input,
     forward_backend,
+    make_rng,
     matmul,
     not_yet,
     scalar_dout,
@@ -375,7 +376,7 @@ class TimeDropout:
         self.dropout_ratio = ratio
         self.mask = None
         self.train_flg = True
-        self._rng = None if seed is None else np.random.default_rng(seed)
+        self._rng = None if seed is None else make_rng(seed)
         self._like = None  # (shape, dtype) of the last forward's output
 
     def forward(self, xs):

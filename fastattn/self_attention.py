@@ -48,6 +48,7 @@ from fastattn._layer import (
     dout_array,
     float_input,
     forward_backend,
+    make_rng,
     not_yet,
     positive_int,
 )
@@ -72,7 +73,7 @@ class TimeKeyLayer:
         V, D, d = positive_int(V, "V"), positive_int(D, "D"), positive_int(d, "d")
         dt = check_dtype(dtype)
         backend = check_backend(backend)
-        rng = np.random.default_rng(seed)
+        rng = make_rng(seed)
         W_embed = rng.standard_normal((V, D)).astype(dt)  # (V, D)
         W_key = (rng.standard_normal((D, d)) / math.sqrt(D)).astype(dt)  # (D, d)
         b_key = np.zeros(d, dtype=dt)  # (d,)
@@ -111,7 +112,7 @@ class TimeQueryLayer:
         V, d = positive_int(V, "V"), positive_int(d, "d")
         dt = check_dtype(dtype)
         self.backend = check_backend(backend)
-        rng = np.random.default_rng(seed)
+        rng = make_rng(seed)
         W = rng.standard_normal((V, d)).astype(dt)  # (V, d); one-hot input: fan-in 1
         b = np.zeros(d, dtype=dt)  # (d,)
         self.layers = TimeAffine(W, b, backend=self.backend)  # the float-input path
@@ -164,7 +165,7 @@ class CompatibilityFunction:
 
     def __init__(self, V, D, d, backend=None, dtype=np.float32, seed=None):
         self.backend = check_backend(backend)
-        rng = np.random.default_rng(seed)
+        rng = make_rng(seed)
         self.time_key_layer = TimeKeyLayer(V, D, d, backend=self.backend, dtype=dtype, seed=rng)
         self.time_query_layer = TimeQueryLayer(V, d, backend=self.backend, dtype=dtype, seed=rng)
         self.key_params = list(self.time_key_layer.params)

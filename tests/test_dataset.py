@@ -304,6 +304,23 @@ def test_seed_none_shuffles_with_the_global_state(tmp_path):
     assert np.array_equal(again[0][0], x)
 
 
+@pytest.mark.parametrize("seed, err", [("x", TypeError), (1.5, TypeError),
+                                       ([1, 2, "a"], TypeError), (-1, ValueError),
+                                       (2**32, ValueError)],
+                         ids=["str", "float", "list-with-str", "negative", "beyond-2**32"])
+def test_a_bad_seed_raises_naming_seed_before_anything_changes(tmp_path, seed, err):
+    """NumPy's own errors from numpy.random.seed ('Cannot cast scalar from dtype', 'Seed must
+    be between 0 and 2**32 - 1') named no argument, and came after the vocabulary was
+    replaced."""
+    path = _write(tmp_path, "seed.txt", ["ab_c", "de_f"])
+    sequence.load_data(path, seed=0)
+    vocab = sequence.get_vocab()
+    with pytest.raises(err, match="^seed must be None or an int in \\[0, 2\\*\\*32\\)"):
+        sequence.load_data(_write(tmp_path, "other.txt", ["xy_z"]), seed=seed)
+    assert sequence.get_vocab() == vocab
+    sequence.load_data(path, seed=np.uint32(2**32 - 1))  # NumPy integers are seeds
+
+
 def test_written_date_file_loads_like_the_built_in_one(tmp_path, date_lines):
     path = _write(tmp_path, "date.txt", date_lines)
     from_file = sequence.load_data(str(path))

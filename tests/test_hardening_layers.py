@@ -28,6 +28,7 @@ from helpers import SMALL_VOCAB, ids, rand
 
 import fastattn
 from fastattn import _backend, _checks, kernels
+from fastattn._layer import make_rng
 from fastattn.attention import MultiHeadAttention
 from fastattn.book_attention import Attention, AttentionWeight, TimeAttention, WeightSum
 from fastattn.layers import (
@@ -240,6 +241,34 @@ def test_layernorm_eps_must_be_positive_in_its_dtype(eps, err):
         LayerNorm(4, eps, dtype=np.float32)
     layer = LayerNorm(4, 1e-50, dtype=F64)  # > 0 in float64
     assert np.isfinite(layer.forward(np.ones((1, 2, 4)))).all()
+
+
+BAD_SEEDS = [("x", TypeError), (1.5, TypeError), ([1, 2, "a"], ValueError), (-1, ValueError),
+             (np.float64(2.0), TypeError), (object(), TypeError)]
+SEED_IDS = ["str", "float", "list-with-str", "negative", "np-float", "object"]
+SEED_TAKERS = {  # name -> make(seed)
+    "make_rng": lambda s: make_rng(s),
+    "MultiHeadAttention": lambda s: MultiHeadAttention(4, 2, seed=s),
+    "PositionalEncoding": lambda s: PositionalEncoding(8, 4, seed=s),
+    "FeedForward": lambda s: FeedForward(4, 6, seed=s),
+    "EncoderBlock": lambda s: EncoderBlock(4, 2, 6, seed=s),
+    "TransformerSeq2seq": lambda s: TransformerSeq2seq(V, d_model=4, n_heads=2, n_layers=1,
+                                                       d_ff=6, max_len=5, seed=s),
+    "TimeKeyLayer": lambda s: TimeKeyLayer(V, 3, 2, seed=s),
+    "TimeQueryLayer": lambda s: TimeQueryLayer(V, 2, seed=s),
+    "CompatibilityFunction": lambda s: CompatibilityFunction(V, 3, 2, seed=s),
+    "TimeDropout": lambda s: TimeDropout(0.5, seed=s),
+}
+
+
+@pytest.mark.parametrize("seed, err", BAD_SEEDS, ids=SEED_IDS)
+@pytest.mark.parametrize("taker", sorted(SEED_TAKERS))
+def test_a_bad_seed_raises_naming_seed(taker, seed, err):
+    """NumPy's own errors ('SeedSequence expects int or sequence of ints for entropy',
+    'unrecognized seed string', 'expected non-negative integer') named no argument."""
+    with pytest.raises(err, match="^seed must be None, an int >= 0"):
+        SEED_TAKERS[taker](seed)
+    SEED_TAKERS[taker](np.int64(3))  # NumPy integers are seeds
 
 
 @pytest.mark.parametrize("width, err", [(float("inf"), TypeError), (3.5, TypeError),
