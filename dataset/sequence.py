@@ -50,9 +50,9 @@ def _resolve(file_name):
     same base name next to this module; the built-in generator for ``date.txt`` and
     ``addition.txt``. Anything else raises ``FileNotFoundError``.
     """
-    name = os.fspath(file_name)
-    if not isinstance(name, str):
-        raise TypeError(f"file_name must be a str or path, got {file_name!r}")
+    name = os.fspath(file_name) if isinstance(file_name, (str, os.PathLike)) else None
+    if not isinstance(name, str):  # None, a number, bytes (names are text here)
+        raise TypeError(f"file_name must be a str or path, got {file_name!r:.80}")
     if os.path.isfile(name):
         return name, None
     base = os.path.basename(name)

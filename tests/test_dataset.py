@@ -378,6 +378,16 @@ def test_missing_file_of_another_name_raises_file_not_found(tmp_path):
         sequence.load_data(missing)
 
 
+@pytest.mark.parametrize("file_name", [5, None, 1.5, b"date.txt", ["date.txt"]],
+                         ids=["int", "none", "float", "bytes", "list"])
+def test_a_file_name_that_is_not_a_str_or_path_raises_type_error_naming_it(file_name):
+    """5, None, 1.5 and a list gave os.fspath's 'expected str, bytes or os.PathLike object',
+    which named no argument."""
+    for call in (sequence.load_data, sequence.get_lines):
+        with pytest.raises(TypeError, match="^file_name must be a str or path"):
+            call(file_name)
+
+
 def test_line_without_underscore_names_file_and_line(tmp_path):
     path = _write(tmp_path, "broken.txt", ["ab_c", "de_f", "ghij", "kl_m"])
     with pytest.raises(ValueError, match=r"broken\.txt.*line 3"):
