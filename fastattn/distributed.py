@@ -35,6 +35,7 @@ import sys
 import time
 import traceback
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -234,12 +235,25 @@ def _parse_fault(text):
     return (None, None, 0)
 
 
+def _rows(a, i: int) -> int:
+    """The number of rows of ``arrays[i]``: an array (of at least one dimension) or a sequence
+    that slices (a list, a tuple); TypeError naming it otherwise (None, a number, a string)."""
+    try:
+        if isinstance(a, (str, bytes, Mapping)) or not hasattr(a, "__getitem__"):
+            raise TypeError
+        return len(a)
+    except TypeError:  # also len() of a 0-d array
+        got = "a 0-d array" if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"arrays[{i}] must be an array or a sequence of rows, got {got}"
+                        ) from None
+
+
 def _shard(arrays, size, rank, strict):
     if not arrays:
         raise TypeError("shard needs at least one array")
-    n = len(arrays[0])
+    n = _rows(arrays[0], 0)
     for i, a in enumerate(arrays[1:], 1):
-        if len(a) != n:
+        if _rows(a, i) != n:
             raise ValueError(f"arrays[{i}] has {len(a)} rows, arrays[0] has {n}")
     if strict and n < size:
         raise ValueError(f"a batch of {n} rows cannot be shared by {size} ranks: the global "

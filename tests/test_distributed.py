@@ -217,6 +217,34 @@ def test_helpers_are_the_identity_without_mpiexec(monkeypatch):
         dist.shard(x, t[:4])
 
 
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A Comm of one rank over a summing fake of mpi4py (no MPI needed)."""
+    import types
+
+    fake = types.ModuleType("mpi4py")
+    fake.MPI = types.SimpleNamespace(IN_PLACE=_ThreadRanks.IN_PLACE, SUM=_ThreadRanks.SUM)
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", fake.MPI)
+    monkeypatch.delenv(dist.FAULT_VAR, raising=False)
+    return dist.Comm(_ThreadRanks(1).comm(0))
+
+
+@pytest.mark.parametrize("arrays, name", [((5,), r"arrays\[0\]"), ((None,), r"arrays\[0\]"),
+                                          ((np.arange(3), 2.5), r"arrays\[1\]"),
+                                          ((np.array(3),), r"arrays\[0\]")],
+                         ids=["int", "none", "second-float", "0-d"])
+def test_shard_of_something_without_rows_raises_type_error_naming_it(monkeypatch, one_rank,
+                                                                      arrays, name):
+    """shard(5) and shard(None) were 'object of type 'int' has no len()', naming nothing."""
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for shard in (dist.shard, one_rank.shard):
+        with pytest.raises(TypeError, match=f"^{name} must be an array or a sequence of rows"):
+            shard(*arrays)
+    assert one_rank.shard([1, 2], (3, 4)) == ([1, 2], (3, 4))
+
+
 def test_no_mpi_import_without_mpiexec(small_data, tmp_path):
     """A normal `fastattn train` run imports nothing of MPI (mpi4py installed or not)."""
     code = (
