@@ -30,6 +30,7 @@ and only :func:`init` imports mpi4py (the ``mpi`` extra: ``pip install 'fastattn
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 import time
@@ -38,6 +39,8 @@ import zlib
 from collections.abc import Mapping
 
 import numpy as np
+
+from fastattn import _checks
 
 __all__ = ["Comm", "MPIUnavailable", "allreduce_grads", "check_identical", "init", "is_root",
            "launched", "rank", "shard", "shard_bounds", "world_size"]
@@ -152,6 +155,7 @@ class Comm:
         on the whole batch. Every rank gets the same numbers.
         """
         grads = list(grads)
+        loss = _loss(loss)
         self._inject_raise()
         sizes = [g.size for g in grads]
         dtype = np.result_type(*grads) if grads else np.dtype(np.float64)
@@ -195,7 +199,7 @@ class Comm:
     def check_identical(self, params, what: str = "weights") -> int:
         """Raise RuntimeError unless ``params`` are bit-identical on every rank (compared by a
         CRC-32 checksum of their bytes); return the checksum."""
-        params = list(params)
+        params = _param_arrays(params)
         if self._fault[:2] == ("diverge", self.rank) and params:
             params[0].reshape(-1)[0] += 1  # test-only: see FAULT_VAR
         crc = checksum(params)
@@ -263,11 +267,39 @@ def _shard(arrays, size, rank, strict):
     return out[0] if len(out) == 1 else out
 
 
+def _param_arrays(params) -> list:
+    """``params`` as a list of arrays that have bytes to compare; TypeError/ValueError naming
+    ``params`` or ``params[i]`` otherwise (an object array holds references, not values)."""
+    if isinstance(params, (str, bytes, np.ndarray)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"params must be a sequence of arrays, got {type(params).__name__}")
+    out = []
+    for i, p in enumerate(params):
+        a = _checks.as_array(p, f"params[{i}]")
+        if a.dtype.hasobject:
+            raise TypeError(f"params[{i}] must be a numeric array, got dtype {a.dtype}")
+        out.append(a)
+    return out
+
+
+def _loss(loss):
+    """None, or ``loss`` as a float: a real number (a NumPy scalar or 0-d array too), else
+    TypeError naming ``loss``."""
+    if loss is None:
+        return None
+    x = loss[()] if isinstance(loss, np.ndarray) and loss.ndim == 0 else loss
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"loss must be a real number or None, got {type(loss).__name__}")
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"loss must be within float's range, got {loss!r:.80}") from None
+
+
 def checksum(params) -> int:
     """CRC-32 of the bytes of ``params`` (arrays), in order."""
     crc = 0
-    for p in params:
-        crc = zlib.crc32(np.ascontiguousarray(p).view(np.uint8).reshape(-1), crc)
+    for a in _param_arrays(params):
+        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), crc)
     return crc
 
 
@@ -322,7 +354,7 @@ def allreduce_grads(grads, loss=None, count=1):
     """The gradients (in place) and the loss averaged over the ranks, weighted by ``count``:
     see :meth:`Comm.allreduce_grads` (nothing changes without mpiexec; returns ``loss``)."""
     if not launched():
-        return None if loss is None else float(loss)
+        return _loss(loss)
     return init().allreduce_grads(grads, loss, count)
 
 

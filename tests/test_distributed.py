@@ -139,6 +139,13 @@ class _ThreadRanks:
                 world.barrier.wait()
                 recvbuf[...] = total
 
+            def allgather(self, obj):
+                world.slots[rank] = obj
+                world.barrier.wait()
+                out = list(world.slots)
+                world.barrier.wait()
+                return out
+
         return Fake()
 
 
@@ -243,6 +250,40 @@ def test_shard_of_something_without_rows_raises_type_error_naming_it(monkeypatch
         with pytest.raises(TypeError, match=f"^{name} must be an array or a sequence of rows"):
             shard(*arrays)
     assert one_rank.shard([1, 2], (3, 4)) == ([1, 2], (3, 4))
+
+
+@pytest.mark.parametrize("params, err, name", [
+    ([np.zeros(2), np.array([1.0, None], dtype=object)], TypeError, r"params\[1\]"),
+    (5, TypeError, "params"),
+    ([np.zeros(2), [[0.0, 1.0], [2.0]]], ValueError, r"params\[1\]"),
+], ids=["object-array", "not-a-sequence", "ragged"])
+def test_check_identical_of_what_has_no_bytes_raises_naming_params(monkeypatch, one_rank, params,
+                                                                   err, name):
+    """An object array was NumPy's 'Cannot change data-type for array of references', 5 an
+    "'int' object is not iterable", naming nothing."""
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for check in (dist.check_identical, one_rank.check_identical):
+        with pytest.raises(err, match=f"^{name} must be"):
+            check(params)
+    assert one_rank.check_identical([[1.0, 2.0]]) == dist.checksum([np.array([1.0, 2.0])])
+
+
+@pytest.mark.parametrize("loss", ["x", "1.5", [1.0], np.zeros(2), 1j, True],
+                         ids=["str", "numeric-str", "list", "array", "complex", "bool"])
+def test_allreduce_grads_with_a_loss_that_is_not_a_number_raises_naming_loss(monkeypatch,
+                                                                            one_rank, loss):
+    """'x' was float()'s 'could not convert string to float', a list or an array a float()
+    TypeError naming nothing; "1.5" was silently 1.5 without mpiexec only."""
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    g = [np.ones(2)]
+    for reduce in (dist.allreduce_grads, one_rank.allreduce_grads):
+        with pytest.raises(TypeError, match="^loss must be a real number or None"):
+            reduce(g, loss)
+    assert (g[0] == 1).all()
+    for reduce in (dist.allreduce_grads, one_rank.allreduce_grads):
+        assert reduce(g, np.float32(2.5)) == 2.5 and reduce(g, np.array(3)) == 3.0
 
 
 def test_no_mpi_import_without_mpiexec(small_data, tmp_path):
