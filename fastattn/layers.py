@@ -95,6 +95,15 @@ def _softmax_rows(x2, backend) -> np.ndarray:
     return _backend.kernel("softmax_forward", backend)(x3).reshape(x2.shape)
 
 
+def _one_hot_dtype(t: np.ndarray, name: str) -> None:
+    """One-hot targets hold numbers (float, int or bool) for argmax to read, else TypeError:
+    argmax would order strings, objects, complex numbers or dates and return ids all the
+    same."""
+    if t.dtype.kind not in "biuf":
+        raise TypeError(f"{name} as one-hot targets must be numbers (float, int or bool), got "
+                        f"dtype {t.dtype}")
+
+
 def _labels(t, N: int, C: int, name: str, *, ignore_label=None):
     """Targets as int64 ids (N,), from ids (N,) or one-hot (N, C) (argmax, as the book does).
 
@@ -104,6 +113,7 @@ def _labels(t, N: int, C: int, name: str, *, ignore_label=None):
     if not isinstance(t, np.ndarray):
         t = _checks.as_array(t, name)
     if t.ndim == 2 and t.shape == (N, C):
+        _one_hot_dtype(t, name)
         t = t.argmax(axis=1)  # one-hot targets
     if t.shape != (N,):
         raise ValueError(f"{name} must be ids of shape {(N,)} or one-hot of shape {(N, C)}, "
@@ -334,6 +344,7 @@ class TimeSoftmaxWithLoss:
         if not isinstance(ts, np.ndarray):
             ts = _checks.as_array(ts, "ts")
         if ts.ndim == 3 and ts.shape == (N, T, V):
+            _one_hot_dtype(ts, "ts")
             ts = ts.argmax(axis=2)  # one-hot targets
         if ts.shape != (N, T):
             raise ValueError(f"ts must be ids of shape {(N, T)} or one-hot of shape "

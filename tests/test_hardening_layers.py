@@ -200,6 +200,32 @@ def test_loss_targets_out_of_range_or_not_integers_raise_before_any_kernel(loss,
     assert tripwire == []
 
 
+@pytest.mark.parametrize("dtype", ["U1", "S1", object, np.complex128, "M8[D]"],
+                         ids=["str", "bytes", "object", "complex", "datetime"])
+@pytest.mark.parametrize("loss, x, name", [(SoftmaxWithLoss, rand(2, V), "t"),
+                                           (TimeSoftmaxWithLoss, rand(1, 2, V), "ts")],
+                         ids=["SoftmaxWithLoss", "TimeSoftmaxWithLoss"])
+def test_one_hot_targets_that_are_not_numbers_raise_type_error_naming_them(loss, x, name,
+                                                                           dtype, tripwire):
+    """Strings (and objects, complex numbers, dates) of the one-hot shape went through argmax
+    and gave a loss."""
+    one_hot = np.zeros(x.shape, dtype=np.int64)
+    one_hot[..., 1] = 1
+    with pytest.raises(TypeError, match=f"^{name} as one-hot targets must be numbers"):
+        loss().forward(x, one_hot.astype(dtype))
+    assert tripwire == []
+
+
+def test_one_hot_targets_of_floats_ints_and_bools_give_the_ids_loss():
+    x = rand(2, V)
+    t = np.array([1, 3])
+    want = SoftmaxWithLoss().forward(x, t)
+    for one_hot in (np.eye(V)[t], np.eye(V, dtype=np.int32)[t], np.eye(V, dtype=bool)[t]):
+        assert SoftmaxWithLoss().forward(x, one_hot) == want
+        assert TimeSoftmaxWithLoss().forward(x[None], one_hot[None]) == pytest.approx(
+            want, rel=1e-12)
+
+
 def test_generate_sample_size_and_start_id_are_checked(tripwire):
     model = tiny_model()
     with pytest.raises(TypeError, match="sample_size"):
