@@ -14,6 +14,8 @@ import functools
 import types
 from dataclasses import dataclass
 
+import numpy as np
+
 from dataset.sequence import decode, encode
 from fastattn._layer import positive_int
 
@@ -51,8 +53,14 @@ class Vocabulary:
 
     @classmethod
     def from_char_to_id(cls, char_to_id, question_width, answer_width) -> Vocabulary:
-        """The vocabulary of ``char_to_id`` (characters -> the ids 0..V-1)."""
-        c2i = {str(c): int(i) for c, i in dict(char_to_id).items()}
+        """The vocabulary of ``char_to_id`` (characters -> the ids 0..V-1, ints; NumPy
+        integers too, bool not); TypeError/ValueError naming char_to_id otherwise."""
+        c2i = {}
+        for c, i in dict(char_to_id).items():
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"char_to_id must map characters to int ids, got {i!r:.40} "
+                                f"for {c!r:.40}")
+            c2i[str(c)] = int(i)
         if sorted(c2i.values()) != list(range(len(c2i))):
             raise ValueError(f"char_to_id must map {len(c2i)} characters to the ids "
                              f"0..{len(c2i) - 1}")

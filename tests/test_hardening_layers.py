@@ -310,6 +310,24 @@ def test_attach_vocab_widths_must_be_positive_ints(width, err):
     assert attach_vocab(tiny_model(), c2i, np.int64(4), 3).question_width == 4
 
 
+@pytest.mark.parametrize("bad", [0.5, 0.0, "x", "0", True, None, np.float64(0.0)],
+                         ids=["fraction", "whole-float", "str", "numeric-str", "bool", "none",
+                              "np-float"])
+def test_char_to_id_ids_must_be_ints(bad):
+    """int() made 0.5 the id 0 and True the id 1 silently; "x" and None were int()'s errors,
+    naming nothing."""
+    c2i = {c: i for i, c in enumerate(CHARS)}
+    if isinstance(bad, bool):
+        c2i[CHARS[1]] = bad  # in place of the id 1
+    else:
+        c2i[CHARS[0]] = bad  # in place of the id 0
+    with pytest.raises(TypeError, match="^char_to_id must map characters to int ids"):
+        attach_vocab(tiny_model(), c2i, 4, 3)
+    ok = {c: np.int32(i) for i, c in enumerate(CHARS)}
+    assert attach_vocab(tiny_model(), ok, 4, 3).char_to_id == {c: i for i, c in
+                                                               enumerate(CHARS)}
+
+
 def test_cross_attention_layer_and_start_ids_are_checked_naming_them(tripwire):
     """An out-of-range layer was an IndexError, a float one a bare 'list indices' TypeError;
     start ids of the wrong count a NumPy broadcasting error that named nothing."""
