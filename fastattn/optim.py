@@ -113,7 +113,9 @@ class Adam:
     learning rate is constant, as in the book. ``current_lr`` is the scheduled rate of the last
     update; ``iter`` counts updates. The update of all parameters is one call of the
     ``adam_update`` kernel of ``backend`` (None: the backend in force); the numba one needs
-    C-contiguous arrays of one dtype, and others go to the vectorized one.
+    C-contiguous arrays of one dtype, and others go to the vectorized one. ``eps`` must be
+    > 0 also in the dtype of the params (1e-50 is 0 in float32): an update raises ValueError
+    before changing anything otherwise.
     """
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, *, warmup_steps=0, total_steps=None,
@@ -139,6 +141,10 @@ class Adam:
 
     def update(self, params, grads):
         _check_lists(params, grads)
+        for dt in {p.dtype for p in params}:  # the kernels compute in the params' dtype
+            if not dt.type(self.eps) > 0:  # 0 / 0 where m = v = 0, as for eps=0
+                raise ValueError(f"eps must be > 0 in {dt.name} (the dtype of params), got "
+                                 f"{self.eps!r}, which rounds to 0 there")
         if self.m is None:
             self.m = [np.zeros_like(p) for p in params]
             self.v = [np.zeros_like(p) for p in params]

@@ -129,6 +129,20 @@ def test_optimizer_settings_are_checked_naming_them(make, err, msg):
         make()
 
 
+@pytest.mark.parametrize("backend", ["loop", "vectorized", "numba"])
+def test_adam_eps_that_rounds_to_0_in_the_params_dtype_raises_naming_eps(backend):
+    """eps=1e-50 is 0 in float32: a weight whose gradient is 0 became 0 / 0 = NaN."""
+    opt = Adam(eps=1e-50, backend=backend)
+    p = [np.ones(3, np.float32), np.ones(2, np.float32)]
+    g = [np.zeros(3, np.float32), np.array([1.0, 0.0], np.float32)]
+    with pytest.raises(ValueError, match="^eps must be > 0 in float32"):
+        opt.update(p, g)
+    assert opt.iter == 0 and all((a == 1).all() for a in p)  # nothing updated
+    p64 = [a.astype(np.float64) for a in p]  # 1e-50 > 0 in float64
+    opt.update(p64, [a.astype(np.float64) for a in g])
+    assert all(np.isfinite(a).all() for a in p64) and (p64[0] == 1).all()
+
+
 @pytest.mark.parametrize("opt", [SGD, Adam])
 @pytest.mark.parametrize("params, grads, name", [
     ([[1.0, 2.0]], [np.ones(2)], r"params\[0\]"),  # was an AttributeError
