@@ -7,22 +7,11 @@ before any kernel sees the value.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fastattn import _checks
-
-_NOT_NUMBERS = (bool, np.bool_, np.timedelta64)  # NumPy counts timedelta64 as an integer
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, _NOT_NUMBERS)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, _NOT_NUMBERS)
 
 
 def check_causal(causal):
@@ -32,7 +21,7 @@ def check_causal(causal):
             return causal
         raise ValueError(
             f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
-    if isinstance(causal, (bool, np.bool_)) or (_is_int(causal) and causal in (0, 1)):
+    if isinstance(causal, (bool, np.bool_)) or (_checks.is_int(causal) and causal in (0, 1)):
         return "top_left" if causal else False
     raise TypeError(f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
 
@@ -50,7 +39,7 @@ def check_window(window, reach=None):
         if x is None:
             out.append(None)
             continue
-        if not _is_int(x):
+        if not _checks.is_int(x):
             raise TypeError(f"window {name} must be an int >= 0 or None, got {x!r}")
         if x < 0:
             raise ValueError(f"window {name} must be >= 0 or None, got {x}")
@@ -60,19 +49,16 @@ def check_window(window, reach=None):
 
 def check_dropout(dropout_p, seed, name="dropout_p"):
     """(dropout_p as a float in [0, 1), seed as an int in [0, 2**64)); errors say ``name``."""
-    if not _is_real(dropout_p):
+    if not _checks.is_real(dropout_p):
         raise TypeError(f"{name} must be a real number in [0, 1), got {dropout_p!r}")
-    try:
-        p = float(dropout_p)
-    except OverflowError:  # an int beyond float's range
-        p = math.inf
+    p = _checks.to_float(dropout_p)
     if not 0.0 <= p < 1.0:  # NaN fails too
         raise ValueError(f"{name} must be in [0, 1), got {dropout_p!r}")
     if seed is None:
         if p > 0:
             raise ValueError("seed (an int) is required when dropout_p > 0")
         return p, 0
-    if not _is_int(seed):
+    if not _checks.is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     return p, int(seed) % (1 << 64)
 
@@ -196,12 +182,9 @@ def scale_of(scale, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
     x = scale[()] if isinstance(scale, np.ndarray) and scale.ndim == 0 else scale
-    if not _is_real(x):
+    if not _checks.is_real(x):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    try:
-        s = float(x)
-    except OverflowError:  # an int beyond float's range
-        s = math.inf
+    s = _checks.to_float(x)
     if not math.isfinite(s):
         raise ValueError(f"scale must be finite, got {scale!r}")
     return s

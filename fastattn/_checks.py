@@ -7,11 +7,42 @@ index or shape that reached one could corrupt memory silently.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import reprlib
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_NOT_NUMBERS = (bool, np.bool_, np.timedelta64)  # NumPy counts timedelta64 as an integer
+
+
+def is_int(x) -> bool:
+    """A Python or NumPy integer (bool and timedelta64 are not)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, _NOT_NUMBERS)
+
+
+def is_real(x) -> bool:
+    """A Python or NumPy real number (bool and timedelta64 are not)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, _NOT_NUMBERS)
+
+
+def int_at_least(x, name: str, low: int) -> int:
+    """``x`` as an int >= ``low``, else TypeError/ValueError naming ``name``."""
+    if not is_int(x):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < low:
+        raise ValueError(f"{name} must be >= {low}, got {x}")
+    return int(x)
+
+
+def to_float(x) -> float:
+    """``float(x)``, with +-inf for an int beyond float's range (where float() raises
+    OverflowError), so that a range check names the argument."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
 
 
 def as_array(x, name: str) -> np.ndarray:

@@ -52,7 +52,7 @@ def check_dtype(dtype) -> np.dtype:
 
 def positive_int(value, name: str) -> int:
     """A size: TypeError unless an int (bool is not), ValueError below 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not _checks.is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")

@@ -16,11 +16,10 @@ is one BLAS call. The blocks are pre-LN: ``x + f(LayerNorm(x))``.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from fastattn import _backend
+from fastattn import _backend, _checks
 from fastattn._layer import (
     add_to,
     check_backend,
@@ -55,12 +54,9 @@ __all__ = [
 def _eps(eps, dtype) -> float:
     """A LayerNorm's eps: a real number > 0 also in ``dtype`` (the kernels add it to a
     variance that may be 0 and divide by its square root), else TypeError/ValueError."""
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+    if not _checks.is_real(eps):
         raise TypeError(f"eps must be a real number > 0, got {type(eps).__name__}")
-    try:
-        e = float(eps)
-    except OverflowError:  # an int beyond float's range
-        e = math.inf
+    e = _checks.to_float(eps)
     if not (math.isfinite(e) and dtype.type(e) > 0):
         raise ValueError(f"eps must be a finite number > 0 in {dtype.name}, got {eps!r}")
     return e
@@ -346,10 +342,7 @@ class DecoderBlock:
         ``n_steps`` are checked here, once."""
         sa, ca, ffn = self.self_attn, self.cross_attn, self.ffn
         B = positive_int(B, "B")
-        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
-            raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
-        if n_steps < 0:
-            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        n_steps = _checks.int_at_least(n_steps, "n_steps", 0)
         k_mem, v_mem = ca._kv_input(k_mem, v_mem, B, ("k_mem", "v_mem"))
         C, Hkv, dh = sa.d_model, sa.n_kv_heads, sa.d_head
         Ckv = Hkv * dh

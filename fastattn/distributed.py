@@ -107,14 +107,12 @@ def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
 
     n >= 0, size >= 1 and 0 <= rank < size are ints; TypeError/ValueError naming the one that
     is not."""
-    for name, value, low in (("n", n, 0), ("size", size, 1), ("rank", rank, 0)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+    n = _checks.int_at_least(n, "n", 0)
+    size = _checks.int_at_least(size, "size", 1)
+    rank = _checks.int_at_least(rank, "rank", 0)
     if rank >= size:
         raise ValueError(f"rank must be < size {size}, got {rank}")
-    q, r = divmod(int(n), int(size))
+    q, r = divmod(n, size)
     lo = rank * q + min(rank, r)
     return lo, lo + q + (1 if rank < r else 0)
 

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from fastattn import _backend
+from fastattn import _backend, _checks
 from fastattn._layer import check_backend
 
 __all__ = ["SGD", "Adam", "clip_grads", "lr_schedule"]
@@ -23,9 +23,7 @@ __all__ = ["SGD", "Adam", "clip_grads", "lr_schedule"]
 
 def _nonneg_float(value, name: str, *, positive: bool = False) -> float:
     try:
-        v = float(value)
-    except OverflowError:  # an int beyond float's range
-        v = math.inf
+        v = _checks.to_float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
@@ -39,7 +37,7 @@ def _steps(value, name: str, *, low: int, none: bool = False):
     ValueError naming it (no truncation of 2.5, no OverflowError for inf)."""
     if value is None and none:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if not _checks.is_int(value):
         raise TypeError(f"{name} must be an int{' or None' if none else ''}, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}{' or None' if none else ''}, got {value!r}")

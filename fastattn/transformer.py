@@ -322,7 +322,7 @@ class TransformerSeq2seq:
         """Cross-attention probabilities of decoder block ``layer``, averaged over heads:
         xs (N, S) questions, ys (N, T) decoder inputs -> (N, T, S)."""
         n = len(self.decoder)
-        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+        if not _checks.is_int(layer):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
         if not -n <= layer < n:
             raise ValueError(f"layer must be in [-{n}, {n}) (the model has {n} decoder "

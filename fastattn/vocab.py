@@ -14,9 +14,8 @@ import functools
 import types
 from dataclasses import dataclass
 
-import numpy as np
-
 from dataset.sequence import decode, encode
+from fastattn import _checks
 from fastattn._layer import positive_int
 
 __all__ = ["Vocabulary", "attach_vocab", "translate"]
@@ -57,7 +56,7 @@ class Vocabulary:
         integers too, bool not); TypeError/ValueError naming char_to_id otherwise."""
         c2i = {}
         for c, i in dict(char_to_id).items():
-            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            if not _checks.is_int(i):
                 raise TypeError(f"char_to_id must map characters to int ids, got {i!r:.40} "
                                 f"for {c!r:.40}")
             c2i[str(c)] = int(i)

@@ -72,3 +72,29 @@ def test_float_array_gives_c_order_for_fortran_order_and_transposed_input(dtype)
         got = _checks.float_array(view, "x")
         assert got.flags.c_contiguous and got.shape == view.shape and got.dtype == dtype
         np.testing.assert_array_equal(got, view)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(False), np.timedelta64(3), 2.0, "2", None])
+def test_int_checks_refuse_bools_timedeltas_and_non_ints(bad):
+    assert not _checks.is_int(bad)
+    with pytest.raises(TypeError, match="count must be an int"):
+        _checks.int_at_least(bad, "count", 0)
+
+
+def test_int_at_least_takes_numpy_ints_and_names_the_bound():
+    assert _checks.int_at_least(np.int8(3), "count", 3) == 3
+    assert type(_checks.int_at_least(np.uint64(2**63), "count", 0)) is int
+    with pytest.raises(ValueError, match="count must be >= 3, got 2"):
+        _checks.int_at_least(np.int64(2), "count", 3)
+
+
+def test_is_real_refuses_bools_and_timedeltas():
+    assert _checks.is_real(np.float32(0.5)) and _checks.is_real(7)
+    assert not any(_checks.is_real(x) for x in (True, np.bool_(True), np.timedelta64(1), "1"))
+
+
+def test_to_float_gives_inf_for_ints_beyond_floats_range():
+    assert _checks.to_float(10**400) == np.inf and _checks.to_float(-(10**400)) == -np.inf
+    assert _checks.to_float(np.float32(0.25)) == 0.25
+    with pytest.raises(TypeError):
+        _checks.to_float(None)
