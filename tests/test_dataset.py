@@ -142,10 +142,15 @@ def test_date_format_shares_are_as_specified(date_lines):
     counts = np.zeros(len(DATE_FORMS))
     for line in date_lines:
         counts[_classify(line[:29].rstrip(" "))[0][0]] += 1
-    shares = 100 * counts / len(date_lines)
+    n = len(date_lines)
+    shares = counts / n
     expected = np.array([share for share, _ in DATE_FORMS], dtype=float)
-    expected *= 100 / expected.sum()
-    assert np.all(np.abs(shares - expected) <= 1.5), (shares, expected)
+    expected /= expected.sum()
+    # Each count is binomial: a share is off by sigma = sqrt(p (1 - p) / n) (0.15 to 0.19
+    # points here); 5 sigma passes a right generator and fails one whose shares are a whole
+    # point off (13 and 12 exchanged, say: about 6.6 sigma).
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(shares - expected) <= 5 * sigma), (shares, expected, sigma)
 
 
 def test_month_forms_mix_full_and_abbreviated_names(date_lines):
@@ -162,7 +167,34 @@ def test_month_forms_mix_full_and_abbreviated_names(date_lines):
                 abbreviated += 1
         elif forms[0] in WEEKDAY_FORMS:
             assert match["month"].lower() in MONTHS, line
-    assert 0.4 <= full / (full + abbreviated) <= 0.6, (full, abbreviated)
+    # full or abbreviated with probability 1/2 each: within 5 binomial standard deviations
+    n = full + abbreviated
+    assert abs(full / n - 0.5) <= 5 * np.sqrt(0.25 / n), (full, abbreviated)
+
+
+class _ConstantRandom:
+    """Stands in for ``random.Random``: every ``random()`` draw returns the same value."""
+
+    value = 0.0
+
+    def __init__(self, seed=None):
+        pass
+
+    def random(self):
+        return self.value
+
+
+@pytest.mark.parametrize("u, answer", [(0.0, FIRST_DAY), (1.0 - 2.0 ** -53, LAST_DAY)])
+def test_the_lowest_and_highest_draws_give_the_first_and_last_day(monkeypatch, u, answer):
+    """Both ends of the date range are inclusive. The generator draws only through
+    ``random.Random(seed).random()``, and a uniform draw in [0, 1) maps onto the days in order:
+    the lowest draw is the first day, the highest (the float just below 1) the last one."""
+    monkeypatch.setattr(generate.random, "Random", type("R", (_ConstantRandom,), {"value": u}))
+    [line] = generate.date_lines(1)
+    assert line[30:] == answer.isoformat(), line
+    [line] = generate.addition_lines(1)
+    expect = "0+0" if u == 0.0 else "999+999"
+    assert line[:7].rstrip(" ") == expect, line
 
 
 def test_date_dates_cover_the_whole_range(date_lines):
@@ -189,7 +221,7 @@ def test_longest_date_question_fits():
 def test_addition_lines_are_12_chars_and_sum_correctly(addition_lines):
     assert len(addition_lines) == N_LINES
     pattern = re.compile(r"(?P<a>0|[1-9][0-9]{0,2})\+(?P<b>0|[1-9][0-9]{0,2}) *")
-    operands = set()
+    first, second = set(), set()
     for line in addition_lines:
         assert len(line) == 12, line
         question, answer = line[:7], line[7:]
@@ -198,8 +230,10 @@ def test_addition_lines_are_12_chars_and_sum_correctly(addition_lines):
         assert answer.startswith("_") and answer == answer.rstrip(" ").ljust(5), line
         a, b = int(match["a"]), int(match["b"])
         assert int(answer[1:]) == a + b, line
-        operands.update((a, b))
-    assert min(operands) == 0 and max(operands) == 999
+        first.add(a)
+        second.add(b)
+    # each operand on its own takes every value 0..999 (50 draws of each expected)
+    assert first == set(range(1000)) and second == set(range(1000))
 
 
 def test_generators_are_deterministic(date_lines, addition_lines):
@@ -362,6 +396,58 @@ def test_vocab_is_rebuilt_by_each_load(tmp_path):
     )
 
 
+def test_a_leading_byte_order_mark_is_ignored(tmp_path):
+    lines = ["1+1  _2  ", "10+10_20 ", "3+4  _7  "]
+    plain = sequence.load_data(_write(tmp_path, "plain.txt", lines), seed=1)
+    vocab = sequence.get_vocab()
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(line + "\n" for line in lines).encode("utf-8"))
+    assert sequence.get_lines(path) == lines
+    with_bom = sequence.load_data(path, seed=1)
+    assert sequence.get_vocab() == vocab and "\ufeff" not in vocab[0]
+    for a, b in zip(plain[0] + plain[1], with_bom[0] + with_bom[1], strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["date.txt", "addition.txt"])
+def test_an_existing_file_of_a_generated_name_is_read_not_generated(tmp_path, monkeypatch, name):
+    """The book's own date.txt (or any file so named) is what load_data reads, by path or by
+    a name relative to the working directory; generation is only for a missing file."""
+    lines = ["ab _xy", "ba _yx", "aa _xx", "bb _yy"]
+    path = _write(tmp_path, name, lines)
+    for given in (path, str(path), name):
+        monkeypatch.chdir(tmp_path)
+        assert sequence.get_lines(given) == lines
+        (x, t), (x_test, t_test) = sequence.load_data(given, seed=0)
+        assert len(x) + len(x_test) == len(lines) and x.shape[1] == 3 and t.shape[1] == 3
+        assert list(sequence.get_vocab()[0]) == ["a", "b", " ", "_", "x", "y"]
+
+
+def test_a_file_beside_the_dataset_package_is_found_by_its_name(tmp_path, monkeypatch):
+    """As in the book, whose data files sit in its dataset folder: a name that is not found
+    from the working directory is looked for beside the dataset.sequence module."""
+    package = tmp_path / "package"
+    package.mkdir()
+    monkeypatch.setattr(sequence, "__file__", str(package / "sequence.py"))
+    _write(package, "date.txt", ["ab_c", "de_f"])
+    _write(package, "toy.txt", ["gh_i", "jk_l"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert sequence.get_lines("toy.txt") == ["gh_i", "jk_l"]
+    assert sequence.get_lines("date.txt") == ["ab_c", "de_f"]  # read, not generated
+    assert sequence.get_lines(elsewhere / "toy.txt") == ["gh_i", "jk_l"]  # by base name
+
+
+def test_get_lines_of_a_generated_file_is_a_fresh_list_each_time():
+    lines = sequence.get_lines("addition.txt")
+    assert isinstance(lines, list) and len(lines) == N_LINES
+    lines.clear()
+    assert len(sequence.get_lines("addition.txt")) == N_LINES
+    (x, _), (x_test, _) = sequence.load_data("addition.txt")
+    assert len(x) + len(x_test) == N_LINES
+
+
 def test_relative_path_is_resolved_from_the_working_directory(tmp_path, monkeypatch):
     _write(tmp_path, "rel.txt", ["qq_a", "rr_b"])
     monkeypatch.chdir(tmp_path)
@@ -400,6 +486,13 @@ def test_lines_of_different_lengths_name_the_line(tmp_path):
         sequence.load_data(path)
     path = _write(tmp_path, "longer.txt", ["ab_c", "de_f", "gh_i", "jk_lm"])
     with pytest.raises(ValueError, match=r"longer\.txt.*line 4"):
+        sequence.load_data(path)
+
+
+@pytest.mark.parametrize("first", ["_abc", "ab_"], ids=["empty question", "empty answer"])
+def test_an_empty_question_or_answer_names_file_and_line(tmp_path, first):
+    path = _write(tmp_path, "hollow.txt", [first, first])
+    with pytest.raises(ValueError, match=r"hollow\.txt.*line 1.*empty"):
         sequence.load_data(path)
 
 
