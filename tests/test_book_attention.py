@@ -366,6 +366,16 @@ def test_bad_dtypes_raise_type_error(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["WeightSum", "AttentionWeight", "Attention"])
+def test_step_layers_reject_inputs_of_two_float_dtypes(name, backend):
+    """One dtype per layer call, as for TimeAttention: no silent promotion to float64."""
+    cls, (hs, x), _ = _case(name, (2, 3, 1, 4), np.float64)
+    for a, b in [(hs, x.astype(np.float32)), (hs.astype(np.float32), x)]:
+        with pytest.raises(TypeError, match="one dtype"):
+            cls(backend=backend).forward(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LAYERS)
 def test_dout_of_the_other_float_dtype_is_cast_to_the_forwards(name, backend):
     """As in every layer: a float32 dout after a float64 forward gives the float64 gradients

@@ -15,7 +15,7 @@ import fastattn
 from dataset import sequence
 from fastattn.checkpoint import load_model, save_model
 from fastattn.transformer import TransformerSeq2seq
-from fastattn.vocab import attach_vocab, translate
+from fastattn.vocab import Vocabulary, attach_vocab, translate
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,23 @@ def test_translate_errors(vocab):
         model.translate(["x" * 30])
     with pytest.raises(TypeError, match="list"):
         model.translate("2/10/93")
+
+
+def test_a_question_of_only_spaces_is_an_empty_question(vocab):
+    c2i, _ = vocab
+    model = attach_vocab(make_model(len(c2i)), c2i, 29, 11)
+    for question in ("", " ", "   "):
+        with pytest.raises(ValueError, match=r"questions\[1\] is empty"):
+            model.translate(["2/10/93", question])
+
+
+@pytest.mark.parametrize("char_to_id", [{"a": 0, "_": 2}, {"a": 1, "_": 2}, {"a": 0, "_": 0}])
+def test_a_char_to_id_whose_ids_are_not_0_to_v_minus_1_is_rejected(char_to_id):
+    """The ids of a vocabulary are the rows of the model's embedding: a dictionary with a gap
+    or a repeat would be silently renumbered, so it is an error."""
+    with pytest.raises(ValueError, match="ids 0..1"):
+        Vocabulary.from_char_to_id(char_to_id, 3, 2)
+    assert Vocabulary.from_char_to_id({"_": 1, "a": 0}, 3, 2).chars == ("a", "_")
 
 
 def test_save_is_atomic_and_leaves_no_temporary(tmp_path, vocab, monkeypatch):

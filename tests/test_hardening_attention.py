@@ -468,6 +468,24 @@ def test_non_finite_or_lost_kernel_results_raise_value_error(monkeypatch, fake):
         fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask)
 
 
+@pytest.mark.parametrize("row", [0, 2, 3])
+def test_a_lost_causal_row_whose_first_key_is_its_own_position_raises(monkeypatch, row):
+    """Under causal, key i is allowed for query i: a row whose mask allows key i first (and
+    perhaps later keys, which causal forbids) has one key, so a kernel that returns it empty
+    has lost it to an overflow, and the public function raises."""
+    q, k, v, _ = _qkv(seed=12)
+    mask = np.ones((2, 4, 5), dtype=bool)
+    mask[:, row, :row] = False  # key `row` is the row's first allowed key
+    out, lse = fastattn.attention_forward(q, k, v, mask=mask, causal=True, backend="vectorized")
+    assert np.isfinite(lse).all()
+    bad_out, bad_lse = out.copy(), lse.copy()
+    bad_out[1, row], bad_lse[1, row] = 0, -np.inf
+    monkeypatch.setattr(_backend, "kernel",
+                        lambda name, backend=None: lambda *a: (bad_out, bad_lse))
+    with pytest.raises(ValueError, match="overflow float64"):
+        fastattn.attention_forward(q, k, v, mask=mask, causal=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_row_whose_only_keys_come_later_is_fully_masked(backend):
     """mask allows row 0 only keys 2.., causal forbids them: a fully masked row, not an

@@ -246,6 +246,35 @@ def test_time_dropout_follows_numpy_global_seed():
     assert (ya == 0).any() and (ya != 0).any()
 
 
+def test_time_dropout_with_a_seed_repeats_its_mask_whatever_the_global_state():
+    """A seeded TimeDropout draws from its own generator: two layers of one seed drop the same
+    elements even when NumPy's global state differs, another seed drops others, and NumPy's
+    global state is left alone."""
+    x = np.ones((4, 5, 6))
+    masks = []
+    for global_seed, seed in [(1, 3), (2, 3), (1, 4)]:
+        np.random.seed(global_seed)
+        state = np.random.get_state()[1].copy()
+        masks.append(TimeDropout(0.5, seed=seed).forward(x) != 0)
+        np.testing.assert_array_equal(np.random.get_state()[1], state)
+    np.testing.assert_array_equal(masks[0], masks[1])
+    assert (masks[0] != masks[2]).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_of_an_empty_last_axis_raises_naming_it(backend):
+    with pytest.raises(ValueError, match="x must have a last axis of at least 1"):
+        Softmax(backend=backend).forward(np.zeros((2, 0)))
+
+
+def test_time_embedding_takes_only_2d_ids_and_embedding_any_shape():
+    W = rng(0).standard_normal((5, 3))
+    for ids in (np.array([0, 1, 4]), np.zeros((2, 3, 1), dtype=np.int64)):
+        with pytest.raises(ValueError, match="xs must be 2-D"):
+            TimeEmbedding(W).forward(ids)
+        np.testing.assert_array_equal(Embedding(W).forward(ids), W[ids])
+
+
 # --------------------------------------------------------------------------- bad input
 
 

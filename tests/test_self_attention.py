@@ -298,6 +298,18 @@ def test_initial_weights_are_scaled_normals_not_uniform():
     assert not b_key.any()
 
 
+def test_key_and_query_weights_are_independent_draws():
+    """One seed gives the key and the query layer different streams of normals: the query
+    table is not the start of the embedding table's draws again. Independent draws have a
+    sample correlation of sd 1 / sqrt(n); the bound is 5 of those."""
+    cf = CompatibilityFunction(50, 64, 32, seed=0)
+    W_embed, W_key, _, W_query, _ = cf.params
+    for other in (W_embed, W_key):
+        n = min(W_query.size, other.size)
+        corr = np.corrcoef(W_query.ravel()[:n], other.ravel()[:n])[0, 1]
+        assert abs(corr) <= 5 / math.sqrt(n), corr
+
+
 def test_seed_makes_weights_reproducible_and_dtype_is_kept():
     a = CompatibilityFunction(5, 4, 3, seed=7, dtype=np.float64)
     b = CompatibilityFunction(5, 4, 3, seed=7, dtype=np.float64)

@@ -87,6 +87,37 @@ def test_lr_schedule_warmup_then_cosine_decay():
     np.testing.assert_allclose(seen, expected, rtol=1e-12)
 
 
+def test_adam_schedule_uses_its_min_lr_and_decay():
+    """Adam's schedule is lr_schedule with Adam's own min_lr and decay: warm-up over 2 updates,
+    then a linear fall from lr 1.0 to min_lr 0.1 at update 6, written out here; the step each
+    update takes is the book's Adam at that rate."""
+    opt = Adam(lr=1.0, warmup_steps=2, total_steps=6, min_lr=0.1, decay="linear")
+    want = [0.5, 1.0] + [0.1 + 0.9 * (1 - (s - 2) / 4) for s in range(3, 7)] + [0.1]
+    p, g = np.zeros(1), np.ones(1)
+    seen, steps = [], []
+    for _ in want:
+        before = p.copy()
+        opt.update([p], [g])
+        seen.append(opt.current_lr)
+        steps.append(float((before - p)[0]))
+    np.testing.assert_allclose(seen, want, rtol=1e-12)
+    # a constant gradient 1: m = 1 - beta1^t and v = 1 - beta2^t, so the book's step
+    # lr sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps) is lr / (1 + eps / sqrt(v))
+    t = np.arange(1, len(want) + 1)
+    np.testing.assert_allclose(steps, np.array(want) / (1 + 1e-7 / np.sqrt(1 - 0.999 ** t)),
+                               rtol=1e-12)
+
+
+def test_adam_rejects_a_params_list_of_another_length_than_its_first():
+    opt = Adam()
+    a, b = np.zeros(2), np.zeros(3)
+    opt.update([a, b], [np.ones(2), np.ones(3)])
+    with pytest.raises(ValueError, match="2 params, now 1"):
+        opt.update([a], [np.ones(2)])
+    with pytest.raises(ValueError, match="2 params, now 3"):
+        opt.update([a, b, a], [np.ones(2), np.ones(3), np.ones(2)])
+
+
 def test_clip_grads_scales_to_max_norm():
     g1, g2 = np.array([3.0, 0.0]), np.array([[4.0]])
     norm = clip_grads([g1, g2], 1.0)

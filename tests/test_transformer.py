@@ -325,6 +325,28 @@ def test_causal_attention_ignores_the_future():
     assert not np.allclose(y2[:, 3:], y[:, 3:])
 
 
+def test_a_fresh_layernorm_is_the_plain_normalisation():
+    """g starts at ones and b at zeros: before any training, y = (x - mean) / sqrt(var + eps)."""
+    layer = LayerNorm(6, dtype=F64)
+    x = rand((3, 4, 6))
+    want = ref_layernorm(x, np.ones(6), np.zeros(6))
+    np.testing.assert_allclose(layer.forward(x), want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_fresh_both_encoding_adds_exactly_the_sinusoidal_table():
+    """kind="both": the learned correction starts at zero, so the layer first adds the fixed
+    table, written out here: column 2i of position pos is sin(pos / 10000^(2i / C)), column
+    2i + 1 its cos."""
+    L, C = 5, 4
+    layer = PositionalEncoding(L, C, "both", dtype=F64, seed=0)
+    pos = np.arange(L)[:, None]
+    angle = pos / 10000.0 ** (np.array([0, 2]) / C)  # (L, C / 2)
+    table = np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(L, C)
+    got = layer.forward(np.zeros((2, L, C)))
+    np.testing.assert_allclose(got, np.broadcast_to(table, (2, L, C)), rtol=0,
+                               atol=4 * np.finfo(F64).eps)
+
+
 def test_sinusoidal_table_values():
     P = sinusoidal_table(4, 6, dtype=F64)
     pos = 3  # column 4 = 2*2 is a sin, column 5 a cos, both of frequency 10000^(-4/6)
