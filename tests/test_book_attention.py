@@ -231,6 +231,27 @@ def test_attention_weights_equal_the_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_each_rows_softmax_is_shifted_by_its_own_maximum(backend):
+    """Batch entries whose scores lie 1000 apart: a softmax shifted by one maximum for the
+    whole batch underflows the lower entry to 0 / 0. Each row must equal softmax(s - max of
+    its row), written out here in float64. The scores (sums of two products of halves) are
+    exact; on each side the exp (within 2 ulp), the sum of 3 terms (2 eps) and the division
+    (1) round: 5 eps each, 10 between them, bound 16 eps."""
+    hs = np.array([[[500.0, 500.0], [499.0, 499.0], [498.0, 498.0]],
+                   [[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]]])  # (N=2, T=3, H=2)
+    h = np.ones((2, 2))
+    s = np.einsum("nth,nh->nt", hs, h)  # (2, 3): [1000, 998, 996] and [0, 2, 1]
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    want = e / e.sum(axis=1, keepdims=True)
+    got = AttentionWeight(backend=backend).forward(hs, h)
+    tol = 16 * np.finfo(np.float64).eps
+    np.testing.assert_allclose(got, want, rtol=tol, atol=0)
+    layer = TimeAttention(backend=backend)
+    layer.forward(hs, h[:, None, :])
+    np.testing.assert_allclose(layer.attention_weights[0], want, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_keeps_the_last_weights(backend):
     _, (hs, h), _ = _case("Attention", (3, 7, 1, 4), np.float64)
     layer = Attention(backend=backend)

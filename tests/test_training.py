@@ -60,6 +60,19 @@ def test_adam_updates_in_place_and_float32_stays_float32():
     assert np.all(p < 1)
 
 
+def test_adam_keeps_its_moments_in_the_params_dtype(backend):
+    """float32 params keep float32 moments (m and v are as large as the params: float64 ones
+    would double the optimizer's memory and take the kernels off their one-dtype path)."""
+    params = [np.ones((3, 2), np.float32), np.ones(4, np.float32)]
+    grads = [np.full((3, 2), 0.5, np.float32), np.full(4, -0.5, np.float32)]
+    opt = Adam(lr=0.1, backend=backend)
+    for _ in range(2):
+        opt.update(params, grads)
+    for arrays in (opt.m, opt.v, params):
+        assert [a.dtype for a in arrays] == [np.float32, np.float32]
+        assert [a.shape for a in arrays] == [(3, 2), (4,)]
+
+
 def test_sgd_step():
     p = np.array([1.0, 2.0])
     SGD(lr=0.5).update([p], [np.array([2.0, -2.0])])
