@@ -527,6 +527,13 @@ def test_encode_unknown_character_names_it():
         sequence.encode(["1+x"], char_to_id, 4)
 
 
+def test_encode_names_the_padding_space_when_the_vocabulary_lacks_it():
+    char_to_id = {c: i for i, c in enumerate("12+")}
+    assert sequence.encode(["1+2"], char_to_id, 3).tolist() == [[0, 2, 1]]  # no padding
+    with pytest.raises(ValueError, match="characters not in the vocabulary: ' '"):
+        sequence.encode(["1+2", "12"], char_to_id, 3)
+
+
 def test_encode_too_long_question_raises():
     char_to_id = {c: i for i, c in enumerate("12+ ")}
     with pytest.raises(ValueError, match="width"):

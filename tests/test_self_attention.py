@@ -118,6 +118,19 @@ def test_weighted_value_dvalue_is_score_transposed_times_dz(backend):
     np.testing.assert_allclose(dvalue, score.transpose(0, 2, 1) @ dZ, rtol=1e-12, atol=1e-14)
 
 
+def test_weighted_value_keeps_the_values_and_their_transpose_as_the_seed_did():
+    """out_value (B, T, d) is the value layer's output W[xs] + b, and out_value_T its
+    transpose (B, d, T), the seed's attribute."""
+    layer = WeightedValue(6, 3, dtype=np.float64, seed=0)
+    W, b = layer.params
+    b += 0.5  # a bias that shows
+    xs = ids(2, 4, 6)
+    layer.forward(xs, np_softmax(np.random.default_rng(1).standard_normal((2, 4, 4))))
+    np.testing.assert_array_equal(layer.out_value, W[xs] + b)
+    assert layer.out_value_T.shape == (2, 3, 4)
+    np.testing.assert_array_equal(layer.out_value_T, (W[xs] + b).transpose(0, 2, 1))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_whole_self_attention_gradients(backend):
     layer = SelfAttention(7, 4, 3, backend=backend, dtype=np.float64)
