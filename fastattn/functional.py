@@ -281,6 +281,8 @@ def softmax(x, *, backend=None):
     x = _checks.float_array(x, "x", ndim_min=1, finite=False)
     if np.isnan(x).any() or np.isposinf(x).any():
         raise ValueError("x contains NaN or +inf")
+    if x.shape[-1] == 0:  # as the Softmax layer; the book's np.max of nothing raises too
+        raise ValueError(f"x must have a last axis of at least 1, got shape {x.shape}")
     if x.size == 0:
         return x.copy()
     y = _backend.kernel("softmax_forward", backend)(x.reshape(1, -1, x.shape[-1]))

@@ -594,8 +594,9 @@ def test_softmax_of_minus_inf_rows_and_empty_input(backend):
 @pytest.mark.parametrize("bad, exc", [(np.array([1, 2]), TypeError),
                                       (np.array([0.0, np.nan]), ValueError),
                                       (np.array([0.0, np.inf]), ValueError),
-                                      (np.float64(1.0), ValueError)],
-                         ids=["int", "nan", "+inf", "0-d"])
+                                      (np.float64(1.0), ValueError),
+                                      (np.zeros((2, 0)), ValueError)],
+                         ids=["int", "nan", "+inf", "0-d", "empty-last-axis"])
 def test_softmax_bad_input_raises_naming_x(bad, exc):
     with pytest.raises(exc, match="^x "):
         fastattn.softmax(bad)
