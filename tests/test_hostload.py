@@ -51,6 +51,7 @@ def test_shares_of_two_readings_worked_by_hand():
     "",
     "intr 1 2 3 4 5 6 7 8 9\n",
     "cpu  1 2 3\n",
+    "cpu  1 2 3 4 5 6 7\n",  # seven fields: Linux before 2.6.11 had no steal
     "cpu  1 2 3 x 5 6 7 8\n",
     "cpu  1 2 3 -4 5 6 7 8\n",
     "\xff\xfe binary\n",
