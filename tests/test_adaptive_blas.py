@@ -101,6 +101,22 @@ def test_the_choice_carries_over_to_the_next_block():
     assert blas.counts[4:] == [1, 1]
 
 
+def test_a_probe_cut_by_the_end_of_a_block_goes_on_with_its_count_in_the_next():
+    """A block (an epoch) that ends while a probe runs: the next ``with`` sets BLAS to the
+    probe's count again (exit gave BLAS its own count back), so the probe's remaining steps
+    run on the count they are recorded with."""
+    m = Machine()
+    blas = AdaptiveBlas(probe=3, every=10, most=2, limits=m.set.append)
+    with blas:
+        m.run(blas, 4)  # 3 steps on 2 threads, then the first step of a probe of one
+    assert blas.counts == [2, 2, 2, 1] and blas.running == 1 and blas.current == 2
+    assert m.set == [1]
+    with blas:
+        assert m.set == [1, 1]  # on one thread again
+        m.run(blas, 2)  # the probe's last two steps: one thread is slower, back to 2
+    assert blas.counts[4:] == [1, 1] and blas.running == 2 and m.set == [1, 1, 2]
+
+
 @pytest.mark.parametrize("kw", [dict(probe=0), dict(every=0), dict(jump=1.0),
                                 dict(margin=1.0), dict(margin=-0.1)])
 def test_bad_settings_raise(kw):
