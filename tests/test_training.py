@@ -389,3 +389,108 @@ def test_trainer_updates_tied_weights_once_with_the_summed_gradient():
         grads.append((x.T @ r + (x * x).T @ r) / len(x))
         W = adam_reference(W0, grads, 0.01)
     np.testing.assert_allclose(model.params[0], W, rtol=1e-9, atol=1e-12)
+
+
+class _FixedGradModel:
+    """Two weights whose gradients are the same fixed arrays at every step (joint norm 5)."""
+
+    G = (np.array([3.0, 0.0]), np.array([0.0, 4.0, 0.0]))
+
+    def __init__(self):
+        self.params = [np.zeros(2), np.zeros(3)]
+        self.grads = [np.zeros(2), np.zeros(3)]
+
+    def forward(self, x, t):
+        return 0.0
+
+    def backward(self):
+        for g, value in zip(self.grads, self.G, strict=True):
+            g[...] = value
+
+
+@pytest.mark.parametrize("max_grad", [1.0, None])
+def test_fit_clips_the_joint_gradient_norm_before_each_update(max_grad):
+    """fit(max_grad=m) scales each step's gradients, all of them together, to the joint norm
+    m before the optimizer sees them, as the book's clip_grads does (rate m / (norm + 1e-6));
+    without max_grad they reach it as they are. Two SGD steps of lr 0.5."""
+    model = _FixedGradModel()
+    x = np.zeros((4, 1))
+    Trainer(model, SGD(lr=0.5), seed=0).fit(x, x, max_epoch=2, batch_size=4,
+                                            max_grad=max_grad, eval_interval=None,
+                                            progress=False)
+    norm = math.sqrt(sum(float((g * g).sum()) for g in _FixedGradModel.G))
+    rate = 1.0 if max_grad is None else min(1.0, max_grad / (norm + 1e-6))
+    for p, g in zip(model.params, _FixedGradModel.G, strict=True):
+        np.testing.assert_allclose(p, -2 * 0.5 * rate * g, rtol=1e-12, atol=0)
+
+
+def test_history_holds_each_epochs_mean_loss_and_epochs_count_on_across_fits():
+    """history: one entry per epoch with the mean of that epoch's step losses; a second fit
+    goes on counting epochs from the first's (the book's current_epoch)."""
+    x = np.random.default_rng(3).standard_normal((12, 1))
+    model = _RecordingModel()
+    tr = Trainer(model, SGD(lr=0.0), seed=4)
+    tr.fit(x, x, max_epoch=2, batch_size=4, eval_interval=None, progress=False)
+    tr.fit(x, x, max_epoch=1, batch_size=4, eval_interval=None, progress=False)
+    assert [h["epoch"] for h in tr.history] == [1, 2, 3] and tr.current_epoch == 3
+    losses = [float(b[0].mean()) for b in model.batches]  # 3 steps an epoch
+    for epoch, h in enumerate(tr.history):
+        want = sum(losses[3 * epoch:3 * epoch + 3]) / 3
+        assert h["loss"] == pytest.approx(want, rel=1e-12, abs=1e-15), epoch
+
+
+def test_train_seconds_sums_the_epochs_steps_without_the_callbacks(monkeypatch):
+    """On a made-up clock that the model's steps move by 1 s and the callback by 100 s: each
+    epoch's seconds are its steps' and train_seconds is their sum over the epochs and fits."""
+    import types
+
+    from fastattn import trainer as trainer_module
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module, "time",
+                        types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Ticking(_RecordingModel):
+        def forward(self, x, t):
+            clock[0] += 1.0
+            return super().forward(x, t)
+
+    def callback(tr, epoch):
+        clock[0] += 100.0
+
+    x = np.zeros((6, 1))
+    tr = Trainer(Ticking(), SGD(lr=0.0), seed=0)
+    tr.fit(x, x, max_epoch=2, batch_size=2, eval_interval=None, progress=False,
+           callback=callback, blas_threads=None)
+    tr.fit(x, x, max_epoch=1, batch_size=3, eval_interval=None, progress=False,
+           callback=callback, blas_threads=None)
+    assert [h["seconds"] for h in tr.history] == [3.0, 3.0, 2.0]
+    assert tr.train_seconds == 8.0
+
+
+def test_eval_seq2seq_prints_a_reversed_question_the_right_way_round(capsys):
+    """is_reverse=True (the book's reversed inputs): the question is printed reversed back."""
+
+    class Echo:
+        def generate(self, question, start_id, sample_size):
+            return [1] * sample_size
+
+    i2c = {0: "a", 1: "b", 2: "c", 3: "_"}
+    question, correct = np.array([[0, 1, 2]]), np.array([[3, 1, 1]])
+    assert eval_seq2seq(Echo(), question, correct, i2c, verbose=True, is_reverse=True) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["Q cba", "T bb"]
+
+
+def test_exact_match_starts_each_row_from_its_own_start_symbol():
+    """Each row's answer starts from its own t[:, 0] (a task symbol, say), not row 0's."""
+
+    class StartEcho:
+        """Answers each row with its start id, repeated."""
+
+        def generate_batch(self, xs, start_id, sample_size):
+            start = np.broadcast_to(np.asarray(start_id), (len(xs),))
+            return np.repeat(start[:, None], sample_size, axis=1)
+
+    t = np.array([[1, 1, 1], [2, 2, 2], [3, 3, 3]])
+    assert exact_match(StartEcho(), np.zeros((3, 2), np.int64), t) == 1.0
