@@ -823,6 +823,29 @@ def test_model_rejects_bad_token_ids(bad, err):
         model.generate_batch(bad, 0, 2)
 
 
+def test_model_forward_names_ts_when_it_does_not_fit_xs_or_holds_no_target():
+    """ts needs the start symbol and at least one target per row, and one row per question:
+    a ValueError naming ts (not one from a layer inside, naming that layer's argument)."""
+    model = tiny_model()
+    xs, ts = tiny_batch(N=2)
+    with pytest.raises(ValueError, match=r"ts must have at least 2 columns"):
+        model.forward(xs, ts[:, :1])
+    with pytest.raises(ValueError, match=r"xs and ts must have the same number of rows"):
+        model.forward(xs, np.concatenate([ts, ts[:1]]))
+
+
+def test_cross_attention_map_leaves_the_layer_keeping_nothing():
+    """cross_attention (for the plots, between epochs say) switches the layer's keep_weights
+    on for its own call only: training forwards after it keep no (B, H, T, S) weights."""
+    model = tiny_model()
+    xs, ts = tiny_batch(N=3, S=4, T=3)
+    attn = model.decoder[-1].cross_attn
+    assert model.cross_attention(xs, ts).shape == (3, 3, 4)
+    assert attn.keep_weights is False and attn.attention_weights is None
+    model.forward(xs, ts)
+    assert attn.attention_weights is None
+
+
 def test_layer_input_errors():
     layer = MultiHeadAttention(4, 2)
     with pytest.raises(ValueError, match="x_q"):
