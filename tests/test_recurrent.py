@@ -162,6 +162,21 @@ def test_step_layer_equals_the_books_cell(kind, backend):
         _close64(a, b)
 
 
+def test_lstm_step_backward_without_dc_next_takes_zeros(backend):
+    """LSTM.backward(dh_next) alone (a c_next that nothing used): the book's cell backward
+    with dc_next = 0."""
+    N, D, H = 3, 4, 5
+    W = _weights("lstm", D, H, seed=33)
+    fast, book = rec.LSTM(*_copies(W), backend=backend), book_rnn.LSTM(*_copies(W))
+    rng = np.random.default_rng(34)
+    x, h, c, dh = (rng.standard_normal(s) for s in [(N, D)] + [(N, H)] * 3)
+    fast.forward(x, h, c)
+    book.forward(x, h, c)
+    got, want = fast.backward(dh), book.backward(dh, np.zeros((N, H)))
+    for a, b in zip([*got, *fast.grads], [*want, *book.grads], strict=True):
+        _close64(a, b)
+
+
 def test_bilstm_equals_the_books(backend):
     N, T, D, H = 2, 5, 3, 4
     W = _weights("lstm", D, H, seed=9) + _weights("lstm", D, H, seed=10)
@@ -298,6 +313,29 @@ def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind, monkeypatc
                                                  strict=True)):
         np.testing.assert_array_equal(two, one)
         assert_within_float32_error(two, r64, r32, err_msg=f"{kind} result {k}")
+
+
+@pytest.mark.parametrize("kind", list(GATES))
+def test_numba_cuts_a_large_batch_of_fewer_than_two_share_sizes_into_two_shares(kind):
+    """20 rows (fewer than two of the kernels' 64-row shares, more than two of their 8-row
+    minimum) and work above the parallel threshold: two shares of 10 rows, whatever the
+    thread count, every row computed as the loop reference computes it."""
+    pytest.importorskip("numba")
+    from fastattn.kernels import _recurrent_numba
+
+    N, T, D, H = 20, 2, 3, 128
+    assert N * H * GATES[kind] * H >= _recurrent_numba._PARALLEL_MIN_MACS
+    assert 2 * _recurrent_numba._MIN_SHARE_ROWS <= N < 2 * _recurrent_numba._ROWS
+    W = _weights(kind, D, H, seed=35)
+    xs, dhs = _inputs(N, [T], D, H, seed=36)
+    layer, ref = TIME[kind][0](*W, backend="numba"), TIME[kind][0](*W, backend="loop")
+    _close64(layer.forward(xs[0]), ref.forward(xs[0]), "hs")
+    assert _recurrent_numba.stats["shares"] == 2
+    _close64(layer.backward(dhs[0]), ref.backward(dhs[0]), "dxs")
+    assert _recurrent_numba.stats["shares"] == 2
+    for k, (a, b) in enumerate(zip([layer.dh, *layer.grads], [ref.dh, *ref.grads],
+                                   strict=True)):
+        _close64(a, b, f"gradient {k}")
 
 
 def test_a_pool_handed_out_stays_usable_when_another_thread_asks_for_more_workers():
