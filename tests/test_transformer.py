@@ -3,6 +3,8 @@ a plain NumPy reference, causality, greedy decoding with cached keys/values, bad
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from gradcheck import check_layer_grads
@@ -353,6 +355,20 @@ def test_sinusoidal_table_values():
     np.testing.assert_allclose(P[pos, 4], np.sin(pos / 10000 ** (4 / 6)), rtol=1e-12)
     np.testing.assert_allclose(P[pos, 5], np.cos(pos / 10000 ** (4 / 6)), rtol=1e-12)
     assert P.shape == (4, 6)
+
+
+@pytest.mark.parametrize("d_model", [6, 5])  # 5: a model of 5 heads of width 1, say
+def test_sinusoidal_table_of_every_width_is_the_formula_entry_by_entry(d_model):
+    """Column 2i holds sin(pos / 10000^(2i / d_model)), column 2i + 1 the cos of the same
+    angle, for even and odd widths alike (an odd width ends with a sin column)."""
+    L = 7
+    P = sinusoidal_table(L, d_model, dtype=F64)
+    assert P.shape == (L, d_model)
+    for pos in range(L):
+        for col in range(d_model):
+            angle = pos / 10000 ** ((col - col % 2) / d_model)
+            want = math.sin(angle) if col % 2 == 0 else math.cos(angle)
+            assert P[pos, col] == pytest.approx(want, rel=1e-12, abs=1e-15), (pos, col)
 
 
 def test_attention_weights_are_distributions():
