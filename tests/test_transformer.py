@@ -790,6 +790,15 @@ def test_generate_follows_the_book():
         model.generate(xs, 2, 3)
 
 
+def test_generate_takes_one_question_as_a_flat_row_too():
+    """generate(xs) with xs (S,), one question without its batch axis, answers as (1, S)."""
+    model = tiny_model(dtype=np.float32)
+    xs, _ = tiny_batch(N=2)
+    for row in xs:
+        assert model.generate(row, 2, 3) == model.generate(row[None], 2, 3)
+        assert model.generate(list(row), 2, 3) == model.generate(row[None], 2, 3)
+
+
 def test_cross_attention_map_shape():
     model = tiny_model()
     xs, ts = tiny_batch(N=3, S=4, T=3)
