@@ -315,24 +315,26 @@ def test_numba_runs_row_shares_in_parallel_and_matches_the_loop(kind, monkeypatc
         assert_within_float32_error(two, r64, r32, err_msg=f"{kind} result {k}")
 
 
+@pytest.mark.parametrize(("N", "shares"), [(15, 1), (16, 2), (20, 2)])
 @pytest.mark.parametrize("kind", list(GATES))
-def test_numba_cuts_a_large_batch_of_fewer_than_two_share_sizes_into_two_shares(kind):
-    """20 rows (fewer than two of the kernels' 64-row shares, more than two of their 8-row
-    minimum) and work above the parallel threshold: two shares of 10 rows, whatever the
-    thread count, every row computed as the loop reference computes it."""
+def test_numba_cuts_large_work_into_two_shares_when_it_has_rows_for_them(kind, N, shares):
+    """Work above the parallel threshold on fewer rows than two of the kernels' 64-row
+    shares: two shares when there are rows for two of their 8-row minimum (16 or 20), else
+    one (15), whatever the thread count; every row computed as the loop reference computes
+    it."""
     pytest.importorskip("numba")
     from fastattn.kernels import _recurrent_numba
 
-    N, T, D, H = 20, 2, 3, 128
+    T, D, H = 2, 3, 144
     assert N * H * GATES[kind] * H >= _recurrent_numba._PARALLEL_MIN_MACS
-    assert 2 * _recurrent_numba._MIN_SHARE_ROWS <= N < 2 * _recurrent_numba._ROWS
+    assert N < 2 * _recurrent_numba._ROWS and _recurrent_numba._MIN_SHARE_ROWS == 8
     W = _weights(kind, D, H, seed=35)
     xs, dhs = _inputs(N, [T], D, H, seed=36)
     layer, ref = TIME[kind][0](*W, backend="numba"), TIME[kind][0](*W, backend="loop")
     _close64(layer.forward(xs[0]), ref.forward(xs[0]), "hs")
-    assert _recurrent_numba.stats["shares"] == 2
+    assert _recurrent_numba.stats["shares"] == shares
     _close64(layer.backward(dhs[0]), ref.backward(dhs[0]), "dxs")
-    assert _recurrent_numba.stats["shares"] == 2
+    assert _recurrent_numba.stats["shares"] == shares
     for k, (a, b) in enumerate(zip([layer.dh, *layer.grads], [ref.dh, *ref.grads],
                                    strict=True)):
         _close64(a, b, f"gradient {k}")
