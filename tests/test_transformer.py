@@ -130,6 +130,15 @@ def test_positional_encoding_offset_adds_the_rows_at_those_positions(kind):
                                    atol=4 * np.finfo(np.float64).eps)
 
 
+def test_positional_encoding_both_starts_as_the_sinusoidal_table():
+    """kind="both": the learned correction starts at zeros, so a new layer adds exactly the
+    fixed table; kind="sinusoidal" has no params."""
+    both = PositionalEncoding(6, 4, "both", dtype=F64, seed=0)
+    np.testing.assert_array_equal(both.params[0], np.zeros((6, 4)))
+    np.testing.assert_array_equal(both.table(6), sinusoidal_table(6, 4, dtype=F64))
+    assert PositionalEncoding(6, 4, "sinusoidal", dtype=F64).params == []
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_gradients(backend, causal):
@@ -402,6 +411,18 @@ def test_model_float32_by_default_and_seeded():
         np.testing.assert_array_equal(a, b)
     xs, ts = tiny_batch(S=5, T=5)
     assert m1.forward(xs, ts) == m2.forward(xs, ts)
+
+
+def test_model_blocks_and_embeddings_start_from_different_weights():
+    """Each block (two encoder and two decoder blocks here) and each embedding gets its own
+    seed: no two start from the same weights, which training could never tell apart."""
+    model = tiny_model(n_layers=2, seed=3)
+    pairs = [(model.src_embed, model.tgt_embed), model.encoder, model.decoder]
+    for a, b in pairs:
+        random = [(p, q) for p, q in zip(a.params, b.params, strict=True) if np.ptp(p) > 0]
+        assert random  # the weights drawn at random (LayerNorms and biases start constant)
+        for p, q in random:
+            assert not np.array_equal(p, q), type(a).__name__
 
 
 def test_teacher_forcing_uses_shifted_targets():
