@@ -278,6 +278,20 @@ def test_layernorm_matches_reference():
     np.testing.assert_allclose(layer.forward(x), ref_layernorm(x, g, b), rtol=1e-10, atol=1e-12)
 
 
+def test_new_layernorm_and_feed_forward_start_with_unit_gain_and_no_biases():
+    """A new LayerNorm is the plain normalisation (gain 1, shift 0) and a new FeedForward
+    relu(x W1) W2 (biases 0), the usual starting point of a pre-LN Transformer."""
+    x = rand((2, 3, 6))
+    mu = x.mean(-1, keepdims=True)
+    plain = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(LayerNorm(6, dtype=F64).forward(x), plain, rtol=1e-10,
+                               atol=1e-12)
+    ffn = FeedForward(6, 5, dtype=F64, seed=0)
+    W1, _, W2, _ = ffn.params
+    np.testing.assert_allclose(ffn.forward(x), np.maximum(x @ W1, 0) @ W2, rtol=1e-10,
+                               atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layernorm_uses_its_eps(backend):
     """A LayerNorm's own eps, not the default, is what the kernel adds to the variance: with
