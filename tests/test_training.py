@@ -494,3 +494,50 @@ def test_exact_match_starts_each_row_from_its_own_start_symbol():
 
     t = np.array([[1, 1, 1], [2, 2, 2], [3, 3, 3]])
     assert exact_match(StartEcho(), np.zeros((3, 2), np.int64), t) == 1.0
+
+
+class _SecondRank:
+    """A Trainer ``comm`` as rank 1 of 2 sees it, recording every call: bcast gives rank 0's
+    row order (here the rows reversed), shard this rank's half of a batch (the rows after
+    the first half), allreduce_grads returns the global loss ``loss``."""
+
+    rank, size = 1, 2
+
+    def __init__(self, loss):
+        self.loss, self.calls = loss, []
+
+    def bcast(self, idx):
+        self.calls.append(("bcast", len(idx)))
+        return np.arange(len(idx))[::-1]
+
+    def shard(self, *arrays):
+        self.calls.append(("shard", len(arrays[0])))
+        return tuple(a[len(a) // 2:] for a in arrays)
+
+    def allreduce_grads(self, grads, loss=None, count=1):
+        self.calls.append(("allreduce", count, grads[0] is self.grads))
+        return self.loss
+
+    def check_identical(self, params):
+        self.calls.append(("check", [id(p) for p in params]))
+
+
+def test_fit_with_comm_walks_rank_0s_order_trains_on_its_share_and_checks_each_epoch():
+    """With ``comm``: each epoch's row order is rank 0's (bcast), each step trains on this
+    rank's share of the global batch, allreduces the gradients with the share's row count
+    and reports the global loss, and each epoch ends with a check that the weights are the
+    same on every rank."""
+    model = _RecordingModel()
+    comm = _SecondRank(loss=0.25)
+    comm.grads = model.grads[0]
+    x = np.arange(8, dtype=np.float64)[:, None]
+    tr = Trainer(model, SGD(lr=0.0), seed=0, comm=comm)
+    tr.fit(x, 10 * x, max_epoch=2, batch_size=4, eval_interval=1, progress=False)
+    step = [("shard", 4), ("allreduce", 2, True)]
+    epoch = [("bcast", 8), *step, *step, ("check", [id(model.params[0])])]
+    assert comm.calls == epoch + epoch
+    # rows in rank 0's order 7, 6, ..., 0: batches [7 6 5 4] and [3 2 1 0], their second halves
+    seen = [b[0][:, 0].tolist() for b in model.batches]
+    assert seen == [[5.0, 4.0], [1.0, 0.0]] * 2
+    assert all(np.array_equal(b[1], 10 * b[0]) for b in model.batches)
+    assert tr.loss_list == [0.25] * 4 and [h["loss"] for h in tr.history] == [0.25, 0.25]
