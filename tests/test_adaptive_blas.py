@@ -87,6 +87,15 @@ def test_one_count_only_changes_nothing():
     assert blas.counts == [1] * 200 and m.set == []
 
 
+def test_own_limits_without_most_mean_one_thread_and_nothing_to_choose():
+    """With ``limits`` of its own and no ``most``, the larger count is 1: every step runs on
+    one thread and limits is never called."""
+    m = Machine()
+    with AdaptiveBlas(probe=1, every=1, limits=m.set.append) as blas:
+        m.run(blas, 20)
+    assert blas.choices == (1,) and blas.counts == [1] * 20 and m.set == []
+
+
 def test_the_choice_carries_over_to_the_next_block():
     """One AdaptiveBlas over several epochs: each ``with`` sets BLAS to the choice so far."""
     m = Machine()
