@@ -49,6 +49,7 @@ def check_window(window, reach=None):
 
 def check_dropout(dropout_p, seed, name="dropout_p"):
     """(dropout_p as a float in [0, 1), seed as an int in [0, 2**64)); errors say ``name``."""
+    dropout_p = _checks.scalar(dropout_p)
     if not _checks.is_real(dropout_p):
         raise TypeError(f"{name} must be a real number in [0, 1), got {dropout_p!r}")
     p = _checks.to_float(dropout_p)

@@ -27,6 +27,13 @@ def is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, _NOT_NUMBERS)
 
 
+def scalar(x):
+    """``x[()]`` for a 0-d array (a setting read back with ``np.load``, say), else ``x``: a
+    setting checked with :func:`is_real` or :func:`is_int` takes a 0-d array as the number it
+    holds, as ``float()`` and ``int()`` do."""
+    return x[()] if isinstance(x, np.ndarray) and x.ndim == 0 else x
+
+
 def int_at_least(x, name: str, low: int) -> int:
     """``x`` as an int >= ``low``, else TypeError/ValueError naming ``name``."""
     if not is_int(x):

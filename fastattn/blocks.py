@@ -54,6 +54,7 @@ __all__ = [
 def _eps(eps, dtype) -> float:
     """A LayerNorm's eps: a real number > 0 also in ``dtype`` (the kernels add it to a
     variance that may be 0 and divide by its square root), else TypeError/ValueError."""
+    eps = _checks.scalar(eps)
     if not _checks.is_real(eps):
         raise TypeError(f"eps must be a real number > 0, got {type(eps).__name__}")
     e = _checks.to_float(eps)

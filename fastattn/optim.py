@@ -35,6 +35,7 @@ def _nonneg_float(value, name: str, *, positive: bool = False) -> float:
 def _steps(value, name: str, *, low: int, none: bool = False):
     """A count of updates: an int >= ``low`` (or None when ``none``), else TypeError or
     ValueError naming it (no truncation of 2.5, no OverflowError for inf)."""
+    value = _checks.scalar(value)
     if value is None and none:
         return None
     if not _checks.is_int(value):

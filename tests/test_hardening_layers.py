@@ -55,6 +55,7 @@ from fastattn.transformer import (
     FeedForward,
     LayerNorm,
     PositionalEncoding,
+    TransformerConfig,
     TransformerSeq2seq,
 )
 from fastattn.vocab import attach_vocab
@@ -244,13 +245,23 @@ def test_generate_sample_size_and_start_id_are_checked(tripwire):
     (float("nan"), ValueError), (-0.1, ValueError), (1, ValueError),
     (None, TypeError), ("abc", TypeError), ([0.5], TypeError),
     ("0.5", TypeError),  # was silently float("0.5")
-    (True, TypeError), (np.array(0.5), TypeError),
+    (True, TypeError), (np.array([0.5]), TypeError), (np.array(1.5), ValueError),
 ], ids=["int-beyond-float", "nan", "negative", "one", "none", "str", "list", "numeric-str",
-        "bool", "array"])
+        "bool", "array", "0d-array-out-of-range"])
 def test_time_dropout_ratio_must_be_a_real_number_in_0_1(ratio, err):
     with pytest.raises(err, match="^dropout_ratio must be"):
         TimeDropout(ratio)
     assert TimeDropout(np.float32(0.25)).dropout_ratio == 0.25
+
+
+def test_a_0d_array_setting_is_taken_as_the_number_it_holds():
+    """A setting read back with np.load is a 0-d array: the book's TimeDropout and float()
+    took it (as SGD's lr, clip_grads' max_norm and attention's scale still do)."""
+    assert TimeDropout(np.array(0.5)).dropout_ratio == 0.5
+    assert TimeDropout(np.array(0.25, np.float32), seed=0).dropout_ratio == 0.25
+    assert LayerNorm(4, np.array(1e-5)).eps == 1e-5
+    assert MultiHeadAttention(4, 2, dropout=np.array(0.125), seed=0).dropout == 0.125
+    assert TransformerConfig(V, dropout=np.array(0.125)).dropout == 0.125
 
 
 @pytest.mark.parametrize("eps, err", [

@@ -173,6 +173,15 @@ def test_optimizer_settings_are_checked_naming_them(make, err, msg):
         make()
 
 
+def test_adam_takes_0d_arrays_as_its_step_counts():
+    """int() took them before the counts were checked (a setting read back with np.load)."""
+    opt = Adam(warmup_steps=np.array(4), total_steps=np.array(8, np.int32))
+    assert (opt.warmup_steps, opt.total_steps) == (4, 8)
+    assert type(opt.warmup_steps) is int and type(opt.total_steps) is int
+    with pytest.raises(TypeError, match="^warmup_steps must be an int"):
+        Adam(warmup_steps=np.array(2.5))
+
+
 @pytest.mark.parametrize("backend", ["loop", "vectorized", "numba"])
 def test_adam_eps_that_rounds_to_0_in_the_params_dtype_raises_naming_eps(backend):
     """eps=1e-50 is 0 in float32: a weight whose gradient is 0 became 0 / 0 = NaN."""
