@@ -35,7 +35,9 @@ def scalar(x):
 
 
 def int_at_least(x, name: str, low: int) -> int:
-    """``x`` as an int >= ``low``, else TypeError/ValueError naming ``name``."""
+    """``x`` (or a 0-d array of it) as an int >= ``low``, else TypeError/ValueError naming
+    ``name``."""
+    x = scalar(x)
     if not is_int(x):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     if x < low:

@@ -48,7 +48,8 @@ class Vocabulary:
         if START not in chars:
             raise ValueError(f"char_to_id must contain the start symbol {START!r}")
         for name in ("question_width", "answer_width"):
-            object.__setattr__(self, name, positive_int(getattr(self, name), name))
+            object.__setattr__(self, name, positive_int(_checks.scalar(getattr(self, name)),
+                                                        name))
 
     @classmethod
     def from_char_to_id(cls, char_to_id, question_width, answer_width) -> Vocabulary:

@@ -98,6 +98,13 @@ def test_shard_bounds_rejects_bad_arguments_naming_them(args, err, name):
     assert dist.shard_bounds(np.int64(5), 2, np.int32(1)) == (3, 5)
 
 
+def test_shard_bounds_takes_0d_arrays_as_the_ints_they_hold():
+    """int() took them before the arguments were checked; a 0-d float is still no int."""
+    assert dist.shard_bounds(np.array(5), np.array(2), np.array(1, np.int32)) == (3, 5)
+    with pytest.raises(TypeError, match="^n must be an int"):
+        dist.shard_bounds(np.array(5.0), 2, 0)
+
+
 def test_strict_shard_takes_a_batch_of_one_row_per_rank():
     """strict refuses fewer rows than ranks only: n == size gives each rank its one row."""
     for size in (2, 3):

@@ -321,6 +321,16 @@ def test_attach_vocab_widths_must_be_positive_ints(width, err):
     assert attach_vocab(tiny_model(), c2i, np.int64(4), 3).question_width == 4
 
 
+def test_attach_vocab_takes_0d_arrays_as_the_widths_they_hold():
+    """int() took them before the widths were checked (widths read back with np.load)."""
+    c2i = {c: i for i, c in enumerate(CHARS)}
+    model = attach_vocab(tiny_model(), c2i, np.array(4), np.array(3, np.int32))
+    assert (model.question_width, model.answer_width) == (4, 3)
+    assert type(model.question_width) is int
+    with pytest.raises(TypeError, match="^question_width must be"):
+        attach_vocab(tiny_model(), c2i, np.array(3.5), 3)
+
+
 @pytest.mark.parametrize("bad", [0.5, 0.0, "x", "0", True, None, np.float64(0.0)],
                          ids=["fraction", "whole-float", "str", "numeric-str", "bool", "none",
                               "np-float"])
