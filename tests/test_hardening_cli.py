@@ -12,6 +12,7 @@ cannot be read (as ``fastattn translate`` documents, and ``tests/test_cli.py`` c
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
@@ -79,6 +80,19 @@ def test_translate_takes_a_question_exactly_as_wide_as_the_model(model_path, cap
     assert code == 0 and err == ""
     want = load_model(model_path, backend="vectorized").translate(["2/10/93", question])
     assert out.splitlines() == want
+
+
+def test_translate_runs_the_model_on_the_backend_it_is_given(model_path, capsys):
+    """--backend vectorized while numba is the current backend: every kernel the model calls
+    is a vectorized one."""
+    import fastattn
+
+    with fastattn.use_backend("numba"), fastattn.profile() as prof:
+        code, out, err = run(["translate", "--model", model_path, "--backend", "vectorized",
+                              "2/10/93"], capsys)
+    assert code == 0 and err == ""
+    kernels = {e.name for e in prof.rows("kernel")}
+    assert kernels and {name.split(":")[0] for name in kernels} == {"vectorized"}, kernels
 
 
 @pytest.mark.parametrize("question, needles", [
@@ -207,19 +221,33 @@ class _Stop(Exception):
     """Raised by a Trainer.fit stand-in once it has seen its arguments."""
 
 
-def test_train_hands_its_flags_to_the_optimizer_and_the_trainer(tmp_path, capsys,
-                                                                 small_data, monkeypatch):
-    """--epochs, --batch-size, --lr, --warmup and --max-grad, none of them the default, reach
-    Adam and Trainer.fit (36 training examples: 9 steps of 4 per epoch, 27 in all)."""
+def _stop_at_fit(monkeypatch, record=None):
+    """Put a Trainer.fit stand-in in place that raises _Stop; returns the dict it fills with
+    fit's keywords, the rows it got, the optimizer and what ``record()`` returns then."""
     from fastattn.trainer import Trainer
 
     seen = {}
 
     def fit(self, x, t, **kw):
         seen.update(kw, rows=len(x), optimizer=self.optimizer)
+        if record is not None:
+            seen.update(record())
         raise _Stop
 
     monkeypatch.setattr(Trainer, "fit", fit)
+    return seen
+
+
+# a small model on the vectorized backend, on one BLAS thread (runs repeat exactly)
+SMALL = ["--backend", "vectorized", "--d-model", "8", "--heads", "2", "--layers", "1",
+         "--d-ff", "8", "--no-progress"]
+
+
+def test_train_hands_its_flags_to_the_optimizer_and_the_trainer(tmp_path, capsys,
+                                                                 small_data, monkeypatch):
+    """--epochs, --batch-size, --lr, --warmup and --max-grad, none of them the default, reach
+    Adam and Trainer.fit (36 training examples: 9 steps of 4 per epoch, 27 in all)."""
+    seen = _stop_at_fit(monkeypatch)
     with pytest.raises(_Stop):
         main(["train", "--data", small_data, "--out", str(tmp_path / "out"), "--backend",
               "vectorized", "--epochs", "3", "--batch-size", "4", "--lr", "0.02", "--warmup",
@@ -230,6 +258,156 @@ def test_train_hands_its_flags_to_the_optimizer_and_the_trainer(tmp_path, capsys
     assert seen["max_grad"] == 0.25 and seen["progress"] is False
     opt = seen["optimizer"]
     assert (opt.lr, opt.warmup_steps, opt.total_steps) == (0.02, 5, 27)
+
+
+def test_train_takes_a_batch_as_large_as_the_training_split(tmp_path, capsys, small_data,
+                                                             monkeypatch):
+    """--batch-size 36 with 36 training examples is one step per epoch, not an error."""
+    seen = _stop_at_fit(monkeypatch)
+    with pytest.raises(_Stop):
+        main(["train", "--data", small_data, "--out", str(tmp_path / "out"), *SMALL,
+              "--batch-size", "36"])
+    capsys.readouterr()
+    assert (seen["rows"], seen["batch_size"]) == (36, 36)
+
+
+def test_train_warmup_longer_than_the_run_still_reaches_the_peak_learning_rate(
+        tmp_path, capsys, small_data, monkeypatch):
+    """--lr is the peak, reached after the warm-up: with --warmup 1000 on a run of 9 steps
+    (36 examples, batches of 4, one epoch) the warm-up is cut to the run, and the optimizer
+    that train builds steps at 0.01 by its 9th and last update, never above."""
+    seen = _stop_at_fit(monkeypatch)
+    with pytest.raises(_Stop):
+        main(["train", "--data", small_data, "--out", str(tmp_path / "out"), *SMALL,
+              "--epochs", "1", "--batch-size", "4", "--lr", "0.01", "--warmup", "1000"])
+    capsys.readouterr()
+    opt, params, grads = seen["optimizer"], [np.zeros(3)], [np.ones(3)]
+    lrs = []
+    for _ in range(9):
+        opt.update(params, grads)
+        lrs.append(opt.current_lr)
+    assert lrs[-1] == pytest.approx(0.01, rel=1e-12) and max(lrs) <= 0.01 * (1 + 1e-12), lrs
+
+
+def test_train_runs_on_the_blas_and_numba_threads_its_flags_ask_for(tmp_path, capsys,
+                                                                    small_data, monkeypatch,
+                                                                    threads):
+    """--threads 2 --numba-threads 1 in a process whose BLAS runs one thread and Numba two:
+    BLAS on two threads and Numba on one while the model trains, each as before afterwards."""
+    import numba
+    from helpers import blas_thread_count
+    from threadpoolctl import threadpool_limits
+
+    threads(2)
+    with threadpool_limits(limits=2, user_api="blas"):
+        if blas_thread_count() != 2:
+            pytest.skip("BLAS does not run 2 threads here")
+    seen = _stop_at_fit(monkeypatch, lambda: {"blas": blas_thread_count(),
+                                              "numba": numba.get_num_threads()})
+    with threadpool_limits(limits=1, user_api="blas"):
+        with pytest.raises(_Stop):
+            main(["train", "--data", small_data, "--out", str(tmp_path / "out"), *SMALL,
+                  "--batch-size", "4", "--threads", "2", "--numba-threads", "1"])
+        capsys.readouterr()
+        assert (seen["blas"], seen["numba"]) == (2, 1)
+        assert (blas_thread_count(), numba.get_num_threads()) == (1, 2)
+
+
+def _train(small_data, out, *flags):
+    """A run of ``fastattn train`` of a small model on small_data (9 steps of 4 an epoch):
+    its metrics.json and the weights of its model.npz."""
+    from fastattn.checkpoint import load_model
+
+    assert main(["train", "--data", small_data, "--out", str(out), *SMALL, "--threads", "1",
+                 "--batch-size", "4", *flags]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics, load_model(out / "model.npz").params
+
+
+def _record_training(monkeypatch):
+    """Make Trainer.fit record the model's weights as training starts and the question
+    batches its steps train on (in order), then train as usual; returns the record."""
+    from fastattn.trainer import Trainer
+
+    real_fit, record = Trainer.fit, {}
+
+    def fit(self, x, t, **kw):
+        record["first_weights"] = [p.copy() for p in self.model.params]
+        record["batches"] = batches = []
+        forward = self.model.forward
+
+        def recording(xs, ts):
+            batches.append(xs.copy())
+            return forward(xs, ts)
+
+        self.model.forward = recording
+        try:
+            return real_fit(self, x, t, **kw)
+        finally:
+            del self.model.forward
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    return record
+
+
+def test_train_seed_decides_the_weights_and_the_batch_order(tmp_path, capsys, small_data,
+                                                            monkeypatch):
+    """The same --seed repeats a run exactly (first weights, batch order, losses, trained
+    weights); another seed starts from other weights and takes the batches in another
+    order."""
+    record = _record_training(monkeypatch)
+    runs = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        metrics, weights = _train(small_data, tmp_path / name, "--epochs", "1", "--seed",
+                                  seed)
+        runs[name] = dict(record, metrics=metrics, weights=weights)
+    capsys.readouterr()
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    for key in ("first_weights", "batches", "weights"):
+        for p, q in zip(a[key], b[key], strict=True):
+            np.testing.assert_array_equal(p, q, err_msg=key)
+    assert [h["loss"] for h in a["metrics"]["history"]] == [
+        h["loss"] for h in b["metrics"]["history"]]
+    assert len(a["batches"]) == len(c["batches"]) == 9
+    assert not all(np.array_equal(p, q) for p, q in zip(a["first_weights"],
+                                                         c["first_weights"], strict=True))
+    assert not all(np.array_equal(p, q) for p, q in zip(a["batches"], c["batches"],
+                                                         strict=True))
+
+
+def test_train_metrics_hold_the_last_evaluation_and_milliseconds_per_step(
+        tmp_path, capsys, small_data, monkeypatch):
+    """Two epochs, each evaluated (a stand-in scores 0.25, then 0.75): metrics.json's
+    test_accuracy is the last epoch's, the history has both, the summary prints 75.00%, and
+    ms_per_step is the training time in milliseconds over the 18 steps."""
+    from fastattn import trainer
+
+    scores = iter([0.25, 0.75])
+    monkeypatch.setattr(trainer, "exact_match", lambda *a, **kw: next(scores))
+    metrics, _ = _train(small_data, tmp_path / "out", "--epochs", "2")
+    out = capsys.readouterr().out
+    assert [h["test_accuracy"] for h in metrics["history"]] == [0.25, 0.75]
+    assert metrics["test_accuracy"] == 0.75 and "75.00%" in out
+    assert metrics["steps"] == 18 and metrics["train_seconds"] > 0
+    assert metrics["ms_per_step"] == pytest.approx(1000 * metrics["train_seconds"] / 18,
+                                                   rel=1e-9)
+
+
+def test_train_writes_into_runs_by_default_where_translate_looks(tmp_path, capsys, small_data,
+                                                                 monkeypatch):
+    """Without --out, train writes runs/model.npz in the current folder, and translate
+    without --model answers with that model."""
+    from fastattn.checkpoint import load_model
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", small_data, *SMALL, "--threads", "1", "--batch-size", "4",
+                 "--epochs", "1"]) == 0
+    assert (tmp_path / "runs" / "model.npz").is_file()
+    assert (tmp_path / "runs" / "metrics.json").is_file()
+    capsys.readouterr()
+    code, out, err = run(["translate", "2/10/93"], capsys)
+    assert code == 0 and err == ""
+    assert out.splitlines() == load_model(tmp_path / "runs" / "model.npz").translate(["2/10/93"])
 
 
 def _write(tmp_path, name, text):
