@@ -231,6 +231,36 @@ def test_load_into_a_fitting_model(tmp_path, vocab):
         assert b is r  # loaded in place: an optimizer's references stay valid
 
 
+def test_a_float32_checkpoint_loads_into_a_float64_model_of_the_same_configuration(
+        tmp_path, vocab):
+    """The dtype is not part of the fit: a float32 checkpoint loads into a float64 model of
+    the same sizes (for a gradient check), each weight the float32 value exactly."""
+    c2i, _ = vocab
+    src = make_model(len(c2i), seed=1)
+    save_model(src, tmp_path / "m.npz")
+    dst = make_model(len(c2i), seed=2, dtype=np.float64)
+    assert load_model(tmp_path / "m.npz", dst) is dst
+    for a, b in zip(src.params, dst.params, strict=True):
+        assert a.dtype == np.float32 and b.dtype == np.float64
+        np.testing.assert_array_equal(b, a.astype(np.float64))
+
+
+def test_load_model_builds_the_model_on_the_backend_it_is_given(tmp_path, vocab):
+    """load_model(path, backend="vectorized") while numba is the current backend: every
+    kernel the loaded model calls is a vectorized one."""
+    c2i, _ = vocab
+    save_model(make_model(len(c2i)), tmp_path / "m.npz")
+    xs = sequence.encode(date_questions(), c2i, 29)
+    ts = np.random.default_rng(0).integers(0, len(c2i), (4, 11))
+    with fastattn.use_backend("numba"):
+        loaded = load_model(tmp_path / "m.npz", backend="vectorized")
+        with fastattn.profile(loaded) as prof:
+            loaded.forward(xs, ts)
+            loaded.backward()
+    kernels = {e.name for e in prof.rows("kernel")}
+    assert kernels and {name.split(":")[0] for name in kernels} == {"vectorized"}, kernels
+
+
 def test_corrupt_truncated_and_foreign_files(tmp_path, vocab):
     c2i, _ = vocab
     good = tmp_path / "m.npz"

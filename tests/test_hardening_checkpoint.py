@@ -85,6 +85,20 @@ def test_save_writes_a_hidden_temporary_in_the_same_directory_then_renames(saved
     assert_same_params(load_model(path), new)
 
 
+def test_save_syncs_the_whole_temporary_to_disk_before_the_rename(saved, monkeypatch):
+    """A crash of the machine right after the rename must not find an empty or partial
+    checkpoint: the temporary is synced once, at its full size, before it is renamed."""
+    from helpers import record_syncs_and_renames
+
+    path, _ = saved
+    events = record_syncs_and_renames(monkeypatch)
+    save_model(make_model(seed=5), path)
+    size = path.stat().st_size
+    assert [e[0] for e in events] == ["fsync", "replace"], events
+    assert events[0] == ("fsync", size)
+    assert events[1][1].startswith(".tmp-") and events[1][2:] == ("model.npz", size)
+
+
 def test_saved_checkpoint_has_the_permissions_of_a_new_file(tmp_path):
     """Not the 0o600 of a ``mkstemp`` temporary: others may read a shared model."""
     ref = tmp_path / "ref"

@@ -244,6 +244,20 @@ def test_setting_values_are_checked_before_writing(tune_file):
     assert not tune_file.exists()
 
 
+def test_the_tuning_file_is_synced_whole_before_it_is_renamed(tune_file, monkeypatch):
+    """The file is written to a temporary, synced to disk at its full size, then renamed:
+    a crash of the machine leaves the old file or the whole new one."""
+    from helpers import record_syncs_and_renames
+
+    events = record_syncs_and_renames(monkeypatch)
+    _tuning.write_file(str(tune_file), _tuning.machine_key(), _small_setting())
+    size = tune_file.stat().st_size
+    assert [e[0] for e in events] == ["fsync", "replace"], events
+    assert events[0] == ("fsync", size)
+    assert events[1][1].startswith(".tmp-") and events[1][2:] == ("tuning.json", size)
+    assert _tuning.current()[0] == _small_setting()
+
+
 def test_two_processes_writing_at_once_leave_a_whole_file(tune_file):
     """Two writers replace the file 200 times each while this process reads it: every read
     sees a whole file (one writer's or the other's), never a torn or empty one."""

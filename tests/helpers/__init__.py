@@ -306,3 +306,27 @@ def machine_code(kernel, *args):
     fresh = njit(**options)(kernel.py_func)
     fresh(*args)
     return fresh.inspect_asm(fresh.signatures[0])
+
+
+def record_syncs_and_renames(monkeypatch):
+    """Spy on ``os.fsync`` and ``os.replace`` (they still run): a list that receives, in
+    order, ``("fsync", size)`` with the size on disk of the file synced, and ``("replace",
+    src, dst)`` with the names' last parts and the size of ``src``. For the atomic writers: a
+    file synced whole before the rename survives a crash of the machine."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst),
+                       os.path.getsize(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
