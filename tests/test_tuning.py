@@ -570,6 +570,70 @@ def test_tune_measures_stores_and_puts_the_winner_in_force(tune_file):
     assert dataclasses.asdict(got) == result["setting"] and source.startswith("tuned")
 
 
+def _fake_times(monkeypatch, fastest):
+    """Replace the measurement of a step by a time that depends on the setting only: 0.5 s
+    for each field where it has ``fastest``'s value, else 1.5 s, multiplied together (no
+    kernel runs, so every candidate is measured within any budget)."""
+    def time_step(shape, causal, setting, reps, rng):
+        t = 1.0
+        for name, value in fastest.items():
+            t *= 0.5 if getattr(setting, name) == value else 1.5
+        return t
+
+    monkeypatch.setattr(tuning, "_time_step", time_step)
+
+
+def test_tune_keeps_the_candidate_that_takes_the_least_time(monkeypatch, tune_file):
+    """Steps timed by a stand-in that is fastest with BLAS products, 64x128 tiles without
+    transposed keys, causal tiles 32/128 and kt_dim 16 (each a candidate of its stage): tune
+    finds that setting and, without writing, puts it in force in this process."""
+    fastest = dict(own_dim=0, block_q=64, block_k=128, kt_rows=tuning.NEVER,
+                   causal_block_small=32, causal_block=128, kt_dim=16)
+    _fake_times(monkeypatch, fastest)
+    result = tuning.tune(1000.0, reps=1, write=False)
+    chosen = {k: result["setting"][k] for k in fastest}
+    assert chosen == fastest, result["measured"]
+    assert result["file"] is None and not tune_file.exists()
+    got, source = _tuning.current()
+    assert {k: getattr(got, k) for k in fastest} == fastest
+    assert source == "tuned in this process (not stored)"
+
+
+def test_tune_command_hands_its_budget_and_dry_run_to_tune(monkeypatch, capsys, tune_file):
+    """--seconds 7.5 and --dry-run reach fastattn.tune (seconds=7.5, write=False); without
+    --dry-run it writes."""
+    seen = []
+    real = tuning.tune
+
+    def tune(seconds, **kw):
+        seen.append((seconds, kw.get("write", True)))
+        return real(seconds, **kw)
+
+    _fake_times(monkeypatch, dict(block_q=64))
+    monkeypatch.setattr(tuning, "tune", tune)
+    assert cli.main(["tune", "--seconds", "7.5", "--dry-run"]) == 0
+    assert cli.main(["tune", "--seconds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert seen == [(7.5, False), (2.0, True)]
+    assert "not stored (--dry-run)" in out and f"stored in {tune_file}" in out
+    assert tune_file.exists()
+
+
+def test_the_tuning_file_lives_in_the_users_cache_folder(monkeypatch, tmp_path):
+    """Without FASTATTN_TUNE_FILE: $XDG_CACHE_HOME/fastattn/tuning.json, else
+    ~/.cache/fastattn/tuning.json; the folder is made when the file is first written."""
+    monkeypatch.delenv("FASTATTN_TUNE_FILE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "cache" / "fastattn" / "tuning.json"
+    assert _tuning.tuning_file() == str(path)
+    _tuning.write_file(_tuning.tuning_file(), _tuning.machine_key(), _small_setting())
+    assert _tuning.current() == (_small_setting(), f"tuned ({path})")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _tuning.tuning_file() == str(tmp_path / "home" / ".cache" / "fastattn" /
+                                        "tuning.json")
+
+
 def test_tune_rejects_a_bad_budget():
     with pytest.raises(ValueError, match="seconds"):
         tuning.tune(0)
