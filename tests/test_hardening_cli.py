@@ -298,6 +298,9 @@ def test_train_runs_on_the_blas_and_numba_threads_its_flags_ask_for(tmp_path, ca
     from helpers import blas_thread_count
     from threadpoolctl import threadpool_limits
 
+    from fastattn.kernels import _blas
+
+    _blas.available()  # SciPy's BLAS, which the kernels call, loaded: limited too
     threads(2)
     with threadpool_limits(limits=2, user_api="blas"):
         if blas_thread_count() != 2:

@@ -203,3 +203,88 @@ def test_profile_command_times_the_asked_steps_only(tmp_path, capsys):
     top = {e["phase"]: e["calls"] for e in entries
            if e["kind"] == "layer" and e["name"].startswith("model (")}
     assert top == {"forward": 2, "backward": 2}
+
+
+def _table_rows(text):
+    """The layers table's rows of ``Profile.table``'s text, split on blanks."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("layers"))
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_table_lists_layers_slowest_first_in_milliseconds_with_their_share(monkeypatch):
+    """Three nested layers working 1, 2 and 4 s of their own, then 3 s outside the model, on
+    a fake clock: a wall time of 10 s, 3 s of it outside; by self time the innermost layer
+    comes first (4000 ms, 40% of the wall time), by total the outermost (7000 ms); --limit
+    keeps the first rows."""
+    clock = _Clock()
+    monkeypatch.setattr("fastattn.profiling.time", clock)
+    outer = _Nest(clock, 1.0, _Nest(clock, 2.0, _Nest(clock, 4.0)))
+    with fastattn.profile(outer) as prof:
+        outer.forward()
+        clock.now += 3.0
+    text = prof.table()
+    assert text.splitlines()[:2] == [
+        "wall time inside the profile: 10000.0 ms",
+        "outside the model's forward/backward (optimizer, data, glue): 3000.0 ms"]
+    # name, class, phase, calls, total ms, self ms, self %
+    assert _table_rows(text) == [
+        ["model.inner.inner", "(_Nest)", "forward", "1", "4000.00", "4000.00", "40.0"],
+        ["model.inner", "(_Nest)", "forward", "1", "6000.00", "2000.00", "20.0"],
+        ["model", "(_Nest)", "forward", "1", "7000.00", "1000.00", "10.0"]]
+    by_total = [row[0] for row in _table_rows(prof.table(sort="total"))]
+    assert by_total == ["model", "model.inner", "model.inner.inner"]
+    assert [row[0] for row in _table_rows(prof.table(sort="total", limit=2))] == [
+        "model", "model.inner"]
+
+
+def test_profile_command_hands_its_flags_on_and_reports_ms_per_step(tmp_path, capsys,
+                                                                  monkeypatch, threads):
+    """--sort total --limit 2 reach the table; --threads 2 --numba-threads 1 hold BLAS at
+    two threads and Numba at one while profiling (in a process that runs one and two); the
+    printed time per step is the profile's wall time over --steps, and the JSON names the
+    steps, the batch size and the backend."""
+    import numba
+    from helpers import blas_thread_count
+    from threadpoolctl import threadpool_limits
+
+    from fastattn import profiling
+    from fastattn.cli import main
+    from fastattn.kernels import _blas
+
+    _blas.available()  # SciPy's BLAS, which the kernels call, loaded: limited too
+    threads(2)
+    with threadpool_limits(limits=2, user_api="blas"):
+        if blas_thread_count() != 2:
+            pytest.skip("BLAS does not run 2 threads here")
+    seen = {}
+    real_profile, real_table = profiling.profile, profiling.Profile.table
+
+    def profile(*models, **kw):
+        seen["threads"] = (blas_thread_count(), numba.get_num_threads())
+        return real_profile(*models, **kw)
+
+    def table(self, **kw):
+        seen["table"] = kw
+        return real_table(self, **kw)
+
+    monkeypatch.setattr(profiling, "profile", profile)
+    monkeypatch.setattr(profiling.Profile, "table", table)
+    json_file = tmp_path / "step.json"
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert main(["profile", "--steps", "2", "--batch-size", "4", "--backend",
+                     "vectorized", "--sort", "total", "--limit", "2", "--threads", "2",
+                     "--numba-threads", "1", "--json", str(json_file)]) == 0
+        assert (blas_thread_count(), numba.get_num_threads()) == (1, 2)
+    out = capsys.readouterr().out
+    assert seen["table"] == {"sort": "total", "limit": 2}
+    assert seen["threads"] == (2, 1)
+    data = json.loads(json_file.read_text())
+    assert (data["steps"], data["batch_size"], data["backend"]) == (2, 4, "vectorized")
+    per_step = float(out.split(" ms per step")[0].rsplit(" ", 1)[-1])
+    assert per_step == pytest.approx(1e3 * data["wall_seconds"] / 2, abs=0.051)
