@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
 import sys
 import types
 from importlib import metadata
@@ -129,6 +131,18 @@ def test_ratio_table_divides_by_the_fastest_of_each_group():
         "host while measuring: 1.0% stolen"]
 
 
+def test_ratio_table_orders_and_divides_by_the_min_time_not_the_median():
+    """numba has the smaller min (1 ms) and the larger median (9 ms): it is the fastest of
+    its group, listed first, and vectorized's ratio is its min over numba's, 2.00."""
+    g = "attention fwd+bwd (B=2)"
+    report = {"benchmarks": [_bench(g, "B2-vectorized", 0.002, 0.003),
+                             _bench(g, "B2-numba", 0.001, 0.009)]}
+    rows = [line.split() for line in bench.ratio_table(report).splitlines()
+            if line.startswith("  ") and not line.strip().startswith("min")]
+    assert [r[:4] for r in rows] == [["numba", "1.000", "9.000", "1.00"],
+                                     ["vectorized", "2.000", "3.000", "2.00"]]
+
+
 def test_ratio_table_names_rows_by_their_parameters_where_contenders_repeat():
     g = "fit next to a busy core"
     report = {"benchmarks": [_bench(g, "quiet-auto", 1.0, 1.0), _bench(g, "busy-auto", 2.0, 2.0),
@@ -179,6 +193,46 @@ def test_bench_runs_a_suite_and_prints_ratios(capfd):
     for line in host:
         if _hostload.cpu_ticks() is not None:
             assert "% of the CPUs' time stolen by the hypervisor, " in line, line
+
+
+@pytest.mark.parametrize("flags, passed, full", [
+    (["--filter", "tiny-numba", "--save", "before", "--full"],
+     [["-k", "tiny-numba"], ["--benchmark-save=before"]], True),
+    (["--compare"], [["--benchmark-compare"]], False),
+    (["--compare", "0001"], [["--benchmark-compare=0001"]], False),
+])
+def test_bench_hands_its_options_to_pytest_and_keeps_the_report(tmp_path, monkeypatch, capsys,
+                                                                 flags, passed, full):
+    """With pytest-benchmark's run replaced by a stand-in that writes a report: --filter,
+    --save and --compare reach its command line, --full sets FASTATTN_BENCH_FULL=1 (only
+    then), the suite asked for is the one run, --json keeps the report, and its ratio
+    table is printed."""
+    calls = []
+    report = {"benchmarks": [_bench("g", "B2-numba", 0.001, 0.001),
+                             _bench("g", "B2-torch", 0.003, 0.003)]}
+
+    def fake_run(cmd, cwd=None, env=None, **kw):
+        calls.append((cmd, env))
+        out = next(a for a in cmd if a.startswith("--benchmark-json="))
+        pathlib.Path(out.split("=", 1)[1]).write_text(json.dumps(report))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.delenv("FASTATTN_BENCH_FULL", raising=False)
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    kept = tmp_path / "kept.json"
+    assert cli.main(["bench", "attention", *flags, "--json", str(kept)]) == 0
+    (cmd, env), = calls
+    for part in passed:
+        i = cmd.index(part[0])
+        assert cmd[i:i + len(part)] == part, cmd
+    assert [a for a in cmd if a.endswith(".py")] == [str(bench.bench_dir() /
+                                                         "bench_attention.py")]
+    assert ("FASTATTN_BENCH_FULL" in env) == full and env.get("FASTATTN_BENCH_FULL",
+                                                              "1") == "1"
+    assert json.loads(kept.read_text()) == report
+    lines = capsys.readouterr().out.splitlines()
+    torch = next(line for line in lines if line.strip().startswith("torch"))
+    assert torch.split()[3] == "3.00"
 
 
 @pytest.mark.parametrize("nodeid, name", [
