@@ -25,6 +25,22 @@ def test_info_prints_versions_threads_and_cache(capsys):
         assert key in text
 
 
+def test_info_shows_numbas_thread_count_in_force_and_its_maximum(capsys, threads):
+    """With Numba set to one thread of its maximum (at least two): "1 (max N)", and the
+    JSON facts say the same."""
+    import numba
+
+    threads(1)
+    top = numba.config.NUMBA_NUM_THREADS
+    assert cli.main(["info"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("numba threads:")]
+    assert len(rows) == 1 and rows[0].split(":", 1)[1].strip() == f"1 (max {top})", rows
+    assert cli.main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert (facts["numba_threads"], facts["numba_max_threads"]) == (1, top)
+
+
 def test_info_json_names_a_threading_layer_and_the_backend(capsys, monkeypatch):
     monkeypatch.setenv("FASTATTN_BACKEND", "vectorized")
     assert cli.main(["info", "--json"]) == 0
