@@ -182,7 +182,7 @@ def scale_of(scale, d: int) -> float:
     """1/sqrt(d) for None, else a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(d)
-    x = scale[()] if isinstance(scale, np.ndarray) and scale.ndim == 0 else scale
+    x = _checks.scalar(scale)
     if not _checks.is_real(x):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     s = _checks.to_float(x)

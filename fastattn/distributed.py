@@ -30,7 +30,6 @@ and only :func:`init` imports mpi4py (the ``mpi`` extra: ``pip install 'fastattn
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 import sys
 import time
@@ -284,8 +283,8 @@ def _loss(loss):
     TypeError naming ``loss``."""
     if loss is None:
         return None
-    x = loss[()] if isinstance(loss, np.ndarray) and loss.ndim == 0 else loss
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+    x = _checks.scalar(loss)
+    if not _checks.is_real(x):
         raise TypeError(f"loss must be a real number or None, got {type(loss).__name__}")
     try:
         return float(x)
