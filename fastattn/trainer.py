@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from fastattn._adaptive_blas import AdaptiveBlas
+from fastattn._layer import make_rng
 from fastattn.optim import clip_grads
 
 __all__ = ["Trainer", "eval_seq2seq", "exact_match", "remove_duplicate"]
@@ -69,7 +70,7 @@ class Trainer:
         self.history = []
         self.train_seconds = 0.0
         self.blas_counts = []  # fit(blas_threads="auto"): each step's BLAS thread count
-        self._rng = None if seed is None else np.random.default_rng(seed)
+        self._rng = None if seed is None else make_rng(seed)
         self.comm = comm  # a fastattn.distributed.Comm: data-parallel over its ranks
 
     def _permutation(self, n):

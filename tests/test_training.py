@@ -550,3 +550,13 @@ def test_fit_with_comm_walks_rank_0s_order_trains_on_its_share_and_checks_each_e
     assert seen == [[5.0, 4.0], [1.0, 0.0]] * 2
     assert all(np.array_equal(b[1], 10 * b[0]) for b in model.batches)
     assert tr.loss_list == [0.25] * 4 and [h["loss"] for h in tr.history] == [0.25, 0.25]
+
+
+@pytest.mark.parametrize("seed, err", [("x", TypeError), (1.5, TypeError), (-1, ValueError)],
+                         ids=["str", "float", "negative"])
+def test_trainer_names_a_bad_seed(seed, err):
+    """NumPy's own errors ('SeedSequence expects int or sequence of ints') named nothing."""
+    model = TransformerSeq2seq(13, d_model=8, n_heads=2, n_layers=1, d_ff=8, max_len=6, seed=0)
+    with pytest.raises(err, match="^seed must be"):
+        Trainer(model, SGD(0.1), seed=seed)
+    assert Trainer(model, SGD(0.1), seed=np.int64(3))._rng is not None
