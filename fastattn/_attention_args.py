@@ -47,14 +47,20 @@ def check_window(window, reach=None):
     return None if out == [None, None] else tuple(out)
 
 
-def check_dropout(dropout_p, seed, name="dropout_p"):
-    """(dropout_p as a float in [0, 1), seed as an int in [0, 2**64)); errors say ``name``."""
+def check_ratio(dropout_p, name="dropout_p") -> float:
+    """A dropout probability (a layer's ratio too) as a float in [0, 1); errors say ``name``."""
     dropout_p = _checks.scalar(dropout_p)
     if not _checks.is_real(dropout_p):
         raise TypeError(f"{name} must be a real number in [0, 1), got {dropout_p!r}")
     p = _checks.to_float(dropout_p)
     if not 0.0 <= p < 1.0:  # NaN fails too
         raise ValueError(f"{name} must be in [0, 1), got {dropout_p!r}")
+    return p
+
+
+def check_dropout(dropout_p, seed, name="dropout_p"):
+    """(dropout_p as a float in [0, 1), seed as an int in [0, 2**64)); errors say ``name``."""
+    p = check_ratio(dropout_p, name)
     if seed is None:
         if p > 0:
             raise ValueError("seed (an int) is required when dropout_p > 0")

@@ -99,7 +99,7 @@ class MultiHeadAttention:
         if n_heads % n_kv:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv})")
         self.window = _attention_args.check_window(window)
-        self.dropout = _attention_args.check_dropout(dropout, 0, "dropout")[0]
+        self.dropout = _attention_args.check_ratio(dropout, "dropout")
         dt = check_dtype(dtype)
         rng = make_rng(seed)
         C = d_model

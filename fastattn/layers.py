@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastattn import _backend, _checks
-from fastattn._attention_args import check_dropout
+from fastattn._attention_args import check_ratio
 from fastattn._layer import (
     check_backend,
     dout_array,
@@ -381,7 +381,7 @@ class TimeDropout:
     """
 
     def __init__(self, dropout_ratio=0.5, seed=None, backend=None):
-        ratio = check_dropout(dropout_ratio, 0, "dropout_ratio")[0]
+        ratio = check_ratio(dropout_ratio, "dropout_ratio")
         self.params, self.grads = [], []
         self.backend = check_backend(backend)
         self.dropout_ratio = ratio

@@ -98,7 +98,7 @@ class TransformerConfig:
                                  f"({self.n_kv_heads})")
         object.__setattr__(self, "window", _attention_args.check_window(self.window))
         object.__setattr__(self, "dropout",
-                           _attention_args.check_dropout(self.dropout, 0, "dropout")[0])
+                           _attention_args.check_ratio(self.dropout, "dropout"))
 
     def as_dict(self) -> dict:
         """The fields as JSON values; the attention options only where they are not the
