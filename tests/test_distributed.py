@@ -293,6 +293,26 @@ def test_allreduce_grads_with_a_loss_that_is_not_a_number_raises_naming_loss(mon
         assert reduce(g, np.float32(2.5)) == 2.5 and reduce(g, np.array(3)) == 3.0
 
 
+@pytest.mark.parametrize("count, err", [("3", TypeError), (None, TypeError), ([3], TypeError),
+                                         (True, TypeError), (-1, ValueError),
+                                         (float("nan"), ValueError), (float("inf"), ValueError)],
+                         ids=["str", "none", "list", "bool", "negative", "nan", "inf"])
+def test_allreduce_grads_with_a_bad_count_raises_naming_count(monkeypatch, one_rank, count, err):
+    """count weights this rank's share: "3" was NumPy's 'could not convert', NaN turned every
+    gradient into NaN, -1 subtracted this rank's gradient, all naming nothing; without mpiexec a
+    bad count went unnoticed. The gradients are left as they were."""
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    g = [np.ones(2)]
+    for reduce in (dist.allreduce_grads, one_rank.allreduce_grads):
+        with pytest.raises(err, match="^count must be"):
+            reduce(g, 1.0, count)
+    assert (g[0] == 1).all()
+    g = [np.full(2, 3.0)]
+    assert one_rank.allreduce_grads(g, 2.0, np.array(4)) == 2.0 and (g[0] == 3).all()
+    assert one_rank.allreduce_grads(g, 2.0, np.float32(2.5)) == 2.0 and (g[0] == 3).all()
+
+
 def test_no_mpi_import_without_mpiexec(small_data, tmp_path):
     """A normal `fastattn train` run imports nothing of MPI (mpi4py installed or not)."""
     code = (
