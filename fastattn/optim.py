@@ -45,15 +45,21 @@ def _steps(value, name: str, *, low: int, none: bool = False):
     return int(value)
 
 
+def _float_array(a, name: str, i: int) -> None:
+    """TypeError naming ``name[i]`` unless ``a`` is a float numpy array (updated in place: no
+    conversion)."""
+    if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+        got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"{name}[{i}] must be a float numpy array, got {got}")
+
+
 def _check_lists(params, grads):
     if len(params) != len(grads):
         raise ValueError(f"params and grads must have the same length, got {len(params)} and "
                          f"{len(grads)}")
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        for name, a in (("params", p), ("grads", g)):  # updated in place: no conversion
-            if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
-                got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
-                raise TypeError(f"{name}[{i}] must be a float numpy array, got {got}")
+        _float_array(p, "params", i)
+        _float_array(g, "grads", i)
         if p.shape != g.shape:
             raise ValueError(f"grads[{i}] has shape {g.shape}, params[{i}] has {p.shape}")
 
@@ -61,14 +67,25 @@ def _check_lists(params, grads):
 def clip_grads(grads, max_norm):
     """Scale all ``grads`` in place so that their joint L2 norm is at most ``max_norm``.
 
-    Returns the norm before clipping (the book's ``clip_grads``, which returned nothing).
+    Returns the norm before clipping (the book's ``clip_grads``, which returned nothing). A
+    norm whose square overflows the grads' dtype (float32 entries beyond about 1.8e19) is
+    computed on scaled values, so such grads are scaled down rather than zeroed. ``grads``
+    must be float numpy arrays (TypeError naming ``grads[i]``).
     """
     max_norm = _nonneg_float(max_norm, "max_norm", positive=True)
+    grads = list(grads)
+    for i, g in enumerate(grads):
+        _float_array(g, "grads", i)
     total = 0.0
-    for g in grads:
-        flat = g.reshape(-1)
-        total += float(np.dot(flat, flat))
+    with np.errstate(over="ignore"):  # handled below
+        for g in grads:
+            flat = g.reshape(-1)
+            total += float(np.dot(flat, flat))
     total_norm = math.sqrt(total)
+    if total == math.inf:  # a square overflowed: the norm of grads / their largest entry
+        amax = max(float(np.abs(g).max()) for g in grads if g.size)
+        scaled = (g.reshape(-1).astype(np.float64) / amax for g in grads)
+        total_norm = amax * math.sqrt(sum(float(np.dot(f, f)) for f in scaled))
     rate = max_norm / (total_norm + 1e-6)
     if rate < 1:
         for g in grads:
@@ -110,7 +127,9 @@ class Adam:
     Adam(lr=0.001, beta1=0.9, beta2=0.999, *, warmup_steps=0, total_steps=None, min_lr=0.0,
     decay="cosine", eps=1e-7, backend=None). Without ``warmup_steps``/``total_steps`` the
     learning rate is constant, as in the book. ``current_lr`` is the scheduled rate of the last
-    update; ``iter`` counts updates. The update of all parameters is one call of the
+    update (before the first, the rate the first will use); ``iter`` counts updates. The
+    moments are made at the first update: later updates take params of the same number and
+    shapes (ValueError otherwise). The update of all parameters is one call of the
     ``adam_update`` kernel of ``backend`` (None: the backend in force); the numba one needs
     C-contiguous arrays of one dtype, and others go to the vectorized one. ``eps`` must be
     > 0 also in the dtype of the params (1e-50 is 0 in float32): an update raises ValueError
@@ -147,8 +166,13 @@ class Adam:
         if self.m is None:
             self.m = [np.zeros_like(p) for p in params]
             self.v = [np.zeros_like(p) for p in params]
-        elif len(self.m) != len(params):
-            raise ValueError(f"Adam was used with {len(self.m)} params, now {len(params)}")
+        else:
+            if len(self.m) != len(params):
+                raise ValueError(f"Adam was used with {len(self.m)} params, now {len(params)}")
+            for i, (p, m) in enumerate(zip(params, self.m, strict=True)):
+                if p.shape != m.shape:  # the kernels would read and write m and v beyond their end
+                    raise ValueError(f"params[{i}] has shape {p.shape}; Adam was used with "
+                                     f"shape {m.shape} there")
         self.iter += 1
         lr = lr_schedule(self.iter, self.lr, self.warmup_steps, self.total_steps, self.min_lr,
                          self.decay)

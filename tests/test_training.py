@@ -131,6 +131,33 @@ def test_adam_rejects_a_params_list_of_another_length_than_its_first():
         opt.update([a, b, a], [np.ones(2), np.ones(3), np.ones(2)])
 
 
+@pytest.mark.parametrize("backend", ["loop", "vectorized", "numba"])
+def test_adam_rejects_params_of_other_shapes_than_its_moments(backend):
+    """The numba kernel ran over the new params' length with the old, shorter moments: reads
+    and writes beyond their end (heap corruption), no error."""
+    opt = Adam(backend=backend)
+    opt.update([np.zeros(3)], [np.ones(3)])
+    p = np.zeros(5)
+    with pytest.raises(ValueError, match=r"^params\[0\] has shape \(5,\); Adam was used"):
+        opt.update([p], [np.ones(5)])
+    assert opt.iter == 1 and (p == 0).all()
+
+
+def test_clip_grads_scales_float32_grads_whose_squares_overflow():
+    """float32 entries of 1e20 square to inf: the norm was inf and every grad became 0."""
+    g1 = np.array([3e20, 0.0], np.float32)
+    g2 = np.array([[4e20]], np.float32)
+    want = math.hypot(3e20, 4e20)  # float64
+    norm = clip_grads([g1, g2], 1.0)
+    assert norm == pytest.approx(want, rel=1e-6)  # float32 inputs: a few ulps
+    np.testing.assert_allclose(np.concatenate([g1, g2.ravel()]), [0.6, 0.0, 0.8], rtol=1e-6)
+
+
+def test_clip_grads_takes_float_arrays_only():
+    with pytest.raises(TypeError, match=r"^grads\[1\] must be a float numpy array"):
+        clip_grads([np.ones(2), [1.0, 2.0]], 1.0)  # was an AttributeError
+
+
 def test_clip_grads_scales_to_max_norm():
     g1, g2 = np.array([3.0, 0.0]), np.array([[4.0]])
     norm = clip_grads([g1, g2], 1.0)
