@@ -64,8 +64,12 @@ class MultiHeadAttention:
       multi-query); query head h reads key/value head h // (n_heads // n_kv_heads), and the
       key/value projections have n_kv_heads * d_head columns each. Keys and values are never
       copied per query head.
-    * ``window``: (left, right) ints >= 0 or None: query i sees keys i - left .. i + right
-      (with causal, right is 0); a sliding window. Generation (:meth:`step`) keeps to it.
+    * ``causal``: False, True or "top_left" (query i sees keys j <= i, decoder
+      self-attention), "bottom_right" (j <= i + Tk - Tq: the queries are the last Tq of the
+      Tk positions); anything else is a TypeError/ValueError.
+    * ``window``: (left, right) ints >= 0 or None: query i sees keys i' - left .. i' + right,
+      i' = i (i + Tk - Tq with "bottom_right"); with causal, right is 0; a sliding window.
+      Generation (:meth:`step`) keeps to it.
     * ``dropout``: dropout on the attention probabilities while ``train_flg`` is True (the
       book's convention; set it False to evaluate); the keep decisions come from a hash of a
       fresh seed per forward, so the backward regenerates them.
@@ -74,9 +78,8 @@ class MultiHeadAttention:
     and values all from ``x_q``), cross-attention otherwise (queries from ``x_q``, keys and
     values from ``x_kv``). x_q (B, Tq, C), x_kv (B, Tk, C) -> (B, Tq, C). ``mask`` is None or
     a boolean array broadcastable to (B, Tq, Tk), True where a query may attend; a key-padding
-    mask ``keep`` (B, Tk) is passed as ``keep[:, None, :]``. ``causal=True`` (decoder
-    self-attention) also forbids query i to see key j > i. A query with nothing to attend to
-    gets zeros.
+    mask ``keep`` (B, Tk) is passed as ``keep[:, None, :]``. A query with nothing to attend
+    to gets zeros.
 
     ``backward(dout)`` returns dx_q for self-attention, (dx_q, dx_kv) for cross-attention.
 
@@ -106,7 +109,8 @@ class MultiHeadAttention:
         self.d_model, self.n_heads, self.d_head = C, n_heads, C // n_heads
         self.n_kv_heads = n_kv
         Ckv = n_kv * self.d_head
-        self.causal = bool(causal)
+        causal = _attention_args.check_causal(causal)
+        self.causal = True if causal == "top_left" else causal  # False, True, "bottom_right"
         self.backend = check_backend(backend)
         self.scale = 1.0 / math.sqrt(self.d_head)
         self.params = [
@@ -155,6 +159,10 @@ class MultiHeadAttention:
             kw.update(dropout_p=self.dropout, seed=int(self._drop_rng.integers(2**63)))
         return kw
 
+    def _causal(self, Tq, Tk):
+        """The kernels' causal for Tq queries and Tk keys (bottom-right is top-left at Tq = Tk)."""
+        return True if self.causal == "bottom_right" and Tq == Tk else self.causal
+
     def _mask(self, mask, B, Tq, Tk):
         if mask is None:
             return None
@@ -180,11 +188,12 @@ class MultiHeadAttention:
         k = np.repeat(k, g, axis=0) if g > 1 else k  # a copy for the plot only
         s = _backend.kernel("scores_forward", backend)(q, k, self.scale)  # (B*H, Tq, Tk)
         allowed = np.ones((1, Tq, Tk), bool) if mask3 is None else mask3
+        off = Tk - Tq if self.causal == "bottom_right" else 0  # query i sits at i + off
+        delta = np.arange(Tk)[None, :] - np.arange(Tq)[:, None] - off  # j - (i + off)
         if self.causal:
-            allowed = allowed & np.tri(Tq, Tk, dtype=bool)
+            allowed = allowed & (delta <= 0)
         if self.window is not None:
             left, right = self.window
-            delta = np.arange(Tk)[None, :] - np.arange(Tq)[:, None]  # j - i
             allowed = allowed & (delta >= -(Tq + Tk if left is None else left)) & (
                 delta <= (Tq + Tk if right is None else right))
         s = np.where(allowed, s, -np.inf).astype(s.dtype)
@@ -239,7 +248,7 @@ class MultiHeadAttention:
         mask3 = self._mask(mask, B, Tq, Tk)
         feats = self._features(self.train_flg)
         att, lse = _backend.kernel("attention_forward", backend)(
-            q, k, v, self.scale, self.causal, mask3, **feats)  # (B*H, Tq, dh), (B*H, Tq)
+            q, k, v, self.scale, self._causal(Tq, Tk), mask3, **feats)  # (B*H, Tq, dh), (B*H, Tq)
         if heads:  # a view of a (B, Tq, H, dh) array: the merge is a reshape
             a2 = att.transpose(0, 2, 1, 3).reshape(B * Tq, C)
         else:
@@ -273,11 +282,11 @@ class MultiHeadAttention:
                 dq2 = np.zeros((B * Tq, C), self.dtype)
                 dkv = np.zeros((B * Tk, 2 * Ckv), self.dtype)
                 grads = self._heads(dq2, B, Tq, (C,)) + self._heads(dkv, B, Tk, (Ckv, Ckv))
-            backward(da, q, k, v, att, lse, self.scale, self.causal, mask3, grads=grads,
+            backward(da, q, k, v, att, lse, self.scale, self._causal(Tq, Tk), mask3, grads=grads,
                      **feats)
         else:
             da = self._split(dy @ W_out.T, B, Tq, 1)[0]  # (B*H, Tq, dh)
-            dq, dk, dv = backward(da, q, k, v, att, lse, self.scale, self.causal, mask3,
+            dq, dk, dv = backward(da, q, k, v, att, lse, self.scale, self._causal(Tq, Tk), mask3,
                                   **feats)
             if xkv2 is None:
                 dqkv = self._merge_n((dq, dk, dv), B, Tq)  # (B*T, 3C)

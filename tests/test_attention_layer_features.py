@@ -97,6 +97,39 @@ def test_kept_weights_with_a_window_are_those_of_the_band_as_a_mask(causal):
     np.testing.assert_allclose(y, out, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("window", [None, (1, None)])
+def test_bottom_right_causal_cross_attention_is_its_band_as_a_mask(window):
+    """causal="bottom_right" with 3 queries and 5 keys: query i sees keys j <= i + 2 (and,
+    with a window (1, None), j >= i + 2 - 1), forward, kept weights and backward; it was
+    taken as True (top-left: j <= i)."""
+    rng = np.random.default_rng(9)
+    a = MultiHeadAttention(8, 2, causal="bottom_right", window=window, dtype=np.float64, seed=0)
+    b = MultiHeadAttention(8, 2, dtype=np.float64, seed=0)
+    a.keep_weights = b.keep_weights = True
+    x_q, x_kv, dout = _x(rng, T=3), _x(rng, T=5), _x(rng, T=3)
+    i, j = np.arange(3)[:, None], np.arange(5)[None, :]
+    band = (j <= i + 2) & (j >= (i + 1 if window else 0))
+    np.testing.assert_allclose(a.forward(x_q, x_kv), b.forward(x_q, x_kv, mask=band),
+                               rtol=0, atol=1e-13)
+    w = a.attention_weights
+    np.testing.assert_array_equal(w, b.attention_weights)
+    assert np.all(w[..., ~band] == 0) and np.all(w[..., band] > 0)
+    for ga, gb in zip(a.backward(dout), b.backward(dout), strict=True):
+        np.testing.assert_allclose(ga, gb, rtol=0, atol=1e-13)
+
+
+def test_bottom_right_self_attention_is_top_left_and_bad_causal_raises():
+    x = _x(np.random.default_rng(10))
+    a = MultiHeadAttention(8, 2, causal="bottom_right", dtype=np.float64, seed=0)
+    b = MultiHeadAttention(8, 2, causal=True, dtype=np.float64, seed=0)
+    np.testing.assert_array_equal(a.forward(x), b.forward(x))
+    assert MultiHeadAttention(8, 2, causal="top_left").causal is True
+    with pytest.raises(ValueError, match="^causal must be"):
+        MultiHeadAttention(8, 2, causal="future")  # was taken as True
+    with pytest.raises(TypeError, match="^causal must be"):
+        MultiHeadAttention(8, 2, causal=2)
+
+
 def test_dropout_only_in_training():
     rng = np.random.default_rng(5)
     a = MultiHeadAttention(8, 2, dropout=0.5, dtype=np.float64, seed=0)
