@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from fastattn import _checks
 from fastattn._adaptive_blas import AdaptiveBlas
 from fastattn._layer import make_rng
 from fastattn.optim import clip_grads
@@ -80,8 +81,11 @@ class Trainer:
             callback=None, progress=True, blas_threads="auto"):
         """Train on (x, t) for ``max_epoch`` epochs of ``len(x) // batch_size`` steps.
 
+        max_epoch (an int >= 0) and batch_size (an int >= 1, at most len(x)): TypeError or
+        ValueError naming them otherwise, before any step.
+
         max_grad: clip the joint gradient norm to this (None: no clipping).
-        eval_interval: steps between loss reports (None: no reports).
+        eval_interval: steps between loss reports, an int >= 1 (None: no reports).
         callback(trainer, epoch) -> dict or None, called after each epoch; a dict is merged
         into that epoch's ``history`` entry (and shown in the progress bar).
         progress: show a tqdm progress bar.
@@ -101,9 +105,10 @@ class Trainer:
         t = np.asarray(t)
         if len(x) != len(t):
             raise ValueError(f"x and t must have the same length, got {len(x)} and {len(t)}")
-        batch_size = int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = _checks.int_at_least(batch_size, "batch_size", 1)
+        max_epoch = _checks.int_at_least(max_epoch, "max_epoch", 0)
+        if eval_interval is not None:  # steps % 0 was a ZeroDivisionError
+            eval_interval = _checks.int_at_least(eval_interval, "eval_interval", 1)
         data_size = len(x)
         max_iters = data_size // batch_size
         if max_iters == 0:
@@ -121,7 +126,7 @@ class Trainer:
         self.blas_counts = adaptive.counts if adaptive is not None else []
 
         total_loss, loss_count = 0.0, 0  # as the book: losses after an epoch's last report
-        for _ in range(int(max_epoch)):  # count toward the next epoch's first one
+        for _ in range(max_epoch):  # count toward the next epoch's first one
             epoch = self.current_epoch + 1
             idx = self._permutation(data_size)
             if comm is not None:
@@ -191,7 +196,7 @@ def exact_match(model, x, t, batch_size=1000, *, comm=None):
     """The share of rows whose greedy answer equals ``t[:, 1:]`` exactly, 0..1.
 
     x (N, S) question ids, t (N, T+1) answers with their start symbol in column 0. Decodes
-    ``batch_size`` rows at a time with ``model.generate_batch``. ``comm`` (a
+    ``batch_size`` (an int >= 1) rows at a time with ``model.generate_batch``. ``comm`` (a
     :class:`fastattn.distributed.Comm`): each rank decodes its share of the rows.
     """
     x = np.asarray(x)
@@ -202,11 +207,12 @@ def exact_match(model, x, t, batch_size=1000, *, comm=None):
         raise ValueError(f"t must be (N, T+1) answers with a start symbol, got {t.shape}")
     if len(x) == 0:
         raise ValueError("exact_match needs at least one example")
+    batch_size = _checks.int_at_least(batch_size, "batch_size", 1)
     n = len(x)
     if comm is not None:
         x, t = comm.shard(x, t, strict=False)
     correct = 0
-    for i in range(0, len(x), int(batch_size)):
+    for i in range(0, len(x), batch_size):
         xb, tb = x[i:i + batch_size], t[i:i + batch_size]
         guess = model.generate_batch(xb, tb[:, 0], tb.shape[1] - 1)
         correct += int((guess == tb[:, 1:]).all(axis=1).sum())

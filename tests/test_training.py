@@ -350,6 +350,30 @@ class _RecordingModel:
         self.grads[0][...] = 0.0
 
 
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(eval_interval=0), ValueError, "^eval_interval must be >= 1"),  # ZeroDivisionError
+    (dict(batch_size=2.5), TypeError, "^batch_size must be an int"),  # was taken as 2
+    (dict(batch_size="4"), TypeError, "^batch_size must be an int"),
+    (dict(max_epoch=1.5), TypeError, "^max_epoch must be an int"),  # was taken as 1
+    (dict(max_epoch=-1), ValueError, "^max_epoch must be >= 0"),  # was no epoch
+], ids=["interval-0", "batch-fraction", "batch-str", "epochs-fraction", "epochs-negative"])
+def test_fit_checks_its_counts_naming_them_before_any_step(kw, err, msg):
+    model = _RecordingModel()
+    x = np.arange(8, dtype=np.float64)[:, None]
+    args = dict(max_epoch=1, batch_size=4, progress=False, blas_threads=None) | kw
+    with pytest.raises(err, match=msg):
+        Trainer(model, SGD(lr=0.0), seed=0).fit(x, x, **args)
+    assert model.batches == []
+
+
+@pytest.mark.parametrize("batch_size, err", [(0, ValueError), (2.5, TypeError)])
+def test_exact_match_checks_its_batch_size_naming_it(batch_size, err):
+    """range() (step 0) and slicing (a float) raised errors that named nothing."""
+    x, t = np.zeros((3, 2), np.int64), np.zeros((3, 3), np.int64)
+    with pytest.raises(err, match="^batch_size must be"):
+        exact_match(object(), x, t, batch_size=batch_size)
+
+
 @pytest.mark.parametrize("seed", [0, None])
 def test_trainer_reshuffles_every_epoch_and_keeps_x_with_t(seed):
     """Each epoch walks every row once, x beside its own t, in a new order each epoch."""
