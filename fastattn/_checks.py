@@ -136,7 +136,8 @@ def shape_is(x: np.ndarray, shape: tuple, name: str) -> None:
 
 
 def token_ids(x, V: int, name: str = "xs", *, ndim: int | None = 2) -> np.ndarray:
-    """``x`` as a C-contiguous int64 array of ids in [0, V), or TypeError/ValueError."""
+    """``x`` as a C-contiguous int64 array of ids in [0, V), of x's shape (a 0-d x stays 0-d),
+    or TypeError/ValueError."""
     if not isinstance(x, np.ndarray):
         x = as_array(x, name)
     if x.dtype == bool or not np.issubdtype(x.dtype, np.integer):
@@ -148,7 +149,7 @@ def token_ids(x, V: int, name: str = "xs", *, ndim: int | None = 2) -> np.ndarra
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {V})")
-    return np.ascontiguousarray(x, dtype=np.int64)
+    return np.require(x, np.int64, "C")  # not ascontiguousarray, which makes 0-d 1-d
 
 
 def bool_mask(mask, shape: tuple, name: str = "mask") -> np.ndarray:

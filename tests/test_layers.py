@@ -275,6 +275,21 @@ def test_time_embedding_takes_only_2d_ids_and_embedding_any_shape():
         np.testing.assert_array_equal(Embedding(W).forward(ids), W[ids])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_of_one_id_gives_its_row_and_its_gradient(backend):
+    """A 0-d id gives W[id] of shape (D,) and takes dout (D,), as the book's W[idx]; it gave
+    (1, D) and wanted dout (1, D)."""
+    W = rng(0).standard_normal((5, 3))
+    layer = Embedding(W, backend=backend)
+    for idx in (2, np.int32(2), np.array(2)):
+        np.testing.assert_array_equal(layer.forward(idx), W[2])
+    dout = rng(1).standard_normal(3)
+    assert layer.backward(dout) is None
+    want = np.zeros_like(W)
+    want[2] = dout
+    np.testing.assert_array_equal(layer.grads[0], want)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
