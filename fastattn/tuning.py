@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from fastattn import _checks
 from fastattn.kernels import _flash, _tuning
 
 # (B, T) at d = 64: short, middle and long sequences (smaller B than the benchmarks, same tiles)
@@ -81,11 +82,14 @@ def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int 
     """Measure the choices on this machine for about ``seconds`` and put the winner in force
     (and, with ``write``, store it in the per-user tuning file). Returns what was measured:
     ``{"setting", "file", "key", "measured"}``, ``measured`` mapping each candidate to its time
-    relative to the defaults (below 1: faster)."""
-    if not seconds > 0:
-        raise ValueError(f"seconds must be > 0, got {seconds!r}")
-    if not isinstance(reps, int) or reps < 1:
-        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
+    relative to the defaults (below 1: faster). ``seconds`` a finite real number > 0 and
+    ``reps`` an int >= 1: TypeError/ValueError naming them otherwise, before anything runs."""
+    seconds = _checks.scalar(seconds)
+    if not _checks.is_real(seconds):
+        raise TypeError(f"seconds must be a real number > 0, got {seconds!r}")
+    if not 0 < _checks.to_float(seconds) < math.inf:  # NaN fails too
+        raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
+    reps = _checks.int_at_least(reps, "reps", 1)
     key = _tuning.machine_key()
     base = _tuning.defaults(key)[0]
     rng = np.random.default_rng(seed)

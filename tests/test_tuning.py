@@ -558,6 +558,22 @@ def test_unfused_products_follow_own_dim_and_hold_blas_only_when_they_call_it(
                     np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(seconds="60"), TypeError, "^seconds must be a real number"),  # was '>' not supported
+    (dict(seconds=float("inf")), ValueError, "^seconds must be a finite number"),  # ran
+    (dict(seconds=0), ValueError, "^seconds must be a finite number"),
+    (dict(reps=True), TypeError, "^reps must be an int"),  # was taken as 1
+    (dict(reps=0), ValueError, "^reps must be >= 1"),
+], ids=["seconds-str", "seconds-inf", "seconds-0", "reps-bool", "reps-0"])
+def test_tune_checks_its_budget_naming_it_before_measuring(kw, err, msg, monkeypatch):
+    def measured(*args):
+        raise AssertionError("tune measured before checking its arguments")
+
+    monkeypatch.setattr(tuning, "_time_step", measured)
+    with pytest.raises(err, match=msg):
+        fastattn.tune(**kw, write=False)
+
+
 def test_tune_measures_stores_and_puts_the_winner_in_force(tune_file):
     result = fastattn.tune(0.2, reps=1)
     assert result["file"] == str(tune_file)
