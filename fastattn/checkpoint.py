@@ -195,7 +195,8 @@ def load_model(path, model=None, *, backend=None):
     Without ``model``: builds the model from the stored configuration (``backend`` passed to
     it) and returns it with its weights, ``char_to_id``, ``id_to_char`` and ``translate``.
     With ``model``: copies the weights into that model (which must have the same
-    configuration and shapes) and returns it.
+    configuration and shapes, in any float dtype: the weights are cast to it), attaches the
+    stored vocabulary if there is one, and returns it.
 
     Raises FileNotFoundError for a missing file, ValueError naming the file for a corrupt,
     truncated or foreign file, or for weights whose shapes do not fit the model.

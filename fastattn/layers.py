@@ -313,7 +313,7 @@ class TimeEmbedding(Embedding):
 class TimeAffine(_AffineMap):
     """The affine map at every time step. W (D, H), b (H,); x (N, T, D) -> (N, T, H).
 
-    Any number of leading dimensions works: x (..., D) -> (..., H).
+    Any number (at least one) of leading dimensions works: x (..., D) -> (..., H).
     backward(dout) -> dx shaped like x.
     """
 

@@ -102,7 +102,7 @@ class TimeQueryLayer:
     """An affine map of one-hot encoded ids, as a row lookup. W (V, d), b (d,).
 
     forward(xs) -> (B, T, d): for xs (B, T) integer ids, ``W[xs] + b`` (the one-hot array is
-    never built); for xs (B, T, V) floats, ``xs @ W + b``.
+    never built); for xs (B, T, V) floats (a numpy array), ``xs @ W + b``.
     backward(dout (B, T, d)) -> dxs (B, T, V) = dout W^T, the gradient with respect to the
     one-hot input, as the seed returned it. For id input the weight gradient is the scatter-add
     of dout's rows at the ids (the ``embedding_backward`` kernel); the one-hot is never built.
