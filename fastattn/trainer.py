@@ -26,22 +26,62 @@ from fastattn.optim import clip_grads
 __all__ = ["Trainer", "eval_seq2seq", "exact_match", "remove_duplicate"]
 
 
-def remove_duplicate(params, grads):
-    """Params listed more than once (shared weights) kept once, their grads summed.
+def _layout(a):
+    """Where and how an array lies in memory: two arrays with the same layout are one weight."""
+    if not isinstance(a, np.ndarray):
+        return ("object", id(a))
+    return (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
 
-    Returns new lists (the inputs are not changed); the grads of a shared param are summed
-    into the grad array of its first occurrence.
+
+def _tied(params):
+    """For each param, None when it is the first of its weight, else (the index of that
+    weight's first param, True when this one is its transpose).
+
+    A weight listed twice is the same array (``W``, ``W``) or a view of the same memory laid
+    out the same way; a transposed view (``W``, ``W.T``: the book's weight tying of an
+    embedding and the output affine) shares the weight too. Equal values in separate memory
+    are separate weights.
     """
-    seen = {}
-    out_p, out_g = [], []
-    for p, g in zip(params, grads, strict=True):
-        j = seen.get(id(p))
+    first, out = {}, []
+    for i, p in enumerate(params):
+        key = _layout(p)
+        j, transposed = first.get(key), False
+        if j is None and isinstance(p, np.ndarray) and p.ndim == 2:
+            j = first.get(_layout(p.T))
+            transposed = j is not None
         if j is None:
-            seen[id(p)] = len(out_p)
+            first[key] = i
+            out.append(None)
+        else:
+            out.append((j, transposed))
+    return out
+
+
+def remove_duplicate(params, grads):
+    """Params listed more than once (shared weights) kept once, their grads summed, as the
+    book's ``remove_duplicate``.
+
+    A param shares the weight of an earlier one when it is the same array or a view of the
+    same memory, also a transposed one (``TimeAffine(embed_W.T, b)`` tied to
+    ``TimeEmbedding(embed_W)``): its grad is added (transposed back) to the grad of the
+    weight's first param. The book found transposed pairs by comparing values; here the memory
+    decides, so two weights that happen to hold equal values stay apart.
+
+    Returns new lists (the input lists are not changed); the grads of a shared weight are
+    summed into the grad array of its first occurrence.
+    """
+    if len(params) != len(grads):
+        raise ValueError(f"params and grads must have the same length, got {len(params)} and "
+                         f"{len(grads)}")
+    out_p, out_g, where = [], [], {}
+    for i, (p, g, tie) in enumerate(zip(params, grads, _tied(params), strict=True)):
+        if tie is None:
+            where[i] = len(out_p)
             out_p.append(p)
             out_g.append(g)
         else:
-            out_g[j] += g
+            j, transposed = tie
+            out_g[where[j]] += g.T if transposed else g
     return out_p, out_g
 
 
@@ -53,6 +93,10 @@ class Trainer:
     dict per epoch: ``epoch``, ``loss`` (mean over the epoch), ``seconds``, plus what the
     ``callback`` returned), ``train_seconds`` (time in training steps, callbacks excluded),
     ``current_epoch``.
+
+    A weight listed more than once in ``model.params`` (shared by two layers, or tied as a
+    transposed view, ``TimeAffine(embed_W.T, b)``) is clipped and updated once, with the sum
+    of its grads (:func:`remove_duplicate`), as in the book.
 
     ``seed``: None shuffles with ``np.random.permutation`` (NumPy's global state, as the
     book); an int uses a private generator.
@@ -118,7 +162,7 @@ class Trainer:
         self.eval_interval = eval_interval
         model, optimizer = self.model, self.optimizer
         params, grads = model.params, model.grads
-        shared = len({id(p) for p in params}) != len(params)
+        shared = any(tie is not None for tie in _tied(params))
         comm = self.comm
         if comm is not None:
             progress = progress and comm.rank == 0

@@ -242,6 +242,22 @@ def test_remove_duplicate_sums_shared_grads():
     np.testing.assert_array_equal(g[0], [3.0, 3.0])
 
 
+@pytest.mark.parametrize("shape", [(3, 2), (3, 3)], ids=["VxD", "square"])
+def test_remove_duplicate_sums_the_grad_of_a_transposed_view(shape):
+    """The book's weight tying, TimeAffine(embed_W.T, b) beside TimeEmbedding(embed_W): the
+    view's grad is added, transposed, to the weight's grad (as the book's remove_duplicate
+    does); a square weight's transpose too. A copy with equal values is another weight."""
+    rng = np.random.default_rng(0)
+    W, b = rng.standard_normal(shape), rng.standard_normal(shape[0])
+    gW, gb, gWT = (rng.standard_normal(a.shape) for a in (W, b, W.T))
+    want = gW + gWT.T
+    p, g = remove_duplicate([W, b, W.T], [gW, gb, gWT])
+    assert len(p) == 2 and p[0] is W and p[1] is b and g[0] is gW
+    np.testing.assert_array_equal(g[0], want)  # one addition: exact
+    p, g = remove_duplicate([W, W.T.copy()], [gW, gWT])
+    assert len(p) == 2
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -418,29 +434,40 @@ def test_trainer_loss_list_is_the_book_running_mean_since_the_last_report(eval_i
 
 class _TiedModel:
     """loss = 0.5 mean((x W + x^2 W - t)^2) with W listed twice in params (tied weights): the
-    grads are those of each use, so the gradient of W is their sum."""
+    grads are those of each use, so the gradient of W is their sum. ``transposed``: the second
+    is W.T, a view (the book's tied embedding and affine), used as its transpose."""
 
-    def __init__(self, W):
-        self.params = [W, W]
-        self.grads = [np.zeros_like(W), np.zeros_like(W)]
+    def __init__(self, W, transposed=False):
+        self.transposed = transposed
+        self.params = [W, W.T if transposed else W]
+        self.grads = [np.zeros_like(p) for p in self.params]
+
+    def _second(self):
+        return self.params[1].T if self.transposed else self.params[1]
 
     def forward(self, x, t):
-        self.x, self.r = x, x @ self.params[0] + (x * x) @ self.params[0] - t
+        self.x, self.r = x, x @ self.params[0] + (x * x) @ self._second() - t
         return float(0.5 * np.mean(np.sum(self.r ** 2, axis=1)))
 
     def backward(self):
         n = len(self.x)
         self.grads[0][...] = self.x.T @ self.r / n
-        self.grads[1][...] = (self.x * self.x).T @ self.r / n
+        g = (self.x * self.x).T @ self.r / n
+        self.grads[1][...] = g.T if self.transposed else g
 
 
-def test_trainer_updates_tied_weights_once_with_the_summed_gradient():
-    """Adam on a weight listed twice: one update per step with the sum of both grads (the
-    book's remove_duplicate), as Adam written out on the single weight gives it."""
+def _tied_data():
     rng = np.random.default_rng(0)
     x, t = rng.standard_normal((8, 3)), rng.standard_normal((8, 2))
-    W0 = 0.1 * rng.standard_normal((3, 2))
-    model = _TiedModel(W0.copy())
+    return x, t, 0.1 * rng.standard_normal((3, 2))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["same-array", "transposed-view"])
+def test_trainer_updates_tied_weights_once_with_the_summed_gradient(transposed):
+    """Adam on a weight listed twice: one update per step with the sum of both grads (the
+    book's remove_duplicate), as Adam written out on the single weight gives it."""
+    x, t, W0 = _tied_data()
+    model = _TiedModel(W0.copy(), transposed)
     Trainer(model, Adam(lr=0.01), seed=0).fit(x, t, max_epoch=3, batch_size=8,
                                               eval_interval=None, progress=False)
     W, grads = W0.copy(), []
@@ -449,6 +476,24 @@ def test_trainer_updates_tied_weights_once_with_the_summed_gradient():
         grads.append((x.T @ r + (x * x).T @ r) / len(x))
         W = adam_reference(W0, grads, 0.01)
     np.testing.assert_allclose(model.params[0], W, rtol=1e-9, atol=1e-12)
+
+
+def test_trainer_clips_the_summed_gradient_of_a_transposed_tie():
+    """max_grad clips the gradient of the one tied weight (the sum of both uses), not the two
+    uses' grads as if they were separate weights; SGD then takes one step with it."""
+    x, t, W0 = _tied_data()
+    model = _TiedModel(W0.copy(), transposed=True)
+    max_grad, lr = 0.05, 0.1
+    Trainer(model, SGD(lr=lr), seed=0).fit(x, t, max_epoch=2, batch_size=8, max_grad=max_grad,
+                                           eval_interval=None, progress=False)
+    W = W0.copy()
+    for _ in range(2):
+        r = x @ W + (x * x) @ W - t
+        g = (x.T @ r + (x * x).T @ r) / len(x)
+        norm = math.sqrt(float(np.sum(g * g)))
+        assert norm > 2 * max_grad  # the clipping is in force
+        W = W - lr * g * (max_grad / (norm + 1e-6))
+    np.testing.assert_allclose(model.params[0], W, rtol=1e-12, atol=1e-15)
 
 
 class _FixedGradModel:
