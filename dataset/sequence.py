@@ -8,8 +8,11 @@ A data file holds one example per line, ``question_answer``: the line is split a
 
 ``load_data`` turns such a file into int arrays of character ids, shuffled and split exactly as
 the book does it, so that the book's own ``date.txt`` gives the same arrays and vocabulary as
-the book's loader. When ``date.txt`` or ``addition.txt`` is asked for and no such file exists,
-the lines come from ``dataset.generate`` instead (the same lines every time).
+the book's loader. A name is found as given, beside this module, or in a ``dataset`` folder of
+a ``sys.path`` entry, where the book's scripts find the book's files. When ``date.txt`` or
+``addition.txt`` is asked for and no such file exists, the lines come from
+``dataset.generate`` instead (the same lines every time; not the book's lines, so the
+characters get other ids and weights trained on the book's file do not fit them).
 
 Differences from the book's loader, all on paths where the book misbehaved:
 
@@ -24,6 +27,7 @@ Differences from the book's loader, all on paths where the book misbehaved:
 """
 
 import os
+import sys
 
 import numpy as np
 
@@ -47,8 +51,11 @@ def _resolve(file_name):
     """Return ``(path, None)`` for a file to read, or ``(None, base_name)`` for a generated one.
 
     Order: the path as given (absolute, or relative to the working directory); a file of the
-    same base name next to this module; the built-in generator for ``date.txt`` and
-    ``addition.txt``. Anything else raises ``FileNotFoundError``.
+    same base name next to this module; one in a ``dataset`` folder of a ``sys.path`` entry
+    (the book's layout: its scripts append the repository to ``sys.path`` and read
+    ``dataset/date.txt`` there, which this installed package would otherwise hide); the
+    built-in generator for ``date.txt`` and ``addition.txt``. Anything else raises
+    ``FileNotFoundError``.
     """
     name = os.fspath(file_name) if isinstance(file_name, (str, os.PathLike)) else None
     if not isinstance(name, str):  # None, a number, bytes (names are text here)
@@ -56,14 +63,19 @@ def _resolve(file_name):
     if os.path.isfile(name):
         return name, None
     base = os.path.basename(name)
-    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), base)
-    if base and os.path.isfile(beside):
-        return beside, None
+    if base:
+        here = os.path.dirname(os.path.abspath(__file__))
+        folders = [here] + [os.path.join(entry or os.curdir, "dataset") for entry in sys.path
+                            if isinstance(entry, str)]
+        for folder in folders:
+            candidate = os.path.join(folder, base)
+            if os.path.isfile(candidate):
+                return candidate, None
     if base in _GENERATORS:
         return None, base
     raise FileNotFoundError(
-        f"no data file {name!r} (looked for it as given and beside the dataset package; "
-        f"only {sorted(_GENERATORS)} can be generated)"
+        f"no data file {name!r} (looked for it as given, beside the dataset package and in "
+        f"the dataset folders of sys.path; only {sorted(_GENERATORS)} can be generated)"
     )
 
 

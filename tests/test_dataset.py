@@ -2,6 +2,7 @@
 
 import datetime
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -437,6 +438,28 @@ def test_a_file_beside_the_dataset_package_is_found_by_its_name(tmp_path, monkey
     assert sequence.get_lines("toy.txt") == ["gh_i", "jk_l"]
     assert sequence.get_lines("date.txt") == ["ab_c", "de_f"]  # read, not generated
     assert sequence.get_lines(elsewhere / "toy.txt") == ["gh_i", "jk_l"]  # by base name
+
+
+def test_the_books_dataset_folder_on_sys_path_is_read_not_generated(tmp_path, monkeypatch):
+    """The book's scripts run in its chapter folders and append the repository to sys.path,
+    where dataset/date.txt lies; this installed package hides the book's dataset package, but
+    its loader still reads that file (its ids are the book's) instead of generating lines."""
+    book = tmp_path / "book"
+    (book / "dataset").mkdir(parents=True)
+    (book / "ch08").mkdir()
+    lines = ["ab _xy", "ba _yx", "aa _xx", "bb _yy"]
+    _write(book / "dataset", "date.txt", lines)
+    _write(book / "dataset", "toy.txt", ["gh_i", "jk_l"])
+    monkeypatch.chdir(book / "ch08")
+    monkeypatch.syspath_prepend(str(tmp_path / "unrelated"))  # an entry without the file
+    monkeypatch.setattr(sys, "path", [*sys.path, ".."])  # sys.path.append('..'), as the book
+    assert sequence.get_lines("date.txt") == lines
+    assert sequence.get_lines("toy.txt") == ["gh_i", "jk_l"]
+    want = sequence.load_data(book / "dataset" / "date.txt", seed=0)
+    got = sequence.load_data("date.txt", seed=0)
+    for a, b in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert list(sequence.get_vocab()[0]) == ["a", "b", " ", "_", "x", "y"]
 
 
 def test_get_lines_of_a_generated_file_is_a_fresh_list_each_time():
