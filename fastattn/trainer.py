@@ -99,7 +99,9 @@ class Trainer:
     of its grads (:func:`remove_duplicate`), as in the book.
 
     ``seed``: None shuffles with ``np.random.permutation`` (NumPy's global state, as the
-    book); an int uses a private generator.
+    book); an int uses a private generator. As the book's, each epoch of a ``fit`` call
+    shuffles the order of the epoch before (the first shuffles the rows as given), so
+    after ``np.random.seed(s)`` the batches are the book's batches, epoch after epoch.
 
     ``comm``: a :class:`fastattn.distributed.Comm` (``distributed.active()`` under mpiexec):
     each rank trains on its share of every batch (``batch_size`` stays the global batch), the
@@ -170,9 +172,10 @@ class Trainer:
         self.blas_counts = adaptive.counts if adaptive is not None else []
 
         total_loss, loss_count = 0.0, 0  # as the book: losses after an epoch's last report
+        idx = np.arange(data_size)  # the rows in the order of the last epoch
         for _ in range(max_epoch):  # count toward the next epoch's first one
             epoch = self.current_epoch + 1
-            idx = self._permutation(data_size)
+            idx = idx[self._permutation(data_size)]  # as the book: shuffle the last order
             if comm is not None:
                 idx = comm.bcast(idx)  # every rank walks the rows in rank 0's order
             xe, te = x[idx], t[idx]

@@ -410,6 +410,31 @@ def test_trainer_reshuffles_every_epoch_and_keeps_x_with_t(seed):
     assert len(set(orders)) == 3, orders  # 16! orders: a repeat is a shuffle that repeats
 
 
+@pytest.mark.parametrize("seed", [3, None])
+def test_trainer_shuffles_the_last_epochs_order_as_the_book(seed):
+    """The book's fit shuffles x in place of x each epoch (x = x[permutation]), so epoch 2
+    walks a shuffle of epoch 1's order: with the same random state the batches are the
+    book's, also after the first epoch."""
+    n, epochs = 12, 3
+    x = np.arange(n, dtype=np.float64)[:, None]
+    model = _RecordingModel()
+    if seed is None:
+        np.random.seed(5)
+    Trainer(model, SGD(lr=0.0), seed=seed).fit(x, 10 * x, max_epoch=epochs, batch_size=4,
+                                                 eval_interval=None, progress=False)
+    if seed is None:
+        np.random.seed(5)
+        permutation = np.random.permutation
+    else:
+        permutation = np.random.default_rng(seed).permutation
+    rows, want = x[:, 0], []
+    for _ in range(epochs):  # the book's loop, written out
+        rows = rows[permutation(n)]
+        want.extend(rows)
+    got = np.concatenate([b[0][:, 0] for b in model.batches])
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("eval_interval", [4, 3])
 def test_trainer_loss_list_is_the_book_running_mean_since_the_last_report(eval_interval):
     """The book's loss_list: at every eval_interval-th step of an epoch, the mean of the
