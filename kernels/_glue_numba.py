@@ -22,11 +22,36 @@ _ROWS_PER_CHUNK = 64  # rows per partial sum of the column-summing kernels
 
 
 @njit_cached(fastmath=_FM)
+def _row_stats_scaled(row, eps):
+    """(mean, rstd) of one row in its dtype, computed in float64 on the row scaled by its
+    largest |x| (glue_vectorized.row_stats_scaled): for a row whose sum or sum of squares
+    overflowed its dtype (a float32 row of 1e20: its squares are beyond float32)."""
+    wide_vectors()
+    t = row.dtype.type
+    C = row.shape[0]
+    m = 0.0
+    for c in range(C):
+        m = max(m, abs(np.float64(row[c])))
+    if not m > 0.0:
+        m = 1.0
+    s = 0.0
+    for c in range(C):
+        s += np.float64(row[c]) / m
+    mu = s / C
+    ss = 0.0
+    for c in range(C):
+        d = np.float64(row[c]) / m - mu
+        ss += d * d
+    return t(mu * m), t(1.0 / (m * np.sqrt(ss / C + eps / m / m)))
+
+
+@njit_cached(fastmath=_FM)
 def _layernorm_forward(x, g, b, eps, y, mean, rstd):
     wide_vectors()
     N, C = x.shape
     t = x.dtype.type
     inv_c = t(1.0) / t(C)
+    big = t(np.inf)
     for n in range(N):
         s = t(0.0)
         for c in range(C):
@@ -37,6 +62,8 @@ def _layernorm_forward(x, g, b, eps, y, mean, rstd):
             d = x[n, c] - mu
             ss += d * d
         r = t(1.0) / np.sqrt(ss * inv_c + t(eps))
+        if not (abs(s) < big and ss < big):  # overflowed: again, scaled, in float64
+            mu, r = _row_stats_scaled(x[n], eps)
         for c in range(C):
             y[n, c] = (x[n, c] - mu) * r * g[c] + b[c]
         mean[n] = mu

@@ -6,11 +6,32 @@ from __future__ import annotations
 import numpy as np
 
 
+def row_stats_scaled(x, eps):
+    """(mean, rstd) in float64 of the rows of x (n, C), each row scaled by its largest |x|
+    first, so that neither its sum nor its sum of squares overflows (rows of 1e20 in float32:
+    their squares are beyond float32). For the rows whose statistics overflowed."""
+    x = x.astype(np.float64)
+    m = np.abs(x).max(axis=1)  # (n,)
+    m = np.where(m > 0, m, 1.0)
+    xs = x / m[:, None]
+    mu = xs.mean(axis=1)  # (n,)
+    var = ((xs - mu[:, None]) ** 2).mean(axis=1)  # (n,): the variance / m^2
+    with np.errstate(under="ignore"):
+        rstd = 1 / (m * np.sqrt(var + eps / m / m))
+    return mu * m, rstd
+
+
 def layernorm_forward(x, g, b, eps):
     t = x.dtype.type
-    mean = x.mean(axis=1)  # (N,)
-    xc = x - mean[:, None]  # (N, C)
-    rstd = 1 / np.sqrt(np.einsum("ij,ij->i", xc, xc) / t(x.shape[1]) + t(eps))  # (N,)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = x.mean(axis=1)  # (N,)
+        xc = x - mean[:, None]  # (N, C)
+        ss = np.einsum("ij,ij->i", xc, xc)  # (N,)
+    rstd = 1 / np.sqrt(ss / t(x.shape[1]) + t(eps))  # (N,)
+    bad = ~(np.isfinite(mean) & np.isfinite(ss))  # overflowed: again, scaled, in float64
+    if bad.any():
+        mean[bad], rstd[bad] = row_stats_scaled(x[bad], eps)
+        xc[bad] = x[bad] - mean[bad, None]
     xc *= rstd[:, None]  # xhat
     y = xc * g
     y += b

@@ -60,6 +60,26 @@ def test_layernorm_forward_matches_the_reference(backend, dtype, rng):
     _close(y, y64, scale, dtype, 4 * C, "y")
 
 
+@pytest.mark.parametrize("magnitude", [1e20, 1e30, 1e38])
+def test_layernorm_of_float32_rows_whose_squares_overflow_matches_the_reference(backend, rng,
+                                                                                magnitude):
+    """Rows of 1e20 and 1e30 in float32: their squares (and at 1e38 their sum) are beyond
+    float32, but mean, rstd and y are not. A variance taken in float32 overflows to inf, which
+    gives rstd 0 and y = b; the rows must be normalised as in float64 (bounds as in the test
+    above), beside an ordinary row."""
+    dtype = np.float32
+    x, g, b = _ln_inputs(rng, dtype, N=4, C=8)
+    x[1:] = (1 + 0.3 * rng.standard_normal((3, 8))) * magnitude
+    y, mean, rstd = _k("layernorm_forward", backend)(x, g, b, 1e-5)
+    y64, mean64, rstd64 = ref.layernorm_forward(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
+    C = x.shape[1]
+    _close(mean, mean64, np.abs(x.astype(np.float64)).mean(axis=1), dtype, 2 * C, "mean")
+    _close(rstd, rstd64, rstd64, dtype, 4 * C, "rstd")
+    xhat = (x.astype(np.float64) - mean64[:, None]) * rstd64[:, None]
+    scale = (np.abs(xhat) + np.abs(x) * rstd64[:, None]) * np.abs(g.astype(np.float64)) + np.abs(b)
+    _close(y, y64, scale, dtype, 4 * C, "y")
+
+
 @pytest.mark.parametrize("N", [37, 130])  # 130: row chunks of uneven sizes (kernels/_glue_numba)
 def test_layernorm_backward_matches_the_reference(backend, dtype, rng, N):
     x, g, b = _ln_inputs(rng, dtype, N=N)
