@@ -181,7 +181,8 @@ class Adam:
         backend = _backend.resolve(self.backend)
         if backend == "numba" and not _one_contiguous_dtype(params, grads):
             backend = "vectorized"
-        # m += (1 - beta1) (g - m); v += (1 - beta2) (g^2 - v); p -= lr_t m / (sqrt(v) + eps)
+        # m += (1 - beta1) (g - m); v += (1 - beta2) (g^2 - v); p -= lr_t m / (sqrt(v) + eps),
+        # with the moments as beta m + (1 - beta) g (see kernels.glue_loop.adam_update)
         _backend.kernel("adam_update", backend)(params, grads, self.m, self.v, lr_t,
                                                 self.beta1, self.beta2, self.eps)
 

@@ -203,14 +203,14 @@ def softmax_xent_backward(x, t, lse, scale):
 
 
 @njit_cached(fastmath=_FM, error_model="numpy")  # no division check: LLVM vectorises the loop
-def _adam_update(params, grads, ms, vs, lr_t, c1, c2, eps):
+def _adam_update(params, grads, ms, vs, lr_t, b1, c1, b2, c2, eps):
     wide_vectors()
     for a in range(len(params)):  # one serial pass: a model's parameters are few and small
         p, g, m, v = params[a], grads[a], ms[a], vs[a]
         for i in range(p.shape[0]):
             gi = g[i]
-            m[i] += c1 * (gi - m[i])
-            v[i] += c2 * (gi * gi - v[i])
+            m[i] = b1 * m[i] + c1 * gi  # beta m + (1 - beta) g: an inf v stays inf (glue_loop)
+            v[i] = b2 * v[i] + c2 * (gi * gi)
             p[i] -= lr_t * m[i] / (np.sqrt(v[i]) + eps)
 
 
@@ -242,5 +242,5 @@ def adam_update(params, grads, ms, vs, lr_t, beta1, beta2, eps):
     else:
         lists = _typed_lists([list(a) for a in (params, grads, ms, vs)])
     t = lists[0][0].dtype.type
-    _adam_update(*lists, t(lr_t), t(1 - beta1), t(1 - beta2), t(eps))
+    _adam_update(*lists, t(lr_t), t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(eps))
 

@@ -20,7 +20,10 @@ float64.
 ``softmax_xent``: loss[n] = lse[n] - x[n, t[n]] with lse the row log-sum-exp; an ignored row
 (t = -1) has loss 0 and a zero gradient row. ``adam_update`` is the book's Adam step on every
 array of the lists: m += (1 - beta1) (g - m); v += (1 - beta2) (g^2 - v);
-p -= lr_t m / (sqrt(v) + eps).
+p -= lr_t m / (sqrt(v) + eps). The moments are computed as beta m + (1 - beta) g, the same
+sum: once v has overflowed to inf (a float32 gradient of 1e30, whose square is beyond float32)
+it stays inf and that parameter stops moving, where v + (1 - beta2) (g^2 - v) would be
+inf - inf = NaN at the next step.
 """
 
 from __future__ import annotations
@@ -130,6 +133,6 @@ def adam_update(params, grads, ms, vs, lr_t, beta1, beta2, eps):
     for p, g, m, v in zip(params, grads, ms, vs, strict=True):
         for i in np.ndindex(p.shape):  # element by element, in place (views included)
             gi = float(g[i])
-            m[i] = float(m[i]) + (1 - beta1) * (gi - float(m[i]))
-            v[i] = float(v[i]) + (1 - beta2) * (gi * gi - float(v[i]))
+            m[i] = beta1 * float(m[i]) + (1 - beta1) * gi
+            v[i] = beta2 * float(v[i]) + (1 - beta2) * (gi * gi)
             p[i] = float(p[i]) - lr_t * float(m[i]) / (math.sqrt(float(v[i])) + eps)

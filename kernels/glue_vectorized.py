@@ -85,6 +85,8 @@ def softmax_xent_backward(x, t, lse, scale):
 def adam_update(params, grads, ms, vs, lr_t, beta1, beta2, eps):
     for p, g, m, v in zip(params, grads, ms, vs, strict=True):
         t = p.dtype.type
-        m += t(1 - beta1) * (g - m)
-        v += t(1 - beta2) * (g * g - v)
+        m *= t(beta1)  # beta m + (1 - beta) g: no inf - inf once v is inf (glue_loop)
+        m += t(1 - beta1) * g
+        v *= t(beta2)
+        v += t(1 - beta2) * (g * g)
         p -= t(lr_t) * m / (np.sqrt(v) + t(eps))

@@ -199,6 +199,37 @@ def test_adam_update_matches_the_reference(backend, dtype, rng):
         _close(m, m64, np.abs(m64) + np.abs(grads[0].max()), dtype, 4, "m")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_adam_update_after_a_gradient_whose_square_overflows_gives_no_nan(backend):
+    """A float32 gradient of +-1e30: its square is beyond float32, so v becomes inf and the
+    step m / (sqrt(v) + eps) is 0 (PyTorch's float32 Adam does the same). At the next steps v
+    must stay inf, not inf - inf = NaN: those parameters keep their value, as PyTorch's, and
+    the others follow the reference in float64 (bound as in the test above)."""
+    torch = pytest.importorskip("torch")
+    steps = [[1e30, 0.5, -1e30], [1.0, 1.0, 1.0], [2.0, -1.0, 3.0]]
+    p0 = np.array([1.0, -0.5, 2.0], np.float32)
+    got = [[p0.copy()], [np.zeros(3, np.float32)], [np.zeros(3, np.float32)],
+           [np.zeros(3, np.float32)]]
+    want = [[p0[1:2].astype(np.float64)], [np.zeros(1)], [np.zeros(1)], [np.zeros(1)]]
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    topt = torch.optim.Adam([tp], lr=0.01)
+    moved = 0.0  # the sum of the reference's step sizes lr_t |m| / (sqrt(v) + eps)
+    for g in steps:
+        got[1][0][...] = g
+        _k("adam_update", backend)(*got, 0.01, 0.9, 0.999, 1e-7)
+        want[1][0][...] = g[1]
+        ref.adam_update(*want, 0.01, 0.9, 0.999, 1e-7)
+        moved += 0.01 * np.abs(want[2][0]) / (np.sqrt(want[3][0]) + 1e-7)
+        tp.grad = torch.tensor(g, dtype=torch.float32)
+        topt.step()
+    p, m, v = got[0][0], got[2][0], got[3][0]
+    assert not np.isnan(np.concatenate([p, m, v])).any(), (p, m, v)
+    assert np.isposinf(v[[0, 2]]).all()
+    np.testing.assert_array_equal(p[[0, 2]], tp.detach().numpy()[[0, 2]])
+    # each step as one step of the test above
+    _close(p[1:2], want[0][0], np.abs(p0[1:2]) + 8 * moved, np.float32, 3 * 4, "p")
+
+
 def test_numba_adam_divides_and_takes_square_roots_in_vectors():
     """The numba adam_update's loop is vectorised: with Python's error model, Numba checks
     every division for a zero divisor, and that branch keeps LLVM from vectorising the loop
@@ -210,7 +241,7 @@ def test_numba_adam_divides_and_takes_square_roots_in_vectors():
     from fastattn.kernels import _glue_numba
 
     lists = [_glue_numba.flat_list([np.ones(64, np.float32)]) for _ in range(4)]
-    asm = machine_code(_glue_numba._adam_update, *lists, *np.ones(4, np.float32))
+    asm = machine_code(_glue_numba._adam_update, *lists, *np.ones(6, np.float32))
     assert re.search(r"\bvsqrtps\b", asm) and re.search(r"\bvdivps\b", asm), (
         "adam_update's loop is not vectorised")
 
