@@ -77,20 +77,34 @@ def clip_grads(grads, max_norm):
     for i, g in enumerate(grads):
         _float_array(g, "grads", i)
     total = 0.0
-    with np.errstate(over="ignore"):  # handled below
+    with np.errstate(over="ignore"):  # an overflow is taken again below
         for g in grads:
             flat = g.reshape(-1)
             total += float(np.dot(flat, flat))
     total_norm = math.sqrt(total)
-    if total == math.inf:  # a square overflowed: the norm of grads / their largest entry
-        amax = max(float(np.abs(g).max()) for g in grads if g.size)
-        scaled = (g.reshape(-1).astype(np.float64) / amax for g in grads)
-        total_norm = amax * math.sqrt(sum(float(np.dot(f, f)) for f in scaled))
+    if not math.isfinite(total_norm):  # overflowed (float32 gradients of 1e19), or inf/NaN
+        total_norm = _scaled_norm(grads)
     rate = max_norm / (total_norm + 1e-6)
     if rate < 1:
         for g in grads:
             g *= g.dtype.type(rate)
     return total_norm
+
+
+def _scaled_norm(grads) -> float:
+    """The joint L2 norm of ``grads`` whose sum of squares overflows their dtype: in float64,
+    each divided by the largest |g| first; inf or NaN when some gradient holds one."""
+    tops = [float(np.abs(g).max()) for g in grads if g.size]
+    if any(math.isnan(t) for t in tops):
+        return math.nan
+    top = max(tops, default=0.0)
+    if not 0.0 < top < math.inf:
+        return top
+    total = 0.0
+    for g in grads:
+        flat = g.reshape(-1).astype(np.float64) / top
+        total += float(np.dot(flat, flat))
+    return top * math.sqrt(total)
 
 
 def lr_schedule(step: int, lr: float, warmup_steps: int = 0, total_steps: int | None = None,

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import adam_reference
+from helpers import adam_reference, assert_close
 
 from dataset import sequence
 from fastattn.commands.train import limit_threads
@@ -167,6 +167,20 @@ def test_clip_grads_scales_to_max_norm():
     small = np.array([0.1, 0.1])
     clip_grads([small], 10.0)
     np.testing.assert_array_equal(small, [0.1, 0.1])
+
+
+@pytest.mark.parametrize("big", [1e20, 3e38])
+def test_clip_grads_of_float32_gradients_whose_squares_overflow(big):
+    """float32 gradients of 1e20: their squares overflow float32, but their norm does not.
+    The norm is the float64 one, and the gradients are scaled to max_norm (they were all set
+    to 0: a norm of inf gave a rate of 0)."""
+    grads = [np.full(4, big, np.float32), np.array([[1.0, -2.0]], np.float32)]
+    want64 = [g.astype(np.float64) for g in grads]
+    norm64 = math.sqrt(sum(float((g ** 2).sum()) for g in want64))
+    norm = clip_grads(grads, 1.0)
+    assert abs(norm - norm64) <= 10 * np.finfo(np.float64).eps * norm64  # 6 terms, float64
+    for g, w in zip(grads, want64, strict=True):  # g * rate: a few roundings of float32
+        assert_close(g, w / (norm64 + 1e-6), terms=np.abs(w) / norm64, n=8)
 
 
 def test_optimizer_errors():
