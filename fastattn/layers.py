@@ -128,11 +128,20 @@ def _labels(t, N: int, C: int, name: str, *, ignore_label=None):
     return t, keep
 
 
-def _cross_entropy(y, t):
-    """-mean(log y[n, t[n]]); y (N, C) probabilities, t (N,) ids."""
+def _cross_entropy(y, t, x):
+    """-mean(log y[n, t[n]]); y (N, C) = softmax(x) probabilities, t (N,) ids. Where y[n, t[n]]
+    is below the dtype's smallest normal number (underflowed, say to 0 when the scores span
+    1e4), log y is taken from the scores instead: x[n, t[n]] - logsumexp(x[n]), in float64."""
     N = y.shape[0]
     p = y[np.arange(N), t]  # (N,)
-    logp = np.log(np.maximum(p, np.finfo(y.dtype).tiny))
+    low = p < np.finfo(y.dtype).tiny
+    logp = np.log(np.where(low, 1, p))
+    if low.any():
+        xl = x[low].astype(np.float64)  # (n, C)
+        m = xl.max(axis=1)  # (n,)
+        with np.errstate(invalid="ignore"):  # a row of -inf: NaN, as it has no distribution
+            lse = m + np.log(np.exp(xl - m[:, None]).sum(axis=1))
+            logp[low] = xl[np.arange(len(xl)), t[low]] - lse
     return float(-logp.sum() / max(N, 1))
 
 
@@ -239,7 +248,7 @@ class SoftmaxWithLoss:
         t, _ = _labels(t, N, C, "t")
         self.t = t
         self.y = _softmax_rows(x, forward_backend(self))  # backward runs no kernel
-        return _cross_entropy(self.y, t)
+        return _cross_entropy(self.y, t, x)
 
     def backward(self, dout=1):
         if self.y is None:

@@ -211,6 +211,27 @@ def test_softmax_with_loss_matches_numpy():
     assert layer.forward(x, t) == pytest.approx(-np.mean(np.log(p[np.arange(4), t])), rel=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_of_a_target_whose_probability_underflows_is_its_score_below_the_logsumexp(backend):
+    """Scores of +-1e4: the target's softmax probability underflows to 0, yet its -log is
+    logsumexp(x) - x[t], 2e4 here (not -log of the smallest normal number, 87.3 in float32).
+    Both losses against the float64 logsumexp: the probability of an ordinary row is off by
+    (V + 2 spread + 8) eps relatively (its softmax's bound), the log of it by as much
+    absolutely, plus the roundings of the loss's sum."""
+    x = np.array([[1e4, -1e4, 0.0], [0.0, 1.0, 2.0], [-1e4, 1e4, 3.0]], np.float32)
+    t = np.array([1, 2, 0])
+    x64 = x.astype(np.float64)
+    m = x64.max(axis=1)
+    lse = m + np.log(np.exp(x64 - m[:, None]).sum(axis=1))
+    want = float(np.mean(lse - x64[np.arange(3), t]))  # (2e4 + 0.41 + 2e4) / 3
+    terms = float(np.mean(np.abs(lse) + np.abs(x64[np.arange(3), t]) + 1))
+    n = x.shape[1] + 2 * 2 + 8 + 3  # V + 2 spread (of the ordinary row) + 8, then the sum
+    layer = SoftmaxWithLoss(backend=backend)
+    assert_close(np.float32(layer.forward(x, t)), want, terms=terms, n=n)  # a float32 loss
+    layer = TimeSoftmaxWithLoss(backend=backend)
+    assert_close(np.float32(layer.forward(x[None], t[None])), want, terms=terms, n=n)
+
+
 def test_loss_is_finite_for_extreme_scores():
     xs = np.array([[[0.0, 1e4, -1e4]]], dtype=np.float32)
     layer = TimeSoftmaxWithLoss()
