@@ -313,6 +313,32 @@ def test_allreduce_grads_with_a_bad_count_raises_naming_count(monkeypatch, one_r
     assert one_rank.allreduce_grads(g, 2.0, np.float32(2.5)) == 2.0 and (g[0] == 3).all()
 
 
+def test_a_rank_with_count_0_adds_nothing_to_the_mean(monkeypatch, one_rank):
+    """A rank with no rows of the batch (shard with strict=False) passes count 0: the mean is
+    that of the other ranks, whatever its gradient and loss hold; without mpiexec count 0 is
+    accepted too."""
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    g = [np.ones(2)]
+    assert dist.allreduce_grads(g, 2.0, 0) == 2.0 and (g[0] == 1).all()
+    world, out = _ThreadRanks(2), [None, None]
+    inputs = [(np.array([1.0, -2.0]), 0.5, 3), (np.array([7.0, 9.0]), 4.0, 0)]
+
+    def rank_main(r):
+        grad, loss, count = inputs[r]
+        grads = [grad.copy()]
+        out[r] = (grads[0], dist.Comm(world.comm(r)).allreduce_grads(grads, loss, count))
+
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    for grad, loss in out:  # 3 * g / 3: one multiplication and one division, exact here
+        np.testing.assert_array_equal(grad, [1.0, -2.0])
+        assert loss == 0.5
+
+
 def test_no_mpi_import_without_mpiexec(small_data, tmp_path):
     """A normal `fastattn train` run imports nothing of MPI (mpi4py installed or not)."""
     code = (
