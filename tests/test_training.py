@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -131,15 +132,18 @@ def test_adam_rejects_a_params_list_of_another_length_than_its_first():
         opt.update([a, b, a], [np.ones(2), np.ones(3), np.ones(2)])
 
 
+@pytest.mark.parametrize("shape", [(5,), (3, 1)], ids=["longer", "same-size"])
 @pytest.mark.parametrize("backend", ["loop", "vectorized", "numba"])
-def test_adam_rejects_params_of_other_shapes_than_its_moments(backend):
+def test_adam_rejects_params_of_other_shapes_than_its_moments(backend, shape):
     """The numba kernel ran over the new params' length with the old, shorter moments: reads
-    and writes beyond their end (heap corruption), no error."""
+    and writes beyond their end (heap corruption), no error. A shape of the same size is
+    another shape too (the other backends' errors named nothing)."""
     opt = Adam(backend=backend)
     opt.update([np.zeros(3)], [np.ones(3)])
-    p = np.zeros(5)
-    with pytest.raises(ValueError, match=r"^params\[0\] has shape \(5,\); Adam was used"):
-        opt.update([p], [np.ones(5)])
+    p = np.zeros(shape)
+    with pytest.raises(ValueError, match=rf"^params\[0\] has shape {re.escape(str(shape))}; "
+                                         "Adam was used"):
+        opt.update([p], [np.ones(shape)])
     assert opt.iter == 1 and (p == 0).all()
 
 
@@ -151,6 +155,17 @@ def test_clip_grads_scales_float32_grads_whose_squares_overflow():
     norm = clip_grads([g1, g2], 1.0)
     assert norm == pytest.approx(want, rel=1e-6)  # float32 inputs: a few ulps
     np.testing.assert_allclose(np.concatenate([g1, g2.ravel()]), [0.6, 0.0, 0.8], rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_clip_grads_returns_inf_or_nan_for_a_gradient_that_holds_one():
+    """The norm of gradients holding inf is inf, and NaN with a NaN, as sqrt of their sum of
+    squares (float32 and float64 alike)."""
+    for dtype in (np.float32, np.float64):
+        for bad, holds in ((np.inf, math.isinf), (-np.inf, math.isinf), (np.nan, math.isnan)):
+            grads = [np.array([bad, 1.0], dtype), np.ones(2, dtype)]
+            norm = clip_grads(grads, 1.0)
+            assert holds(norm), (dtype, bad, norm)
 
 
 def test_clip_grads_takes_float_arrays_only():
@@ -169,12 +184,15 @@ def test_clip_grads_scales_to_max_norm():
     np.testing.assert_array_equal(small, [0.1, 0.1])
 
 
+@pytest.mark.parametrize("row", [[1.0, 1.0, 1.0, 1.0], [1.0, -0.7, 0.3, 0.55]],
+                         ids=["equal", "unequal"])
 @pytest.mark.parametrize("big", [1e20, 3e38])
-def test_clip_grads_of_float32_gradients_whose_squares_overflow(big):
+def test_clip_grads_of_float32_gradients_whose_squares_overflow(big, row):
     """float32 gradients of 1e20: their squares overflow float32, but their norm does not.
     The norm is the float64 one, and the gradients are scaled to max_norm (they were all set
-    to 0: a norm of inf gave a rate of 0)."""
-    grads = [np.full(4, big, np.float32), np.array([[1.0, -2.0]], np.float32)]
+    to 0: a norm of inf gave a rate of 0). Unequal entries: a sum of squares taken in float32
+    would be off by float32 roundings."""
+    grads = [(big * np.array(row)).astype(np.float32), np.array([[1.0, -2.0]], np.float32)]
     want64 = [g.astype(np.float64) for g in grads]
     norm64 = math.sqrt(sum(float((g ** 2).sum()) for g in want64))
     norm = clip_grads(grads, 1.0)
@@ -254,6 +272,26 @@ def test_remove_duplicate_sums_shared_grads():
     p, g = remove_duplicate([a, b, a], [ga1, gb, ga2])
     assert len(p) == 2 and p[0] is a and p[1] is b
     np.testing.assert_array_equal(g[0], [3.0, 3.0])
+
+
+def test_remove_duplicate_sums_into_the_first_grad_of_each_weight_after_removals():
+    """[a, a, b, c, b]: the second b's grad goes to b's grad, the second kept (a's second
+    was removed before it), not to the third kept, c's."""
+    a, b, c = np.zeros(2), np.zeros(3), np.zeros(3)
+    grads = [np.full(2, 1.0), np.full(2, 2.0), np.full(3, 3.0), np.full(3, 4.0), np.full(3, 5.0)]
+    p, g = remove_duplicate([a, a, b, c, b], grads)
+    assert len(p) == 3 and p[0] is a and p[1] is b and p[2] is c
+    np.testing.assert_array_equal(np.concatenate(g), [3, 3, 8, 8, 8, 4, 4, 4])
+
+
+def test_remove_duplicate_keeps_views_of_other_shapes_apart():
+    """A view that starts where a weight starts, with its strides but another shape, is not
+    that weight: both are kept with their own grads."""
+    W = np.zeros((3, 2))
+    for view in (W[:1], W[:, :1], W.reshape(-1)[:2]):
+        gW, gv = np.ones(W.shape), np.full(view.shape, 2.0)
+        p, g = remove_duplicate([W, view], [gW, gv])
+        assert len(p) == 2 and p[1] is view and g[0] is gW and (g[0] == 1).all()
 
 
 @pytest.mark.parametrize("shape", [(3, 2), (3, 3)], ids=["VxD", "square"])
