@@ -97,14 +97,17 @@ def test_kept_weights_with_a_window_are_those_of_the_band_as_a_mask(causal):
     np.testing.assert_allclose(y, out, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [None, (1, None)])
-def test_bottom_right_causal_cross_attention_is_its_band_as_a_mask(window):
+def test_bottom_right_causal_cross_attention_is_its_band_as_a_mask(window, backend):
     """causal="bottom_right" with 3 queries and 5 keys: query i sees keys j <= i + 2 (and,
     with a window (1, None), j >= i + 2 - 1), forward, kept weights and backward; it was
-    taken as True (top-left: j <= i)."""
+    taken as True (top-left: j <= i). Every backend: the numba one takes the heads in place
+    here, the others as copies (another backward call)."""
     rng = np.random.default_rng(9)
-    a = MultiHeadAttention(8, 2, causal="bottom_right", window=window, dtype=np.float64, seed=0)
-    b = MultiHeadAttention(8, 2, dtype=np.float64, seed=0)
+    a = MultiHeadAttention(8, 2, causal="bottom_right", window=window, dtype=np.float64,
+                           seed=0, backend=backend)
+    b = MultiHeadAttention(8, 2, dtype=np.float64, seed=0, backend=backend)
     a.keep_weights = b.keep_weights = True
     x_q, x_kv, dout = _x(rng, T=3), _x(rng, T=5), _x(rng, T=3)
     i, j = np.arange(3)[:, None], np.arange(5)[None, :]
