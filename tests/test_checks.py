@@ -98,3 +98,15 @@ def test_to_float_gives_inf_for_ints_beyond_floats_range():
     assert _checks.to_float(np.float32(0.25)) == 0.25
     with pytest.raises(TypeError):
         _checks.to_float(None)
+
+
+def test_token_ids_gives_a_c_contiguous_int64_array_of_the_ids_shape():
+    """A strided int64 view and a transposed int32 array come back C-contiguous int64 with
+    their ids; a 0-d id stays 0-d."""
+    ids = np.arange(12, dtype=np.int64).reshape(3, 4)
+    for x in (ids[:, ::2], ids.T.astype(np.int32), np.asfortranarray(ids)):
+        out = _checks.token_ids(x, 12)
+        assert out.dtype == np.int64 and out.flags.c_contiguous, x.strides
+        np.testing.assert_array_equal(out, x)
+    one = _checks.token_ids(np.int32(5), 12, ndim=None)
+    assert one.shape == () and one.dtype == np.int64 and one == 5
