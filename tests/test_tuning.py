@@ -562,9 +562,12 @@ def test_unfused_products_follow_own_dim_and_hold_blas_only_when_they_call_it(
     (dict(seconds="60"), TypeError, "^seconds must be a real number"),  # was '>' not supported
     (dict(seconds=float("inf")), ValueError, "^seconds must be a finite number"),  # ran
     (dict(seconds=0), ValueError, "^seconds must be a finite number"),
+    (dict(seconds=float("nan")), ValueError, "^seconds must be a finite number"),
+    (dict(seconds=np.array(-1.0)), ValueError, "^seconds must be a finite number"),  # a number
     (dict(reps=True), TypeError, "^reps must be an int"),  # was taken as 1
     (dict(reps=0), ValueError, "^reps must be >= 1"),
-], ids=["seconds-str", "seconds-inf", "seconds-0", "reps-bool", "reps-0"])
+], ids=["seconds-str", "seconds-inf", "seconds-0", "seconds-nan", "seconds-0d", "reps-bool",
+        "reps-0"])
 def test_tune_checks_its_budget_naming_it_before_measuring(kw, err, msg, monkeypatch):
     def measured(*args):
         raise AssertionError("tune measured before checking its arguments")
