@@ -462,6 +462,23 @@ def test_the_books_dataset_folder_on_sys_path_is_read_not_generated(tmp_path, mo
     assert list(sequence.get_vocab()[0]) == ["a", "b", " ", "_", "x", "y"]
 
 
+def test_a_file_beside_the_package_comes_before_one_in_a_sys_path_dataset_folder(tmp_path,
+                                                                                  monkeypatch):
+    """The order of the look-up: as given, beside the dataset.sequence module, then the
+    dataset folders of sys.path, so a file in such a folder does not shadow the one beside."""
+    package = tmp_path / "package"
+    package.mkdir()
+    monkeypatch.setattr(sequence, "__file__", str(package / "sequence.py"))
+    _write(package, "toy.txt", ["ab_c"])
+    (tmp_path / "book" / "dataset").mkdir(parents=True)
+    _write(tmp_path / "book" / "dataset", "toy.txt", ["de_f"])
+    monkeypatch.syspath_prepend(str(tmp_path / "book"))
+    monkeypatch.chdir(tmp_path)
+    assert sequence.get_lines("toy.txt") == ["ab_c"]
+    _write(tmp_path, "toy.txt", ["gh_i"])
+    assert sequence.get_lines("toy.txt") == ["gh_i"]  # as given: from the working directory
+
+
 def test_get_lines_of_a_generated_file_is_a_fresh_list_each_time():
     lines = sequence.get_lines("addition.txt")
     assert isinstance(lines, list) and len(lines) == N_LINES
