@@ -80,6 +80,28 @@ def test_layernorm_of_float32_rows_whose_squares_overflow_matches_the_reference(
     _close(y, y64, scale, dtype, 4 * C, "y")
 
 
+@pytest.mark.parametrize("backend", ["vectorized", "numba"])  # the loop's squares overflow
+def test_layernorm_of_float64_rows_whose_squares_overflow_is_that_of_the_rows_scaled(backend,
+                                                                                     rng):
+    """float64 rows of -1e200 (all negative: the scale is the largest |x|, not the largest x)
+    and one of +1e200: their squares are beyond float64. Scaling a row by 2^-664 (exact)
+    scales its mean alike and its rstd inversely and leaves y, up to eps, which is below
+    float64's resolution beside a variance of 1e399: the reference is the scaled rows' with
+    eps 0 (bounds as in the tests above)."""
+    dtype, s = np.float64, 2.0 ** -664
+    x, g, b = _ln_inputs(rng, dtype, N=4, C=8)
+    x[1:] = np.abs(1 + 0.3 * rng.standard_normal((3, 8))) / s
+    x[1:3] *= -1
+    y, mean, rstd = _k("layernorm_forward", backend)(x, g, b, 1e-5)
+    y64, mean64, rstd64 = ref.layernorm_forward(x[1:] * s, g, b, 0.0)
+    C = x.shape[1]
+    _close(mean[1:] * s, mean64, np.abs(x[1:] * s).mean(axis=1), dtype, 2 * C, "mean")
+    _close(rstd[1:] / s, rstd64, rstd64, dtype, 4 * C, "rstd")
+    xhat = (x[1:] * s - mean64[:, None]) * rstd64[:, None]
+    scale = (np.abs(xhat) + np.abs(x[1:] * s) * rstd64[:, None]) * np.abs(g) + np.abs(b)
+    _close(y[1:], y64, scale, dtype, 4 * C, "y")
+
+
 @pytest.mark.parametrize("N", [37, 130])  # 130: row chunks of uneven sizes (kernels/_glue_numba)
 def test_layernorm_backward_matches_the_reference(backend, dtype, rng, N):
     x, g, b = _ln_inputs(rng, dtype, N=N)
