@@ -105,7 +105,11 @@ def translate(model, questions, vocab: Vocabulary | None = None) -> list[str]:
                            "fastattn.vocab.attach_vocab or use load_model")
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings, not one string")
-    questions = list(questions)
+    try:
+        questions = list(questions)
+    except TypeError:  # None, a number: Python's "not iterable" named nothing
+        raise TypeError(f"questions must be a list of strings, got "
+                        f"{type(questions).__name__}") from None
     for i, q in enumerate(questions):
         if isinstance(q, str) and not q.strip():
             raise ValueError(f"questions[{i}] is empty")

@@ -132,6 +132,9 @@ def test_translate_errors(vocab):
         model.translate(["x" * 30])
     with pytest.raises(TypeError, match="list"):
         model.translate("2/10/93")
+    for bad in (None, 5):  # Python's "object is not iterable" named nothing
+        with pytest.raises(TypeError, match="^questions must be a list of strings, got"):
+            model.translate(bad)
 
 
 def test_a_question_of_only_spaces_is_an_empty_question(vocab):
