@@ -54,6 +54,19 @@ def to_float(x) -> float:
         return math.inf if x > 0 else -math.inf
 
 
+def finite_real(x, name: str, *, positive: bool = False) -> float:
+    """``x`` (or a 0-d array of it) as a float, finite and >= 0 (> 0 with ``positive``), else
+    TypeError (not a real number: a string, a bool, None) or ValueError naming ``name``."""
+    x = scalar(x)
+    if not is_real(x):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    v = to_float(x)
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        need = "positive" if positive else "non-negative"
+        raise ValueError(f"{name} must be a finite {need} number, got {x!r:.80}")
+    return v
+
+
 def as_array(x, name: str) -> np.ndarray:
     """``np.asarray(x)``, with a ValueError naming ``name`` for nested sequences of unequal
     lengths (NumPy's own error names nothing)."""

@@ -30,7 +30,6 @@ and only :func:`init` imports mpi4py (the ``mpi`` extra: ``pip install 'fastattn
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import time
@@ -154,7 +153,7 @@ class Comm:
         """
         grads = list(grads)
         loss = _loss(loss)
-        count = _count(count)
+        count = _checks.finite_real(count, "count")
         self._inject_raise()
         sizes = [g.size for g in grads]
         dtype = np.result_type(*grads) if grads else np.dtype(np.float64)
@@ -294,18 +293,6 @@ def _loss(loss):
         raise ValueError(f"loss must be within float's range, got {loss!r:.80}") from None
 
 
-def _count(count) -> float:
-    """``count`` as a float: a finite real number >= 0 (a NumPy scalar or 0-d array too), else
-    TypeError/ValueError naming ``count``."""
-    x = _checks.scalar(count)
-    if not _checks.is_real(x):
-        raise TypeError(f"count must be a real number, got {type(count).__name__}")
-    c = _checks.to_float(x)
-    if not (math.isfinite(c) and c >= 0):
-        raise ValueError(f"count must be a finite number >= 0, got {count!r:.80}")
-    return c
-
-
 def checksum(params) -> int:
     """CRC-32 of the bytes of ``params`` (arrays), in order."""
     crc = 0
@@ -365,7 +352,7 @@ def allreduce_grads(grads, loss=None, count=1):
     """The gradients (in place) and the loss averaged over the ranks, weighted by ``count``:
     see :meth:`Comm.allreduce_grads` (nothing changes without mpiexec; returns ``loss``)."""
     if not launched():
-        _count(count)
+        _checks.finite_real(count, "count")
         return _loss(loss)
     return init().allreduce_grads(grads, loss, count)
 

@@ -22,14 +22,7 @@ __all__ = ["SGD", "Adam", "clip_grads", "lr_schedule"]
 
 
 def _nonneg_float(value, name: str, *, positive: bool = False) -> float:
-    try:
-        v = _checks.to_float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        need = "positive" if positive else "non-negative"
-        raise ValueError(f"{name} must be a finite {need} number, got {value!r}")
-    return v
+    return _checks.finite_real(value, name, positive=positive)
 
 
 def _steps(value, name: str, *, low: int, none: bool = False):

@@ -84,11 +84,7 @@ def tune(seconds: float = 60.0, *, reps: int = 3, write: bool = True, seed: int 
     ``{"setting", "file", "key", "measured"}``, ``measured`` mapping each candidate to its time
     relative to the defaults (below 1: faster). ``seconds`` a finite real number > 0 and
     ``reps`` an int >= 1: TypeError/ValueError naming them otherwise, before anything runs."""
-    seconds = _checks.scalar(seconds)
-    if not _checks.is_real(seconds):
-        raise TypeError(f"seconds must be a real number > 0, got {seconds!r}")
-    if not 0 < _checks.to_float(seconds) < math.inf:  # NaN fails too
-        raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
+    seconds = _checks.finite_real(seconds, "seconds", positive=True)
     reps = _checks.int_at_least(reps, "reps", 1)
     key = _tuning.machine_key()
     base = _tuning.defaults(key)[0]

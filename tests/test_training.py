@@ -225,8 +225,12 @@ def test_optimizer_errors():
     (lambda: Adam(total_steps=float("nan")), TypeError, "^total_steps must be an int"),
     (lambda: Adam(total_steps=0), ValueError, "^total_steps must be >= 1"),
     (lambda: clip_grads([np.zeros(2)], 10**400), ValueError, "^max_norm must be a finite"),
+    (lambda: SGD("0.1"), TypeError, "^lr must be a real number"),  # was taken as 0.1
+    (lambda: Adam(min_lr=True), TypeError, "^min_lr must be a real number"),  # was 1.0
+    (lambda: clip_grads([np.zeros(2)], "1"), TypeError, "^max_norm must be a real number"),
 ], ids=["lr-beyond-float", "min_lr-beyond-float", "eps-0", "warmup-inf", "warmup-fraction",
-        "warmup-str", "warmup-negative", "total-nan", "total-0", "max_norm-beyond-float"])
+        "warmup-str", "warmup-negative", "total-nan", "total-0", "max_norm-beyond-float",
+        "lr-str", "min_lr-bool", "max_norm-str"])
 def test_optimizer_settings_are_checked_naming_them(make, err, msg):
     with pytest.raises(err, match=msg):
         make()

@@ -560,10 +560,10 @@ def test_unfused_products_follow_own_dim_and_hold_blas_only_when_they_call_it(
 
 @pytest.mark.parametrize("kw, err, msg", [
     (dict(seconds="60"), TypeError, "^seconds must be a real number"),  # was '>' not supported
-    (dict(seconds=float("inf")), ValueError, "^seconds must be a finite number"),  # ran
-    (dict(seconds=0), ValueError, "^seconds must be a finite number"),
-    (dict(seconds=float("nan")), ValueError, "^seconds must be a finite number"),
-    (dict(seconds=np.array(-1.0)), ValueError, "^seconds must be a finite number"),  # a number
+    (dict(seconds=float("inf")), ValueError, "^seconds must be a finite positive"),  # ran on
+    (dict(seconds=0), ValueError, "^seconds must be a finite positive"),
+    (dict(seconds=float("nan")), ValueError, "^seconds must be a finite positive"),
+    (dict(seconds=np.array(-1.0)), ValueError, "^seconds must be a finite positive"),  # a number
     (dict(reps=True), TypeError, "^reps must be an int"),  # was taken as 1
     (dict(reps=0), ValueError, "^reps must be >= 1"),
 ], ids=["seconds-str", "seconds-inf", "seconds-0", "seconds-nan", "seconds-0d", "reps-bool",
