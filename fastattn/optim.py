@@ -171,8 +171,10 @@ class Adam:
                 raise ValueError(f"eps must be > 0 in {dt.name} (the dtype of params), got "
                                  f"{self.eps!r}, which rounds to 0 there")
         if self.m is None:
-            self.m = [np.zeros_like(p) for p in params]
-            self.v = [np.zeros_like(p) for p in params]
+            # C-contiguous whatever the params' layout: a later update may take C params to the
+            # numba kernel, which would update flattened copies of F-ordered moments
+            self.m = [np.zeros(p.shape, p.dtype) for p in params]
+            self.v = [np.zeros(p.shape, p.dtype) for p in params]
         else:
             if len(self.m) != len(params):
                 raise ValueError(f"Adam was used with {len(self.m)} params, now {len(params)}")
@@ -186,7 +188,7 @@ class Adam:
         self.current_lr = lr
         lr_t = lr * math.sqrt(1.0 - self.beta2 ** self.iter) / (1.0 - self.beta1 ** self.iter)
         backend = _backend.resolve(self.backend)
-        if backend == "numba" and not _one_contiguous_dtype(params, grads):
+        if backend == "numba" and not _one_contiguous_dtype([*params, *self.m, *self.v], grads):
             backend = "vectorized"
         # m += (1 - beta1) (g - m); v += (1 - beta2) (g^2 - v); p -= lr_t m / (sqrt(v) + eps),
         # with the moments as beta m + (1 - beta) g (see kernels.glue_loop.adam_update)

@@ -236,6 +236,24 @@ def test_optimizer_settings_are_checked_naming_them(make, err, msg):
         make()
 
 
+def test_adam_keeps_its_moments_when_the_params_layout_changes():
+    """Moments made like F-ordered params were F-ordered too; a later update with C params of
+    the same shape went to the numba kernel, which updated flattened copies of them: the moments
+    never moved. Three updates, the first on F-ordered arrays, equal the book's three steps."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((3, 4))
+    p0 = rng.standard_normal((3, 4))
+    want = adam_reference(p0, [g, g, g], 0.001)
+    for backend in ("numba", "vectorized", "loop"):
+        opt = Adam(backend=backend)
+        pf = np.asfortranarray(p0)
+        opt.update([pf], [np.asfortranarray(g)])  # makes the moments
+        p = np.ascontiguousarray(pf)
+        for _ in range(2):
+            opt.update([p], [g.copy()])
+        np.testing.assert_allclose(p, want, rtol=1e-12, atol=1e-15, err_msg=backend)
+
+
 def test_adam_takes_0d_arrays_as_its_step_counts():
     """int() took them before the counts were checked (a setting read back with np.load)."""
     opt = Adam(warmup_steps=np.array(4), total_steps=np.array(8, np.int32))
