@@ -162,7 +162,7 @@ def token_ids(x, V: int, name: str = "xs", *, ndim: int | None = 2) -> np.ndarra
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {V})")
-    return np.require(x, np.int64, "C")  # not ascontiguousarray, which makes 0-d 1-d
+    return np.asarray(x, dtype=np.int64, order="C")  # 0-d stays 0-d; a plain ndarray
 
 
 def bool_mask(mask, shape: tuple, name: str = "mask") -> np.ndarray:

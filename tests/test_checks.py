@@ -110,3 +110,17 @@ def test_token_ids_gives_a_c_contiguous_int64_array_of_the_ids_shape():
         np.testing.assert_array_equal(out, x)
     one = _checks.token_ids(np.int32(5), 12, ndim=None)
     assert one.shape == () and one.dtype == np.int64 and one == 5
+
+
+def test_token_ids_of_an_ndarray_subclass_are_a_plain_ndarray():
+    """np.matrix ids stayed a matrix (np.require keeps subclasses), and Embedding's vectorized
+    W[ids] of a matrix failed with a broadcasting error; they are plain arrays again."""
+    from fastattn import Embedding
+
+    for x in (np.matrix([[1, 2]]), np.ma.masked_array([[1, 2]])):
+        out = _checks.token_ids(x, 12)
+        assert type(out) is np.ndarray and out.shape == (1, 2), type(out)
+    W = np.arange(12.0).reshape(4, 3)
+    for backend in ("loop", "vectorized", "numba"):
+        np.testing.assert_array_equal(
+            Embedding(W, backend=backend).forward(np.matrix([[1, 2]])), W[[[1, 2]]])
