@@ -106,10 +106,11 @@ def translate(model, questions, vocab: Vocabulary | None = None) -> list[str]:
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings, not one string")
     try:
-        questions = list(questions)
+        items = iter(questions)
     except TypeError:  # None, a number: Python's "not iterable" named nothing
         raise TypeError(f"questions must be a list of strings, got "
                         f"{type(questions).__name__}") from None
+    questions = list(items)
     for i, q in enumerate(questions):
         if isinstance(q, str) and not q.strip():
             raise ValueError(f"questions[{i}] is empty")

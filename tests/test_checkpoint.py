@@ -136,6 +136,13 @@ def test_translate_errors(vocab):
         with pytest.raises(TypeError, match="^questions must be a list of strings, got"):
             model.translate(bad)
 
+    def questions():  # a TypeError of the caller's own iterable is the caller's, unchanged
+        yield "2/10/93"
+        raise TypeError("the caller's own error")
+
+    with pytest.raises(TypeError, match="^the caller's own error$"):
+        model.translate(questions())
+
 
 def test_a_question_of_only_spaces_is_an_empty_question(vocab):
     c2i, _ = vocab
