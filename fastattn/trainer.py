@@ -73,8 +73,13 @@ def remove_duplicate(params, grads):
     if len(params) != len(grads):
         raise ValueError(f"params and grads must have the same length, got {len(params)} and "
                          f"{len(grads)}")
+    return _merge_tied(params, grads, _tied(params))
+
+
+def _merge_tied(params, grads, ties):
+    """remove_duplicate with the ties of ``params`` (:func:`_tied`) already found."""
     out_p, out_g, where = [], [], {}
-    for i, (p, g, tie) in enumerate(zip(params, grads, _tied(params), strict=True)):
+    for i, (p, g, tie) in enumerate(zip(params, grads, ties, strict=True)):
         if tie is None:
             where[i] = len(out_p)
             out_p.append(p)
@@ -164,7 +169,8 @@ class Trainer:
         self.eval_interval = eval_interval
         model, optimizer = self.model, self.optimizer
         params, grads = model.params, model.grads
-        shared = any(tie is not None for tie in _tied(params))
+        ties = _tied(params)  # once a fit: the model's lists do not change between steps
+        shared = any(tie is not None for tie in ties)
         comm = self.comm
         if comm is not None:
             progress = progress and comm.rank == 0
@@ -192,7 +198,7 @@ class Trainer:
                         batch_x, batch_t = comm.shard(batch_x, batch_t)
                     loss = model.forward(batch_x, batch_t)
                     model.backward()
-                    p, g = remove_duplicate(params, grads) if shared else (params, grads)
+                    p, g = _merge_tied(params, grads, ties) if shared else (params, grads)
                     if comm is not None:  # the global batch's gradient and loss, every rank
                         loss = comm.allreduce_grads(g, loss, count=len(batch_x))
                     if max_grad is not None:
