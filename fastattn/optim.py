@@ -21,10 +21,6 @@ from fastattn._layer import check_backend
 __all__ = ["SGD", "Adam", "clip_grads", "lr_schedule"]
 
 
-def _nonneg_float(value, name: str, *, positive: bool = False) -> float:
-    return _checks.finite_real(value, name, positive=positive)
-
-
 def _steps(value, name: str, *, low: int, none: bool = False):
     """A count of updates: an int >= ``low`` (or None when ``none``), else TypeError or
     ValueError naming it (no truncation of 2.5, no OverflowError for inf)."""
@@ -65,7 +61,7 @@ def clip_grads(grads, max_norm):
     computed on scaled values, so such grads are scaled down rather than zeroed. ``grads``
     must be float numpy arrays (TypeError naming ``grads[i]``).
     """
-    max_norm = _nonneg_float(max_norm, "max_norm", positive=True)
+    max_norm = _checks.finite_real(max_norm, "max_norm", positive=True)
     grads = list(grads)
     for i, g in enumerate(grads):
         _float_array(g, "grads", i)
@@ -120,7 +116,7 @@ class SGD:
     """Stochastic gradient descent: ``param -= lr * grad`` for each pair."""
 
     def __init__(self, lr=0.01):
-        self.lr = _nonneg_float(lr, "lr")
+        self.lr = _checks.finite_real(lr, "lr")
 
     def update(self, params, grads):
         _check_lists(params, grads)
@@ -146,18 +142,18 @@ class Adam:
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, *, warmup_steps=0, total_steps=None,
                  min_lr=0.0, decay="cosine", eps=1e-7, backend=None):
         self.backend = check_backend(backend)
-        self.lr = _nonneg_float(lr, "lr")
-        self.beta1 = _nonneg_float(beta1, "beta1")
-        self.beta2 = _nonneg_float(beta2, "beta2")
+        self.lr = _checks.finite_real(lr, "lr")
+        self.beta1 = _checks.finite_real(beta1, "beta1")
+        self.beta2 = _checks.finite_real(beta2, "beta2")
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1!r}, {beta2!r}")
         self.warmup_steps = _steps(warmup_steps, "warmup_steps", low=0)
         self.total_steps = _steps(total_steps, "total_steps", low=1, none=True)
-        self.min_lr = _nonneg_float(min_lr, "min_lr")
+        self.min_lr = _checks.finite_real(min_lr, "min_lr")
         if decay not in ("cosine", "linear"):
             raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
         self.decay = decay
-        self.eps = _nonneg_float(eps, "eps", positive=True)  # 0: 0 / 0 where m = v = 0
+        self.eps = _checks.finite_real(eps, "eps", positive=True)  # 0: 0 / 0 where m = v = 0
         self.iter = 0
         self.m = None
         self.v = None
