@@ -31,6 +31,18 @@ columns it gives: no split or merge copies (the tile products take strided rows)
 the date model's attentions (B 128, 4 heads of 16, T 29 and 10, one thread): forward plus
 backward 13.3 ms with the copies, 11.1 ms without.
 
+Prefetching: when a head's whole attention is one tile (Tq <= bq and Tk <= bk: short
+sequences), each unit asks for the next (batch entry, head)'s rows of every array it will read
+or add to (``_numba_math.prefetch_rows``) before it computes its own. Such a unit takes a few
+microseconds, too short for the CPU's prefetchers to get ahead of its rows, which lie 768
+bytes apart in a (B, T, 3 H d) projection, and in a training step those rows have left the
+caches since they were written. Measured on a 2-core AMD EPYC (Zen 4), one thread, at the date
+model's encoder attention (B 128, 4 heads of 16, T 29, heads in place) after a 64 MB sweep of
+memory: backward 1.80-1.88 ms against 2.52-3.20 without, forward 1.05 against 1.48-1.50; with
+the data already in cache both the same (1.56 and 0.88). In the training step of ``fastattn
+train`` the three attentions' backward went from 6.3-6.6 ms to 4.0-4.4 ms a step. Longer
+sequences (several tiles per head) are left to the CPU's prefetchers.
+
 Only tiles of (bq, bk) scores exist at a time: memory beyond inputs and outputs is
 O(threads * bq * bk), plus at most 8 Tq d when the backward splits few batch entries.
 
@@ -50,7 +62,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import get_num_threads
+from numba import get_num_threads, literal_unroll
 
 from . import _tuning
 from ._blas import OneThread as _OneBlasThread
@@ -62,6 +74,7 @@ from ._numba_math import (
     fmax,
     keep_alive,
     njit_cached,
+    prefetch_rows,
     read_only,
     take_unit,
     vexp,
@@ -168,6 +181,13 @@ def _mask_tile(s, i0, j0, causal, maskb, has_mask):
 
 
 @njit_cached(inline="always")
+def _prefetch_head(a, bh, H):
+    """Prefetch hints for the rows of (batch entry, head) bh of a (B, H, T, c) array."""
+    rows = a[bh // H, bh % H]
+    prefetch_rows(rows, 0, rows.shape[0])
+
+
+@njit_cached(inline="always")
 def _next_unit(counter, pos, n_units, chunk):
     """This thread's next work unit, or n_units when none is left. Units go out in chunks of
     ``chunk`` consecutive ones (one shared counter hands out chunk numbers); pos (int64 next,
@@ -216,6 +236,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
     pos = borrow(owned[6])
     # m: running row maximum; lsum: running row sum of exp(s - m); rescale: exp(old m - new
     # m) of the current tile
+    one_tile = Tq <= bq and Tk <= bk  # a head's whole attention is one tile: prefetch
     while True:
         u = _next_unit(counter, pos, B * H * nqb, chunk)
         if u >= B * H * nqb:
@@ -226,6 +247,9 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
         i1 = min(i0 + bq, Tq)
         nq = i1 - i0
         qb, vb = q[b, h, i0:i1], v[b, h]  # (nq, d), (Tk, dv)
+        if one_tile and bh + 1 < B * H:  # the next unit's rows, while this one runs
+            for a in literal_unroll((q, k, v, out)):
+                _prefetch_head(a, bh + 1, H)
         ob = out[b, h, i0:i1]  # (nq, dv)
         maskb = mask[min(bh, mask.shape[0] - 1)]  # (1 or Tq, Tk)
         m[:] = ninf
@@ -407,6 +431,7 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
     coef, sbuf, pbuf = borrow(owned[0]), borrow(owned[1]), borrow(owned[2])
     ktbuf, vtbuf, D = borrow(owned[3]), borrow(owned[4]), borrow(owned[5])
     pos = borrow(owned[6])
+    one_tile = Tq <= bq and Tk <= bk  # a head's whole attention is one tile: prefetch
     while True:
         u = _next_unit(counter, pos, B * H * nsplit, chunk)
         if u >= B * H * nsplit:
@@ -418,6 +443,9 @@ def _backward_units(counter, dout, q, k, v, out, lse, dq, dk, dv, dq_part, scale
         ob = out[b, h]
         maskb = mask[min(bh, mask.shape[0] - 1)]  # (1 or Tq, Tk)
         dqb = dq[b, h] if nsplit == 1 else dq_part[u]  # (Tq, d)
+        if one_tile and bh + 1 < B * H:  # the next unit's rows, while this one runs
+            for a in literal_unroll((dout, q, k, v, out, dq, dk, dv)):
+                _prefetch_head(a, bh + 1, H)
         for i in range(Tq):  # D[i] = dout[b, h, i] . out[b, h, i] = sum_j P[i, j] dP[i, j]
             acc = zero
             for c in range(dob.shape[1]):

@@ -28,8 +28,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastattn import kernels
-from fastattn.kernels import _blas, numba_backend
-from fastattn.kernels._numba_math import FASTMATH, borrow, keep_alive, vexp
+from fastattn.kernels import _blas, _flash, _tuning, numba_backend
+from fastattn.kernels._numba_math import FASTMATH, borrow, keep_alive, prefetch_rows, vexp
 
 FAST = ("vectorized", "numba")
 UNFUSED = (
@@ -590,6 +590,63 @@ def test_keep_alive_keeps_a_borrowed_local_buffer():
     the borrowed buffer here reads the 7s of the next allocation: the hazard it is for.)"""
     for n in (16, 4096, 1 << 16):
         assert _sum_of_a_kept_buffer(n) == 0.0
+
+
+@njit
+def _sum_after_prefetch(a, r0, r1, hint):
+    if hint:
+        prefetch_rows(a, r0, r1)
+    total = a.dtype.type(0)
+    for r in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            total += a[r, c]
+    return total
+
+
+def _llvm_prefetches(ir_text):
+    return [line for line in ir_text.splitlines() if "call void @llvm.prefetch" in line]
+
+
+def test_prefetch_rows_is_a_read_hint_into_l2_that_changes_nothing():
+    base = np.arange(10 * 300, dtype=np.float32).reshape(10, 300)
+    before = base.copy()
+    view = base[2:, 5:250]  # strided rows, the last one at the end of the array's rows
+    n = view.shape[0]
+    for r0, r1 in ((0, n), (3, 3), (n - 1, n)):  # all, none, the last row
+        assert _sum_after_prefetch(view, r0, r1, True) == _sum_after_prefetch(view, r0, r1,
+                                                                              False)
+    np.testing.assert_array_equal(base, before)
+    calls = _llvm_prefetches(_sum_after_prefetch.inspect_llvm(_sum_after_prefetch.signatures[0]))
+    # llvm.prefetch(address, rw 0: read, locality 2: the L2 cache, cache type 1: data)
+    assert calls and all(line.rstrip().endswith("i32 0, i32 2, i32 1)") for line in calls)
+
+
+def test_the_fused_kernels_prefetch_the_next_head_when_each_head_is_one_tile(monkeypatch):
+    """At short sequences (the date model's) both fused kernels hint the next (batch entry,
+    head)'s rows (kernels._flash, "Prefetching"): the calls here take one tile per head, and
+    the kernels they run, compiled for those very arguments, contain the hints."""
+    runs = []
+    real = _flash._in_parallel
+
+    def spy(fn, n_units, flops, serial_flops, *args):
+        runs.append((fn, args))
+        return real(fn, n_units, flops, serial_flops, *args)
+
+    monkeypatch.setattr(_flash, "_in_parallel", spy)
+    rng = np.random.default_rng(0)
+    B, T, H, d = 3, 7, 2, 4
+    q, k, v, dout = (rng.standard_normal((B, T, H, d)).astype(np.float32).transpose(0, 2, 1, 3)
+                     for _ in range(4))
+    out, lse = _flash.attention_forward(q, k, v, 0.5, False, None)
+    _flash.attention_backward(dout, q, k, v, out, lse, 0.5, False, None)
+    assert [fn for fn, _ in runs] == [_flash._forward_units, _flash._backward_units]
+    bq, bk = _flash._tiles(B * H, T, T, False, _tuning.current()[0])
+    assert T <= bq and T <= bk  # one tile per head
+    for fn, args in runs:
+        options = {o: x for o, x in fn.targetoptions.items() if o not in ("cache", "nopython")}
+        fresh = njit(**options)(fn.py_func)
+        fresh(np.zeros(1, np.int64), *args)
+        assert _llvm_prefetches(fresh.inspect_llvm(fresh.signatures[0])), fn.__name__
 
 
 def _borrowed_locals(fn):
