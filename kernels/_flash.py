@@ -38,7 +38,7 @@ microseconds, too short for the CPU's prefetchers to get ahead of its rows, whic
 bytes apart in a (B, T, 3 H d) projection, and in a training step those rows have left the
 caches since they were written. Measured on a 2-core AMD EPYC (Zen 4), one thread, at the date
 model's encoder attention (B 128, 4 heads of 16, T 29, heads in place) after a 64 MB sweep of
-memory: backward 1.80-1.88 ms against 2.52-3.20 without, forward 1.05 against 1.48-1.50; with
+memory: backward 1.78-1.88 ms against 2.52-3.20 without, forward 1.05-1.23 against 1.48-1.50; with
 the data already in cache both the same (1.56 and 0.88). In the training step of ``fastattn
 train`` the three attentions' backward went from 6.3-6.6 ms to 4.0-4.4 ms a step. Longer
 sequences (several tiles per head) are left to the CPU's prefetchers.
