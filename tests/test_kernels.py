@@ -21,6 +21,7 @@ from helpers import (
     kernel_attention_probs,
     kernel_attention_scores,
     kernel_bounds,
+    llvm_ir,
 )
 from helpers.paths import record_paths, use_products
 from numba import njit, types
@@ -643,10 +644,7 @@ def test_the_fused_kernels_prefetch_the_next_head_when_each_head_is_one_tile(mon
     bq, bk = _flash._tiles(B * H, T, T, False, _tuning.current()[0])
     assert T <= bq and T <= bk  # one tile per head
     for fn, args in runs:
-        options = {o: x for o, x in fn.targetoptions.items() if o not in ("cache", "nopython")}
-        fresh = njit(**options)(fn.py_func)
-        fresh(np.zeros(1, np.int64), *args)
-        assert _llvm_prefetches(fresh.inspect_llvm(fresh.signatures[0])), fn.__name__
+        assert _llvm_prefetches(llvm_ir(fn, np.zeros(1, np.int64), *args)), fn.__name__
 
 
 def _borrowed_locals(fn):

@@ -296,16 +296,28 @@ def floats_as(dtype, args):
                  for a in args)
 
 
-def machine_code(kernel, *args):
-    """The machine code of Numba kernel ``kernel`` compiled for ``args`` with its own options
-    (fastmath, error model...), from an uncached copy: Numba does not show the machine code
-    of cached functions. The copy runs once on ``args``."""
+def _fresh_copy(kernel, *args):
+    """An uncached copy of Numba kernel ``kernel`` with its own options (fastmath, error
+    model...), compiled by running it once on ``args``: Numba does not show the code of
+    cached functions."""
     from numba import njit
 
     options = {k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")}
     fresh = njit(**options)(kernel.py_func)
     fresh(*args)
+    return fresh
+
+
+def machine_code(kernel, *args):
+    """The machine code of Numba kernel ``kernel`` compiled for ``args`` (see _fresh_copy)."""
+    fresh = _fresh_copy(kernel, *args)
     return fresh.inspect_asm(fresh.signatures[0])
+
+
+def llvm_ir(kernel, *args):
+    """The LLVM IR of Numba kernel ``kernel`` compiled for ``args`` (see _fresh_copy)."""
+    fresh = _fresh_copy(kernel, *args)
+    return fresh.inspect_llvm(fresh.signatures[0])
 
 
 def record_syncs_and_renames(monkeypatch):
