@@ -25,7 +25,10 @@ Threads of the Numba kernels (the one place that says why there are two ways):
   ``numba.set_num_threads`` and ``NUMBA_NUM_THREADS`` govern both kinds), run small work on
   the calling thread alone (starting threads costs more than it saves there, and on a busy
   machine a parallel region can wait a whole scheduler time slice for a thread), and hold BLAS
-  at one thread while their own threads call it (``kernels._blas``). The training step's glue
+  at one thread while their own threads call it (``kernels._blas``). Each kind of call runs
+  on all those threads or on the calling one alone, whichever has measured faster for it
+  (``kernels._thread_choice``: in a training step NumPy's BLAS worker spins on the other
+  core, and one thread is faster there; ``FASTATTN_THREAD_CHOICE=off`` always takes all). The training step's glue
   kernels (``_glue_numba``) always run on the calling thread (their docstring says why).
 * The unfused kernels (``numba_backend``) are one parallel loop over batch entries, or over
   ranges of token ids, of equal cost each: Numba's ``prange`` hands each thread its share,

@@ -59,12 +59,13 @@ import atexit
 import contextlib
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import get_num_threads, literal_unroll
 
-from . import _tuning
+from . import _thread_choice, _tuning
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._micro import mm
@@ -624,18 +625,30 @@ def _in_parallel(fn, n_units, flops, serial_flops, *args):
     """Run fn(counter, *args) on min(threads, n_units) threads, the calling one and a pool's:
     fn is a nogil kernel that takes units from the shared counter until none are left, so a
     thread slowed down by other work on the machine simply takes fewer. Small work
-    (``flops``) runs on the calling thread alone."""
+    (``flops``) runs on the calling thread alone, and so does other work where that has
+    measured faster for its kind of call (``_thread_choice``: in a training step, NumPy's BLAS
+    worker holds the other core)."""
     counter = np.zeros(1, dtype=np.int64)
     n = 1 if flops < serial_flops else max(1, min(get_num_threads(), n_units))
     if n == 1:
         fn(counter, *args)
         return
-    futures = [pool(n - 1).submit(fn, counter, *args) for _ in range(n - 1)]
-    try:
+    timed = _thread_choice.active()
+    if timed:
+        key = (fn, n_units, flops, n)
+        n = _thread_choice.choice.pick(key, n)
+        t0 = time.perf_counter()
+    if n == 1:
         fn(counter, *args)
-    finally:
-        for f in futures:
-            f.result()
+    else:
+        futures = [pool(n - 1).submit(fn, counter, *args) for _ in range(n - 1)]
+        try:
+            fn(counter, *args)
+        finally:
+            for f in futures:
+                f.result()
+    if timed:
+        _thread_choice.choice.record(key, n, time.perf_counter() - t0)
 
 
 def attention_forward(q, k, v, scale, causal, mask, *, tiles=None):

@@ -35,6 +35,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.numerics)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_thread_choice():
+    """Each test starts with no timings of the fused kernels' calls (``_thread_choice``), so
+    what one test's calls measured never picks the thread count of another's."""
+    from fastattn.kernels import _thread_choice
+
+    _thread_choice.choice.clear()
+    yield
+
+
 @pytest.fixture
 def rng():
     """A fresh generator with a fixed seed: each test sees the same numbers on every run."""

@@ -41,6 +41,25 @@ def test_info_shows_numbas_thread_count_in_force_and_its_maximum(capsys, threads
     assert (facts["numba_threads"], facts["numba_max_threads"]) == (1, top)
 
 
+def test_info_says_how_the_fused_kernels_pick_their_threads(capsys, monkeypatch, threads):
+    from fastattn.kernels import _thread_choice
+
+    def row():
+        assert cli.main(["info"]) == 0
+        rows = [line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+                if line.startswith("fused kernels' threads:")]
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    monkeypatch.setattr(_thread_choice, "ENABLED", True)
+    threads(2)
+    assert row() == "2 or 1, whichever has measured faster for each kind of call"
+    monkeypatch.setattr(_thread_choice, "ENABLED", False)
+    assert row() == "2 (FASTATTN_THREAD_CHOICE=off)"
+    threads(1)
+    assert row() == "1"
+
+
 def test_info_json_names_a_threading_layer_and_the_backend(capsys, monkeypatch):
     monkeypatch.setenv("FASTATTN_BACKEND", "vectorized")
     assert cli.main(["info", "--json"]) == 0

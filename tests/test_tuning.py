@@ -681,3 +681,22 @@ def test_info_names_the_isa_the_blas_kernel_and_the_setting(capsys, tune_file):
     isa = _tuning.target()["isa"]
     assert f"({isa})" in text and "blas kernel:" in text
     assert f"tuned ({tune_file})" in text and "16x8" in text
+
+
+def test_tune_times_each_candidate_with_the_thread_count_fixed(monkeypatch, tune_file, rng):
+    """The kernels' per-call choice of their thread count (``_thread_choice``) is off while
+    tune times a candidate, and on again afterwards."""
+    from fastattn.kernels import _thread_choice
+
+    seen, real = [], _flash.attention_forward
+
+    def forward(*args, **kw):
+        seen.append(_thread_choice.active())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_thread_choice, "ENABLED", True)
+    monkeypatch.setattr(_flash, "attention_forward", forward)
+    assert tuning._time_step((2, 16), False, _small_setting(), 2, rng) > 0
+    assert seen == [False] * 3
+    assert _thread_choice.active()
+

@@ -50,6 +50,9 @@ def _numba_facts():
     except Exception as exc:  # no usable threading layer
         facts["threading_layer"] = f"unavailable ({type(exc).__name__}: {exc})"
     facts["numba_cache_dir"] = _cache_dir()
+    from fastattn.kernels import _thread_choice
+
+    facts["fused_kernel_threads"] = "by time" if _thread_choice.ENABLED else "fixed"
     return facts
 
 
@@ -185,6 +188,15 @@ def collect() -> dict:
     return facts
 
 
+def _thread_rule(facts):
+    n = facts["numba_threads"]
+    if n < 2:
+        return "1"
+    if facts["fused_kernel_threads"] == "fixed":
+        return f"{n} (FASTATTN_THREAD_CHOICE=off)"
+    return f"{n} or 1, whichever has measured faster for each kind of call"
+
+
 def format_facts(facts: dict) -> str:
     lines = ["versions:"]
     for name, ver in facts["versions"].items():
@@ -195,6 +207,7 @@ def format_facts(facts: dict) -> str:
         ("cpu", f"{facts['cpu_model']}: {facts['cpu']} ({facts['cpu_count']} logical cores)"),
         *_tuning_rows(facts["tuning"]),
         ("numba threads", f"{facts['numba_threads']} (max {facts['numba_max_threads']})"),
+        ("fused kernels' threads", _thread_rule(facts)),
         ("threading layer", facts["threading_layer"]),
         ("numba cache dir", facts["numba_cache_dir"]),
         ("numba kernels' BLAS",
