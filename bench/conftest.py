@@ -76,6 +76,18 @@ def setting():
     return _tuning.current()[1]
 
 
+def thread_rule():
+    """How the fused kernels pick their thread count (``fastattn info``'s row)."""
+    import numba
+
+    from fastattn.commands.info import _thread_rule
+    from fastattn.kernels import _thread_choice
+
+    return _thread_rule({"numba_threads": numba.get_num_threads(),
+                         "fused_kernel_threads": "by time" if _thread_choice.ENABLED
+                         else "fixed"})
+
+
 def host_load():
     """The machine's load while the suite ran (``fastattn._hostload.Watch.describe``)."""
     return _WATCH.describe()
@@ -84,6 +96,7 @@ def host_load():
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fastattn_machine"] = machine()
     machine_info["fastattn_setting"] = setting()
+    machine_info["fastattn_threads"] = thread_rule()
     machine_info["fastattn_host_load"] = host_load()
 
 
@@ -93,4 +106,5 @@ def pytest_terminal_summary(terminalreporter, config):
     if session is not None and not session.disabled and session.benchmarks:
         terminalreporter.write_line(f"measured on: {machine()}")
         terminalreporter.write_line(f"fused kernels' setting: {setting()}")
+        terminalreporter.write_line(f"fused kernels' threads: {thread_rule()}")
         terminalreporter.write_line(f"host while measuring: {host_load()}")

@@ -28,8 +28,9 @@ Threads of the Numba kernels (the one place that says why there are two ways):
   at one thread while their own threads call it (``kernels._blas``). Each kind of call runs
   on all those threads or on the calling one alone, whichever has measured faster for it
   (``kernels._thread_choice``: in a training step NumPy's BLAS worker spins on the other
-  core, and one thread is faster there; ``FASTATTN_THREAD_CHOICE=off`` always takes all). The training step's glue
-  kernels (``_glue_numba``) always run on the calling thread (their docstring says why).
+  core, and one thread is faster there; ``FASTATTN_THREAD_CHOICE=off`` always takes all).
+  The training step's glue kernels (``_glue_numba``) always run on the calling thread (their
+  docstring says why).
 * The unfused kernels (``numba_backend``) are one parallel loop over batch entries, or over
   ranges of token ids, of equal cost each: Numba's ``prange`` hands each thread its share,
   which is all such a loop needs, at the lowest start-up cost.

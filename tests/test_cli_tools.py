@@ -160,10 +160,11 @@ def test_ratio_table_divides_by_the_fastest_of_each_group():
     assert numba.split()[-1] == "25%" and torch.split()[-1] == "12%"
     assert "200.0 GFLOP/s" in lines[-1]
     report["machine_info"] = {"fastattn_machine": "some CPU", "fastattn_setting": "tuned (f)",
+                              "fastattn_threads": "2 or 1 (t)",
                               "fastattn_host_load": "1.0% stolen"}
-    assert bench.ratio_table(report).splitlines()[-3:] == [
+    assert bench.ratio_table(report).splitlines()[-4:] == [
         "measured on: some CPU", "fused kernels' setting: tuned (f)",
-        "host while measuring: 1.0% stolen"]
+        "fused kernels' threads: 2 or 1 (t)", "host while measuring: 1.0% stolen"]
 
 
 def test_ratio_table_orders_and_divides_by_the_min_time_not_the_median():
@@ -223,6 +224,8 @@ def test_bench_runs_a_suite_and_prints_ratios(capfd):
 
     lines = out.splitlines()
     assert lines.count(f"fused kernels' setting: {_tuning.current()[1]}") == 2
+    rule = [line for line in lines if line.startswith("fused kernels' threads: ")]
+    assert len(rule) == 2 and rule[0] == rule[1], out
     host = [line for line in lines if line.startswith("host while measuring: ")]
     assert len(host) == 2, out
     for line in host:

@@ -210,6 +210,8 @@ def ratio_table(report: dict) -> str:
         lines.append(f"measured on: {info['fastattn_machine']}")
     if info.get("fastattn_setting"):  # the fused kernels' tuning in force
         lines.append(f"fused kernels' setting: {info['fastattn_setting']}")
+    if info.get("fastattn_threads"):  # how the fused kernels pick their thread count
+        lines.append(f"fused kernels' threads: {info['fastattn_threads']}")
     if info.get("fastattn_host_load"):  # steal and other processes while the suite ran
         lines.append(f"host while measuring: {info['fastattn_host_load']}")
     if info.get("fastattn_apart"):  # how --apart ran the contenders
