@@ -8,17 +8,26 @@ call waits at its end for the units the pool thread took. Measured in the defaul
 training step (2-core AMD EPYC, Zen 4; Numba's default 2 threads, BLAS on 2; every call of
 the three attentions alternating between 1 and 2 threads, 300 steps): on 2 threads the calls
 took a median 1.07-1.17x their time on 1 (the encoder's forward 1.08 against 0.97 ms), the
-few-rows products 1.3x. Another process busy on a core does the same. Called alone, with the
-cores free, the same kernels run some 1.8x faster on two threads. Which is faster is a
-property of the moment, not of the kernel, so it is measured.
+unfused products on the kernels' threads (``_products``) 1.3-1.6x. Called alone, with the
+cores free, two threads are faster (the encoder's attention, forward plus backward, min 1.48
+against 2.45 ms). Which is faster is a property of the moment, not of the kernel, so it is
+measured.
 
-How: a kind of call is (kernel, work units, flops, threads allowed). Its first ``TRIES`` calls
-run on all the allowed threads, as without this module, the next ``TRIES`` on one; from then
-on each call runs on the count with the lower median of its last ``TRIES`` times. The count in
-use is timed at every call, so a slowdown of it (load that came) shows at once; the other one
-is timed again, ``TRIES`` calls in a row, after ``FIRST_LOOK`` calls, then after twice as many
-each time the choice stands, up to ``LAST_LOOK``. A kind seen fewer than ``2 TRIES`` times
-(say, a decoding step's growing key length) always runs on all the allowed threads.
+How: a kind of call is (kernel, work units, flops, threads allowed). Its first ``2 TRIES``
+calls alternate between all the allowed threads and one; from then on each call runs on the
+count with the lower median of its ``TRIES`` times. Both counts are timed afresh, in turns (so
+that a drift of the machine's speed moves both alike), after ``FIRST_LOOK`` calls, then after
+twice as many each time the choice stands, up to ``LAST_LOOK``. Between these looks the count
+in use is timed at every call, and when its median grows ``SLOWER`` times the other's last
+(load came?), the next call starts a look. A kind seen fewer than ``2 TRIES`` times (say, a
+decoding step's growing key length) runs on all the allowed threads once and on one once, as
+it alternates.
+
+What it costs and gains, measured on the same machine (in one process, the choice on and off
+in turns of 25 steps or 50 calls, three processes each): in the default model's training step
+with the library's thread defaults, a median step 2.5-4.8% faster with it; the encoder's
+attention called alone (where two threads stay), its median 0-2.4% slower (the looks' calls
+on one thread), with looks up to every 256 calls; now up to every 1024.
 
 The thread count changes no result (each kernel's units do not depend on it: ``_flash``).
 ``FASTATTN_THREAD_CHOICE=off`` (read at import) or :func:`fixed` (for timing a kernel, as
@@ -33,8 +42,9 @@ import os
 import threading
 
 TRIES = 3  # timed calls per look at a count; its estimate is their median
-FIRST_LOOK = 16  # calls between looks at the count not in use, doubled while the choice stands
-LAST_LOOK = 256
+FIRST_LOOK = 16  # calls from one look to the next, doubled while the choice stands
+LAST_LOOK = 1024
+SLOWER = 1.5  # between looks, a look comes at once when the count in use gets this much slower
 MAX_KINDS = 4096  # kinds of call remembered; beyond that all are forgotten and start again
 
 ENABLED = os.environ.get("FASTATTN_THREAD_CHOICE", "").strip().lower() not in ("off", "0")
@@ -63,48 +73,44 @@ def _median(times):
 class _Kind:
     """What is known of one kind of call that may run on ``n`` threads."""
 
-    __slots__ = ("n", "times", "using", "looking", "left", "since", "interval")
+    __slots__ = ("n", "times", "using", "order", "since", "interval")
 
     def __init__(self, n):
         self.n = n
         self.times = {n: [], 1: []}  # the last TRIES times (seconds) on each count
         self.using = n  # the count in use
-        self.looking = 1  # the count being timed now (TRIES calls in a row), or 0
-        self.left = 2 * TRIES  # calls left until the first choice (all, then one)
+        self.order = [n, 1] * TRIES  # the counts of a look still to run: both, in turns
         self.since = 0  # calls since the last look
-        self.interval = FIRST_LOOK
+        self.interval = 0  # calls from one look to the next (0: none yet)
 
     def pick(self):
-        if self.left > TRIES:
-            return self.n  # the first calls: all the allowed threads
-        if self.left > 0:
-            return 1
-        if self.looking:
-            return self.looking
+        if self.order:
+            return self.order[0]
         self.since += 1
-        if self.since >= self.interval:  # time the other count again, from scratch
-            self.looking = 1 if self.using == self.n else self.n
-            self.times[self.looking] = []
-            return self.looking
+        if self.since >= self.interval:  # a look: both counts timed afresh, in turns
+            other = 1 if self.using == self.n else self.n
+            self.times = {self.n: [], 1: []}
+            self.order = [other, self.using] * TRIES
+            return other
         return self.using
 
     def record(self, threads, seconds):
         t = self.times[threads]
         t.append(seconds)
         del t[:-TRIES]
-        if self.left > 0:
-            self.left -= 1
-            if self.left == 0:
-                self.looking = 0
-                self.using = self._faster()
+        if self.order:
+            if self.order[0] == threads:
+                del self.order[0]
+                if not self.order:  # a look is over
+                    before, self.since = self.using, 0
+                    self.using = self._faster()
+                    self.interval = (FIRST_LOOK if self.using != before or not self.interval
+                                     else min(2 * self.interval, LAST_LOOK))
             return
-        if self.looking == threads and len(t) >= TRIES:  # a look is over
-            before, self.looking, self.since = self.using, 0, 0
-            self.using = self._faster()
-            self.interval = (FIRST_LOOK if self.using != before
-                             else min(2 * self.interval, LAST_LOOK))
-        elif not self.looking and threads == self.using:
-            self.using = self._faster()  # the count in use got slower than the other's last
+        other = 1 if threads == self.n else self.n
+        if (threads == self.using and len(t) == TRIES and self.times[other]
+                and _median(t) > SLOWER * _median(self.times[other])):
+            self.since = self.interval  # much slower than the other was (load?): look now
 
     def _faster(self):
         one, all_ = self.times[1], self.times[self.n]

@@ -35,24 +35,25 @@ def _run(kind, cost, calls):
     return used
 
 
-def test_a_kind_runs_on_all_threads_then_on_one_then_on_the_faster():
+def test_a_kind_alternates_between_all_threads_and_one_then_runs_on_the_faster():
     kind = _Kind(2)
-    assert _run(kind, {1: 1.0, 2: 2.0}, 2 * TRIES) == [2] * TRIES + [1] * TRIES
+    assert _run(kind, {1: 1.0, 2: 2.0}, 2 * TRIES) == [2, 1] * TRIES
     assert kind.using == 1 and _run(kind, {1: 1.0, 2: 2.0}, 5) == [1] * 5
     kind = _Kind(4)  # the faster is all of them: they stay
-    assert _run(kind, {1: 2.0, 4: 1.0}, 2 * TRIES + 5) == [4] * TRIES + [1] * TRIES + [4] * 5
-    assert kind.using == 4
+    assert _run(kind, {1: 2.0, 4: 1.0}, 2 * TRIES + 5) == [4, 1] * TRIES + [4] * 5
+    assert kind.using == 4 and kind.interval == FIRST_LOOK
 
 
-def test_the_count_not_in_use_is_timed_again_less_often_while_the_choice_stands():
+def test_both_counts_are_timed_again_in_turns_less_often_while_the_choice_stands():
     kind = _Kind(2)
     cost = {1: 1.0, 2: 2.0}
     _run(kind, cost, 2 * TRIES)
     interval, looks = FIRST_LOOK, 0
     while interval < 4 * LAST_LOOK:
-        used = _run(kind, cost, min(interval, LAST_LOOK) - 1 + TRIES)
-        # interval - 1 calls on the choice, then a look: TRIES calls on the other count
-        assert used == [1] * (min(interval, LAST_LOOK) - 1) + [2] * TRIES, (interval, used)
+        every = min(interval, LAST_LOOK)
+        used = _run(kind, cost, every - 1 + 2 * TRIES)
+        # every - 1 calls on the choice, then a look: the other count and it in turns
+        assert used == [1] * (every - 1) + [2, 1] * TRIES, (interval, used)
         assert kind.using == 1
         interval, looks = 2 * interval, looks + 1
     assert kind.interval == LAST_LOOK and looks > 5
@@ -61,23 +62,33 @@ def test_the_count_not_in_use_is_timed_again_less_often_while_the_choice_stands(
 def test_a_look_that_finds_the_other_count_faster_switches_and_looks_soon_again():
     kind = _Kind(2)
     _run(kind, {1: 1.0, 2: 2.0}, 2 * TRIES)
-    _run(kind, {1: 1.0, 2: 2.0}, FIRST_LOOK - 1 + TRIES)  # one look: the choice stands
+    _run(kind, {1: 1.0, 2: 2.0}, FIRST_LOOK - 1 + 2 * TRIES)  # one look: the choice stands
     assert kind.interval == 2 * FIRST_LOOK
-    quiet = {1: 1.0, 2: 0.5}  # the other core came free
-    used = _run(kind, quiet, 2 * FIRST_LOOK - 1 + TRIES)
-    assert used[-TRIES:] == [2] * TRIES and kind.using == 2 and kind.interval == FIRST_LOOK
+    quiet = {1: 1.0, 2: 0.8}  # the other core came free: a little faster, no switch between
+    used = _run(kind, quiet, 2 * FIRST_LOOK - 1)
+    assert used == [1] * (2 * FIRST_LOOK - 1) and kind.using == 1
+    used = _run(kind, quiet, 2 * TRIES)  # the look: both afresh, two threads faster
+    assert used == [2, 1] * TRIES and kind.using == 2 and kind.interval == FIRST_LOOK
     assert _run(kind, quiet, 3) == [2] * 3
 
 
-def test_a_slowdown_of_the_count_in_use_switches_at_once_but_one_slow_call_does_not():
+def test_a_large_slowdown_of_the_count_in_use_starts_a_look_at_once_a_small_one_waits():
     kind = _Kind(2)
     _run(kind, {1: 2.0, 2: 1.0}, 2 * TRIES)
     assert kind.using == 2
     assert _run(kind, {1: 2.0, 2: 9.0}, 1) == [2] and kind.using == 2  # one slow call
     assert _run(kind, {1: 2.0, 2: 1.0}, 2) == [2, 2] and kind.using == 2
-    assert _run(kind, {1: 2.0, 2: 9.0}, 2) == [2, 2]  # two of the last three: load came
-    assert kind.using == 1
+    # slower than one thread was, but less than SLOWER times: left to the next look
+    assert _run(kind, {1: 2.0, 2: 2.5}, 5) == [2] * 5 and kind.using == 2
+    assert _run(kind, {1: 2.0, 2: 9.0}, 2) == [2, 2]  # two of the last three: load came?
+    assert _run(kind, {1: 2.0, 2: 9.0}, 2 * TRIES) == [1, 2] * TRIES  # a look, at once
+    assert kind.using == 1 and kind.interval == FIRST_LOOK
     assert _run(kind, {1: 2.0, 2: 9.0}, 3) == [1] * 3
+    kind = _Kind(2)  # a false alarm: the look finds the count in use still the faster
+    _run(kind, {1: 2.0, 2: 1.0}, 2 * TRIES)
+    assert _run(kind, {1: 2.0, 2: 9.0}, 2) == [2, 2]
+    assert _run(kind, {1: 2.0, 2: 1.0}, 2 * TRIES + 3) == [1, 2] * TRIES + [2] * 3
+    assert kind.using == 2 and kind.interval == 2 * FIRST_LOOK
 
 
 def test_the_choice_forgets_every_kind_beyond_its_limit(monkeypatch):
@@ -134,12 +145,12 @@ def _driven(monkeypatch):
 def test_in_parallel_runs_on_the_count_its_timings_chose(monkeypatch, threads):
     threads(2)
     call, clock, kernel = _driven(monkeypatch)
-    assert [call() for _ in range(2 * TRIES)] == [2] * TRIES + [1] * TRIES
+    assert [call() for _ in range(2 * TRIES)] == [2, 1] * TRIES
     assert [call() for _ in range(FIRST_LOOK - 1)] == [1] * (FIRST_LOOK - 1)
-    assert [call() for _ in range(TRIES)] == [2] * TRIES  # a look at two threads
+    assert [call() for _ in range(2 * TRIES)] == [2, 1] * TRIES  # a look at both
     assert _thread_choice.choice.using((kernel, 8, 10, 2)) == 1
-    clock.cost = {1: 3.0, 2: 1.0}  # one thread got slow: two of its times show it
-    assert [call() for _ in range(4)] == [1, 1, 2, 2]
+    clock.cost = {1: 4.0, 2: 1.0}  # one thread got much slower: two of its times start a look
+    assert [call() for _ in range(2 + 2 * TRIES + 2)] == [1, 1] + [2, 1] * TRIES + [2, 2]
     with _thread_choice.fixed():  # fixed: all the threads, and no time is taken
         assert [call() for _ in range(3)] == [2] * 3
         clock.cost = {1: 1.0, 2: 9.0}
