@@ -21,7 +21,7 @@ from helpers import assert_attention_close
 
 import fastattn
 from fastattn import cli, tuning
-from fastattn.kernels import _flash, _tuning, loop
+from fastattn.kernels import _flash, _thread_choice, _tuning, loop
 
 
 @pytest.fixture(autouse=True)
@@ -400,16 +400,19 @@ def test_transposed_keys_on_the_kernels_threads_from_heads_in_place(dtype, monke
 
     monkeypatch.setattr(_flash, "_in_parallel", spy)
     threads(2)
-    for Tk in (_flash._LONG_KEYS - 1, _flash._LONG_KEYS, 512):
-        asked.clear()
-        base = rng.standard_normal((3, Tk, 4, 16)).astype(dtype)  # (B, T, H, d)
-        k = base.transpose(0, 2, 1, 3)  # (B, H, T, d) heads, not contiguous
-        kT = _flash.transposed_keys(k, flops=2, serial_flops=1)
-        assert asked == [1] and units[-1] == 12, (asked, units)
-        assert np.array_equal(kT[..., :Tk], np.swapaxes(k, -1, -2)), Tk
-        asked.clear()
-        kT1 = _flash.transposed_keys(k, flops=1, serial_flops=2)  # small: this thread
-        assert asked == [] and np.array_equal(kT1[..., :Tk], kT[..., :Tk])
+    # one kind of call three times over (the same units and flops): all the threads each time,
+    # not the one-thread turns of _thread_choice
+    with _thread_choice.fixed():
+        for Tk in (_flash._LONG_KEYS - 1, _flash._LONG_KEYS, 512):
+            asked.clear()
+            base = rng.standard_normal((3, Tk, 4, 16)).astype(dtype)  # (B, T, H, d)
+            k = base.transpose(0, 2, 1, 3)  # (B, H, T, d) heads, not contiguous
+            kT = _flash.transposed_keys(k, flops=2, serial_flops=1)
+            assert asked == [1] and units[-1] == 12, (asked, units)
+            assert np.array_equal(kT[..., :Tk], np.swapaxes(k, -1, -2)), Tk
+            asked.clear()
+            kT1 = _flash.transposed_keys(k, flops=1, serial_flops=2)  # small: this thread
+            assert asked == [] and np.array_equal(kT1[..., :Tk], kT[..., :Tk])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -686,8 +689,6 @@ def test_info_names_the_isa_the_blas_kernel_and_the_setting(capsys, tune_file):
 def test_tune_times_each_candidate_with_the_thread_count_fixed(monkeypatch, tune_file, rng):
     """The kernels' per-call choice of their thread count (``_thread_choice``) is off while
     tune times a candidate, and on again afterwards."""
-    from fastattn.kernels import _thread_choice
-
     seen, real = [], _flash.attention_forward
 
     def forward(*args, **kw):
