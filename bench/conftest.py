@@ -78,14 +78,9 @@ def setting():
 
 def thread_rule():
     """How the fused kernels pick their thread count (``fastattn info``'s row)."""
-    import numba
+    from fastattn.commands.info import thread_rule as describe
 
-    from fastattn.commands.info import _thread_rule
-    from fastattn.kernels import _thread_choice
-
-    return _thread_rule({"numba_threads": numba.get_num_threads(),
-                         "fused_kernel_threads": "by time" if _thread_choice.ENABLED
-                         else "fixed"})
+    return describe()
 
 
 def host_load():

@@ -700,4 +700,3 @@ def test_tune_times_each_candidate_with_the_thread_count_fixed(monkeypatch, tune
     assert tuning._time_step((2, 16), False, _small_setting(), 2, rng) > 0
     assert seen == [False] * 3
     assert _thread_choice.active()
-

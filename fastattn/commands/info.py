@@ -50,10 +50,14 @@ def _numba_facts():
     except Exception as exc:  # no usable threading layer
         facts["threading_layer"] = f"unavailable ({type(exc).__name__}: {exc})"
     facts["numba_cache_dir"] = _cache_dir()
+    facts["fused_kernel_threads"] = _thread_choice_fact()
+    return facts
+
+
+def _thread_choice_fact():
     from fastattn.kernels import _thread_choice
 
-    facts["fused_kernel_threads"] = "by time" if _thread_choice.ENABLED else "fixed"
-    return facts
+    return "by time" if _thread_choice.ENABLED else "fixed"
 
 
 def _cache_dir():
@@ -188,7 +192,14 @@ def collect() -> dict:
     return facts
 
 
-def _thread_rule(facts):
+def thread_rule(facts=None):
+    """How the fused kernels pick their thread count, as the ``fused kernels' threads`` row
+    says it: from ``facts`` (:func:`collect`'s), or from this process as it is now."""
+    if facts is None:
+        import numba
+
+        facts = {"numba_threads": numba.get_num_threads(),
+                 "fused_kernel_threads": _thread_choice_fact()}
     n = facts["numba_threads"]
     if n < 2:
         return "1"
@@ -207,7 +218,7 @@ def format_facts(facts: dict) -> str:
         ("cpu", f"{facts['cpu_model']}: {facts['cpu']} ({facts['cpu_count']} logical cores)"),
         *_tuning_rows(facts["tuning"]),
         ("numba threads", f"{facts['numba_threads']} (max {facts['numba_max_threads']})"),
-        ("fused kernels' threads", _thread_rule(facts)),
+        ("fused kernels' threads", thread_rule(facts)),
         ("threading layer", facts["threading_layer"]),
         ("numba cache dir", facts["numba_cache_dir"]),
         ("numba kernels' BLAS",
