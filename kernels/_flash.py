@@ -253,11 +253,10 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 _prefetch_head(a, bh + 1, H)
         ob = out[b, h, i0:i1]  # (nq, dv)
         maskb = mask[min(bh, mask.shape[0] - 1)]  # (1 or Tq, Tk)
-        m[:] = ninf
-        lsum[:] = zero
         jend = min(Tk, i1) if causal else Tk  # causal: no row here sees a key j >= i1
-        if jend == 0:
+        if jend == 0:  # no keys: out 0, lse -inf (else the first tile sets m and lsum)
             ob[:, :] = zero
+            lsum[:] = zero
         for j0 in range(0, jend, bk):  # the first tile sets ob, the next ones add to it
             j1 = min(j0 + bk, jend)
             nk = j1 - j0
@@ -273,31 +272,48 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, causal, mask, has_mask
                 _mm_nt(qb, k[b, h, j0:j1], s, scale, coef)
             if has_mask or (causal and j1 - 1 > i0):
                 _mask_tile(s, i0, j0, causal, maskb, has_mask)
-            for r in range(nq):  # online softmax: new row maxima, S - m_new
-                row = s[r]
-                mx = ninf
-                for c in range(nk):
-                    mx = fmax(mx, row[c])
-                m_new = max(m[r], mx)
-                if m_new == ninf:  # nothing allowed in this row so far: S stays -inf, P 0
-                    rescale[r] = one
-                    continue
-                # (none on the first tile, where lsum and ob are yet to be set; 0 when m[r]
-                # is -inf)
-                rescale[r] = one if j0 == 0 else vexp(m[r] - m_new)
-                m[r] = m_new
-                for c in range(nk):
-                    row[c] -= m_new
+            if j0 == 0:  # the first tile: its row maxima are the maxima so far
+                for r in range(nq):
+                    row = s[r]
+                    mx = ninf
+                    for c in range(nk):
+                        mx = fmax(mx, row[c])
+                    m[r] = mx
+                    mx = zero if mx == ninf else mx  # nothing allowed: S - 0 = -inf, P 0
+                    for c in range(nk):
+                        row[c] -= mx
+            else:  # online softmax: new row maxima, S - m_new
+                for r in range(nq):
+                    row = s[r]
+                    mx = ninf
+                    for c in range(nk):
+                        mx = fmax(mx, row[c])
+                    m_new = max(m[r], mx)
+                    if m_new == ninf:  # nothing allowed in this row so far: S stays -inf
+                        rescale[r] = one
+                        continue
+                    rescale[r] = vexp(m[r] - m_new)  # 0 when m[r] is -inf
+                    m[r] = m_new
+                    for c in range(nk):
+                        row[c] -= m_new
             _exp_inplace(sbuf[: nq * nk])  # P = exp(S - m_new), one long vectorised loop
-            for r in range(nq):  # row sums; what came before is rescaled to the new maximum
-                row = s[r]
-                total = zero
-                for c in range(nk):
-                    total += row[c]
-                lsum[r] = lsum[r] * rescale[r] + total
-                if rescale[r] != one:
-                    for c in range(dv):
-                        ob[r, c] *= rescale[r]
+            if j0 == 0:  # row sums
+                for r in range(nq):
+                    row = s[r]
+                    total = zero
+                    for c in range(nk):
+                        total += row[c]
+                    lsum[r] = total
+            else:  # row sums; what came before is rescaled to the new maximum
+                for r in range(nq):
+                    row = s[r]
+                    total = zero
+                    for c in range(nk):
+                        total += row[c]
+                    lsum[r] = lsum[r] * rescale[r] + total
+                    if rescale[r] != one:
+                        for c in range(dv):
+                            ob[r, c] *= rescale[r]
             if j0 == 0:  # O_i = P V_0
                 _mm_nn(s, vb[j0:j1], ob, one, coef, own)
             else:  # O_i += P V_j
