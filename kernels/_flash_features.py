@@ -148,7 +148,7 @@ def _forward_units(counter, q, k, kT, v, out, lse, scale, inv, cfg, drop, qtiles
             else:
                 _mm_nt(qb, k[bkv, j0:j1], s, scale, coef)
             _features_tile(s, b, i0, j0, qs, ks, Lq, Lk, cfg, mask, bias, bias_map, alibi)
-            _online_softmax(s, m, lsum, ob, sbuf[: nq * nk])
+            _online_softmax(s, m, lsum, ob, sbuf[: nq * nk], j0 == jstart)
             if cfg[_HAS_DROP]:  # the row sums above are before dropout, P V after
                 z = zbuf[: nq * nk].reshape((nq, nk))
                 _keep_factors(z, b, i0, j0, drop, inv)

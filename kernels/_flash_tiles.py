@@ -157,35 +157,49 @@ def _pv_loop(s, vb, ob):
 
 
 @njit_cached(fastmath=_FM)
-def _online_softmax(s, m, lsum, ob, scratch):
+def _online_softmax(s, m, lsum, ob, scratch, first):
     """One tile of the online softmax: new row maxima m, s = exp(s - m) in place, row sums
-    lsum and the output rows ob rescaled to the new maxima. scratch is s's flat buffer."""
+    lsum and the output rows ob rescaled to the new maxima. scratch is s's flat buffer.
+    ``first``: the row's first tile, whose maxima and sums are the row's so far (m, lsum and
+    ob are set, not read): no rescaling, and a select for rows with nothing allowed instead of
+    a branch (as in kernels._flash: 5-10% of a one-tile forward at the date model's heads)."""
     wide_vectors()
     nq, nk = s.shape
     dt = s.dtype.type
     ninf, zero, one = dt(-np.inf), dt(0), dt(1)
-    for r in range(nq):
-        row = s[r]
-        mx = ninf
-        for c in range(nk):
-            mx = fmax(mx, row[c])
-        m_new = max(m[r], mx)
-        if m_new == ninf:
-            continue  # nothing allowed in this row so far: s stays -inf, exp 0
-        for c in range(nk):
-            row[c] -= m_new
-        resc = vexp(m[r] - m_new)  # 0 when m[r] is -inf
-        m[r] = m_new
-        lsum[r] *= resc
-        if resc != one:
-            for c in range(ob.shape[1]):
-                ob[r, c] *= resc
+    if first:
+        for r in range(nq):
+            row = s[r]
+            mx = ninf
+            for c in range(nk):
+                mx = fmax(mx, row[c])
+            m[r] = mx
+            mx = zero if mx == ninf else mx  # nothing allowed: s - 0 stays -inf, exp 0
+            for c in range(nk):
+                row[c] -= mx
+    else:
+        for r in range(nq):
+            row = s[r]
+            mx = ninf
+            for c in range(nk):
+                mx = fmax(mx, row[c])
+            m_new = max(m[r], mx)
+            if m_new == ninf:
+                continue  # nothing allowed in this row so far: s stays -inf, exp 0
+            for c in range(nk):
+                row[c] -= m_new
+            resc = vexp(m[r] - m_new)  # 0 when m[r] is -inf
+            m[r] = m_new
+            lsum[r] *= resc
+            if resc != one:
+                for c in range(ob.shape[1]):
+                    ob[r, c] *= resc
     _exp_inplace(scratch)
     for r in range(nq):
         total = zero
         for c in range(nk):
             total += s[r, c]
-        lsum[r] += total
+        lsum[r] = total if first else lsum[r] + total
 
 
 @njit_cached(fastmath=_FM)
