@@ -1,6 +1,7 @@
 """The pieces of a tile for the fused feature kernels (``kernels._flash_features``): the
 dropout hash, bias, ALiBi, the causal/window band and the mask on a score tile, loop products
-for a few query rows, the online softmax step and the backward's dS.
+for a few query rows and the backward's dS (the online softmax step, which the plain kernels
+share, is ``kernels._flash._online_softmax``).
 
 Every function takes the int64 configuration array ``cfg`` of ``_flash_features`` where it
 needs to know which features are on; indices below.
@@ -15,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _attention_rules as rules
-from ._flash import _FM, _exp_inplace
-from ._numba_math import fmax, njit_cached, vexp, wide_vectors
+from ._flash import _FM
+from ._numba_math import njit_cached, vexp, wide_vectors
 
 _GAMMA = np.uint64(rules.GAMMA)
 _MUL1 = np.uint64(rules.MUL1)
@@ -154,52 +155,6 @@ def _pv_loop(s, vb, ob):
             f = s[r, c]
             for p in range(vb.shape[1]):
                 ob[r, p] += f * vb[c, p]
-
-
-@njit_cached(fastmath=_FM)
-def _online_softmax(s, m, lsum, ob, scratch, first):
-    """One tile of the online softmax: new row maxima m, s = exp(s - m) in place, row sums
-    lsum and the output rows ob rescaled to the new maxima. scratch is s's flat buffer.
-    ``first``: the row's first tile, whose maxima and sums are the row's so far (m, lsum and
-    ob are set, not read): no rescaling, and a select for rows with nothing allowed instead of
-    a branch (as in kernels._flash: 5-10% of a one-tile forward at the date model's heads)."""
-    wide_vectors()
-    nq, nk = s.shape
-    dt = s.dtype.type
-    ninf, zero, one = dt(-np.inf), dt(0), dt(1)
-    if first:
-        for r in range(nq):
-            row = s[r]
-            mx = ninf
-            for c in range(nk):
-                mx = fmax(mx, row[c])
-            m[r] = mx
-            mx = zero if mx == ninf else mx  # nothing allowed: s - 0 stays -inf, exp 0
-            for c in range(nk):
-                row[c] -= mx
-    else:
-        for r in range(nq):
-            row = s[r]
-            mx = ninf
-            for c in range(nk):
-                mx = fmax(mx, row[c])
-            m_new = max(m[r], mx)
-            if m_new == ninf:
-                continue  # nothing allowed in this row so far: s stays -inf, exp 0
-            for c in range(nk):
-                row[c] -= m_new
-            resc = vexp(m[r] - m_new)  # 0 when m[r] is -inf
-            m[r] = m_new
-            lsum[r] *= resc
-            if resc != one:
-                for c in range(ob.shape[1]):
-                    ob[r, c] *= resc
-    _exp_inplace(scratch)
-    for r in range(nq):
-        total = zero
-        for c in range(nk):
-            total += s[r, c]
-        lsum[r] = total if first else lsum[r] + total
 
 
 @njit_cached(fastmath=_FM)
