@@ -151,7 +151,13 @@ def _cross_entropy(y, t, x):
 class _AffineMap:
     """out = x W + b over the last axis of x (..., D) -> (..., H): the body of Affine and
     TimeAffine, which differ in the shapes of x they accept (``_check_shape``). On the numba
-    backend the products run on the kernels' threads (``kernels._products``), else NumPy's."""
+    backend the products run on the kernels' threads (``kernels._products``), else NumPy's.
+
+    ``_own_products = False`` (an instance's attribute) gives NumPy's products on every
+    backend: for a layer among NumPy products, whose BLAS threads are awake anyway, as the
+    Transformer's output layer is (see ``TransformerSeq2seq``)."""
+
+    _own_products = True
 
     def __init__(self, W, b, backend=None):
         W, b = _affine_params(W, b)
@@ -165,7 +171,7 @@ class _AffineMap:
         raise NotImplementedError
 
     def _mm(self, a, b, ta=False, tb=False):
-        return matmul(self._backend, a, b, ta, tb)
+        return matmul(self._backend if self._own_products else None, a, b, ta, tb)
 
     def forward(self, x):
         W, b = self.params

@@ -88,3 +88,32 @@ def test_affine_on_numba_matches_vectorized_and_takes_the_kernel_products(monkey
     assert calls == [(False, False), (True, False), (False, True)]
     for got, want in zip(results["numba"], results["vectorized"], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_transformers_output_layer_takes_numpys_products_on_numba(monkeypatch):
+    """TransformerSeq2seq's output layer (a TimeAffine) multiplies with NumPy on the numba
+    backend, as the model's other layers do (``_own_products``): no call reaches the kernels'
+    products in a forward and backward, while a TimeAffine of its own on that backend still
+    takes them; the model's loss and grads match the vectorized backend's."""
+    from fastattn import TransformerSeq2seq
+    from fastattn.kernels import _products
+
+    calls = []
+    real = _products.matmul
+    monkeypatch.setattr(_products, "matmul", lambda *a: calls.append(a[2:]) or real(*a))
+    rng = np.random.default_rng(3)
+    xs = rng.integers(0, 11, (3, 5))
+    ts = rng.integers(0, 11, (3, 4))
+    got = {}
+    for backend in ("vectorized", "numba"):
+        model = TransformerSeq2seq(11, d_model=8, n_heads=2, d_ff=16, max_len=8,
+                                   backend=backend, dtype=np.float64, seed=4)
+        loss = model.forward(xs, ts)
+        model.backward()
+        got[backend] = [np.float64(loss), *(g.copy() for g in model.grads)]
+    assert calls == []
+    for a, b in zip(got["numba"], got["vectorized"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    layer = TimeAffine(rng.standard_normal((8, 11)), np.zeros(11), backend="numba")
+    layer.forward(rng.standard_normal((2, 3, 8)))
+    assert calls == [(False, False)]
