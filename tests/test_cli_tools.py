@@ -393,9 +393,27 @@ def test_bench_apart_paired_alternates_the_contenders_shape_by_shape(tmp_path, m
     ("bench/b.py::test_a[tiny-torch]", "bench/b.py::test_a[tiny]"),
     ("bench/b.py::test_a[numba]", "bench/b.py::test_a"),
     ("bench/b.py::test_sgemm_peak", "bench/b.py::test_sgemm_peak"),
+    # PyTorch's function joins its namesake's shape: its rounds between fastattn's
+    ("bench/b.py::test_step_torch", "bench/b.py::test_step"),
+    ("bench/b.py::test_step_fastattn[numba_library_threads]", "bench/b.py::test_step"),
+    ("bench/b.py::test_step_fastattn", "bench/b.py::test_step"),
+    ("bench/b.py::test_gen_fastattn[batch-numba]", "bench/b.py::test_gen_fastattn[batch]"),
+    ("bench/b.py::test_torch_like_name[x]", "bench/b.py::test_torch_like_name"),
 ])
 def test_shape_of_a_node_id(nodeid, shape):
     assert bench.shape_of(nodeid) == shape
+
+
+def test_paired_rounds_put_pytorchs_function_between_its_namesakes_rounds():
+    """--paired's order for bench_train_step's contenders: every round runs numba, vectorized
+    and PyTorch (a function of its own) before the next round, not PyTorch's rounds after all
+    of fastattn's."""
+    nodes = ["bench/t.py::test_step_fastattn[numba]", "bench/t.py::test_step_fastattn[vectorized]",
+             "bench/t.py::test_step_torch", "bench/t.py::test_other[x-numba]"]
+    order = [(r, name) for r, name, _ in bench._apart_order(nodes, 2, True)]
+    assert order == [(0, "numba"), (0, "vectorized"), (0, "test_step_torch"),
+                     (1, "numba"), (1, "vectorized"), (1, "test_step_torch"),
+                     (0, "numba"), (1, "numba")]
 
 
 def test_bench_paired_needs_apart(capsys):

@@ -24,7 +24,9 @@ move a ratio by up to 2x; in processes of their own they cannot disturb each oth
 alternating before the next shape: the two sides of a ratio then run seconds apart, not a
 whole suite apart, which matters on a host whose speed drifts from minute to minute. A shape's
 benchmarks are those whose node ids differ in the contender only (``shape_of``); a contender
-that is a test function of its own (``test_train_step_torch``) is a shape of its own.
+that is a test function of its own joins the shape of its namesake when the two differ in a
+last ``_torch`` or ``_fastattn`` only (``test_train_step_torch`` and
+``test_train_step_fastattn[numba]``: PyTorch's rounds between numba's, not after them all).
 """
 
 from __future__ import annotations
@@ -118,13 +120,17 @@ def contender(nodeid: str) -> str:
 
 def shape_of(nodeid: str) -> str:
     """A node id without its contender (``f.py::test_x[B4-T16-numba]`` ->
-    ``f.py::test_x[B4-T16]``): the benchmarks of one shape share it."""
+    ``f.py::test_x[B4-T16]``): the benchmarks of one shape share it. A test function with no
+    other parameters loses a last ``_torch`` or ``_fastattn`` (``f.py::test_x_torch`` and
+    ``f.py::test_x_fastattn[numba]`` -> ``f.py::test_x``): one shape, two functions."""
     name = contender(nodeid)
     if nodeid.endswith(f"-{name}]"):
         return nodeid[:-len(name) - 2] + "]"
-    if nodeid.endswith(f"[{name}]"):
-        return nodeid[:-len(name) - 2]
-    return nodeid
+    shape = nodeid[:-len(name) - 2] if nodeid.endswith(f"[{name}]") else nodeid
+    for tail in ("_torch", "_fastattn"):
+        if shape.endswith(tail) and "[" not in shape:
+            return shape[:-len(tail)]
+    return shape
 
 
 def merge(reports: list[dict]) -> dict:
