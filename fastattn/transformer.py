@@ -168,9 +168,9 @@ class TransformerSeq2seq:
         self.out = TimeAffine(uniform(make_rng(ss[-1]), (C, V), C, dt), np.zeros(V, dt),
                               backend=backend)
         # NumPy's products, as every other product of the model: on the kernels' threads
-        # (the numba backend's own, BLAS at one thread) the default model's step took 1.1%
-        # (fastattn train's threads: one Numba thread) and 1.8% (the library's) longer,
-        # medians of 800 steps in turns in one process (2-core AMD EPYC, Zen 4)
+        # (the numba backend's own, BLAS at one thread) the default model's step took 0.8-1.1%
+        # (fastattn train's threads: one Numba thread) and 0.7-1.8% (the library's) longer,
+        # medians of 600-800 steps a side in turns in one process (2-core AMD EPYC, Zen 4)
         self.out._own_products = False
         self.loss_layer = TimeSoftmaxWithLoss(backend=backend)
 
