@@ -205,8 +205,9 @@ def _first_maxima(s, m):
 def _online_softmax(s, m, lsum, ob, scratch, first):
     """One tile of the online softmax: new row maxima m, s = exp(s - m) in place, row sums
     lsum and the output rows ob rescaled to the new maxima. scratch is s's flat buffer.
-    ``first``: the rows' first tile, whose maxima and sums are the rows' so far (m, lsum and
-    ob are set, not read; _first_maxima): no rescaling."""
+    ``first``: the rows' first tile, whose maxima and sums are the rows' so far: m and lsum
+    are set, not read (_first_maxima), and ob, which the caller's P V then sets, is left
+    alone."""
     wide_vectors()
     nq, nk = s.shape
     dt = s.dtype.type
