@@ -5,6 +5,8 @@ the matrix products. One group per kernel, at the sizes of the default ``fastatt
 model's step (float32; ``TrainSettings.batch_size`` questions of the date task):
 
 * ``layernorm_*``: the encoder's rows, (batch x 29 positions, d_model);
+* ``bias_add``: the encoder's query, key and value projections, (batch x 29, 3 d_model), in
+  place;
 * ``bias_relu_*``: the feed-forward layer's hidden rows, (batch x 29, d_ff);
 * ``softmax_xent_*``: the output layer's rows, (batch x 10 answer positions, 59 characters);
 * ``adam_update``: every parameter of the default model, one update of all of them.
@@ -15,9 +17,9 @@ purpose), a few rounds; its group is the same kernel, so compare per row.
 Every variant is checked before it is timed (``check_then_time`` of ``bench/conftest.py``), on
 the very call that is timed: its results against the vectorized kernel run in float64 on the
 same numbers, each within ``helpers.K_FLOAT32`` times the float32 error level of the vectorized
-kernel run in float32 (``helpers.assert_all_within_float32_error``). ``adam_update`` works in
-place: the check is on the parameters and moments after the first call, and the timed calls
-go on updating them.
+kernel run in float32 (``helpers.assert_all_within_float32_error``), the references on copies
+of the arguments taken before that call. ``bias_add`` and ``adam_update`` work in place: the
+check is on the arrays after the first call, and the timed calls go on updating them.
 
 Run::
 
@@ -61,6 +63,8 @@ def _inputs(name, rows):
             return x, g, b, 1e-5
         _, mean, rstd = kernels.get("layernorm_forward", "vectorized")(x, g, b, 1e-5)
         return a(rows, C), x, g, mean, rstd
+    if name == "bias_add":
+        return a(rows, 3 * C), a(3 * C)
     if name == "bias_relu_forward":
         return a(rows, F), a(F)
     if name == "bias_relu_backward":
@@ -74,7 +78,7 @@ def _inputs(name, rows):
     return x, t, lse, 1.0 / rows
 
 
-ROWS = {"layernorm_forward": B * T_SRC, "layernorm_backward": B * T_SRC,
+ROWS = {"layernorm_forward": B * T_SRC, "layernorm_backward": B * T_SRC, "bias_add": B * T_SRC,
         "bias_relu_forward": B * T_SRC, "bias_relu_backward": B * T_SRC,
         "softmax_xent_forward": B * T_ANSWER, "softmax_xent_backward": B * T_ANSWER}
 
@@ -106,7 +110,8 @@ def test_glue(benchmark, check_then_time, name, backend):
     rows = LOOP_ROWS if backend == "loop" else ROWS[name]
     benchmark.group = f"{name} ({ROWS[name]} rows, float32; loop: {LOOP_ROWS} rows)"
     args = _inputs(name, rows)
-    check_then_time(kernels.get(name, backend), args, check=lambda got: _check(name, got, args),
+    before = [a.copy() if isinstance(a, np.ndarray) else a for a in args]  # bias_add: in place
+    check_then_time(kernels.get(name, backend), args, check=lambda got: _check(name, got, before),
                     rounds=LOOP_ROUNDS if backend == "loop" else None)
 
 

@@ -218,10 +218,10 @@ class MultiHeadAttention:
         Hkv = self.n_kv_heads
         Ckv = Hkv * self.d_head
         heads = _in_place(backend, Tq)
+        add_bias = _backend.kernel("bias_add", backend)
         if x_kv is None:  # self-attention: one product for q, k and v
             Tk = Tq
-            qkv = xq2 @ W_in  # (B*T, C + 2Ckv)
-            qkv += b_in
+            qkv = add_bias(xq2 @ W_in, b_in)  # (B*T, C + 2Ckv)
             if heads:
                 q, k, v = self._heads(qkv, B, Tq, (C, Ckv, Ckv))
             elif Hkv == self.n_heads:
@@ -236,10 +236,8 @@ class MultiHeadAttention:
                 raise ValueError(f"x_kv must have the batch size {B} of x_q, got {x_kv.shape}")
             Tk = x_kv.shape[1]
             xkv2 = x_kv.reshape(B * Tk, C)
-            qp = xq2 @ W_in[:, :C]  # (B*Tq, C)
-            qp += b_in[:C]
-            kv = xkv2 @ W_in[:, C:]  # (B*Tk, 2C)
-            kv += b_in[C:]
+            qp = add_bias(xq2 @ W_in[:, :C], b_in[:C])  # (B*Tq, C)
+            kv = add_bias(xkv2 @ W_in[:, C:], b_in[C:])  # (B*Tk, 2C)
             if heads:
                 (q,), (k, v) = self._heads(qp, B, Tq, (C,)), self._heads(kv, B, Tk, (Ckv, Ckv))
             else:
@@ -253,8 +251,7 @@ class MultiHeadAttention:
             a2 = att.transpose(0, 2, 1, 3).reshape(B * Tq, C)
         else:
             a2 = self._merge(att, B, Tq)  # (B*Tq, C)
-        y = a2 @ W_out  # (B*Tq, C)
-        y += b_out
+        y = add_bias(a2 @ W_out, b_out)  # (B*Tq, C)
         if keep and self.keep_weights:
             qw, kw = (_flat_heads(a) for a in (q, k)) if heads else (q, k)
             self.attention_weights = self._weights(backend, qw, kw, mask3, B, Tq, Tk)

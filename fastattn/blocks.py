@@ -183,7 +183,8 @@ class PositionalEncoding:
         dout = dout_array(dout, shape, self.dtype)
         if self.params:
             self.grads[0][...] = 0
-            self.grads[0][offset:offset + shape[1]] = dout.sum(axis=0)
+            rows = self.grads[0][offset:offset + shape[1]]  # contiguous rows: a view
+            colsum(dout.reshape(shape[0], -1), out=rows.reshape(-1))  # one BLAS call, not sum
         return dout
 
 # --------------------------------------------------------------------------- feed-forward
@@ -221,8 +222,7 @@ class FeedForward:
         backend = forward_backend(self)
         x2 = x.reshape(-1, self.d_model)  # (N, C)
         h = _backend.kernel("bias_relu_forward", backend)(x2 @ W1, b1)  # (N, F)
-        y = h @ W2  # (N, C)
-        y += b2
+        y = _backend.kernel("bias_add", backend)(h @ W2, b2)  # (N, C)
         return y.reshape(x.shape), (x2, h, x.shape, backend)
 
     def backward(self, dout):

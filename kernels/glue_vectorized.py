@@ -52,6 +52,11 @@ def layernorm_backward(dy, x, g, mean, rstd):
     return dxhat, dg, db
 
 
+def bias_add(y, b):
+    y += b
+    return y
+
+
 def bias_relu_forward(h, b):
     y = h + b
     np.maximum(y, 0, out=y)

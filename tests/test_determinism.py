@@ -33,8 +33,8 @@ from fastattn.kernels import _tuning
 numba = pytest.importorskip("numba")
 
 DTYPES = [np.float32, np.float64]
-GLUE = ("layernorm_forward", "layernorm_backward", "bias_relu_forward", "bias_relu_backward",
-        "softmax_xent_forward", "softmax_xent_backward", "adam_update")
+GLUE = ("layernorm_forward", "layernorm_backward", "bias_add", "bias_relu_forward",
+        "bias_relu_backward", "softmax_xent_forward", "softmax_xent_backward", "adam_update")
 CHUNKED = ("layernorm_backward", "bias_relu_backward")  # column sums over row chunks
 
 
@@ -75,6 +75,7 @@ def _kernel_args(name, dtype, B, rng):
     return {
         "layernorm_forward": (x, g, b, 1e-5),
         "layernorm_backward": (r(40 * B, 24), x, g, mean, rstd),
+        "bias_add": (x, g),
         "bias_relu_forward": (x, g),
         "bias_relu_backward": (r(40 * B, 24), np.maximum(x, 0)),
         "softmax_xent_forward": (x, t),
@@ -98,9 +99,11 @@ def _as_tuple(result):
 
 
 def _call(name, args):
-    """The kernel's results; for adam_update (in place, returns None) the updated arrays of a
-    copy of its lists."""
+    """The kernel's results; for the kernels that work in place, on copies (adam_update returns
+    None: the updated arrays of a copy of its lists)."""
     fn = kernels.get(name, "numba")
+    if name == "bias_add":  # in place: on a copy
+        return (fn(args[0].copy(), *args[1:]),)
     if name != "adam_update":
         return _as_tuple(fn(*args))
     lists = [[a.copy() for a in lst] for lst in args[:4]]

@@ -134,6 +134,20 @@ def test_layernorm_reference_gradients_match_central_differences(rng):
                                    err_msg=name)
 
 
+def test_bias_add_adds_the_bias_to_every_row_in_place(backend, dtype, rng):
+    y = rng.standard_normal((37, 19)).astype(dtype)
+    b = rng.standard_normal(19).astype(dtype)
+    want = ref.bias_add(y.astype(np.float64), b.astype(np.float64)).astype(dtype)
+    before = y.copy()
+    got = _k("bias_add", backend)(y, b)
+    assert got is y  # in place
+    # the float64 sum of two such floats is exact, so rounding it gives the one-rounding sum
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, before)
+    column = rng.standard_normal((5, 1)).astype(dtype)  # a single column
+    np.testing.assert_array_equal(_k("bias_add", backend)(column.copy(), b[:1]), column + b[0])
+
+
 @pytest.mark.parametrize("N", [41, 130])  # 130: row chunks of uneven sizes (kernels/_glue_numba)
 def test_bias_relu_matches_the_reference(backend, dtype, rng, N):
     h = rng.standard_normal((N, 19)).astype(dtype)
