@@ -65,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import get_num_threads, literal_unroll
 
-from . import _thread_choice, _tuning
+from . import _blas_workers, _thread_choice, _tuning
 from ._blas import OneThread as _OneBlasThread
 from ._blas import gemm
 from ._micro import mm
@@ -672,7 +672,7 @@ def _in_parallel(fn, n_units, flops, serial_flops, *args):
         t0 = time.perf_counter()
     if n == 1:
         fn(counter, *args)
-    else:
+    elif not _blas_workers.run(n, fn, counter, *args):  # NumPy's BLAS workers help, else ours
         futures = [pool(n - 1).submit(fn, counter, *args) for _ in range(n - 1)]
         try:
             fn(counter, *args)

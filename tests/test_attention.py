@@ -301,6 +301,8 @@ def test_interpreter_exit_shuts_the_pools_down():
     import sys
 
     code = """if True:
+        import os
+        os.environ["FASTATTN_BLAS_WORKERS"] = "off"  # the kernels' own pool helps
         import numpy as np
         import dataclasses
         from fastattn.kernels import _flash, _tuning
