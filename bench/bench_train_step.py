@@ -12,13 +12,13 @@ weights when PyTorch is installed, each to ``helpers.K_FLOAT32`` times the float
 of that reference (``helpers.assert_all_within_float32_error``).
 
 Group ``train step``: the fastattn model on the numba and vectorized backends, with the thread
-setting of ``fastattn train`` (``--threads`` for BLAS, all cores by default, and
-``--numba-threads``, one by default), the numba backend with the library's own thread counts
-(``numba_library_threads``: Numba's and BLAS's defaults, as a Python user who builds the model
-gets them), and PyTorch (when installed) with ``torch.set_num_threads(os.cpu_count())``.
-PyTorch's OpenMP pool and the Numba/BLAS pools slow each other down when they share a process
-on 2 cores: for a fair ratio, time the contenders in processes of their own (``fastattn bench
-train_step --apart N``).
+setting of ``fastattn train`` (``--threads`` for BLAS, ``auto`` by default, and
+``--numba-threads``, Numba's own count by default), the numba backend with the library's own
+thread counts (``numba_library_threads``: Numba's and BLAS's defaults, as a Python user who
+builds the model gets them), and PyTorch (when installed) with
+``torch.set_num_threads(os.cpu_count())``. PyTorch's OpenMP pool and the Numba/BLAS pools slow
+each other down when they share a process on 2 cores: for a fair ratio, time the contenders in
+processes of their own (``fastattn bench train_step --apart N``).
 
 Group ``greedy decoding``: ``generate_batch`` answering 2,000 test questions (as ``fastattn
 train`` scores the test split) with the default model, on each backend. Before it is timed,

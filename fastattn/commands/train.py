@@ -40,7 +40,7 @@ class TrainSettings:
     warmup: int = 200
     max_grad: float = 1.0
     threads: int | str = "auto"  # BLAS: all cores, or one when that is faster (0: BLAS's own)
-    numba_threads: int = 1
+    numba_threads: int = 0  # Numba's own count: the fused kernels' helpers are BLAS's workers
     seed: int = 0
     out: str = "runs"
 
@@ -160,9 +160,9 @@ def configure(parser):
                           "process keeps a core busy (it measures the steps: now and then "
                           "3 run on the other count); N runs on N threads; 0 leaves BLAS's "
                           "own default, all cores (default: %(default)s)",
-                  "threads of the Numba kernels; 0 leaves Numba's default. At the date "
-                  "model's sizes the kernels are small, and one thread beside "
-                  "multi-threaded BLAS is the fastest (default: %(default)s)", auto=True)
+                  "threads of the Numba kernels; 0 leaves Numba's default, all cores (the "
+                  "fused attention's second thread is then NumPy's BLAS worker, which "
+                  "spins between the products anyway) (default: %(default)s)", auto=True)
     parser.add_argument("--seed", type=_nonneg_int, default=d.seed,
                         help="seed of the weights and the batch order (default: %(default)s)")
     parser.add_argument("--out", default=d.out,
