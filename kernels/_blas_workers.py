@@ -133,6 +133,20 @@ def run(n, fn, *args) -> bool:
     return True
 
 
+def describe() -> str:
+    """Which threads help the fused kernels now, in words (``fastattn info``)."""
+    if not _ENABLED:
+        return "a pool of their own (FASTATTN_BLAS_WORKERS=off)"
+    if getattr(_local, "off", False):
+        return "a pool of their own (off in this thread)"
+    if _pool() is None:
+        return "a pool of their own (NumPy's BLAS lends no OpenBLAS pthreads workers)"
+    n = threads()
+    if n < 2:
+        return "a pool of their own (NumPy's BLAS runs on one thread now)"
+    return f"NumPy's OpenBLAS workers ({n - 1})"
+
+
 class off:
     """Within the block this thread's kernels do not use the workers (their own pool helps)."""
 

@@ -51,13 +51,21 @@ def test_info_says_how_the_fused_kernels_pick_their_threads(capsys, monkeypatch,
         assert len(rows) == 1, rows
         return rows[0]
 
+    from fastattn.kernels import _blas_workers
+
     monkeypatch.setattr(_thread_choice, "ENABLED", True)
     threads(2)
-    assert row() == "2 or 1, whichever has measured faster for each kind of call"
+    helpers = "; helpers: " + _blas_workers.describe()
+    assert row() == "2 or 1, whichever has measured faster for each kind of call" + helpers
     monkeypatch.setattr(_thread_choice, "ENABLED", False)
-    assert row() == "2 (FASTATTN_THREAD_CHOICE=off)"
+    assert row() == "2 (FASTATTN_THREAD_CHOICE=off)" + helpers
     threads(1)
     assert row() == "1"
+    if _blas_workers.threads() >= 2:  # the wheels' OpenBLAS: its workers help
+        assert helpers.startswith("; helpers: NumPy's OpenBLAS workers (")
+        with _blas_workers.off():
+            threads(2)
+            assert row().endswith("; helpers: a pool of their own (off in this thread)")
 
 
 def test_info_json_names_a_threading_layer_and_the_backend(capsys, monkeypatch):

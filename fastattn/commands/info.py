@@ -51,7 +51,14 @@ def _numba_facts():
         facts["threading_layer"] = f"unavailable ({type(exc).__name__}: {exc})"
     facts["numba_cache_dir"] = _cache_dir()
     facts["fused_kernel_threads"] = _thread_choice_fact()
+    facts["fused_kernel_helpers"] = _helpers_fact()
     return facts
+
+
+def _helpers_fact():
+    from fastattn.kernels import _blas_workers
+
+    return _blas_workers.describe()
 
 
 def _thread_choice_fact():
@@ -199,13 +206,15 @@ def thread_rule(facts=None):
         import numba
 
         facts = {"numba_threads": numba.get_num_threads(),
-                 "fused_kernel_threads": _thread_choice_fact()}
+                 "fused_kernel_threads": _thread_choice_fact(),
+                 "fused_kernel_helpers": _helpers_fact()}
     n = facts["numba_threads"]
     if n < 2:
         return "1"
+    helpers = f"; helpers: {facts['fused_kernel_helpers']}"
     if facts["fused_kernel_threads"] == "fixed":
-        return f"{n} (FASTATTN_THREAD_CHOICE=off)"
-    return f"{n} or 1, whichever has measured faster for each kind of call"
+        return f"{n} (FASTATTN_THREAD_CHOICE=off){helpers}"
+    return f"{n} or 1, whichever has measured faster for each kind of call{helpers}"
 
 
 def format_facts(facts: dict) -> str:
