@@ -27,8 +27,8 @@ Threads of the Numba kernels (the one place that says why there are two ways):
   machine a parallel region can wait a whole scheduler time slice for a thread), and hold BLAS
   at one thread while their own threads call it (``kernels._blas``). Each kind of call runs
   on all those threads or on the calling one alone, whichever has measured faster for it
-  (``kernels._thread_choice``: in a training step NumPy's BLAS worker spins on the other
-  core, and one thread is faster there; ``FASTATTN_THREAD_CHOICE=off`` always takes all).
+  (``kernels._thread_choice``: a helper thread that shares its core with a busy one slows a
+  call down; ``FASTATTN_THREAD_CHOICE=off`` always takes all).
   The training step's glue kernels (``_glue_numba``) always run on the calling thread (their
   docstring says why).
 * The unfused kernels (``numba_backend``) are one parallel loop over batch entries, or over
@@ -39,8 +39,10 @@ Threads of the Numba kernels (the one place that says why there are two ways):
   another process may take a core. Their threads take units from a shared atomic counter,
   one at a time (or, with heads, a batch entry's at a time: ``_flash._chunk``), so a slowed
   thread simply takes fewer, which ``prange``'s fixed shares cannot do. They are ``nogil``
-  kernels run by the calling thread and a small ``ThreadPoolExecutor``, which is shut down
-  at interpreter exit.
+  kernels run by the calling thread and helpers: NumPy's OpenBLAS worker threads where they
+  can be had (``kernels._blas_workers``: after a product they spin on the other cores
+  anyway, so a thread of our own would only share a core with one), else a small
+  ``ThreadPoolExecutor``, which is shut down at interpreter exit.
 * Every output element is written by one thread in a fixed order, so results repeat bitwise
   from call to call (whether they also hold for another thread count: each module says).
 

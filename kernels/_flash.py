@@ -654,12 +654,13 @@ def _shutdown_pools():
 
 
 def _in_parallel(fn, n_units, flops, serial_flops, *args):
-    """Run fn(counter, *args) on min(threads, n_units) threads, the calling one and a pool's:
+    """Run fn(counter, *args) on min(threads, n_units) threads, the calling one and helpers
+    (NumPy's OpenBLAS workers where they can be had, ``_blas_workers``, else a pool's):
     fn is a nogil kernel that takes units from the shared counter until none are left, so a
     thread slowed down by other work on the machine simply takes fewer. Small work
     (``flops``) runs on the calling thread alone, and so does other work where that has
-    measured faster for its kind of call (``_thread_choice``: in a training step, NumPy's BLAS
-    worker holds the other core)."""
+    measured faster for its kind of call (``_thread_choice``: say, while another process
+    holds the helper's core)."""
     counter = np.zeros(1, dtype=np.int64)
     n = 1 if flops < serial_flops else max(1, min(get_num_threads(), n_units))
     if n == 1:

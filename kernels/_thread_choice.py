@@ -29,6 +29,13 @@ with the library's thread defaults, a median step 2.5-4.8% faster with it; the e
 attention called alone (where two threads stay), its median 0-2.4% slower (the looks' calls
 on one thread), with looks up to every 256 calls; now up to every 1024.
 
+Since then the helper thread is NumPy's OpenBLAS worker where it can be had
+(``_blas_workers``): the worker that spun beside the call now takes its units, and in the same
+step both counts were measured again (300 steps, library's defaults): the encoder's forward
+0.60 ms on two threads against 0.90 on one, its backward 1.07 against 1.53, the decoder's and
+the cross-attention's 0.37-0.42 against 0.41-0.50, so two are in use there. The choice stays
+for load: another process on the helper's core slows the two-thread calls.
+
 The thread count changes no result (each kernel's units do not depend on it: ``_flash``).
 ``FASTATTN_THREAD_CHOICE=off`` (read at import) or :func:`fixed` (for timing a kernel, as
 ``fastattn.tune`` does) runs every call on all the allowed threads.
