@@ -37,7 +37,7 @@ _ENABLED = os.environ.get("FASTATTN_BLAS_WORKERS", "").strip().lower() not in (
 _STRIDE = 1 << 10  # the callback's argument: job number * _STRIDE + thread index
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
-_jobs: dict = {}  # job number -> [fn, args, errors, thread idents]
+_jobs: dict = {}  # job number -> (fn, args, errors)
 _numbers = itertools.count(1)
 _state: dict = {}
 _lock = threading.Lock()
@@ -51,8 +51,7 @@ def _work(arg):
     job = _jobs.get(number)
     if job is None:
         return
-    fn, args, errors, idents = job
-    idents.append(threading.get_ident())
+    fn, args, errors = job
     try:
         fn(*args)
     except BaseException as e:  # raised again in the calling thread
@@ -64,8 +63,9 @@ _work_ptr = ctypes.cast(_work_c, ctypes.c_void_p)
 
 
 def _numpy_openblas():
-    """(ctypes library, threadpoolctl controller) of NumPy's OpenBLAS with a pthreads pool of
-    its own and the entry point, when that is not the kernels' own BLAS; else None."""
+    """(entry point, threadpoolctl controller, its thread count, its started flag) of NumPy's
+    OpenBLAS when it has a pthreads pool of its own and the entry point and is not the kernels'
+    own BLAS; else None."""
     import numpy
     from threadpoolctl import ThreadpoolController
 
@@ -121,8 +121,7 @@ def run(n, fn, *args) -> bool:
     entry = _state["pool"][0]
     number = next(_numbers)
     errors: list = []
-    idents: list = []
-    _jobs[number] = (fn, args, errors, idents)
+    _jobs[number] = (fn, args, errors)
     try:
         entry(n, _work_ptr, number * _STRIDE, 1)  # thread i gets number * _STRIDE + i
     finally:

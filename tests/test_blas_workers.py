@@ -15,6 +15,7 @@ import threading
 
 import numpy as np
 import pytest
+from helpers.paths import record_paths
 
 numba = pytest.importorskip("numba")
 threadpoolctl = pytest.importorskip("threadpoolctl")
@@ -35,26 +36,6 @@ def two_threads(monkeypatch, threads):
     from fastattn.kernels import _thread_choice
 
     monkeypatch.setattr(_thread_choice, "active", lambda: False)
-
-
-def _traced(monkeypatch):
-    """Log the thread idents that run the fused kernels' units, one set per call."""
-    calls = []
-    run = _flash._in_parallel
-
-    def in_parallel(fn, n_units, flops, serial_flops, *args):
-        idents, lock = set(), threading.Lock()
-
-        def traced(counter, *a):
-            with lock:
-                idents.add(threading.get_ident())
-            return fn(counter, *a)
-
-        run(traced, n_units, flops, serial_flops, *args)
-        calls.append(idents)
-
-    monkeypatch.setattr(_flash, "_in_parallel", in_parallel)
-    return calls
 
 
 def _qkv(dtype, seed=0, B=6, T=40, d=8):
@@ -79,7 +60,7 @@ def test_kernels_run_on_numpys_blas_workers_with_the_same_bits(two_threads, monk
     threads(1)
     one = _forward_backward(q, k, v, dout)
     threads(2)
-    calls = _traced(monkeypatch)
+    calls = record_paths(monkeypatch).fused_threads
     before = _blas_workers.calls[0]
     two = _forward_backward(q, k, v, dout)
     assert _blas_workers.calls[0] - before == len(calls) == 2
@@ -94,7 +75,7 @@ def test_off_and_a_blas_limit_of_one_give_the_work_to_the_kernels_pool(two_threa
                                                                         monkeypatch):
     q, k, v, dout = _qkv(np.float64, seed=1)
     want = _forward_backward(q, k, v, dout)
-    calls = _traced(monkeypatch)
+    calls = record_paths(monkeypatch).fused_threads
     for ctx in (_blas_workers.off(), threadpoolctl.threadpool_limits(1, user_api="blas")):
         calls.clear()
         before = _blas_workers.calls[0]

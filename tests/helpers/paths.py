@@ -23,14 +23,15 @@ import threading
 
 class PathLog:
     """unfused: one bool per unfused call (True: parallel); fused: one thread count per fused
-    call (1: serial)."""
+    call (1: serial); fused_threads: the idents of those threads, one set per fused call."""
 
     def __init__(self):
-        self.unfused, self.fused = [], []
+        self.unfused, self.fused, self.fused_threads = [], [], []
 
     def clear(self):
         self.unfused.clear()
         self.fused.clear()
+        self.fused_threads.clear()
 
     @property
     def parallel(self):
@@ -70,6 +71,7 @@ def record_paths(monkeypatch, force=False):
 
         run(traced, n_units, flops, serial_flops, *args)
         log.fused.append(len(idents))
+        log.fused_threads.append(idents)
 
     rows = _recurrent_numba._rows
 
