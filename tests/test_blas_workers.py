@@ -32,7 +32,6 @@ def two_threads(monkeypatch, threads):
     threads(2)
     monkeypatch.setitem(_tuning._state, "current", (dataclasses.replace(
         _tuning.current()[0], serial_flops=0), "no serial threshold (a test)"))
-    monkeypatch.setenv("FASTATTN_THREAD_CHOICE", "off")
     from fastattn.kernels import _thread_choice
 
     monkeypatch.setattr(_thread_choice, "active", lambda: False)
