@@ -27,13 +27,14 @@ counter leaves it fewer units, or none.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import itertools
 import os
 import threading
 
-_ENABLED = os.environ.get("FASTATTN_BLAS_WORKERS", "").strip().lower() not in (
-    "off", "0", "false", "no")
+_ENABLED = os.environ.get("FASTATTN_BLAS_WORKERS", "").strip().lower() not in ("off", "0")
 _STRIDE = 1 << 10  # the callback's argument: job number * _STRIDE + thread index
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
@@ -41,7 +42,7 @@ _jobs: dict = {}  # job number -> (fn, args, errors)
 _numbers = itertools.count(1)
 _state: dict = {}
 _lock = threading.Lock()
-_local = threading.local()  # off() in this thread
+_off = contextvars.ContextVar("fastattn_no_blas_workers", default=False)  # off() in force
 calls = [0]  # calls run on the workers (tests read it)
 
 
@@ -67,7 +68,6 @@ def _numpy_openblas():
     OpenBLAS when it has a pthreads pool of its own and the entry point and is not the kernels'
     own BLAS; else None."""
     import numpy
-    from threadpoolctl import ThreadpoolController
 
     from . import _blas
 
@@ -75,9 +75,9 @@ def _numpy_openblas():
         return None
     own = {os.path.realpath(c.filepath) for c in _blas.pools()}
     here = os.path.realpath(os.path.dirname(numpy.__file__))  # numpy/ and numpy.libs/
-    for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers:
+    for lib in _blas.every_blas().lib_controllers:
         path = os.path.realpath(lib.filepath)
-        if (path in own or not path.startswith(here)
+        if (lib.internal_api != "openblas" or path in own or not path.startswith(here)
                 or getattr(lib, "threading_layer", None) != "pthreads"):
             continue
         try:
@@ -105,7 +105,7 @@ def threads() -> int:
     """How many threads a call of :func:`run` can have now, the calling one included (1: the
     workers cannot be used)."""
     pool = _pool()
-    if pool is None or getattr(_local, "off", False):
+    if pool is None or _off.get():
         return 1
     _, lib, workers, started = pool
     if started.value != 1:
@@ -136,7 +136,7 @@ def describe() -> str:
     """Which threads help the fused kernels now, in words (``fastattn info``)."""
     if not _ENABLED:
         return "a pool of their own (FASTATTN_BLAS_WORKERS=off)"
-    if getattr(_local, "off", False):
+    if _off.get():
         return "a pool of their own (off in this thread)"
     if _pool() is None:
         return "a pool of their own (NumPy's BLAS lends no OpenBLAS pthreads workers)"
@@ -146,14 +146,12 @@ def describe() -> str:
     return f"NumPy's OpenBLAS workers ({n - 1})"
 
 
-class off:
-    """Within the block this thread's kernels do not use the workers (their own pool helps)."""
-
-    def __enter__(self):
-        self.saved = getattr(_local, "off", False)
-        _local.off = True
-        return self
-
-    def __exit__(self, *exc):
-        _local.off = self.saved
-        return False
+@contextlib.contextmanager
+def off():
+    """Within this block (in this thread or task), the kernels do not use the workers (their own
+    pool helps), as ``_thread_choice.fixed`` sets its rule."""
+    token = _off.set(True)
+    try:
+        yield
+    finally:
+        _off.reset(token)
